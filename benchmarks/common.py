@@ -1,0 +1,63 @@
+"""Shared pieces of the benchmark scripts: timing with CUDA events, environment, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
+    """Median milliseconds of ``fn`` measured with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    """Device, library versions and date, stored with every result."""
+    versions = {}
+    for package in ("torch", "triton", "flash-linear-attention", "fla-core", "flash-attn", "mamba-ssm", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "cuda": torch.version.cuda,
+        "versions": versions,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment_lines(env: dict) -> str:
+    versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items() if version)
+    return f"Device: {env['device']} (CUDA {env['cuda']}). Versions: {versions}. Date: {env['date']}."

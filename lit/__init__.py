@@ -1,0 +1,1 @@
+"""Training stages, data and the ``hybridvl`` command line."""

@@ -1,0 +1,44 @@
+"""The ``hybridvl`` command line.
+
+Each sub-command lives in its own module and is imported only when used, so ``hybridvl layout`` starts
+in a moment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# command -> (module with a `main(argv) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("lit.demo", "run every mixer on CPU: parallel vs streamed agreement, state size, speed"),
+    "layout": ("lit.layout_command", "expand a layout string and report layers and state bytes per kind"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: hybridvl <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `hybridvl <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hybridvl`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"hybridvl: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

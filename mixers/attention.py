@@ -1,0 +1,244 @@
+"""``A``: full causal attention and ``S``: sliding-window attention, as in Qwen2.5-VL's decoder.
+
+Grouped-query heads, optional q/k/v biases (Qwen2.5-VL has them, ``o_proj`` has none), RoPE or M-RoPE
+(``mrope_section``) on queries and keys. ``S`` attends the last ``window`` tokens (itself included) and keeps
+them in a ring buffer (:class:`mixers.state.KVCache`), so its state is fixed-size; ``A``'s cache grows.
+Parameter names follow transformers' ``Qwen2_5_VLAttention``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mixers.base import Mixer
+from mixers.ops.attention import attention_over_positions, causal_attention
+from mixers.ops.rotary import apply_rotary, rotary_cos_sin
+from mixers.ops.varlen import sequence_bounds
+from mixers.registry import register_mixer
+from mixers.state import KVCache
+
+logger = logging.getLogger("hybridvl.mixers")
+
+
+class Attention(Mixer):
+    """Full causal attention.
+
+    Args:
+        hidden_size: model width.
+        num_heads: query heads (default ``hidden_size // 128``, at least 1).
+        num_kv_heads: key/value heads (default ``num_heads``); must divide ``num_heads``.
+        head_dim: per-head width (default ``hidden_size // num_heads``).
+        qkv_bias: biases on the q/k/v projections.
+        rope_theta: RoPE base.
+        mrope_section: M-RoPE split of ``head_dim / 2`` into (time, height, width), e.g. ``[16, 24, 24]``;
+            ``None`` for 1-D RoPE.
+        backend: ``"auto"``, ``"flash_attn"``, ``"fla"`` or ``"torch"``. Calls that continue from a state
+            attend over the cache with PyTorch SDPA.
+    """
+
+    letter, name = "A", "attn"
+    backends = ("flash_attn", "fla", "torch")
+    fixed_size_state = False
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        rope_theta: float = 1_000_000.0,
+        mrope_section: Sequence[int] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(hidden_size, backend)
+        self.num_heads = max(1, hidden_size // 128) if num_heads is None else num_heads
+        self.num_kv_heads = self.num_heads if num_kv_heads is None else num_kv_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self._owner}: num_kv_heads {self.num_kv_heads} must divide num_heads {self.num_heads}")
+        self.head_dim = hidden_size // self.num_heads if head_dim is None else head_dim
+        self.rope_theta = rope_theta
+        self.mrope_section = None if mrope_section is None else list(mrope_section)
+        if self.mrope_section is not None and (
+            len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim
+        ):
+            raise ValueError(
+                f"{self._owner}: mrope_section must be three sizes summing to head_dim / 2 = {self.head_dim // 2}, "
+                f"got {self.mrope_section}"
+            )
+        self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
+
+    @property
+    def window(self) -> int | None:
+        """Keys per query including itself; ``None``: all earlier tokens."""
+        return None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: KVCache | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        n = self._check_input(x, state, cu_seqlens)
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        start = torch.zeros(n, dtype=torch.long, device=x.device) if state is None else state.length
+        tokens = _token_positions(start, x.shape[0], x.shape[1], cu_seqlens)
+        cos, sin = rotary_cos_sin(
+            tokens if position_ids is None else position_ids,
+            self.head_dim,
+            self.rope_theta,
+            self.mrope_section,
+            q.dtype,
+        )
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is None:
+            backend = self._resolve_backend(x.device)
+            o = causal_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, backend=backend)
+            state = self.init_state(n, x.device, k.dtype)
+        else:
+            o = self._attend_over_cache(q, k, v, tokens, state, cu_seqlens)
+        self._write(state, k, v, tokens, cu_seqlens)
+        return self.o_proj(o.flatten(-2)), state
+
+    def _attend_over_cache(self, q, k, v, tokens, cache, cu_seqlens):
+        if cache.key.device.type == "cuda" and self.backend != "torch":
+            _log_cache_path_once(self._owner)
+        cached = cache.slot_positions()
+        key, value = cache.key.to(k.dtype), cache.value.to(v.dtype)
+        if cu_seqlens is None:
+            return attention_over_positions(
+                q,
+                torch.cat([key, k], 1),
+                torch.cat([value, v], 1),
+                tokens,
+                torch.cat([cached, tokens], 1),
+                window=self.window,
+            )
+        outputs = []
+        for n, (s, e) in enumerate(sequence_bounds(cu_seqlens)):
+            outputs.append(
+                attention_over_positions(
+                    q[:, s:e],
+                    torch.cat([key[n : n + 1], k[:, s:e]], 1),
+                    torch.cat([value[n : n + 1], v[:, s:e]], 1),
+                    tokens[:, s:e],
+                    torch.cat([cached[n : n + 1], tokens[:, s:e]], 1),
+                    window=self.window,
+                )
+            )
+        return torch.cat(outputs, dim=1)
+
+    def _write(self, cache: KVCache, k, v, tokens, cu_seqlens) -> None:
+        """Store new keys/values at their slots and advance ``cache.length``."""
+        if cu_seqlens is None:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None].expand(-1, k.shape[1])
+            self._put(cache, rows, tokens, k, v)
+        else:
+            for n, (s, e) in enumerate(sequence_bounds(cu_seqlens)):
+                self._put(cache, torch.full((1, e - s), n, device=k.device), tokens[:, s:e], k[:, s:e], v[:, s:e])
+        lengths = tokens.shape[1] if cu_seqlens is None else cu_seqlens[1:] - cu_seqlens[:-1]
+        cache.length.add_(lengths)
+
+    def _put(self, cache: KVCache, rows, positions, k, v) -> None:
+        if self.window is not None:  # only the last `window` tokens survive; one write per slot
+            rows, positions, k, v = (
+                rows[:, -self.window :],
+                positions[:, -self.window :],
+                k[:, -self.window :],
+                v[:, -self.window :],
+            )
+            slots = positions % self.window
+        else:
+            slots = positions
+            needed = int(positions.max()) + 1
+            if needed > cache.key.shape[1]:
+                grow = max(needed, 2 * cache.key.shape[1]) - cache.key.shape[1]
+                pad = cache.key.new_zeros(cache.key.shape[0], grow, *cache.key.shape[2:])
+                cache.key, cache.value = torch.cat([cache.key, pad], 1), torch.cat([cache.value, pad], 1)
+        index = (rows.flatten(), slots.flatten())
+        k, v = k.flatten(0, 1).to(cache.key.dtype), v.flatten(0, 1).to(cache.value.dtype)
+        if torch.is_grad_enabled() and (k.requires_grad or cache.key.requires_grad):
+            cache.key, cache.value = cache.key.index_put(index, k), cache.value.index_put(index, v)
+        else:
+            cache.key.index_put_(index, k)
+            cache.value.index_put_(index, v)
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        device, dtype = self._device(device), self._dtype(dtype)
+        slots = 0 if self.window is None else self.window
+        shape = (batch_size, slots, self.num_kv_heads, self.head_dim)
+        return KVCache(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(batch_size, dtype=torch.long, device=device),
+            self.window,
+        )
+
+    def state_bytes(self, batch_size: int = 1, seq_len: int = 0, dtype: torch.dtype | None = None) -> int:
+        slots = seq_len if self.window is None else self.window
+        element = torch.empty((), dtype=self._dtype(dtype)).element_size()
+        return batch_size * (2 * slots * self.num_kv_heads * self.head_dim * element + 8)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, window={self.window}, mrope_section={self.mrope_section}"
+        )
+
+
+class SlidingWindowAttention(Attention):
+    """Sliding-window causal attention: each query sees the last ``window`` tokens, itself included.
+
+    Args:
+        hidden_size: model width.
+        window: keys per query (8192 in InfiniteVL).
+        **options: as :class:`Attention`.
+    """
+
+    letter, name = "S", "swa"
+    fixed_size_state = True
+
+    def __init__(self, hidden_size: int, window: int = 8192, **options) -> None:
+        super().__init__(hidden_size, **options)
+        if window < 1:
+            raise ValueError(f"{self._owner}: window must be a positive number of tokens, got {window}")
+        self._window = window
+
+    @property
+    def window(self) -> int:
+        return self._window
+
+
+register_mixer("S", "swa", aliases=("sliding_window_attention",))(SlidingWindowAttention)
+register_mixer("A", "attn", aliases=("attention", "full_attention"))(Attention)
+
+
+def _token_positions(start: torch.Tensor, batch: int, seq_len: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Absolute token index ``[B, T]`` of every new token, counting on from ``start`` ``[N]``."""
+    if cu_seqlens is None:
+        return start[:, None] + torch.arange(seq_len, device=start.device)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    offsets = torch.repeat_interleave(start - cu_seqlens[:-1], lengths)
+    return (torch.arange(seq_len, device=start.device) + offsets)[None]
+
+
+_cache_path_logged: set[str] = set()
+
+
+def _log_cache_path_once(owner: str) -> None:
+    if owner not in _cache_path_logged:
+        _cache_path_logged.add(owner)
+        logger.info("%s: continuing from a KV cache attends over it with PyTorch SDPA", owner)

@@ -1,0 +1,123 @@
+"""Which compute backend runs a mixer, and why.
+
+Every mixer has a pure-PyTorch reference (``"torch"``) that runs anywhere. On CUDA the same module can
+run optimised kernels from optional packages:
+
+=============  ==========================  ===================================
+backend        package (pip name)          used for
+=============  ==========================  ===================================
+``torch``      torch                       every mixer; the reference
+``fla``        ``flash-linear-attention``  D, G, L, M (simple gated form), S, A
+``flash_attn`` ``flash-attn``              S, A
+``mamba_ssm``  ``mamba-ssm``               M
+=============  ==========================  ===================================
+
+``backend="auto"`` takes the first backend of a mixer's preference list that can run on the input's
+device and logs the choice once per mixer kind. An explicitly requested backend that cannot run raises
+:class:`BackendUnavailableError` naming what is missing; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+from collections.abc import Sequence
+
+import torch
+
+logger = logging.getLogger("hybridvl.mixers")
+
+BACKENDS = ("torch", "fla", "flash_attn", "mamba_ssm")
+
+# backend -> (module probed by import, pip distribution name)
+_KERNEL_PACKAGES = {
+    "fla": ("fla.ops.gated_delta_rule", "flash-linear-attention"),
+    "flash_attn": ("flash_attn", "flash-attn"),
+    "mamba_ssm": ("mamba_ssm.ops.triton.ssd_combined", "mamba-ssm"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested explicitly but cannot run here."""
+
+
+@functools.cache
+def package_error(backend: str) -> str | None:
+    """Return why the package behind ``backend`` cannot be imported, or ``None`` if it can."""
+    if backend == "torch":
+        return None
+    module, pip_name = _KERNEL_PACKAGES[backend]
+    top_level = module.split(".")[0]
+    if importlib.util.find_spec(top_level) is None:
+        return f"the package {pip_name!r} is not installed (pip install {pip_name})"
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # a broken install must not crash backend selection
+        return f"the package {pip_name!r} is installed but `import {module}` failed: {error}"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Return why ``backend`` cannot run on ``device``, or ``None`` if it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    if backend == "torch":
+        return None
+    if device.type != "cuda":
+        return f"its kernels need a CUDA device and the input is on {device.type}"
+    if backend == "flash_attn" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "flash-attn needs an Ampere or newer GPU"
+    return package_error(backend)
+
+
+_logged: set[tuple[str, str, str]] = set()
+
+
+def select_backend(requested: str, device: torch.device, preference: Sequence[str], owner: str) -> str:
+    """Resolve ``requested`` (a backend name or ``"auto"``) for an input on ``device``.
+
+    Args:
+        requested: ``"auto"`` or one of :data:`BACKENDS`.
+        device: where the input lives.
+        preference: the backends ``owner`` supports, fastest first; ``"torch"`` last.
+        owner: a short name used in log lines and errors, e.g. ``"D (gated_deltanet)"``.
+
+    Raises:
+        BackendUnavailableError: ``requested`` is explicit and cannot run.
+        ValueError: ``requested`` is not a backend ``owner`` supports.
+    """
+    if requested == "auto":
+        skipped = []
+        for backend in preference:
+            reason = unavailable_reason(backend, device)
+            if reason is None:
+                why = "fastest available" if not skipped else "; ".join(skipped)
+                _log_once(owner, backend, why, device)
+                return backend
+            skipped.append(f"{backend} skipped: {reason}")
+        raise BackendUnavailableError(f"{owner}: no backend can run on {device}")  # torch always can
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
+    if requested not in preference:
+        raise ValueError(
+            f"{owner} does not support backend {requested!r}; supported: {', '.join(preference)} or 'auto'"
+        )
+    reason = unavailable_reason(requested, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"{owner}: backend {requested!r} cannot run: {reason}")
+    return requested
+
+
+def _log_once(owner: str, backend: str, why: str, device: torch.device) -> None:
+    key = (owner, backend, device.type)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("%s on %s uses backend %r (%s)", owner, device.type, backend, why)
+
+
+def runnable_backends(preference: Sequence[str]) -> list[str]:
+    """The backends of ``preference`` that can run on this machine's default device (CUDA if present)."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return [backend for backend in preference if unavailable_reason(backend, device) is None]

@@ -1,0 +1,200 @@
+"""The call contract every mixer follows.
+
+.. code-block:: python
+
+    y, state = mixer(x, state=None, position_ids=None, cu_seqlens=None)
+
+* ``x`` is ``[B, T, hidden_size]``; ``y`` has the same shape.
+* The call is parallel over ``T``. Feeding the returned ``state`` back continues the sequence exactly,
+  whether the rest comes as one chunk, many chunks or one token at a time.
+* ``cu_seqlens`` packs ``N`` sequences into one row (``B == 1``): outputs and states equal running each
+  sequence alone; the state then describes the ``N`` sequences.
+* ``position_ids`` (``[B, T]``, or ``[3, B, T]`` for M-RoPE) feed rotary embeddings of attention mixers;
+  linear mixers take no positions and ignore them. Defaults count tokens from the state's start.
+* ``init_state(batch_size, device, dtype)`` preallocates an empty state; ``state_bytes(batch_size)``
+  reports its size. Only full attention (``A``) has a state that grows with the sequence.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mixers.backends import select_backend
+from mixers.modules import ShortConv
+from mixers.ops.utils import compute_dtype
+from mixers.state import MixerState, RecurrentState
+
+
+class Mixer(nn.Module):
+    """Base class of the built-in mixers.
+
+    Subclasses set ``letter``, ``name`` and ``backends`` (supported backends, fastest first, ``"torch"``
+    last) and implement ``forward`` and ``init_state``.
+    """
+
+    letter: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    backends: ClassVar[tuple[str, ...]] = ("torch",)
+    fixed_size_state: ClassVar[bool] = True
+
+    def __init__(self, hidden_size: int, backend: str = "auto") -> None:
+        super().__init__()
+        if hidden_size < 1:
+            raise ValueError(f"{self._owner}: hidden_size must be positive, got {hidden_size}")
+        if backend != "auto" and backend not in self.backends:
+            raise ValueError(
+                f"{self._owner} supports backends {', '.join(self.backends)} or 'auto', got backend={backend!r}"
+            )
+        self.hidden_size = hidden_size
+        self.backend = backend
+
+    @property
+    def _owner(self) -> str:
+        return f"mixer {self.letter} ({self.name})"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MixerState]:
+        raise NotImplementedError
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> MixerState:
+        """An empty state for ``batch_size`` sequences (activations in ``dtype``, default the weights')."""
+        raise NotImplementedError
+
+    def state_bytes(self, batch_size: int = 1, seq_len: int = 0, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the state of ``batch_size`` sequences; ``seq_len`` matters only where the state grows."""
+        return self.init_state(batch_size, device="meta", dtype=dtype).nbytes
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, backend={self.backend!r}"
+
+    # helpers for subclasses
+
+    def _resolve_backend(self, device: torch.device) -> str:
+        return select_backend(self.backend, device, self.backends, self._owner)
+
+    def _dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        return dtype if dtype is not None else next(self.parameters()).dtype
+
+    def _device(self, device: torch.device | str | None) -> torch.device:
+        return torch.device(device) if device is not None else next(self.parameters()).device
+
+    def _check_input(self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None) -> int:
+        """Validate shapes; return the number of sequences ``N``."""
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"{self._owner}: x must be [B, T, {self.hidden_size}], got {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{self._owner}: x has no tokens (T = 0)")
+        if cu_seqlens is not None and x.shape[0] != 1:
+            raise ValueError(f"{self._owner}: packed input (cu_seqlens given) must have batch size 1, got {x.shape[0]}")
+        n = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        if state is not None and state.batch_size != n:
+            raise ValueError(f"{self._owner}: the state holds {state.batch_size} sequences but the input has {n}")
+        return n
+
+
+class RecurrentMixer(Mixer):
+    """Base of the linear mixers (fixed-size :class:`RecurrentState`), which compute either chunk-parallel
+    or as a token loop.
+
+    Args:
+        hidden_size: model width.
+        mode: ``"auto"`` (token loop for single tokens, chunked otherwise), ``"chunk"`` or ``"recurrent"``.
+        backend: ``"auto"`` or one of the subclass's ``backends``.
+    """
+
+    def __init__(self, hidden_size: int, mode: str = "auto", backend: str = "auto") -> None:
+        super().__init__(hidden_size, backend)
+        if mode not in ("auto", "chunk", "recurrent"):
+            raise ValueError(f"{self._owner}: mode must be 'auto', 'chunk' or 'recurrent', got {mode!r}")
+        self.mode = mode
+
+    def _form(self, seq_len: int) -> str:
+        if self.mode == "auto":
+            return "recurrent" if seq_len == 1 else "chunk"
+        return self.mode
+
+
+class ConvQKVMixer(RecurrentMixer):
+    """Base of the linear mixers whose ``q``, ``k``, ``v`` are projections passed through short causal
+    convolutions (``D`` and ``L``): heads, dimensions, projections, convolutions and the state layout.
+
+    Args:
+        hidden_size: model width.
+        num_heads: heads (default ``hidden_size // head_dim``, at least 1).
+        head_dim: key (and query) dimension per head.
+        expand_v: value dimension per head = ``head_dim * expand_v``.
+        conv_size: short convolution kernel size.
+        mode: ``"auto"`` (token loop for single tokens, chunked otherwise), ``"chunk"`` or ``"recurrent"``.
+        backend: ``"auto"`` or one of the subclass's ``backends``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int | None,
+        head_dim: int,
+        expand_v: float,
+        conv_size: int,
+        mode: str,
+        backend: str,
+    ) -> None:
+        super().__init__(hidden_size, mode, backend)
+        self.num_heads = max(1, hidden_size // head_dim) if num_heads is None else num_heads
+        self.head_dim = head_dim
+        self.head_v_dim = int(head_dim * expand_v)
+        if self.head_v_dim != head_dim * expand_v or self.head_v_dim < 1:
+            raise ValueError(
+                f"{self._owner}: head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}"
+            )
+        self.expand_v = expand_v
+        self.conv_size = conv_size
+        self.key_dim, self.value_dim = self.num_heads * head_dim, self.num_heads * self.head_v_dim
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.q_conv1d = ShortConv(self.key_dim, conv_size)
+        self.k_conv1d = ShortConv(self.key_dim, conv_size)
+        self.v_conv1d = ShortConv(self.value_dim, conv_size)
+
+    def _conv_qkv(
+        self, x: torch.Tensor, state: RecurrentState | None, cu_seqlens: torch.Tensor | None, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``q``, ``k`` ``[B, T, H, head_dim]``, ``v`` ``[B, T, H, head_v_dim]`` and the new conv states."""
+        conv = {} if state is None else state.conv
+        q, conv_q = self.q_conv1d(self.q_proj(x), conv.get("q"), cu_seqlens, backend)
+        k, conv_k = self.k_conv1d(self.k_proj(x), conv.get("k"), cu_seqlens, backend)
+        v, conv_v = self.v_conv1d(self.v_proj(x), conv.get("v"), cu_seqlens, backend)
+        q, k = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in (q, k))
+        v = v.unflatten(-1, (self.num_heads, self.head_v_dim))
+        return q, k, v, {"q": conv_q, "k": conv_k, "v": conv_v}
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> RecurrentState:
+        device, dtype = self._device(device), self._dtype(dtype)
+        return RecurrentState(
+            torch.zeros(
+                batch_size, self.num_heads, self.head_dim, self.head_v_dim, device=device, dtype=compute_dtype(dtype)
+            ),
+            {
+                name: torch.zeros(batch_size, channels, self.conv_size, device=device, dtype=dtype)
+                for name, channels in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim))
+            },
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"head_v_dim={self.head_v_dim}, conv_size={self.conv_size}, mode={self.mode!r}"
+        )

@@ -1,0 +1,108 @@
+"""``D``: Gated DeltaNet (Yang et al., 2024), the linear mixer of InfiniteVL.
+
+Per head: ``q``, ``k``, ``v`` each pass a causal depthwise short convolution with SiLU; ``q`` and ``k`` are
+L2-normalised; the decay ``alpha_t = exp(-exp(A_log) * softplus(a_proj(x) + dt_bias))`` and the write
+strength ``beta_t = sigmoid(b_proj(x))`` drive the gated delta rule
+(:func:`mixers.ops.gated_delta_rule`); the output passes an RMSNorm gated by ``silu(g_proj(x))`` per head,
+then ``o_proj``. No positional encoding, no biases. Parameter names follow fla and InfiniteVL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixers.base import ConvQKVMixer
+from mixers.modules import GatedRMSNorm
+from mixers.ops.gated_delta_rule import gated_delta_rule
+from mixers.ops.utils import compute_dtype
+from mixers.registry import register_mixer
+from mixers.state import RecurrentState
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    """``y`` with ``softplus(y) == x``."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def init_dt_bias(num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> torch.Tensor:
+    """``dt_bias`` such that ``softplus(dt_bias)`` is log-uniform in ``[dt_min, dt_max]`` (Mamba's init)."""
+    dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return inverse_softplus(dt.clamp(min=dt_floor))
+
+
+@register_mixer("D", "gdn", aliases=("gated_deltanet",))
+class GatedDeltaNet(ConvQKVMixer):
+    """Gated DeltaNet mixer.
+
+    Args:
+        hidden_size: model width.
+        num_heads: heads (default ``hidden_size // head_dim``).
+        head_dim: key (and query) dimension per head.
+        expand_v: value dimension per head = ``head_dim * expand_v``.
+        conv_size: short convolution kernel size.
+        norm_eps: epsilon of the gated output RMSNorm.
+        mode: ``"auto"`` (token loop for single tokens, chunked otherwise), ``"chunk"`` or ``"recurrent"``.
+        chunk_size: chunk length of the PyTorch chunked form.
+        backend: ``"auto"``, ``"fla"`` or ``"torch"``.
+    """
+
+    letter, name = "D", "gdn"
+    backends = ("fla", "torch")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int | None = None,
+        head_dim: int = 128,
+        expand_v: float = 2.0,
+        conv_size: int = 4,
+        norm_eps: float = 1e-6,
+        mode: str = "auto",
+        chunk_size: int = 64,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(hidden_size, num_heads, head_dim, expand_v, conv_size, mode, backend)
+        self.chunk_size = chunk_size
+        self.a_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.num_heads).uniform_(1, 16)))
+        self.dt_bias = nn.Parameter(init_dt_bias(self.num_heads))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: RecurrentState | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RecurrentState]:
+        self._check_input(x, state, cu_seqlens)
+        backend = self._resolve_backend(x.device)
+        q, k, v, conv = self._conv_qkv(x, state, cu_seqlens, backend)
+        dtype = compute_dtype(x)
+        beta = self.b_proj(x).to(dtype).sigmoid()
+        g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
+        o, recurrent = gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=None if state is None else state.recurrent,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm=True,
+            form=self._form(x.shape[1]),
+            chunk_size=self.chunk_size,
+            backend=backend,
+        )
+        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent, conv)

@@ -1,0 +1,119 @@
+"""``G``: Gated Linear Attention (Yang et al., 2023) — linear attention with a data-dependent decay per
+key dimension.
+
+``gk = logsigmoid(gk_proj(x)) / gate_logit_normalizer`` (``gk_proj`` low-rank), the recurrence of
+:func:`mixers.ops.gated_linear_attention`, a per-head RMSNorm gated by ``silu(g_proj(x))``, ``o_proj``.
+Parameter names follow fla's ``GatedLinearAttention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixers.base import RecurrentMixer
+from mixers.modules import GatedRMSNorm
+from mixers.ops.linear_attention import gated_linear_attention
+from mixers.ops.utils import compute_dtype
+from mixers.registry import register_mixer
+from mixers.state import RecurrentState
+
+
+@register_mixer("G", "gla")
+class GatedLinearAttention(RecurrentMixer):
+    """GLA mixer.
+
+    Args:
+        hidden_size: model width.
+        num_heads: heads (default ``hidden_size // 128``, at least 1).
+        expand_k: total key dimension = ``hidden_size * expand_k``.
+        expand_v: total value dimension = ``hidden_size * expand_v``.
+        gate_low_rank_dim: rank of the decay projection.
+        gate_logit_normalizer: divides the log decay (slower forgetting).
+        norm_eps: epsilon of the gated output RMSNorm.
+        mode: ``"auto"``, ``"chunk"`` or ``"recurrent"``.
+        backend: ``"auto"``, ``"fla"`` or ``"torch"``.
+    """
+
+    letter, name = "G", "gla"
+    backends = ("fla", "torch")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int | None = None,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        gate_low_rank_dim: int = 16,
+        gate_logit_normalizer: float = 16.0,
+        norm_eps: float = 1e-6,
+        mode: str = "auto",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(hidden_size, mode, backend)
+        self.num_heads = max(1, hidden_size // 128) if num_heads is None else num_heads
+        self.key_dim, self.value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+        if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
+            raise ValueError(
+                f"{self._owner}: key dim {self.key_dim} and value dim {self.value_dim} must divide into "
+                f"{self.num_heads} heads"
+            )
+        self.head_k_dim, self.head_v_dim = self.key_dim // self.num_heads, self.value_dim // self.num_heads
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.gk_proj = nn.Sequential(
+            nn.Linear(hidden_size, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, self.key_dim, bias=True)
+        )
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: RecurrentState | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RecurrentState]:
+        self._check_input(x, state, cu_seqlens)
+        backend = self._resolve_backend(x.device)
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_k_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_heads, self.head_k_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        gk = F.logsigmoid(self.gk_proj(x).to(compute_dtype(x))) / self.gate_logit_normalizer
+        o, recurrent = gated_linear_attention(
+            q,
+            k,
+            v,
+            gk.unflatten(-1, (self.num_heads, self.head_k_dim)),
+            initial_state=None if state is None else state.recurrent,
+            cu_seqlens=cu_seqlens,
+            form=self._form(x.shape[1]),
+            backend=backend,
+        )
+        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent)
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> RecurrentState:
+        return RecurrentState(
+            torch.zeros(
+                batch_size,
+                self.num_heads,
+                self.head_k_dim,
+                self.head_v_dim,
+                device=self._device(device),
+                dtype=compute_dtype(self._dtype(dtype)),
+            )
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "
+            f"head_v_dim={self.head_v_dim}, mode={self.mode!r}"
+        )

@@ -1,0 +1,24 @@
+"""The core recurrences and attention as plain functions, fla's layout ``[batch, time, heads, dim]``.
+
+Each takes ``backend="auto" | "torch" | <kernel backend>``; the PyTorch forms are the reference.
+"""
+
+from mixers.ops.attention import attention_over_positions, causal_attention
+from mixers.ops.gated_delta_rule import gated_delta_rule
+from mixers.ops.linear_attention import gated_linear_attention, linear_attention, simple_gated_linear_attention
+from mixers.ops.rotary import apply_rotary, rotary_cos_sin
+from mixers.ops.short_conv import short_conv
+from mixers.ops.utils import l2norm
+
+__all__ = [
+    "apply_rotary",
+    "attention_over_positions",
+    "causal_attention",
+    "gated_delta_rule",
+    "gated_linear_attention",
+    "l2norm",
+    "linear_attention",
+    "rotary_cos_sin",
+    "short_conv",
+    "simple_gated_linear_attention",
+]

@@ -1,0 +1,123 @@
+"""Causal softmax attention, full or sliding-window, with grouped KV heads.
+
+``window`` counts the keys a query sees including itself (query ``i`` attends keys ``i - window + 1 .. i``),
+the convention of transformers' ``sliding_window`` and fla's ``window_size``. Layout ``[B, T, heads, dim]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mixers.backends import select_backend
+from mixers.ops.varlen import check_cu_seqlens, sequence_bounds
+
+_PREFERENCE = ("flash_attn", "fla", "torch")
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal attention of ``q`` ``[B, T, Hq, D]`` over ``k``, ``v`` ``[B, T, Hkv, D]`` (``Hq % Hkv == 0``).
+
+    Args:
+        window: keys per query including itself; ``None`` for full causal attention.
+        scale: score scale, default ``D ** -0.5``.
+        cu_seqlens: packed-batch boundaries (``B`` must be 1); sequences do not see each other.
+        backend: ``"auto"``, ``"torch"`` (SDPA), ``"fla"`` (``parallel_attn``) or ``"flash_attn"``.
+
+    Returns:
+        ``[B, T, Hq, D]`` in ``q``'s dtype.
+    """
+    B, T, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[-1] != D or Hq % k.shape[2]:
+        raise ValueError(
+            f"k and v must be [B, T, Hkv, D] with Hq divisible by Hkv; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of keys, got {window}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, T)
+    scale = D**-0.5 if scale is None else scale
+    chosen = select_backend(backend, q.device, _PREFERENCE, "causal_attention")
+    if chosen == "fla":
+        from fla.ops.attn import parallel_attn
+
+        return parallel_attn(q, k, v, scale=scale, window_size=window, cu_seqlens=cu_seqlens)
+    if chosen == "flash_attn":
+        return _flash_attn(q, k, v, window, scale, cu_seqlens)
+    if cu_seqlens is None:
+        return _sdpa_causal(q, k, v, window, scale)
+    pieces = [_sdpa_causal(q[:, s:e], k[:, s:e], v[:, s:e], window, scale) for s, e in sequence_bounds(cu_seqlens)]
+    return torch.cat(pieces, dim=1)
+
+
+def attention_over_positions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    *,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention where visibility follows absolute token positions (PyTorch SDPA).
+
+    Query ``i`` sees key ``j`` when ``k_pos[j] <= q_pos[i]`` and, with a window,
+    ``k_pos[j] > q_pos[i] - window``; keys at negative positions are empty cache slots. Used to attend
+    over a cache (a prefix of earlier tokens, or a ring buffer in any slot order) plus new tokens.
+
+    Args:
+        q: ``[B, Tq, Hq, D]``; k, v: ``[B, Tk, Hkv, D]``.
+        q_positions: ``[B, Tq]``; k_positions: ``[B, Tk]`` (negative = empty).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qp, kp = q_positions[:, :, None], k_positions[:, None, :]
+    visible = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        visible &= kp > qp - window
+    return _sdpa(q, k, v, visible[:, None], scale)
+
+
+def _sdpa_causal(q, k, v, window, scale):
+    T = q.shape[1]
+    if window is None or window >= T:
+        return _sdpa(q, k, v, None, scale)
+    pos = torch.arange(T, device=q.device)
+    visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    return _sdpa(q, k, v, visible, scale)
+
+
+def _sdpa(q, k, v, mask, scale):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _flash_attn(q, k, v, window, scale, cu_seqlens):
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    window_size = (-1, -1) if window is None else (window - 1, 0)
+    if cu_seqlens is None:
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=window_size)
+    cu32 = cu_seqlens.to(torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    out = flash_attn_varlen_func(
+        q[0], k[0], v[0], cu32, cu32, max_len, max_len, softmax_scale=scale, causal=True, window_size=window_size
+    )
+    return out[None]

@@ -1,0 +1,73 @@
+"""Helpers for packed variable-length batches.
+
+A packed batch concatenates ``N`` sequences along time into one row: tensors have batch size 1 and
+``cu_seqlens = [0, len_0, len_0 + len_1, ..., T]`` (int64, as in FlashAttention) marks the boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+
+import torch
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> None:
+    """Raise ``ValueError`` unless ``cu_seqlens`` describes a packed batch of ``seq_len`` tokens."""
+    if batch_size != 1:
+        raise ValueError(
+            f"packed input (cu_seqlens given) must have batch size 1, got {batch_size}; "
+            "concatenate the sequences along time first"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D tensor [0, ..., T] of length N + 1, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != seq_len or any(end <= start for start, end in pairwise(bounds)):
+        raise ValueError(
+            f"cu_seqlens must rise strictly from 0 to the sequence length {seq_len} "
+            f"(every packed sequence at least one token), got {bounds}"
+        )
+
+
+def sequence_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of each packed sequence."""
+    bounds = cu_seqlens.tolist()
+    return list(pairwise(bounds))
+
+
+def seqlens_to_cu_seqlens(lengths: Sequence[int] | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Turn sequence lengths into ``cu_seqlens`` (int64)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+
+
+def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Positions ``[1, T]`` restarting at 0 at each packed sequence."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths)
+    return (torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts).unsqueeze(0)
+
+
+def map_sequences(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    cu_seqlens: torch.Tensor,
+    tensors: Sequence[torch.Tensor | None],
+    initial_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``fn(*tensors_of_one_sequence, initial_state=state_n)`` on each packed sequence.
+
+    ``tensors`` have batch size 1 and time on dim 1 (``None`` entries pass through). ``fn`` returns
+    ``(output [1, t, ...], final_state [1, ...])``; outputs are concatenated along time, states along dim 0.
+    """
+    outputs, states = [], []
+    for n, (start, end) in enumerate(sequence_bounds(cu_seqlens)):
+        pieces = [None if t is None else t[:, start:end] for t in tensors]
+        state_n = None if initial_state is None else initial_state[n : n + 1]
+        out, state = fn(*pieces, initial_state=state_n)
+        outputs.append(out)
+        states.append(state)
+    return torch.cat(outputs, dim=1), torch.cat(states, dim=0)

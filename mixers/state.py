@@ -1,0 +1,110 @@
+"""The states mixers carry between calls.
+
+A state describes ``N`` sequences (the batch, or the packed sequences of a ``cu_seqlens`` batch).
+States are plain dataclasses of tensors: ``clone()`` forks one (a stream and a question asked of it),
+``nbytes`` reports its memory. Calling a mixer with a state may write into that state's buffers (the KV
+ring buffer is updated in place outside autograd); clone first to keep the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Self
+
+import torch
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {key: _map_tensors(item, fn) for key, item in value.items()}
+    return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
+
+
+class MixerState:
+    """Behaviour shared by every state dataclass."""
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Self:
+        changes = {f.name: _map_tensors(getattr(self, f.name), fn) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **changes)
+
+    def clone(self) -> Self:
+        """A deep copy: calls on the copy leave this state untouched."""
+        return self._map(torch.clone)
+
+    def detach(self) -> Self:
+        """The same state cut from the autograd graph (truncated backpropagation through time)."""
+        return self._map(torch.Tensor.detach)
+
+    def to(self, device: torch.device | str) -> Self:
+        """The state on another device."""
+        return self._map(lambda t: t.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return sum(
+            t.numel() * t.element_size() for f in dataclasses.fields(self) for t in _tensors(getattr(self, f.name))
+        )
+
+
+@dataclasses.dataclass
+class RecurrentState(MixerState):
+    """Fixed-size state of a linear mixer (D, M, G, L).
+
+    Attributes:
+        recurrent: ``[N, H, K, V]`` float32 matrix memory.
+        conv: the last ``kernel_size`` inputs of each short convolution, ``name -> [N, C, kernel_size]``.
+    """
+
+    recurrent: torch.Tensor
+    conv: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.recurrent.shape[0]
+
+
+@dataclasses.dataclass
+class KVCache(MixerState):
+    """Keys and values of an attention mixer (S, A), stored after RoPE.
+
+    With a ``window`` the cache is a ring buffer of ``window`` slots: the token at position ``p`` lives in
+    slot ``p % window``, so memory stays fixed. Without one (full attention, ``A``) token ``p`` lives in
+    slot ``p`` and the buffers grow as needed.
+
+    Attributes:
+        key, value: ``[N, slots, Hkv, D]``.
+        length: ``[N]`` int64, tokens seen so far by each sequence.
+        window: ring size, or ``None`` for a growing cache.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    length: torch.Tensor
+    window: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.key.shape[0]
+
+    def slot_positions(self) -> torch.Tensor:
+        """``[N, slots]`` position of the token held in each slot, ``-1`` where the slot is empty."""
+        slots = torch.arange(self.key.shape[1], device=self.key.device)
+        length = self.length[:, None]
+        if self.window is None:
+            return torch.where(slots < length, slots, -1)
+        # newest token in slot (length - 1) % W; slot s holds the latest position p < length with p % W == s
+        last = length - 1
+        pos = last - (last - slots) % self.window
+        return torch.where(pos >= 0, pos, -1)

@@ -1,0 +1,1 @@
+"""Hybrid decoders and vision-language models built from layout strings."""
