@@ -38,6 +38,8 @@ BASELINE = "A (SDPA)"
 
 
 def time_module(mixer: torch.nn.Module, batch: int, seq_len: int) -> dict:
+    """Forward (no grad) and forward + backward times. Training keeps the backend the forward resolved
+    to, so a kernel that cannot train here is reported instead of timing a slower fallback."""
     x = torch.randn(batch, seq_len, HIDDEN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         forward = cuda_time_ms(lambda: mixer(x))
@@ -48,9 +50,15 @@ def time_module(mixer: torch.nn.Module, batch: int, seq_len: int) -> dict:
         y, _ = mixer(x)
         y.backward(dy)
 
+    requested, mixer.backend = mixer.backend, mixer._resolve_backend(x.device)
     torch.cuda.reset_peak_memory_stats()
-    train = cuda_time_ms(step)
-    return {"forward_ms": forward, "train_ms": train, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    try:
+        result = {"forward_ms": forward, "train_ms": cuda_time_ms(step)}
+    except mixers.BackendUnavailableError as error:
+        result = {"forward_ms": forward, "train_ms": None, "error": str(error)}
+    finally:
+        mixer.backend = requested
+    return {**result, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def time_ops(batch: int, seq_len: int) -> dict:
@@ -77,8 +85,13 @@ def time_ops(batch: int, seq_len: int) -> dict:
             forward = cuda_time_ms(fn)
         out = fn()
         dout = torch.randn_like(out)
-        train = cuda_time_ms(lambda fn=fn, dout=dout: fn().backward(dout))
-        result[name] = {"forward_ms": forward, "train_ms": train}
+        try:
+            result[name] = {
+                "forward_ms": forward,
+                "train_ms": cuda_time_ms(lambda fn=fn, dout=dout: fn().backward(dout)),
+            }
+        except mixers.BackendUnavailableError as error:
+            result[name] = {"forward_ms": forward, "train_ms": None, "error": str(error)}
     return result
 
 
@@ -116,7 +129,7 @@ def markdown(results: dict) -> str:
     def cell(label, seq_len, field, baseline):
         case, base = by.get((label, seq_len)), by.get((baseline, seq_len))
         if case is None or case.get(field) is None:
-            return "OOM" if case else "-"
+            return "not run" if case and case.get("error") else "-"
         speedup = f" ({base[field] / case[field]:.2f}x)" if base and base.get(field) else ""
         return f"{case[field]:.2f}{speedup}"
 
@@ -150,27 +163,30 @@ def markdown(results: dict) -> str:
         markdown_table(["mixer"] + [f"T={t // 1024}K" for t in seq_lens], peak_rows),
     ]
     parts += ["", "## Where GDN is not faster than attention", "", *gdn_vs_attention(results)]
+    errors = sorted({f"- `{c['mixer']}`: {c['error']}" for c in cases if c.get("error")})
+    if errors:
+        parts += ["", "## Not run", "", *errors]
     return "\n".join(parts) + "\n"
 
 
 def gdn_vs_attention(results: dict) -> list[str]:
+    """One line per comparison: the lengths where GDN is slower than attention, or not measured."""
     by = {(c["mixer"], c["seq_len"]): c for c in results["cases"]}
+    seq_lens = sorted({c["seq_len"] for c in results["cases"]})
     lines = []
     for mine, theirs in (("D (GDN)", BASELINE), ("op: gated_delta_rule (fla)", "op: SDPA flash attention")):
-        for field in ("forward_ms", "train_ms"):
-            slower = [
-                f"T={t // 1024}K ({by[(mine, t)][field]:.2f} vs {by[(theirs, t)][field]:.2f} ms)"
-                for (label, t), case in sorted(by.items(), key=lambda item: item[0][1])
-                if label == mine
-                and case.get(field)
-                and by.get((theirs, t), {}).get(field)
-                and case[field] >= by[(theirs, t)][field]
-            ]
-            what = "forward" if field == "forward_ms" else "forward + backward"
-            lines.append(
-                f"- `{mine}` vs `{theirs}`, {what}: "
-                + ("slower at " + ", ".join(slower) if slower else "faster at every length")
-            )
+        for field, what in (("forward_ms", "forward"), ("train_ms", "forward + backward")):
+            slower, missing = [], []
+            for t in seq_lens:
+                a, b = by.get((mine, t), {}).get(field), by.get((theirs, t), {}).get(field)
+                if a is None or b is None:
+                    missing.append(f"T={t // 1024}K")
+                elif a >= b:
+                    slower.append(f"T={t // 1024}K ({a:.2f} vs {b:.2f} ms)")
+            verdict = "slower at " + ", ".join(slower) if slower else "faster at every measured length"
+            if missing:
+                verdict += "; not measured at " + ", ".join(missing)
+            lines.append(f"- `{mine}` vs `{theirs}`, {what}: {verdict}")
     return lines
 
 

@@ -75,14 +75,22 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 _logged: set[tuple[str, str, str]] = set()
 
 
-def select_backend(requested: str, device: torch.device, preference: Sequence[str], owner: str) -> str:
+def select_backend(
+    requested: str,
+    device: torch.device,
+    preference: Sequence[str],
+    owner: str,
+    limitations: dict[str, str] | None = None,
+) -> str:
     """Resolve ``requested`` (a backend name or ``"auto"``) for an input on ``device``.
 
     Args:
         requested: ``"auto"`` or one of :data:`BACKENDS`.
         device: where the input lives.
         preference: the backends ``owner`` supports, fastest first; ``"torch"`` last.
-        owner: a short name used in log lines and errors, e.g. ``"D (gated_deltanet)"``.
+        owner: a short name used in log lines and errors, e.g. ``"gated_delta_rule"``.
+        limitations: backends that cannot serve this particular call, with the reason (e.g. a kernel
+            whose backward pass is broken in the installed Triton).
 
     Raises:
         BackendUnavailableError: ``requested`` is explicit and cannot run.
@@ -91,7 +99,7 @@ def select_backend(requested: str, device: torch.device, preference: Sequence[st
     if requested == "auto":
         skipped = []
         for backend in preference:
-            reason = unavailable_reason(backend, device)
+            reason = unavailable_reason(backend, device) or (limitations or {}).get(backend)
             if reason is None:
                 why = "fastest available" if not skipped else "; ".join(skipped)
                 _log_once(owner, backend, why, device)
@@ -104,7 +112,7 @@ def select_backend(requested: str, device: torch.device, preference: Sequence[st
         raise ValueError(
             f"{owner} does not support backend {requested!r}; supported: {', '.join(preference)} or 'auto'"
         )
-    reason = unavailable_reason(requested, device)
+    reason = unavailable_reason(requested, device) or (limitations or {}).get(requested)
     if reason is not None:
         raise BackendUnavailableError(f"{owner}: backend {requested!r} cannot run: {reason}")
     return requested
@@ -115,6 +123,37 @@ def _log_once(owner: str, backend: str, why: str, device: torch.device) -> None:
     if key not in _logged:
         _logged.add(key)
         logger.info("%s on %s uses backend %r (%s)", owner, device.type, backend, why)
+
+
+def fla_gated_backward_issue(device: torch.device) -> str | None:
+    """Why fla cannot run the backward pass of its gated chunk kernels here, or ``None``.
+
+    fla refuses (rather than return wrong gradients) the backward of gated chunk kernels — the gated
+    delta rule, simple gated linear attention — on Hopper GPUs with Triton 3.4 to 3.7.0 unless tilelang
+    is installed (fla issue #640).
+    """
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return None
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("tilelang") is not None:
+        return None
+    import triton
+
+    version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:3] if part.isdigit())
+    if (3, 4, 0) <= version < (3, 7, 1):
+        return (
+            f"fla's gated chunk backward gives wrong gradients on Hopper with Triton {triton.__version__} "
+            "(fla issue #640); install tilelang or Triton >= 3.7.1 to train with fla kernels"
+        )
+    return None
+
+
+def gated_backward_limitations(device: torch.device, *tensors: torch.Tensor | None) -> dict[str, str] | None:
+    """``{"fla": reason}`` when autograd will differentiate through a gated fla kernel on ``tensors``
+    that cannot run its backward here (:func:`fla_gated_backward_issue`), else ``None``."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return None
+    issue = fla_gated_backward_issue(device)
+    return {"fla": issue} if issue else None
 
 
 def runnable_backends(preference: Sequence[str]) -> list[str]:

@@ -80,8 +80,8 @@ class Mixer(nn.Module):
 
     # helpers for subclasses
 
-    def _resolve_backend(self, device: torch.device) -> str:
-        return select_backend(self.backend, device, self.backends, self._owner)
+    def _resolve_backend(self, device: torch.device, limitations: dict[str, str] | None = None) -> str:
+        return select_backend(self.backend, device, self.backends, self._owner, limitations)
 
     def _dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         return dtype if dtype is not None else next(self.parameters()).dtype

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixers.backends import gated_backward_limitations
 from mixers.base import ConvQKVMixer
 from mixers.modules import GatedRMSNorm
 from mixers.ops.gated_delta_rule import gated_delta_rule
@@ -86,7 +87,7 @@ class GatedDeltaNet(ConvQKVMixer):
         cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
-        backend = self._resolve_backend(x.device)
+        backend = self._resolve_backend(x.device, gated_backward_limitations(x.device, x, *self.parameters()))
         q, k, v, conv = self._conv_qkv(x, state, cu_seqlens, backend)
         dtype = compute_dtype(x)
         beta = self.b_proj(x).to(dtype).sigmoid()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixers.backends import gated_backward_limitations
 from mixers.base import RecurrentMixer
 from mixers.gated_deltanet import init_dt_bias
 from mixers.modules import GatedRMSNorm, ShortConv
@@ -88,7 +89,7 @@ class Mamba2(RecurrentMixer):
         cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
-        backend = self._resolve_backend(x.device)
+        backend = self._resolve_backend(x.device, gated_backward_limitations(x.device, x, *self.parameters()))
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC, conv = self.conv1d(
             xBC, None if state is None else state.conv["xBC"], cu_seqlens, "fla" if backend == "fla" else "torch"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import rel_err
 
 import mixers
+from mixers.backends import fla_gated_backward_issue
 from mixers.ops import (
     causal_attention,
     gated_delta_rule,
@@ -35,10 +36,23 @@ def leaves(*tensors):
     return low, high
 
 
-def compare(fn, low, high, kernel_backend, extra_low=(), extra_high=()):
-    """Run fn on both, backprop the same random cotangents, return the max relative errors."""
-    out_k = fn(*low, *extra_low, backend=kernel_backend)
-    out_r = fn(*high, *extra_high, backend="torch")
+def compare(fn, low, high, kernel_backend, gated=False):
+    """Run fn on both, backprop the same random cotangents, return the max relative errors.
+
+    With ``gated``, where fla cannot run the backward of its gated kernels here, check the forward, check
+    that asking for the kernel's backward raises the documented error, and skip the gradient comparison.
+    """
+    issue = fla_gated_backward_issue(torch.device(CUDA)) if gated else None
+    if issue:
+        with torch.no_grad():
+            out_k, out_r = fn(*low, backend=kernel_backend), fn(*high, backend="torch")
+        out_k, out_r = (o if isinstance(o, tuple) else (o,) for o in (out_k, out_r))
+        assert max(rel_err(a, b) for a, b in zip(out_k, out_r)) < OUT_TOL
+        with pytest.raises(mixers.BackendUnavailableError, match="#640"):
+            fn(*low, backend=kernel_backend)
+        pytest.skip(f"forward checked; backward not run: {issue}")
+    out_k = fn(*low, backend=kernel_backend)
+    out_r = fn(*high, backend="torch")
     out_k, out_r = (o if isinstance(o, tuple) else (o,) for o in (out_k, out_r))
     cotangents = [torch.randn_like(r) for r in out_r]
     torch.autograd.backward([o.float() for o in out_k], cotangents)
@@ -59,7 +73,7 @@ def gdn_tensors(B, T, H=4, K=64, V=128, N=None):
     return q, k, v, g, beta, h0
 
 
-@pytest.mark.parametrize("T", [64, 1000, 4096, 16384])
+@pytest.mark.parametrize("T", [1000, 16384])
 def test_gated_delta_rule_fla_matches_torch(T):
     low, high = leaves(*gdn_tensors(1 if T > 4096 else 2, T))
 
@@ -67,7 +81,7 @@ def test_gated_delta_rule_fla_matches_torch(T):
         # fla takes the log decay and the state in fp32
         return gated_delta_rule(q, k, v, g.float(), beta, initial_state=h0.float(), backend=backend)
 
-    out_err, grad_err = compare(fn, low, high, "fla")
+    out_err, grad_err = compare(fn, low, high, "fla", gated=True)
     assert out_err < OUT_TOL and grad_err < GRAD_TOL, (out_err, grad_err)
 
 
@@ -77,8 +91,9 @@ def test_gated_delta_rule_fla_varlen_and_recurrent_form():
     cu = seqlens_to_cu_seqlens(lengths, device=CUDA)
     args = [t.to(BF16) for t in (q, k, v)] + [g, beta.to(BF16)]
     o_k, s_k = gated_delta_rule(*args, initial_state=h0, cu_seqlens=cu, use_qk_l2norm=True, backend="fla")
-    o_r, s_r = gated_delta_rule(*(t.float() for t in args), initial_state=h0, cu_seqlens=cu, use_qk_l2norm=True,
-                                backend="torch")
+    o_r, s_r = gated_delta_rule(
+        *(t.float() for t in args), initial_state=h0, cu_seqlens=cu, use_qk_l2norm=True, backend="torch"
+    )
     assert rel_err(o_k, o_r) < OUT_TOL and rel_err(s_k, s_r) < OUT_TOL
     short = [t[:, :16] for t in args]
     o_k, s_k = gated_delta_rule(*short, initial_state=h0[:1], form="recurrent", backend="fla")
@@ -87,7 +102,7 @@ def test_gated_delta_rule_fla_varlen_and_recurrent_form():
 
 
 @pytest.mark.parametrize("variant", ["gla", "simple_gla", "linear"])
-@pytest.mark.parametrize("T", [64, 2048, 16384])
+@pytest.mark.parametrize("T", [2048, 16384])
 def test_linear_attention_family_fla_matches_torch(variant, T):
     B, H, K, V = 1, 4, 64, 64
     q, k, v = (torch.randn(B, T, H, d, device=CUDA) * 0.5 for d in (K, K, V))
@@ -110,7 +125,7 @@ def test_linear_attention_family_fla_matches_torch(variant, T):
         def fn(q, k, v, backend):
             return linear_attention(q, k, v, initial_state=h0, backend=backend)
 
-    out_err, grad_err = compare(fn, low, high, "fla")
+    out_err, grad_err = compare(fn, low, high, "fla", gated=variant == "simple_gla")
     assert out_err < OUT_TOL and grad_err < GRAD_TOL, (out_err, grad_err)
 
 
@@ -160,8 +175,8 @@ MIXER_OPTIONS = {
 
 @pytest.mark.parametrize("kind", list(MIXER_OPTIONS))
 def test_mixer_kernel_path_matches_torch(kind):
-    """The whole module: kernels (auto) in bf16 vs the PyTorch backend in fp32 on the same weights,
-    forward, backward, and continuing from the returned state token by token."""
+    """The whole module with the default (auto) backend in bf16 against the PyTorch backend in fp32 on the
+    same weights: packed forward and states, training gradients, then continuing token by token."""
     hidden = 512
     kernel = mixers.build_mixer(kind, hidden, **MIXER_OPTIONS[kind]).to(CUDA)
     reference = mixers.build_mixer(kind, hidden, backend="torch", **MIXER_OPTIONS[kind]).to(CUDA)
@@ -169,21 +184,29 @@ def test_mixer_kernel_path_matches_torch(kind):
     kernel.to(BF16)
     lengths = [700, 33, 1500]
     cu = seqlens_to_cu_seqlens(lengths, device=CUDA)
-    x = torch.randn(1, sum(lengths), hidden, device=CUDA)
-    x_low, x_high = x.to(BF16).requires_grad_(), x.to(BF16).float().requires_grad_()
-    y_k, state_k = kernel(x_low, cu_seqlens=cu)
-    y_r, state_r = reference(x_high, cu_seqlens=cu)
+    x = torch.randn(1, sum(lengths), hidden, device=CUDA).to(BF16)
+    with torch.no_grad():
+        y_k, state_k = kernel(x, cu_seqlens=cu)
+        y_r, state_r = reference(x.float(), cu_seqlens=cu)
+    assert rel_err(y_k, y_r) < OUT_TOL
+    tensors_k = [state_k.key, state_k.value] if kind in "SA" else [state_k.recurrent, *state_k.conv.values()]
+    tensors_r = [state_r.key, state_r.value] if kind in "SA" else [state_r.recurrent, *state_r.conv.values()]
+    for a, b in zip(tensors_k, tensors_r):
+        assert rel_err(a, b) < OUT_TOL
+
+    x_low, x_high = x.clone().requires_grad_(), x.float().requires_grad_()
+    y_k, _ = kernel(x_low, cu_seqlens=cu)
+    y_r, _ = reference(x_high, cu_seqlens=cu)
     cotangent = torch.randn_like(y_r)
     y_k.float().backward(cotangent)
     y_r.backward(cotangent)
-    assert rel_err(y_k, y_r) < OUT_TOL
     assert rel_err(x_low.grad, x_high.grad) < GRAD_TOL
     for (name, p_k), p_r in zip(kernel.named_parameters(), reference.parameters()):
         assert rel_err(p_k.grad, p_r.grad) < GRAD_TOL, name
+
     with torch.no_grad():
         steps = torch.randn(3, 8, hidden, device=CUDA)
         outs_k, outs_r = [], []
-        state_k, state_r = state_k.detach(), state_r.detach()
         for t in range(8):
             y_t, state_k = kernel(steps[:, t : t + 1].to(BF16), state_k)
             outs_k.append(y_t)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import select_backend
+from mixers.backends import gated_backward_limitations, select_backend
 from mixers.ops.utils import compute_dtype, l2norm
 from mixers.ops.varlen import check_cu_seqlens, map_sequences
 
@@ -64,7 +64,8 @@ def gated_delta_rule(
     if form not in ("chunk", "recurrent"):
         raise ValueError(f"form must be 'chunk' or 'recurrent', got {form!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chosen = select_backend(backend, q.device, _PREFERENCE, "gated_delta_rule")
+    limitations = gated_backward_limitations(q.device, q, k, v, g, beta, initial_state)
+    chosen = select_backend(backend, q.device, _PREFERENCE, "gated_delta_rule", limitations)
     if chosen == "fla":
         return _fla(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, form)
     if use_qk_l2norm:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import select_backend
+from mixers.backends import gated_backward_limitations, select_backend
 from mixers.ops.utils import compute_dtype
 from mixers.ops.varlen import check_cu_seqlens, map_sequences
 
@@ -119,7 +119,8 @@ def _dispatch(variant, q, k, v, g, scale, initial_state, cu_seqlens, form, chunk
     owner = {"gla": "gated_linear_attention", "simple_gla": "simple_gated_linear_attention"}.get(
         variant, "linear_attention"
     )
-    if select_backend(backend, q.device, _PREFERENCE, owner) == "fla":
+    limitations = gated_backward_limitations(q.device, q, k, v, g, initial_state) if variant == "simple_gla" else None
+    if select_backend(backend, q.device, _PREFERENCE, owner, limitations) == "fla":
         return _fla(variant, q, k, v, g, scale, initial_state, cu_seqlens, form)
     fn = _chunk_torch if form == "chunk" else _recurrent_torch
 
