@@ -95,7 +95,8 @@ def time_ops(batch: int, seq_len: int) -> dict:
     return result
 
 
-def run(seq_lens: list[int], tokens: int) -> dict:
+def run(seq_lens: list[int], tokens: int, out: Path) -> dict:
+    """Time every case; the JSON at ``out`` is rewritten after each one, so a cut-off run keeps its results."""
     results = {"environment": environment(), "tokens_per_batch": tokens, "hidden_size": HIDDEN, "cases": []}
     for label, kind, options in CASES:
         mixer = mixers.build_mixer(kind, HIDDEN, **options).to("cuda", torch.bfloat16)
@@ -108,6 +109,7 @@ def run(seq_lens: list[int], tokens: int) -> dict:
                 timing = {"forward_ms": None, "train_ms": None, "peak_gib": None, "error": "out of memory"}
             torch.cuda.empty_cache()
             results["cases"].append({"mixer": label, "backend": backend, "seq_len": seq_len, "batch": batch, **timing})
+            write_json(out, results)
             print(f"{label:14s} T={seq_len:6d} B={batch:3d} {timing}", flush=True)
         del mixer
     for seq_len in seq_lens:
@@ -116,6 +118,7 @@ def run(seq_lens: list[int], tokens: int) -> dict:
             results["cases"].append(
                 {"mixer": f"op: {name}", "backend": "", "seq_len": seq_len, "batch": batch, **timing}
             )
+            write_json(out, results)
             print(f"op {name:24s} T={seq_len:6d} {timing}", flush=True)
     return results
 
@@ -226,8 +229,7 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("benchmarks.mixers needs a CUDA device")
-        results = run(args.seq_lens, args.tokens)
-        write_json(args.out.with_suffix(".json"), results)
+        results = run(args.seq_lens, args.tokens, args.out.with_suffix(".json"))
     args.out.with_suffix(".md").write_text(markdown(results))
     plot(results, args.out.with_suffix(".png"))
     print(args.out.with_suffix(".md").read_text())
