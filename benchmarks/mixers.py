@@ -28,7 +28,7 @@ HIDDEN = 2048
 CASES = [
     ("D (GDN)", "D", dict(num_heads=16, head_dim=128, expand_v=2.0)),
     ("S (SWA 8192)", "S", dict(num_heads=16, num_kv_heads=2, window=8192, mrope_section=[16, 24, 24])),
-    ("A (auto)", "A", dict(num_heads=16, num_kv_heads=2, mrope_section=[16, 24, 24])),
+    ("A (fla)", "A", dict(num_heads=16, num_kv_heads=2, mrope_section=[16, 24, 24], backend="fla")),
     ("A (SDPA)", "A", dict(num_heads=16, num_kv_heads=2, mrope_section=[16, 24, 24], backend="torch")),
     ("M (Mamba2)", "M", dict(d_state=128, headdim=64)),
     ("G (GLA)", "G", dict()),
@@ -155,7 +155,7 @@ def markdown(results: dict) -> str:
             rows.append([label, backend or "-"] + [cell(label, t, field, baseline) for t in seq_lens])
         parts += ["", f"## {title} (ms)", "", markdown_table(header, rows)]
     peak_rows = [
-        [label] + [f"{by[(label, t)]['peak_gib']:.1f}" if by[(label, t)].get("peak_gib") else "-" for t in seq_lens]
+        [label] + [f"{by[(label, t)]['peak_gib']:.1f}" if by[(label, t)].get("train_ms") else "-" for t in seq_lens]
         for label in labels
         if not label.startswith("op:")
     ]
@@ -167,8 +167,12 @@ def markdown(results: dict) -> str:
     ]
     parts += ["", "## Where GDN is not faster than attention", "", *gdn_vs_attention(results)]
     errors = sorted({f"- `{c['mixer']}`: {c['error']}" for c in cases if c.get("error")})
-    if errors:
-        parts += ["", "## Not run", "", *errors]
+    expected = [label for label, _, _ in CASES] + ["op: gated_delta_rule (fla)", "op: SDPA flash attention"]
+    absent = [
+        f"- `{label}`: missing from the results (the run ended before it)" for label in expected if label not in labels
+    ]
+    if errors or absent:
+        parts += ["", "## Not run", "", *errors, *absent]
     return "\n".join(parts) + "\n"
 
 
@@ -186,9 +190,12 @@ def gdn_vs_attention(results: dict) -> list[str]:
                     missing.append(f"T={t // 1024}K")
                 elif a >= b:
                     slower.append(f"T={t // 1024}K ({a:.2f} vs {b:.2f} ms)")
-            verdict = "slower at " + ", ".join(slower) if slower else "faster at every measured length"
-            if missing:
-                verdict += "; not measured at " + ", ".join(missing)
+            if len(missing) == len(seq_lens):
+                verdict = "not measured"
+            else:
+                verdict = "slower at " + ", ".join(slower) if slower else "faster at every measured length"
+                if missing:
+                    verdict += "; not measured at " + ", ".join(missing)
             lines.append(f"- `{mine}` vs `{theirs}`, {what}: {verdict}")
     return lines
 
@@ -202,9 +209,11 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = list(dict.fromkeys(c["mixer"] for c in results["cases"] if not c["mixer"].startswith("op:")))
     for ax, field, title in zip(axes, ("forward_ms", "train_ms"), ("forward", "forward + backward")):
-        for label in labels:
+        for i, label in enumerate(labels):
             points = [(c["seq_len"], c[field]) for c in results["cases"] if c["mixer"] == label and c.get(field)]
-            ax.plot(*zip(*points), marker="o", label=label, linestyle="--" if "SDPA" in label else "-")
+            if points:
+                style = "--" if "SDPA" in label else "-"
+                ax.plot(*zip(*points), marker="o", label=label, linestyle=style, color=f"C{i}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (batch x length constant)")

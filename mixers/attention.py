@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mixers.base import Mixer
-from mixers.ops.attention import attention_over_positions, causal_attention
+from mixers.ops.attention import FULL_PREFERENCE, WINDOW_PREFERENCE, attention_over_positions, causal_attention
 from mixers.ops.rotary import apply_rotary, rotary_cos_sin
 from mixers.ops.varlen import sequence_bounds
 from mixers.registry import register_mixer
@@ -36,12 +36,13 @@ class Attention(Mixer):
         rope_theta: RoPE base.
         mrope_section: M-RoPE split of ``head_dim / 2`` into (time, height, width), e.g. ``[16, 24, 24]``;
             ``None`` for 1-D RoPE.
-        backend: ``"auto"``, ``"flash_attn"``, ``"fla"`` or ``"torch"``. Calls that continue from a state
-            attend over the cache with PyTorch SDPA.
+        backend: ``"auto"``, ``"flash_attn"``, ``"torch"`` (SDPA) or ``"fla"``; ``auto`` takes them in that
+            order for full attention and prefers ``fla`` over SDPA for sliding windows. Calls that continue
+            from a state attend over the cache with PyTorch SDPA.
     """
 
     letter, name = "A", "attn"
-    backends = ("flash_attn", "fla", "torch")
+    backends = FULL_PREFERENCE
     fixed_size_state = False
 
     def __init__(
@@ -209,6 +210,7 @@ class SlidingWindowAttention(Attention):
     """
 
     letter, name = "S", "swa"
+    backends = WINDOW_PREFERENCE
     fixed_size_state = True
 
     def __init__(self, hidden_size: int, window: int = 8192, **options) -> None:

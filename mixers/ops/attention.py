@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from mixers.backends import select_backend
 from mixers.ops.varlen import check_cu_seqlens, sequence_bounds
 
-_PREFERENCE = ("flash_attn", "fla", "torch")
+# Measured on H100 (benchmarks/results/mixers.md): for full causal attention PyTorch SDPA (flash kernel)
+# beats fla's parallel_attn; with a window shorter than the sequence fla skips the masked blocks and wins.
+FULL_PREFERENCE = ("flash_attn", "torch", "fla")
+WINDOW_PREFERENCE = ("flash_attn", "fla", "torch")
 
 
 def causal_attention(
@@ -47,7 +50,8 @@ def causal_attention(
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
     scale = D**-0.5 if scale is None else scale
-    chosen = select_backend(backend, q.device, _PREFERENCE, "causal_attention")
+    preference = FULL_PREFERENCE if window is None else WINDOW_PREFERENCE
+    chosen = select_backend(backend, q.device, preference, "causal_attention")
     if chosen == "fla":
         from fla.ops.attn import parallel_attn
 
