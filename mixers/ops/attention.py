@@ -96,9 +96,15 @@ def _sdpa_causal(q, k, v, window, scale):
     T = q.shape[1]
     if window is None or window >= T:
         return _sdpa(q, k, v, None, scale)
+    # query blocks of `window` tokens see keys from `window - 1` before the block: O(T * window) memory
     pos = torch.arange(T, device=q.device)
-    visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
-    return _sdpa(q, k, v, visible, scale)
+    outputs = []
+    for start in range(0, T, window):
+        end, first_key = min(start + window, T), max(0, start - window + 1)
+        qp, kp = pos[start:end, None], pos[None, first_key:end]
+        visible = (kp <= qp) & (kp > qp - window)
+        outputs.append(_sdpa(q[:, start:end], k[:, first_key:end], v[:, first_key:end], visible, scale))
+    return torch.cat(outputs, dim=1)
 
 
 def _sdpa(q, k, v, mask, scale):

@@ -1,0 +1,104 @@
+"""Saving and loading hybrid models: ``config.json`` (with the layout) + safetensors weights.
+
+Loading checks every tensor name and shape against the config and stops with the missing, unexpected and
+mismatched names; nothing is silently left at random initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.config import CONFIG_NAME, HybridConfig
+from models.hybrid import HybridVLM
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """Weights that do not fit the model the config describes."""
+
+
+def save_model(model: HybridVLM, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (tied head stored once) into ``directory``."""
+    directory = Path(directory)
+    model.config.save(directory)
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "layout": model.config.layout})
+    return directory
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint directory (single file or sharded with an index)."""
+    directory = Path(directory)
+    if (directory / INDEX_NAME).is_file():
+        files = sorted(set(json.loads((directory / INDEX_NAME).read_text())["weight_map"].values()))
+    elif (directory / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(directory / name, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def load_weights_strict(model: HybridVLM, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into ``model``; raise :class:`CheckpointMismatchError` unless names and shapes match."""
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{name}: checkpoint {tuple(tensors[name].shape)}, model {tuple(expected[name].shape)}"
+        for name in sorted(set(expected) & set(tensors))
+        if tensors[name].shape != expected[name].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(
+            f"the weights in {source} do not match the model its config describes (layout "
+            f"{model.config.layout!r}):"
+            + _listing("missing", missing)
+            + _listing("unexpected", unexpected)
+            + _listing("shape mismatch", mismatched)
+        )
+    model.load_state_dict(tensors, strict=False)
+
+
+def _listing(title: str, names: list[str], limit: int = 12) -> str:
+    if not names:
+        return ""
+    shown = "\n    ".join(names[:limit])
+    more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"\n  {title} ({len(names)}):\n    {shown}{more}"
+
+
+def load_model(
+    directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> HybridVLM:
+    """Load a hybridvl directory, or an InfiniteVL checkpoint (``model_type: infinite_vl``)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a model directory")
+    model_type = json.loads((directory / CONFIG_NAME).read_text()).get("model_type")
+    if model_type == "infinite_vl":
+        from models.infinitevl import load_infinitevl
+
+        model = load_infinitevl(directory)
+    else:
+        model = HybridVLM(HybridConfig.load(directory))
+        load_weights_strict(model, read_weights(directory), str(directory))
+    return model.to(device=device, dtype=dtype)

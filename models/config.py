@@ -1,0 +1,137 @@
+"""The configuration of a hybrid model: Qwen2.5-VL text dimensions, a layout, per-kind mixer options and
+the Qwen2.5-VL vision tower's configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import mixers
+
+CONFIG_NAME = "config.json"
+MODEL_TYPE = "hybridvl"
+
+
+@dataclasses.dataclass
+class HybridConfig:
+    """A hybrid decoder (and, with ``vision_config``, a VLM). Defaults are Qwen2.5-VL-3B as InfiniteVL.
+
+    Attributes:
+        layout: one mixer per layer, e.g. ``"S,D,D,D x9"`` (see :mod:`mixers.layout`).
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers, rms_norm_eps, tie_word_embeddings:
+            the Qwen2.5-VL text dimensions.
+        num_attention_heads, num_key_value_heads, head_dim, attention_bias, rope_theta, mrope_section:
+            attention layers (``A`` and ``S``): GQA heads, q/k/v biases, RoPE base and M-RoPE split
+            (``None``: 1-D RoPE).
+        sliding_window: keys per query of ``S`` layers.
+        mixer_options: extra options per mixer letter, e.g. ``{"D": {"num_heads": 16, "head_dim": 128}}``;
+            they override the attention options above for ``A``/``S``.
+        vision_config: the Qwen2.5-VL vision tower's configuration (a dict of
+            ``Qwen2_5_VLVisionConfig`` fields), or ``None`` for a text-only model.
+        image_token_id, video_token_id, vision_start_token_id, vision_end_token_id: placeholder tokens.
+        bos_token_id, eos_token_id, pad_token_id: special tokens (``eos_token_id`` may be a list).
+        initializer_range: std of the normal init of new weights.
+    """
+
+    layout: str = "S,D,D,D x9"
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    attention_bias: bool = True
+    rope_theta: float = 1_000_000.0
+    mrope_section: list[int] | None = dataclasses.field(default_factory=lambda: [16, 24, 24])
+    sliding_window: int = 8192
+    mixer_options: dict[str, dict[str, Any]] = dataclasses.field(
+        default_factory=lambda: {"D": {"num_heads": 16, "head_dim": 128, "expand_v": 2.0}}
+    )
+    vision_config: dict[str, Any] | None = None
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+    pad_token_id: int | None = 151643
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.mixer_options = {mixers.resolve_kind(kind): dict(opts) for kind, opts in self.mixer_options.items()}
+        self.kinds  # noqa: B018  (validates the layout against num_hidden_layers)
+        if self.hidden_size % self.num_attention_heads and self.head_dim is None:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; "
+                "set head_dim"
+            )
+
+    @property
+    def kinds(self) -> list[str]:
+        """The mixer letter of every layer (raises :class:`mixers.LayoutError` on a bad layout)."""
+        return mixers.parse_layout(self.layout, num_layers=self.num_hidden_layers)
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def mixer_kwargs(self, kind: str) -> dict[str, Any]:
+        """Options to build the mixer of ``kind`` (a letter) at this model's width."""
+        letter = mixers.resolve_kind(kind)
+        options: dict[str, Any] = {}
+        if letter in ("A", "S"):
+            options = dict(
+                num_heads=self.num_attention_heads,
+                num_kv_heads=self.num_key_value_heads,
+                head_dim=self.attention_head_dim,
+                qkv_bias=self.attention_bias,
+                rope_theta=self.rope_theta,
+                mrope_section=self.mrope_section,
+            )
+            if letter == "S":
+                options["window"] = self.sliding_window
+        return {**options, **self.mixer_options.get(letter, {})}
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HybridConfig:
+        """Build from a dict; unknown keys raise with their names."""
+        data = dict(data)
+        model_type = data.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"not a hybridvl config: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown hybridvl config fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> HybridConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a hybridvl model directory")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        return cls.from_dict(data)

@@ -1,0 +1,247 @@
+"""Convert a Qwen2.5-VL checkpoint into a hybrid student.
+
+Embeddings, MLPs, norms, the vision tower and every ``A``/``S`` layer keep the teacher's weights; the
+other layers get new mixers, initialised either
+
+* ``mimic`` (InfiniteVL's public code): projections random; slow decay and half-strength writes so the
+  memory starts close to identity — Gated DeltaNet: ``A_log = 0``, ``a_proj`` and ``b_proj`` zero
+  (``beta = 0.5``), ``dt = 1e-3`` (``alpha ~ 0.999``), short convolutions the identity; Mamba2 alike; GLA with
+  its decay projection at ``log alpha ~ -1e-3``; or
+* ``transfer``: as ``mimic``, but queries, keys, values and the output projection come from the attention
+  layer being replaced, KV heads expanded to the mixer's heads (query head ``h`` reads KV head
+  ``h // (heads / kv_heads)``, as grouped-query attention does). For Mamba2 ``Q -> C``, ``K -> B``,
+  ``V -> x`` (Mamba-in-the-Llama), which needs ``expand`` and heads that match the attention's shapes.
+
+The conversion report lists every tensor as inherited, transferred, fresh or dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import mixers
+from mixers.gated_deltanet import inverse_softplus
+from models.checkpoint import read_weights
+from models.config import HybridConfig
+from models.hybrid import HybridVLM
+from models.qwen import ConversionError, canonical_name, hybrid_config_from_qwen, read_qwen_config
+
+INITS = ("mimic", "transfer")
+REPORT_NAME = "conversion_report.json"
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What happened to every tensor of the student and the teacher."""
+
+    teacher: str
+    layout: str
+    init: str
+    inherited: list[str] = dataclasses.field(default_factory=list)
+    transferred: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # student tensor -> teacher tensors
+    fresh: list[str] = dataclasses.field(default_factory=list)
+    dropped: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        """A short human-readable account: counts, then what each layer kind received."""
+        lines = [
+            f"converted {self.teacher} -> layout {self.layout} (init {self.init})",
+            f"  inherited   {len(self.inherited):5d} tensors (embeddings, norms, MLPs, vision tower, A/S layers)",
+            f"  transferred {len(self.transferred):5d} tensors (from the replaced attention layers)",
+            f"  fresh       {len(self.fresh):5d} tensors (new mixer parameters)",
+            f"  dropped     {len(self.dropped):5d} teacher tensors (attention of replaced layers not carried over)",
+        ]
+        kinds = mixers.parse_layout(self.layout)
+        for letter in dict.fromkeys(kinds):
+            layer = kinds.index(letter)
+            prefix = f"language_model.layers.{layer}.self_attn."
+            got = {
+                "inherited": [n for n in self.inherited if n.startswith(prefix)],
+                "transferred": [n for n in self.transferred if n.startswith(prefix)],
+                "fresh": [n for n in self.fresh if n.startswith(prefix)],
+            }
+            parts = ", ".join(f"{k}: {', '.join(n[len(prefix) :] for n in v)}" for k, v in got.items() if v)
+            lines.append(f"  {letter} layers (e.g. layer {layer}) mixer tensors -> {parts}")
+        return "\n".join(lines)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / REPORT_NAME
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+
+def convert_qwen2_5_vl(
+    teacher: str | Path,
+    layout: str,
+    init: str = "mimic",
+    sliding_window: int | None = None,
+    mixer_options: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+) -> tuple[HybridVLM, ConversionReport]:
+    """Build the student for ``layout`` from the Qwen2.5-VL checkpoint in ``teacher``."""
+    if init not in INITS:
+        raise ConversionError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    config = hybrid_config_from_qwen(read_qwen_config(teacher), layout, sliding_window, mixer_options)
+    teacher_weights = {canonical_name(k): v for k, v in read_weights(teacher).items()}
+    torch.manual_seed(seed)
+    student = HybridVLM(config)
+    report = ConversionReport(str(teacher), mixers.format_layout(config.kinds), init)
+    state = student.state_dict()
+    used: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            if _is_new_mixer_tensor(name, config.kinds):
+                continue
+            source = teacher_weights.get(name)
+            if source is None:
+                raise ConversionError(f"the teacher has no tensor {name} (or under its legacy name)")
+            if source.shape != tensor.shape:
+                raise ConversionError(f"{name}: teacher {tuple(source.shape)} vs student {tuple(tensor.shape)}")
+            tensor.copy_(source)
+            used.add(name)
+            report.inherited.append(name)
+        for index, (kind, layer) in enumerate(zip(config.kinds, student.language_model.layers)):
+            if kind in ("A", "S"):
+                continue
+            prefix = f"language_model.layers.{index}.self_attn."
+            mimic_init_(layer.self_attn)
+            if init == "transfer":
+                attention = {k[len(prefix) :]: v for k, v in teacher_weights.items() if k.startswith(prefix)}
+                for target, sources in transfer_init_(layer.self_attn, attention, config).items():
+                    report.transferred[prefix + target] = [prefix + s for s in sources]
+                    used.update(prefix + s for s in sources)
+            report.fresh += [
+                prefix + n for n, _ in layer.self_attn.named_parameters() if prefix + n not in report.transferred
+            ]
+    report.dropped = sorted(set(teacher_weights) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    return student, report
+
+
+def _is_new_mixer_tensor(name: str, kinds: list[str]) -> bool:
+    parts = name.split(".")
+    if name.startswith("language_model.layers.") and parts[3] == "self_attn":
+        return kinds[int(parts[2])] not in ("A", "S")
+    return False
+
+
+@torch.no_grad()
+def mimic_init_(mixer: nn.Module) -> None:
+    """Near-identity memory with slow decay: the ``mimic`` initialisation (see the module docstring)."""
+    if isinstance(mixer, mixers.GatedDeltaNet):
+        mixer.A_log.zero_()
+        mixer.a_proj.weight.zero_()
+        mixer.b_proj.weight.zero_()
+        mixer.dt_bias.copy_(inverse_softplus(torch.full_like(mixer.dt_bias, 1e-3)))
+    elif isinstance(mixer, mixers.Mamba2):
+        mixer.A_log.zero_()
+        mixer.dt_bias.copy_(inverse_softplus(torch.full_like(mixer.dt_bias, 1e-3)))
+        mixer.conv1d.set_identity()
+    elif isinstance(mixer, mixers.GatedLinearAttention):
+        full = mixer.gk_proj[1]
+        full.weight.zero_()
+        # logsigmoid(b) / normalizer = log(0.999)  ->  b = logit(0.999 ** normalizer)
+        full.bias.fill_(torch.logit(torch.tensor(0.999**mixer.gate_logit_normalizer)).item())
+    if isinstance(mixer, mixers.ConvQKVMixer):
+        for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):
+            conv.set_identity()
+
+
+def _expand_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
+    """Rows of ``kv_heads`` heads repeated so head ``h`` holds KV head ``h // (heads / kv_heads)``."""
+    if heads % kv_heads:
+        raise ConversionError(f"cannot expand {kv_heads} KV heads to {heads} heads")
+    return weight.unflatten(0, (kv_heads, -1)).repeat_interleave(heads // kv_heads, dim=0).flatten(0, 1)
+
+
+@torch.no_grad()
+def transfer_init_(mixer: nn.Module, attention: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, list[str]]:
+    """Copy the replaced attention layer's projections into ``mixer``; return ``target -> sources``."""
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.attention_head_dim
+    missing = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"} - set(attention)
+    if missing:
+        raise ConversionError(f"transfer init needs the attention weights {sorted(missing)} in the teacher")
+    q, o = attention["q_proj.weight"], attention["o_proj.weight"]
+    k = _expand_heads(attention["k_proj.weight"], kv_heads, heads)
+    v = _expand_heads(attention["v_proj.weight"], kv_heads, heads)
+    sources = {"q": ["q_proj.weight"], "k": ["k_proj.weight"], "v": ["v_proj.weight"], "o": ["o_proj.weight"]}
+
+    if isinstance(mixer, mixers.ConvQKVMixer | mixers.GatedLinearAttention):
+        key_heads = mixer.num_heads
+        key_dim = mixer.head_dim if isinstance(mixer, mixers.ConvQKVMixer) else mixer.head_k_dim
+        if key_heads != heads or key_dim != head_dim or mixer.head_v_dim % head_dim:
+            raise ConversionError(
+                f"transfer init into {type(mixer).__name__} needs {heads} heads with key dim {head_dim} and a "
+                f"value dim that is a multiple of {head_dim}; got {key_heads} heads, key dim {key_dim}, value dim "
+                f"{mixer.head_v_dim} (set the mixer's options to match the attention)"
+            )
+        repeat = mixer.head_v_dim // head_dim  # each value head tiled `repeat` times, the output split evenly
+        mixer.q_proj.weight.copy_(q)
+        mixer.k_proj.weight.copy_(k)
+        mixer.v_proj.weight.copy_(v.unflatten(0, (heads, head_dim)).repeat(1, repeat, 1).flatten(0, 1))
+        mixer.o_proj.weight.copy_(o.unflatten(1, (heads, head_dim)).repeat(1, 1, repeat).flatten(1, 2) / repeat)
+        return {
+            "q_proj.weight": sources["q"],
+            "k_proj.weight": sources["k"],
+            "v_proj.weight": sources["v"],
+            "o_proj.weight": sources["o"],
+        }
+    if isinstance(mixer, mixers.Mamba2):
+        if not (
+            mixer.ngroups == heads and mixer.d_state == head_dim and mixer.nheads == heads and mixer.headdim == head_dim
+        ):
+            raise ConversionError(
+                f"transfer init into Mamba2 maps Q->C, K->B, V->x and needs ngroups={heads}, d_state={head_dim}, "
+                f"headdim={head_dim} and {heads} heads (expand = {heads * head_dim} / hidden size); got ngroups="
+                f"{mixer.ngroups}, d_state={mixer.d_state}, headdim={mixer.headdim}, {mixer.nheads} heads"
+            )
+        d_inner, bc = mixer.d_inner, mixer.ngroups * mixer.d_state
+        rows = mixer.in_proj.weight  # [z, x, B, C, dt]
+        rows[d_inner : 2 * d_inner].copy_(v)
+        rows[2 * d_inner : 2 * d_inner + bc].copy_(k)
+        rows[2 * d_inner + bc : 2 * d_inner + 2 * bc].copy_(q)
+        mixer.out_proj.weight.copy_(o)
+        return {"in_proj.weight": sources["v"] + sources["k"] + sources["q"], "out_proj.weight": sources["o"]}
+    raise ConversionError(f"transfer init does not know how to map attention into {type(mixer).__name__}")
+
+
+def copy_processor_files(teacher: str | Path, out: str | Path) -> list[str]:
+    """Copy the tokenizer, processor, chat template and generation config next to the student."""
+    copied = []
+    for path in Path(teacher).iterdir():
+        if (
+            path.is_file()
+            and path.name != "config.json"
+            and not path.name.startswith("model")
+            and path.suffix != ".safetensors"
+        ):
+            shutil.copy2(path, Path(out) / path.name)
+            copied.append(path.name)
+    return sorted(copied)
+
+
+def convert_directory(
+    teacher: str | Path,
+    out: str | Path,
+    layout: str,
+    init: str = "mimic",
+    sliding_window: int | None = None,
+    mixer_options: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+) -> ConversionReport:
+    """Convert ``teacher`` and write the student, its processor files and the report into ``out``."""
+    student, report = convert_qwen2_5_vl(teacher, layout, init, sliding_window, mixer_options, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out)
+    copy_processor_files(teacher, out)
+    report.save(out)
+    return report

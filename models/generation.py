@@ -1,0 +1,147 @@
+"""Text generation over the hybrid model's fixed-size state (only ``A`` layers' caches grow).
+
+The prompt is prefilled in one pass (or in chunks of ``prefill_chunk_size`` tokens, which gives the same
+state), then each new token is one step from the state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixers.ops.varlen import seqlens_to_cu_seqlens
+from models.hybrid import HybridVLM, ModelState
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from ``logits`` ``[B, vocab]``: argmax, or a sample after temperature, top-k and
+    top-p (nucleus) filtering."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive when sampling, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(
+    model: HybridVLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    prefill_chunk_size: int | None = None,
+    **vision: torch.Tensor | None,
+) -> tuple[torch.Tensor, ModelState]:
+    """Run the prompt; return the last token's logits ``[B, vocab]`` and the state after it."""
+    if prefill_chunk_size is None:
+        out = model(input_ids, attention_mask=attention_mask, logits_to_keep=1, **vision)
+        return out.logits[:, -1], out.state
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("chunked prefill needs unpadded prompts of equal length; prefill padded batches in one pass")
+    if prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be positive, got {prefill_chunk_size}")
+    batch, seq_len = input_ids.shape
+    embeds = model.embed(
+        input_ids,
+        vision.get("pixel_values"),
+        vision.get("image_grid_thw"),
+        vision.get("pixel_values_videos"),
+        vision.get("video_grid_thw"),
+    )
+    positions, next_position = model.positions(
+        input_ids.reshape(1, -1),
+        seqlens_to_cu_seqlens([seq_len] * batch),
+        torch.zeros(batch, dtype=torch.long),
+        vision.get("image_grid_thw"),
+        vision.get("video_grid_thw"),
+        vision.get("second_per_grid_ts"),
+    )
+    positions = positions.reshape(3, batch, seq_len)
+    state = None
+    for start in range(0, seq_len, prefill_chunk_size):
+        chunk = slice(start, start + prefill_chunk_size)
+        out = model(inputs_embeds=embeds[:, chunk], position_ids=positions[:, :, chunk], state=state, logits_to_keep=1)
+        state = out.state
+    state.next_position = next_position.to(state.next_position.device)
+    return out.logits[:, -1], state
+
+
+@torch.no_grad()
+def generate(
+    model: HybridVLM,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    prefill_chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` tokens after each prompt row.
+
+    Args:
+        input_ids: ``[B, T]`` prompts (pad either side and pass ``attention_mask``).
+        max_new_tokens: the most tokens to generate.
+        do_sample, temperature, top_k, top_p, generator: sampling; greedy when ``do_sample`` is False.
+        eos_token_id: stop token(s), default the config's; a row stops after emitting one.
+        pad_token_id: fills rows that stopped, default the config's (or the first stop token).
+        prefill_chunk_size: prefill the prompt this many tokens at a time (same result, less memory).
+
+    Returns:
+        ``[B, n]`` new tokens, ``n <= max_new_tokens`` (stopped rows padded).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    config = model.config
+    if eos_token_id is None:
+        stops = config.eos_token_ids
+    else:
+        stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = next(p for p in (pad_token_id, config.pad_token_id, *stops, 0) if p is not None)
+    vision = dict(
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
+    )
+    logits, state = prefill(model, input_ids, attention_mask, prefill_chunk_size, **vision)
+    stop_ids = torch.tensor(stops, device=input_ids.device, dtype=torch.long)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        tokens.append(token)
+        finished |= torch.isin(token, stop_ids)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        out = model(token[:, None], state=state, logits_to_keep=1)
+        logits, state = out.logits[:, -1], out.state
+    return torch.stack(tokens, dim=1)

@@ -1,0 +1,117 @@
+"""Loading checkpoints in the public InfiniteVL format.
+
+InfiniteVL (``model_type: infinite_vl``) saves a Qwen2.5-VL-style ``config.json`` whose text fields sit at the
+top level (or under ``text_config``) with its linear-layer fields — ``layer_types``
+(``linear_attention`` / ``sliding_attention`` / ``full_attention``), ``num_linear_heads``,
+``num_linear_key_value_heads``, ``linear_head_dim``, ``expand_v``, ``conv_size``, ``use_gate``,
+``use_short_conv``, ``norm_eps``, ``sliding_window`` — and weights named like Qwen2.5-VL's, Gated DeltaNet
+layers under ``self_attn`` with ``q/k/v/a/b/g/o_proj``, ``q/k/v_conv1d``, ``A_log``, ``dt_bias``, ``o_norm``
+(the names this project's ``D`` mixer uses).
+
+Its stage-1 checkpoints were saved with every layer marked ``full_attention``; the layout is therefore read
+from the weights (a layer with ``A_log`` is Gated DeltaNet), and each disagreement with ``layer_types`` is
+logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from models.checkpoint import load_weights_strict, read_weights
+from models.config import HybridConfig
+from models.hybrid import HybridVLM
+from models.qwen import canonical_name, vision_config_fields
+
+logger = logging.getLogger("hybridvl.models")
+
+LAYER_TYPES = {"linear_attention": "D", "sliding_attention": "S", "full_attention": "A"}
+
+
+class InfiniteVLFormatError(ValueError):
+    """An InfiniteVL checkpoint this project cannot represent."""
+
+
+def infinitevl_config(config: dict[str, Any], tensor_names: set[str]) -> HybridConfig:
+    """Translate an InfiniteVL ``config.json`` (and the layer kinds its weights reveal) to a HybridConfig."""
+    text = {**config, **config.get("text_config", {})}
+    num_layers = text["num_hidden_layers"]
+    declared = text.get("layer_types") or [
+        "linear_attention" if i % 4 else "sliding_attention" for i in range(num_layers)
+    ]
+    if len(declared) != num_layers:
+        raise InfiniteVLFormatError(f"layer_types has {len(declared)} entries for {num_layers} layers")
+    kinds = []
+    for i, layer_type in enumerate(declared):
+        if layer_type not in LAYER_TYPES:
+            raise InfiniteVLFormatError(f"layer {i} has unknown layer type {layer_type!r}")
+        kind = LAYER_TYPES[layer_type]
+        is_gdn = f"language_model.layers.{i}.self_attn.A_log" in tensor_names
+        actual = "D" if is_gdn else (kind if kind != "D" else "S")
+        if actual != kind:
+            logger.warning(
+                "layer %d is declared %r but its weights are %s; using the weights",
+                i,
+                layer_type,
+                "Gated DeltaNet" if is_gdn else "attention",
+            )
+        kinds.append(actual)
+    if "D" in kinds:
+        if not text.get("use_gate", True) or not text.get("use_short_conv", True):
+            raise InfiniteVLFormatError(
+                "Gated DeltaNet layers without output gate or short convolutions are not supported"
+            )
+        heads, kv_heads = text.get("num_linear_heads", 16), text.get("num_linear_key_value_heads", 16)
+        if heads != kv_heads:
+            raise InfiniteVLFormatError(
+                f"num_linear_heads {heads} != num_linear_key_value_heads {kv_heads}: grouped Gated DeltaNet heads "
+                "are not supported"
+            )
+    window = text.get("sliding_window") if text.get("use_sliding_window", True) else None
+    if "S" in kinds and not window:
+        raise InfiniteVLFormatError("sliding-attention layers need sliding_window (and use_sliding_window true)")
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    return HybridConfig(
+        layout=",".join(kinds),
+        vocab_size=text["vocab_size"],
+        hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        num_hidden_layers=num_layers,
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)),
+        num_attention_heads=text["num_attention_heads"],
+        num_key_value_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
+        head_dim=text["hidden_size"] // text["num_attention_heads"],
+        rope_theta=text.get("rope_theta", rope.get("rope_theta", 1_000_000.0)),
+        mrope_section=rope.get("mrope_section"),
+        sliding_window=window or 8192,
+        mixer_options={
+            "D": {
+                "num_heads": text.get("num_linear_heads", 16),
+                "head_dim": text.get("linear_head_dim", 128),
+                "expand_v": float(text.get("expand_v", 2)),
+                "conv_size": text.get("conv_size", 4),
+                "norm_eps": text.get("norm_eps", 1e-5),
+            }
+        },
+        vision_config=vision_config_fields(config.get("vision_config")),
+        image_token_id=config.get("image_token_id", 151655),
+        video_token_id=config.get("video_token_id", 151656),
+        vision_start_token_id=config.get("vision_start_token_id", 151652),
+        vision_end_token_id=config.get("vision_end_token_id", 151653),
+        bos_token_id=text.get("bos_token_id"),
+        eos_token_id=text.get("eos_token_id"),
+        pad_token_id=text.get("pad_token_id"),
+    )
+
+
+def load_infinitevl(directory: str | Path) -> HybridVLM:
+    """Load an InfiniteVL checkpoint directory into a :class:`HybridVLM` (names and shapes checked)."""
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    tensors = {canonical_name(name): tensor for name, tensor in read_weights(directory).items()}
+    model = HybridVLM(infinitevl_config(config, set(tensors)))
+    load_weights_strict(model, tensors, f"{directory} (InfiniteVL format)")
+    return model
