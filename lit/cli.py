@@ -12,8 +12,11 @@ import sys
 
 # command -> (module with a `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("lit.demo", "run every mixer on CPU: parallel vs streamed agreement, state size, speed"),
-    "layout": ("lit.layout_command", "expand a layout string and report layers and state bytes per kind"),
+    "demo": ("lit.commands.demo", "run every mixer on CPU: parallel vs streamed agreement, state size, speed"),
+    "layout": ("lit.commands.layout", "expand a layout string and report layers and state bytes per kind"),
+    "convert": ("lit.commands.convert", "convert a Qwen2.5-VL checkpoint into a hybrid student"),
+    "generate": ("lit.commands.generate", "answer a prompt about an image or a video with a saved model"),
+    "tiny-qwen": ("lit.commands.tiny_qwen", "write a tiny random-weight Qwen2.5-VL checkpoint (for trying things)"),
 }
 
 

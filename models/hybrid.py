@@ -308,7 +308,8 @@ class HybridVLM(nn.Module):
         start = state.next_position if state is not None else inputs_embeds.new_zeros(num_sequences, dtype=torch.long)
         if position_ids is None:
             packed_cu = cu_seqlens if cu_seqlens is not None else seqlens_to_cu_seqlens([seq_len] * batch)
-            if input_ids is None:  # embeddings without tokens are text
+            if input_ids is None or (image_grid_thw is None and video_grid_thw is None):
+                # without vision inputs every token is text (generated placeholder ids included), as in transformers
                 position_ids, next_position = _text_positions(packed_cu.to(start.device), start)
             else:
                 position_ids, next_position = self.positions(

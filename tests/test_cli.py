@@ -59,3 +59,62 @@ def test_demo_runs_and_agrees(argv, capsys):
     assert main(["demo", *argv]) == 0
     out = capsys.readouterr().out
     assert "streamed == parallel for every mixer: yes" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "qwen"
+    result = run_cli("tiny-qwen", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_convert_then_generate_prints_text(tiny_teacher, tmp_path):
+    from media import make_test_video, render_text_image
+
+    student = tmp_path / "student"
+    result = run_cli(
+        "convert", "--teacher", str(tiny_teacher), "--layout", "S,D,D,D", "--init", "mimic", "--out", str(student)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "inherited" in result.stdout and (student / "conversion_report.json").is_file()
+    render_text_image("cat 7", size=(112, 84)).save(tmp_path / "image.png")
+    make_test_video(tmp_path / "clip.mp4", num_frames=12, size=(64, 48), fps=10.0)
+    for media in (["--image", str(tmp_path / "image.png")], ["--video", str(tmp_path / "clip.mp4")]):
+        result = run_cli(
+            "generate", "--model", str(student), *media, "--prompt", "What is it?", "--max-new-tokens", "4", "--sample"
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip(), "no text printed"
+        assert "4 tokens in" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layout", "S,D x3"], "the layout gives 6 layers but the model declares 4"),
+        (["--layout", "S,D,,D"], "empty item"),
+    ],
+)
+def test_convert_rejects_bad_layouts(tiny_teacher, tmp_path, args, message):
+    result = run_cli("convert", "--teacher", str(tiny_teacher), "--out", str(tmp_path / "out"), *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_convert_rejects_missing_and_foreign_teachers(tmp_path):
+    result = run_cli("convert", "--teacher", str(tmp_path / "missing"), "--layout", "A", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    result = run_cli("convert", "--teacher", str(tmp_path / "bert"), "--layout", "A", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "model_type 'bert'" in result.stderr
+
+
+def test_generate_names_bad_inputs(tiny_teacher, tmp_path):
+    student = tmp_path / "student"
+    assert run_cli("convert", "--teacher", str(tiny_teacher), "--layout", "A x4", "--out", str(student)).returncode == 0
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    result = run_cli("generate", "--model", str(student), "--image", str(tmp_path / "broken.png"), "--prompt", "hi")
+    assert result.returncode == 2 and "broken.png" in result.stderr
+    result = run_cli("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi")
+    assert result.returncode == 2 and "nowhere" in result.stderr

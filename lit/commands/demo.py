@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 import mixers
-from lit.layout_command import format_bytes
+from lit.commands.layout import format_bytes
 
 # small, CPU-friendly shapes; every kind keeps its structure
 DEMO_OPTIONS = {

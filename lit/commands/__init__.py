@@ -1,0 +1,1 @@
+"""Sub-commands of ``hybridvl``; each module has ``main(argv) -> int``."""

@@ -1,0 +1,44 @@
+"""``hybridvl convert``: turn a local Qwen2.5-VL checkpoint into a hybrid student.
+
+    hybridvl convert --teacher Qwen2.5-VL-3B-Instruct --layout "S,D,D,D x9" --init mimic --out student
+
+Embeddings, MLPs, norms, the vision tower and the A/S layers keep the teacher's weights; the other layers
+get new mixers (``--init mimic`` or ``transfer``). The report of inherited, transferred, fresh and dropped
+tensors is printed and saved as ``conversion_report.json`` beside the student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from models.checkpoint import CheckpointMismatchError
+from models.convert import INITS, convert_directory
+from models.qwen import ConversionError
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hybridvl convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--teacher", required=True, help="local Qwen2.5-VL checkpoint directory")
+    parser.add_argument("--layout", required=True, help='one mixer per teacher layer, e.g. "S,D,D,D x9"')
+    parser.add_argument("--init", choices=INITS, default="mimic", help="how new mixers start (default mimic)")
+    parser.add_argument("--out", required=True, help="directory for the student")
+    parser.add_argument("--sliding-window", type=int, default=None, help="window of S layers (default 8192)")
+    parser.add_argument(
+        "--mixer-options", type=json.loads, default=None, help='JSON per kind, e.g. \'{"D": {"num_heads": 16}}\''
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh weights")
+    args = parser.parse_args(argv)
+    try:
+        report = convert_directory(
+            args.teacher, args.out, args.layout, args.init, args.sliding_window, args.mixer_options, args.seed
+        )
+    except (ConversionError, CheckpointMismatchError, FileNotFoundError) as error:
+        print(f"hybridvl convert: {error}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"wrote the student and conversion_report.json to {args.out}")
+    return 0

@@ -1,0 +1,77 @@
+"""``hybridvl generate``: answer a prompt about an image or a video with a saved model.
+
+    hybridvl generate --model student --image photo.jpg --prompt "What is written here?"
+    hybridvl generate --model student --video clip.mp4 --fps 2 --prompt "What happens?"
+
+The model directory holds the weights (``save_pretrained`` or a conversion) and the processor files
+(tokenizer, chat template) copied from the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.chat import chat_inputs, load_processor, vision_kwargs
+from models.checkpoint import CheckpointMismatchError
+from models.hybrid import HybridVLM
+from vision import VisionInputError, load_image, read_video
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hybridvl generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="model directory")
+    media = parser.add_mutually_exclusive_group()
+    media.add_argument("--image", type=Path, help="an image file")
+    media.add_argument("--video", type=Path, help="a video file")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--fps", type=float, default=2.0, help="video frames per second to sample")
+    parser.add_argument("--max-frames", type=int, default=None, help="at most this many video frames")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as saved)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        model = HybridVLM.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype or "", None))
+        processor = load_processor(args.model)
+        images = [load_image(args.image)] if args.image else []
+        videos = [(read_video(args.video, args.fps, args.max_frames)[0], args.fps)] if args.video else []
+    except (FileNotFoundError, OSError, ValueError, CheckpointMismatchError, VisionInputError) as error:
+        print(f"hybridvl generate: {error}", file=sys.stderr)
+        return 2
+    inputs = chat_inputs(processor, args.prompt, images, videos)
+    inputs = {key: value.to(args.device) for key, value in inputs.items()}
+    model.eval()
+    start = time.perf_counter()
+    tokens = model.generate(
+        inputs["input_ids"],
+        **vision_kwargs(inputs),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=torch.Generator(device=args.device).manual_seed(args.seed),
+    )
+    seconds = time.perf_counter() - start
+    print(processor.batch_decode(tokens, skip_special_tokens=True)[0])
+    print(
+        f"{tokens.shape[1]} tokens in {seconds:.2f} s ({model.kinds.count('A')} growing attention layers)",
+        file=sys.stderr,
+    )
+    return 0
