@@ -28,7 +28,7 @@ from torch import nn
 
 import mixers
 from mixers.gated_deltanet import inverse_softplus
-from models.checkpoint import read_weights
+from models.checkpoint import load_weights_strict, read_weights
 from models.config import HybridConfig
 from models.hybrid import HybridVLM
 from models.qwen import ConversionError, canonical_name, hybrid_config_from_qwen, read_qwen_config
@@ -77,7 +77,97 @@ class ConversionReport:
         return path
 
 
-def convert_qwen2_5_vl(
+def load_qwen2_5_vl(directory: str | Path) -> HybridVLM:
+    """A transformers Qwen2.5-VL checkpoint as an all-attention hybrid, which computes exactly what
+    ``Qwen2_5_VLForConditionalGeneration`` computes (names and shapes checked)."""
+    qwen = read_qwen_config(directory)
+    num_layers = {**qwen, **qwen.get("text_config", {})}["num_hidden_layers"]
+    model = HybridVLM(hybrid_config_from_qwen(qwen, f"A x{num_layers}"))
+    weights = {canonical_name(name): tensor for name, tensor in read_weights(directory).items()}
+    load_weights_strict(model, weights, f"{directory} (Qwen2.5-VL)")
+    return model
+
+
+def load_teacher(directory: str | Path) -> HybridVLM:
+    """A teacher from a Qwen2.5-VL, hybridvl or InfiniteVL checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConversionError(f"teacher directory {directory} does not exist")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{directory} has no config.json: not a checkpoint directory")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type in ("hybridvl", "infinite_vl"):
+        return HybridVLM.from_pretrained(directory)
+    return load_qwen2_5_vl(directory)
+
+
+def convert_model(
+    teacher: HybridVLM,
+    layout: str,
+    init: str = "mimic",
+    sliding_window: int | None = None,
+    mixer_options: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+    teacher_name: str = "teacher",
+) -> tuple[HybridVLM, ConversionReport]:
+    """Build a student with ``layout`` from ``teacher`` (same dimensions).
+
+    A student layer whose kind the teacher's layer shares (or attention for attention: ``A`` and ``S`` have the
+    same weights) inherits the layer; any other layer gets a new mixer, ``mimic``- or ``transfer``-initialised
+    from the teacher's attention at that index.
+    """
+    if init not in INITS:
+        raise ConversionError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    fields = {k: v for k, v in teacher.config.to_dict().items() if k != "model_type"}
+    fields["layout"] = layout
+    if sliding_window is not None:
+        fields["sliding_window"] = sliding_window
+    if mixer_options is not None:
+        fields["mixer_options"] = mixer_options
+    try:
+        config = HybridConfig(**fields)
+    except mixers.LayoutError as error:
+        raise ConversionError(
+            f"the layout does not fit the teacher's {teacher.config.num_hidden_layers} layers:\n{error}"
+        ) from error
+    torch.manual_seed(seed)
+    student = HybridVLM(config)
+    report = ConversionReport(teacher_name, mixers.format_layout(config.kinds), init)
+    teacher_weights = teacher.state_dict()
+    new_layers = [i for i, (a, b) in enumerate(zip(config.kinds, teacher.kinds)) if not _same_weights(a, b)]
+    used: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            if (name == "lm_head.weight" and config.tie_word_embeddings) or _layer_of(name) in new_layers:
+                continue
+            source = teacher_weights.get(name)
+            if source is None or source.shape != tensor.shape:
+                found = "missing" if source is None else f"shaped {tuple(source.shape)}"
+                raise ConversionError(
+                    f"{name}: the teacher's tensor is {found}, the student needs {tuple(tensor.shape)}"
+                )
+            tensor.copy_(source)
+            used.add(name)
+            report.inherited.append(name)
+        for index in new_layers:
+            mixer = student.language_model.layers[index].self_attn
+            prefix = f"language_model.layers.{index}.self_attn."
+            mimic_init_(mixer)
+            if init == "transfer":
+                if teacher.kinds[index] not in ("A", "S"):
+                    raise ConversionError(f"transfer init needs attention in the teacher's layer {index}")
+                attention = {k[len(prefix) :]: v for k, v in teacher_weights.items() if k.startswith(prefix)}
+                for target, sources in transfer_init_(mixer, attention, config).items():
+                    report.transferred[prefix + target] = [prefix + s for s in sources]
+                    used.update(prefix + s for s in sources)
+            report.fresh += [prefix + n for n, _ in mixer.named_parameters() if prefix + n not in report.transferred]
+    tied = {"lm_head.weight"} if teacher.config.tie_word_embeddings else set()
+    report.dropped = sorted(set(teacher_weights) - used - tied)
+    return student, report
+
+
+def convert_checkpoint(
     teacher: str | Path,
     layout: str,
     init: str = "mimic",
@@ -85,52 +175,20 @@ def convert_qwen2_5_vl(
     mixer_options: dict[str, dict[str, Any]] | None = None,
     seed: int = 0,
 ) -> tuple[HybridVLM, ConversionReport]:
-    """Build the student for ``layout`` from the Qwen2.5-VL checkpoint in ``teacher``."""
-    if init not in INITS:
-        raise ConversionError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    config = hybrid_config_from_qwen(read_qwen_config(teacher), layout, sliding_window, mixer_options)
-    teacher_weights = {canonical_name(k): v for k, v in read_weights(teacher).items()}
-    torch.manual_seed(seed)
-    student = HybridVLM(config)
-    report = ConversionReport(str(teacher), mixers.format_layout(config.kinds), init)
-    state = student.state_dict()
-    used: set[str] = set()
-    with torch.no_grad():
-        for name, tensor in state.items():
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
-            if _is_new_mixer_tensor(name, config.kinds):
-                continue
-            source = teacher_weights.get(name)
-            if source is None:
-                raise ConversionError(f"the teacher has no tensor {name} (or under its legacy name)")
-            if source.shape != tensor.shape:
-                raise ConversionError(f"{name}: teacher {tuple(source.shape)} vs student {tuple(tensor.shape)}")
-            tensor.copy_(source)
-            used.add(name)
-            report.inherited.append(name)
-        for index, (kind, layer) in enumerate(zip(config.kinds, student.language_model.layers)):
-            if kind in ("A", "S"):
-                continue
-            prefix = f"language_model.layers.{index}.self_attn."
-            mimic_init_(layer.self_attn)
-            if init == "transfer":
-                attention = {k[len(prefix) :]: v for k, v in teacher_weights.items() if k.startswith(prefix)}
-                for target, sources in transfer_init_(layer.self_attn, attention, config).items():
-                    report.transferred[prefix + target] = [prefix + s for s in sources]
-                    used.update(prefix + s for s in sources)
-            report.fresh += [
-                prefix + n for n, _ in layer.self_attn.named_parameters() if prefix + n not in report.transferred
-            ]
-    report.dropped = sorted(set(teacher_weights) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
-    return student, report
+    """Build the student for ``layout`` from the checkpoint in ``teacher`` (Qwen2.5-VL, hybridvl or InfiniteVL)."""
+    return convert_model(load_teacher(teacher), layout, init, sliding_window, mixer_options, seed, str(teacher))
 
 
-def _is_new_mixer_tensor(name: str, kinds: list[str]) -> bool:
+def _same_weights(student_kind: str, teacher_kind: str) -> bool:
+    return student_kind == teacher_kind or {student_kind, teacher_kind} <= {"A", "S"}
+
+
+def _layer_of(name: str) -> int | None:
+    """The decoder layer a mixer tensor belongs to (``None`` for anything else)."""
     parts = name.split(".")
     if name.startswith("language_model.layers.") and parts[3] == "self_attn":
-        return kinds[int(parts[2])] not in ("A", "S")
-    return False
+        return int(parts[2])
+    return None
 
 
 @torch.no_grad()
@@ -238,7 +296,7 @@ def convert_directory(
     seed: int = 0,
 ) -> ConversionReport:
     """Convert ``teacher`` and write the student, its processor files and the report into ``out``."""
-    student, report = convert_qwen2_5_vl(teacher, layout, init, sliding_window, mixer_options, seed)
+    student, report = convert_checkpoint(teacher, layout, init, sliding_window, mixer_options, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out)

@@ -17,7 +17,7 @@ import mixers
 from mixers.ops.varlen import seqlens_to_cu_seqlens
 from models.checkpoint import CheckpointMismatchError, load_weights_strict
 from models.config import HybridConfig
-from models.convert import convert_directory, convert_qwen2_5_vl
+from models.convert import convert_checkpoint, convert_directory
 from models.generation import generate
 from models.hybrid import HybridVLM
 from models.qwen import ConversionError
@@ -96,7 +96,7 @@ def hybrid_inputs(inputs) -> dict:
 
 
 def convert(teacher_dir, layout: str, **kwargs) -> HybridVLM:
-    student, _ = convert_qwen2_5_vl(teacher_dir, layout, **kwargs)
+    student, _ = convert_checkpoint(teacher_dir, layout, **kwargs)
     return student.eval()
 
 
@@ -173,7 +173,7 @@ def _tiny_config_fields(teacher) -> dict:
 
 
 def test_hybrid_layout_converts_runs_and_reports(teacher_dir, processor):
-    student, report = convert_qwen2_5_vl(teacher_dir, "S,D,D,D")
+    student, report = convert_checkpoint(teacher_dir, "S,D,D,D")
     assert student.kinds == ["S", "D", "D", "D"]
     assert isinstance(student.language_model.layers[1].self_attn, mixers.GatedDeltaNet)
     names = set(student.state_dict()) - {"lm_head.weight"}
@@ -195,7 +195,7 @@ def test_hybrid_layout_converts_runs_and_reports(teacher_dir, processor):
 
 
 def test_transfer_init_carries_attention_weights(teacher_dir, teacher):
-    student, report = convert_qwen2_5_vl(
+    student, report = convert_checkpoint(
         teacher_dir,
         "S,D,M,L",
         init="transfer",
@@ -228,20 +228,20 @@ def test_transfer_init_carries_attention_weights(teacher_dir, teacher):
 
 def test_transfer_init_rejects_mismatched_shapes(teacher_dir):
     with pytest.raises(ConversionError, match="transfer init into Mamba2 maps Q->C, K->B, V->x and needs ngroups=4"):
-        convert_qwen2_5_vl(teacher_dir, "S,M,M,M", init="transfer", mixer_options={"M": {"d_state": 8, "headdim": 16}})
+        convert_checkpoint(teacher_dir, "S,M,M,M", init="transfer", mixer_options={"M": {"d_state": 8, "headdim": 16}})
 
 
 def test_conversion_errors_name_the_problem(teacher_dir, tmp_path):
     with pytest.raises(ConversionError, match="does not fit the teacher's 4 layers"):
-        convert_qwen2_5_vl(teacher_dir, "S,D,D,D x2")
+        convert_checkpoint(teacher_dir, "S,D,D,D x2")
     with pytest.raises(ConversionError, match="does not exist"):
-        convert_qwen2_5_vl(tmp_path / "missing", "A x4")
+        convert_checkpoint(tmp_path / "missing", "A x4")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConversionError, match=r"model_type .llama.; the teacher must be a Qwen2\.5-VL"):
-        convert_qwen2_5_vl(tmp_path / "llama", "A x4")
+        convert_checkpoint(tmp_path / "llama", "A x4")
     with pytest.raises(ConversionError, match="init must be one of mimic, transfer"):
-        convert_qwen2_5_vl(teacher_dir, "A x4", init="copy")
+        convert_checkpoint(teacher_dir, "A x4", init="copy")
 
 
 def test_save_load_round_trip_is_bit_exact_and_keeps_layout(teacher_dir, tmp_path, processor):

@@ -1,0 +1,1 @@
+"""Training data: conversation sources (LLaVA/ShareGPT JSON, the synthetic suite), encoding, packing."""
