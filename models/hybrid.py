@@ -55,6 +55,27 @@ class ModelState:
 
 
 @dataclasses.dataclass
+class DecoderPass:
+    """What :meth:`HybridVLM.decode` computes before the LM head.
+
+    Attributes:
+        hidden: final-norm hidden states ``[B, T, hidden]`` (``[1, tokens, hidden]`` for packed or padded input).
+        state: the state after the input.
+        layer_inputs: with ``output_hidden_states``: each layer's input and the last layer's output.
+        rope_position_ids: the positions the attention layers used.
+        cu_seqlens: sequence boundaries of the packed row (``None`` for an unpadded batch).
+        unpad_index: for padded input, where each packed token sits in the flattened ``[B * T]`` batch.
+    """
+
+    hidden: torch.Tensor
+    state: ModelState
+    layer_inputs: tuple[torch.Tensor, ...] | None
+    rope_position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor | None
+    unpad_index: torch.Tensor | None
+
+
+@dataclasses.dataclass
 class HybridOutput:
     """Result of a forward pass.
 
@@ -248,7 +269,7 @@ class HybridVLM(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------
 
-    def forward(
+    def decode(
         self,
         input_ids: torch.Tensor | None = None,
         *,
@@ -262,25 +283,11 @@ class HybridVLM(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         state: ModelState | None = None,
-        labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-        logits_to_keep: int | None = None,
-    ) -> HybridOutput:
-        """Run the model over new tokens, from scratch or continuing ``state``.
-
-        Args:
-            input_ids: ``[B, T]`` tokens (or give ``inputs_embeds`` and ``position_ids``).
-            attention_mask: ``[B, T]``, 0 at padding (either side); padded rows run packed.
-            cu_seqlens: a packed batch (``B == 1``) of sequences, as the mixers take it.
-            position_ids: explicit M-RoPE positions ``[3, B, T]`` (computed from the tokens when omitted).
-            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts: vision
-                inputs as Qwen2.5-VL's processor returns them.
-            state: continue these sequences (one per row, or per packed sequence).
-            labels: ``[B, T]`` next-token targets aligned with ``input_ids`` (shifted inside), -100 ignored.
-            output_hidden_states: also return every layer's input.
-            logits_to_keep: compute logits only for the last this many positions; for padded or packed input
-                only 1 is allowed and the logits are each sequence's last token, ``[N, 1, vocab]``.
-        """
+    ) -> DecoderPass:
+        """Everything :meth:`forward` does but the LM head: embeddings (with vision features), positions, the
+        layers and the final norm. Padded input comes back packed (see :class:`DecoderPass`); training code
+        computes its losses from ``hidden`` in chunks instead of materialising all logits."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if attention_mask is not None and cu_seqlens is not None:
@@ -293,10 +300,10 @@ class HybridVLM(nn.Module):
         unpad_index = None
         if attention_mask is not None and not bool(attention_mask.all()):
             valid = attention_mask.bool()
-            unpad_index = valid.flatten().nonzero().squeeze(1)
-            cu_seqlens = seqlens_to_cu_seqlens(valid.sum(1), device=inputs_embeds.device)
             if bool((valid.sum(1) == 0).any()):
                 raise ValueError("attention_mask has a row with no tokens")
+            unpad_index = valid.flatten().nonzero().squeeze(1)
+            cu_seqlens = seqlens_to_cu_seqlens(valid.sum(1), device=inputs_embeds.device)
             inputs_embeds = inputs_embeds.flatten(0, 1)[unpad_index][None]
             input_ids = None if input_ids is None else input_ids.flatten()[unpad_index][None]
             if position_ids is not None:
@@ -321,26 +328,55 @@ class HybridVLM(nn.Module):
             next_position = _next_positions(position_ids, cu_seqlens)
         rope_positions = position_ids if self.config.mrope_section is not None else position_ids[0]
 
-        hidden, layer_states, all_hidden = self.language_model(
+        hidden, layer_states, layer_inputs = self.language_model(
             inputs_embeds,
             None if state is None else state.layers,
             rope_positions,
             cu_seqlens,
             output_hidden_states,
         )
-        packed = cu_seqlens is not None
-        if logits_to_keep is not None and packed:
+        return DecoderPass(
+            hidden, ModelState(layer_states, next_position), layer_inputs, rope_positions, cu_seqlens, unpad_index
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int | None = None,
+        **inputs: Any,
+    ) -> HybridOutput:
+        """Run the model over new tokens, from scratch or continuing ``state``.
+
+        Args:
+            input_ids: ``[B, T]`` tokens (or give ``inputs_embeds`` and ``position_ids``).
+            attention_mask: ``[B, T]``, 0 at padding (either side); padded rows run packed.
+            labels: ``[B, T]`` next-token targets aligned with ``input_ids`` (shifted inside), -100 ignored.
+            logits_to_keep: compute logits only for the last this many positions; for padded or packed input
+                only 1 is allowed and the logits are each sequence's last token, ``[N, 1, vocab]``.
+            **inputs: as :meth:`decode`: ``inputs_embeds``, ``cu_seqlens`` (a packed batch, ``B == 1``),
+                ``position_ids`` (M-RoPE ``[3, B, T]``, computed from the tokens when omitted), the vision inputs
+                as Qwen2.5-VL's processor returns them (``pixel_values``, ``image_grid_thw``,
+                ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``), ``state`` to continue, and
+                ``output_hidden_states`` (every layer's input, plus the last layer's output).
+        """
+        run = self.decode(input_ids, attention_mask=attention_mask, **inputs)
+        hidden = run.hidden
+        if logits_to_keep is not None and run.cu_seqlens is not None:
             if logits_to_keep != 1:
                 raise ValueError("with padding or packing, logits_to_keep can only be 1 (each sequence's last token)")
-            logits = self.lm_head(hidden[0, cu_seqlens[1:] - 1])[:, None]  # [N, 1, vocab]
+            logits = self.lm_head(hidden[0, run.cu_seqlens[1:] - 1])[:, None]  # [N, 1, vocab]
         else:
             logits = self.lm_head(hidden if logits_to_keep is None else hidden[:, -logits_to_keep:])
-            if unpad_index is not None:
-                logits = _pad(logits, unpad_index, batch, seq_len)
-        if unpad_index is not None and all_hidden is not None:
-            all_hidden = tuple(_pad(h, unpad_index, batch, seq_len) for h in all_hidden)
+            if run.unpad_index is not None:
+                logits = _pad(logits, run.unpad_index, *attention_mask.shape)
+        layer_inputs = run.layer_inputs
+        if run.unpad_index is not None and layer_inputs is not None:
+            layer_inputs = tuple(_pad(h, run.unpad_index, *attention_mask.shape) for h in layer_inputs)
         loss = None if labels is None else next_token_loss(logits, labels)
-        return HybridOutput(logits, ModelState(layer_states, next_position), all_hidden, loss)
+        return HybridOutput(logits, run.state, layer_inputs, loss)
 
     # --- states -------------------------------------------------------------------------------------
 
