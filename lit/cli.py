@@ -17,7 +17,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("lit.commands.convert", "convert a Qwen2.5-VL checkpoint into a hybrid student"),
     "generate": ("lit.commands.generate", "answer a prompt about an image or a video with a saved model"),
     "tiny-qwen": ("lit.commands.tiny_qwen", "write a tiny random-weight Qwen2.5-VL checkpoint (for trying things)"),
+    "fit": ("lit.commands.train", "train a stage: hybridvl fit --config stage.yaml (LightningCLI)"),
+    "validate": ("lit.commands.train", "validate a stage's model (LightningCLI)"),
+    "test": ("lit.commands.train", "test a stage's model (LightningCLI)"),
+    "predict": ("lit.commands.train", "predict with a stage's model (LightningCLI)"),
 }
+# commands whose module takes the command name as its first argument
+PASS_COMMAND = {"fit", "validate", "test", "predict"}
 
 
 def usage() -> str:
@@ -38,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"hybridvl: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    project_logger = logging.getLogger("hybridvl")
+    project_logger.addHandler(handler)
+    project_logger.setLevel(logging.INFO)
     module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest)
+    return module.main([command, *rest] if command in PASS_COMMAND else rest)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,203 @@
+"""The DataModule every stage uses: conversation sources mixed by weight, encoded with the checkpoint's
+processor, packed into token-bounded variable-length batches, resumable mid-epoch.
+
+A source is a dict in YAML:
+
+.. code-block:: yaml
+
+    train:
+      - {type: json, path: data/llava.jsonl, media_root: data/media}       # LLaVA / ShareGPT JSON or JSONL
+      - {type: synthetic, tasks: [ocr, counting], size_per_task: 500, split: train}
+      - {type: json, path: data/video.jsonl, media_root: data/media, weight: 4}
+
+``weight`` repeats a source (or, below 1, subsamples it deterministically) to set mixing ratios.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from lit.data.conversations import ConversationDataset
+from lit.data.encoding import count_tokens, encode
+from lit.data.packing import LengthGroupedBatchSampler, pack
+from lit.data.synthetic import SyntheticSuite
+from lit.data.types import Conversation, Sample
+from models.chat import load_processor
+
+logger = logging.getLogger("hybridvl.data")
+
+SOURCES: dict[str, Callable[..., Dataset]] = {"json": ConversationDataset, "synthetic": SyntheticSuite}
+
+
+def build_source(spec: dict[str, Any]) -> Dataset:
+    """A conversation dataset from a source dict (``type`` plus the dataset's arguments; ``weight`` excluded)."""
+    options = {k: v for k, v in spec.items() if k not in ("type", "weight")}
+    kind = spec.get("type")
+    if kind not in SOURCES:
+        raise ValueError(f"unknown data source type {kind!r} in {spec}; choose one of {', '.join(SOURCES)}")
+    try:
+        return SOURCES[kind](**options)
+    except TypeError as error:
+        raise TypeError(f"data source {spec}: {error}") from error
+
+
+class MixedConversations(Dataset):
+    """Several conversation datasets, each repeated ``weight`` times (fractions subsample deterministically)."""
+
+    def __init__(self, sources: list[Dataset], weights: list[float], seed: int = 0) -> None:
+        self.sources = sources
+        self.index: list[tuple[int, int]] = []
+        for number, (source, weight) in enumerate(zip(sources, weights)):
+            if weight <= 0:
+                raise ValueError(f"source weights must be positive, got {weight}")
+            whole, fraction = int(weight), weight - int(weight)
+            items = [(number, i) for i in range(len(source))] * whole
+            extra = list(range(len(source)))
+            random.Random(seed + number).shuffle(extra)
+            items += [(number, i) for i in sorted(extra[: math.floor(fraction * len(source))])]
+            self.index += items
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> Conversation:
+        source, item = self.index[index]
+        return self.sources[source][item]
+
+    def outline(self, index: int) -> Conversation:
+        """The conversation with media described by size only where the source can (for counting tokens)."""
+        source, item = self.index[index]
+        dataset = self.sources[source]
+        return dataset.outline(item) if hasattr(dataset, "outline") else dataset[item]
+
+
+class EncodedConversations(Dataset):
+    """Conversations encoded into :class:`Sample` objects on access (the processor loads once per worker)."""
+
+    def __init__(self, conversations: MixedConversations, processor_dir: str, max_length: int | None, truncate: bool):
+        self.conversations = conversations
+        self.processor_dir = processor_dir
+        self.max_length, self.truncate = max_length, truncate
+        self._processor = None
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            self._processor = load_processor(self.processor_dir)
+        return self._processor
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> Sample:
+        return encode(self.conversations[index], self.processor, self.max_length, self.truncate)
+
+    def lengths(self) -> list[int]:
+        """Token count of every sample, without encoding pixels."""
+        counts = [count_tokens(self.conversations.outline(i), self.processor) for i in range(len(self))]
+        return [min(c, self.max_length) if self.max_length and self.truncate else c for c in counts]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`LengthGroupedBatchSampler` whose position survives checkpoints.
+
+    Lightning saves ``state_dict()`` with each checkpoint and loads it before the next iteration. The position
+    saved is the number of batches training has consumed (``consumed()``), not the number the loader handed
+    out, since the trainer fetches ahead of the step being trained.
+    """
+
+    def __init__(self, *args: Any, consumed: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumed = consumed
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch, "batches_yielded": self.consumed()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+class HybridDataModule(L.LightningDataModule):
+    """Training, validation and test data for any stage.
+
+    Args:
+        processor: directory with the tokenizer, chat template and image/video processors (a model directory).
+        train, val, test: lists of source dicts (see the module docstring).
+        max_tokens: tokens per packed batch (per device).
+        max_length: longest sample; longer ones raise, or with ``truncate`` lose the end of their last reply.
+        truncate: shorten over-long samples instead of raising.
+        num_workers: DataLoader worker processes.
+        seed: shuffling and mixing seed.
+    """
+
+    def __init__(
+        self,
+        processor: str,
+        train: list[dict[str, Any]] | None = None,
+        val: list[dict[str, Any]] | None = None,
+        test: list[dict[str, Any]] | None = None,
+        max_tokens: int = 8192,
+        max_length: int | None = None,
+        truncate: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.datasets: dict[str, EncodedConversations] = {}
+
+    def _dataset(self, split: str) -> EncodedConversations:
+        if split not in self.datasets:
+            specs = getattr(self.hparams, split)
+            if not specs:
+                raise ValueError(f"the data config has no {split!r} sources")
+            sources = [build_source(spec) for spec in specs]
+            mixed = MixedConversations(sources, [float(spec.get("weight", 1.0)) for spec in specs], self.hparams.seed)
+            self.datasets[split] = EncodedConversations(
+                mixed, self.hparams.processor, self.hparams.max_length, self.hparams.truncate
+            )
+            logger.info("%s data: %d conversations from %d sources", split, len(mixed), len(sources))
+        return self.datasets[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self._dataset(split)
+        trainer = self.trainer
+        sampler = LengthGroupedBatchSampler(
+            dataset.lengths(),
+            self.hparams.max_tokens,
+            shuffle=shuffle,
+            seed=self.hparams.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        options = dict(
+            batch_sampler=sampler,
+            collate_fn=pack,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+        if split == "train":
+            return ResumableDataLoader(dataset, consumed=self._trained_batches, **options)
+        return DataLoader(dataset, **options)
+
+    def _trained_batches(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,475 @@
+"""The training stages as LightningModules.
+
+========================  ===============================================================  =====================
+stage                     loss                                                             trains by default
+========================  ===============================================================  =====================
+:class:`DistillLayerwise`  each student layer fed the teacher's input to that layer; MSE     the converted mixers
+                           to the teacher layer's output, summed over distilled layers,
+                           divided by the layer count, times ``mse_factor`` (1000)
+:class:`DistillEndToEnd`   ``T**2 * KL(teacher || student)`` of token distributions at       the converted mixers
+                           temperature ``T`` (2) over all tokens; optional CE and
+                           final-hidden-state MSE terms
+:class:`SFT`               next-token cross-entropy on assistant tokens                     mixers + SWA layers
+:class:`LongSFT`           as SFT, through LoRA adapters (peft), gradient checkpointing     the LoRA adapters
+========================  ===============================================================  =====================
+
+Each stage starts from a model directory (a conversion or an earlier stage's export) or an earlier stage's
+Lightning checkpoint, and exports its student as a model directory at the end of training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lit.data.types import PackedBatch
+from lit.losses import distillation_kl, next_token_cross_entropy, next_token_hits
+from lit.metrics import ANLS, ExactMatch, RelaxedAccuracy, TokenAccuracy, VQAAccuracy
+from lit.params import DISTILL_DEFAULT, SFT_DEFAULT, freeze_all_but, select_parameters
+from models.chat import load_processor
+from models.config import HybridConfig
+from models.convert import copy_processor_files, load_teacher
+from models.hybrid import HybridVLM
+
+logger = logging.getLogger("hybridvl.train")
+
+GENERATION_METRICS = {"exact_match": ExactMatch, "vqa_accuracy": VQAAccuracy, "anls": ANLS, "relaxed": RelaxedAccuracy}
+
+
+def load_student(source: str | Path) -> HybridVLM:
+    """A model directory, or a Lightning checkpoint of an earlier stage (its ``student.*`` weights)."""
+    source = Path(source)
+    if source.suffix != ".ckpt":
+        return HybridVLM.from_pretrained(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"checkpoint {source} does not exist")
+    checkpoint_data = torch.load(source, map_location="cpu", weights_only=False)
+    if "hybrid_config" not in checkpoint_data:
+        raise ValueError(f"{source} is not a hybridvl stage checkpoint (no hybrid_config in it)")
+    model = HybridVLM(HybridConfig.from_dict(checkpoint_data["hybrid_config"]))
+    weights = {k[len("student.") :]: v for k, v in checkpoint_data["state_dict"].items() if k.startswith("student.")}
+    from models.checkpoint import load_weights_strict
+
+    load_weights_strict(model, weights, str(source))
+    return model
+
+
+class HybridStage(L.LightningModule):
+    """Behaviour every stage shares: the student, which parameters train, AdamW with warm-up and cosine decay,
+    validation (loss, token accuracy and generation-based accuracy per task), export.
+
+    Args:
+        model: the student: a model directory or an earlier stage's ``.ckpt``.
+        trainable: parameter patterns that train (see :mod:`lit.params`); default per stage.
+        learning_rate: peak learning rate.
+        weight_decay: AdamW weight decay (never on biases, norms, decays).
+        warmup_ratio: share of the steps spent warming up linearly.
+        min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio``.
+        gradient_checkpointing: recompute each decoder layer in the backward pass.
+        loss_chunk_size: tokens per chunk of the LM-head losses.
+        tokenizer_dir: directory with the tokenizer and processor files, to decode generated answers and to
+            copy next to the export (default: ``model`` when it is a directory).
+        generation_max_new_tokens: answer length for generation-based validation (0 turns it off).
+        export_dir: where the trained student is written at the end of training (default
+            ``<log dir>/model``).
+    """
+
+    default_trainable: ClassVar[tuple[str, ...]] = SFT_DEFAULT
+
+    def __init__(
+        self,
+        model: str,
+        trainable: list[str] | None = None,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.01,
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        loss_chunk_size: int = 4096,
+        tokenizer_dir: str | None = None,
+        generation_max_new_tokens: int = 16,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.student: HybridVLM | None = None
+        self.token_accuracy = TokenAccuracy()
+        self.task_metrics = nn.ModuleDict()
+        self._processor = None
+
+    # --- model --------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.student is not None:
+            return
+        self.student = load_student(self.hparams.model)
+        self.student.language_model.gradient_checkpointing = self.hparams.gradient_checkpointing
+        self._select_trainable()
+
+    def _select_trainable(self) -> None:
+        patterns = self.hparams.trainable or list(self.default_trainable)
+        names = select_parameters(self.student, patterns)
+        count = freeze_all_but(self.student, names)
+        total = sum(p.numel() for p in self.student.parameters())
+        logger.info(
+            "training %s of %s parameters (%.1f%%), patterns %s",
+            f"{count:,}",
+            f"{total:,}",
+            100 * count / total,
+            patterns,
+        )
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            source = self.hparams.tokenizer_dir or self.hparams.model
+            if Path(source).suffix == ".ckpt":
+                raise ValueError("generation-based validation needs `tokenizer_dir`: a directory with the tokenizer")
+            self._processor = load_processor(source)
+        return self._processor
+
+    # --- optimisation -------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict:
+        decay, no_decay = [], []
+        for _, parameter in self.student.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            (no_decay if parameter.ndim < 2 or getattr(parameter, "_no_weight_decay", False) else decay).append(
+                parameter
+            )
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.learning_rate,
+            betas=(0.9, 0.95),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, round(total * self.hparams.warmup_ratio))
+        floor = self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- steps --------------------------------------------------------------------------------------
+
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The stage's loss and the parts to log."""
+        raise NotImplementedError
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(batch)
+        size = len(batch.samples)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/tokens", float(batch.num_tokens), batch_size=size, reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
+        run = self.student.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, **batch.vision)
+        loss_sum, count = next_token_cross_entropy(run.hidden, self.student.lm_head, batch.labels)
+        self.log("val/loss", loss_sum / count.clamp_min(1), prog_bar=True, batch_size=len(batch.samples))
+        self.token_accuracy.update(*next_token_hits(run.hidden, self.student.lm_head, batch.labels))
+        if self.hparams.generation_max_new_tokens > 0:
+            self._validate_generation(batch)
+
+    def _validate_generation(self, batch: PackedBatch) -> None:
+        samples = [s for s in batch.samples if s.answer is not None]
+        if not samples:
+            return
+        answers = self.generate_answers(samples)
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for i, sample in enumerate(samples):
+            by_task[sample.task].append(i)
+        for task, indices in by_task.items():
+            metrics = self._metrics_for(task)
+            predictions, references = [answers[i] for i in indices], [samples[i].answer for i in indices]
+            for metric in metrics.values():
+                metric.update(predictions, references)
+
+    def _metrics_for(self, task: str) -> nn.ModuleDict:
+        if task not in self.task_metrics:
+            self.task_metrics[task] = nn.ModuleDict({name: cls() for name, cls in GENERATION_METRICS.items()}).to(
+                self.device
+            )
+        return self.task_metrics[task]
+
+    @torch.no_grad()
+    def generate_answers(self, samples: list) -> list[str]:
+        """Greedy answers to each sample's prompt (its tokens up to the last assistant reply)."""
+        from lit.data.packing import pack
+
+        prompts = [s.input_ids[: s.prompt_length] for s in samples]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.student.config.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, 1
+        vision = {k: v.to(self.device) for k, v in pack(samples).vision.items()}
+        tokens = self.student.generate(
+            ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            **vision,
+            max_new_tokens=self.hparams.generation_max_new_tokens,
+        )
+        return [text.strip() for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+
+    def on_validation_epoch_end(self) -> None:
+        if self.token_accuracy.update_count:
+            self.log("val/token_accuracy", self.token_accuracy.compute())
+        self.token_accuracy.reset()
+        accuracies = []
+        for task, metrics in self.task_metrics.items():
+            for name, metric in metrics.items():
+                if metric.update_count:
+                    value = metric.compute()
+                    self.log(f"val/{task}/{name}", value)
+                    if name == "exact_match":
+                        accuracies.append(value)
+                metric.reset()
+        if accuracies:
+            self.log("val/accuracy", torch.stack(accuracies).mean(), prog_bar=True)
+
+    # --- checkpoints and export ---------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["hybrid_config"] = self.student.config.to_dict()
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.export(
+                self.hparams.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
+            )
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the student (and the processor files next to the source model) as a model directory."""
+        directory = Path(directory)
+        self.exportable_student().save_pretrained(directory)
+        source = self.hparams.tokenizer_dir or self.hparams.model
+        if Path(source).is_dir():
+            copy_processor_files(source, directory)
+        logger.info("exported the student to %s", directory)
+        return directory
+
+    def exportable_student(self) -> HybridVLM:
+        return self.student
+
+
+class SFT(HybridStage):
+    """Supervised fine-tuning: next-token loss on assistant tokens. Trains the new mixers and the SWA layers."""
+
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        run = self.student.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, **batch.vision)
+        loss_sum, count = next_token_cross_entropy(
+            run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size
+        )
+        return loss_sum / count.clamp_min(1), {}
+
+
+class _Distillation(HybridStage):
+    """A stage with a frozen teacher. The teacher is not part of checkpoints: it is loaded from ``teacher``."""
+
+    default_trainable = DISTILL_DEFAULT
+
+    def __init__(self, model: str, teacher: str, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.teacher: HybridVLM | None = None
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.teacher is None:
+            self.teacher = load_teacher(self.hparams.teacher).eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _Distillation:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        teacher = {} if self.teacher is None else {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        return super().load_state_dict({**state_dict, **teacher}, strict=strict, assign=assign)
+
+    def teacher_pass(self, batch: PackedBatch, output_hidden_states: bool = False):
+        with torch.no_grad():
+            return self.teacher.decode(
+                batch.input_ids, cu_seqlens=batch.cu_seqlens, output_hidden_states=output_hidden_states, **batch.vision
+            )
+
+
+class DistillLayerwise(_Distillation):
+    """Stage I, layer-wise: every distilled student layer gets the teacher's input to that layer and matches the
+    teacher layer's output (after MLP and residual) by MSE; layers are independent (teacher-forced).
+
+    Args:
+        model: the converted student.
+        teacher: the teacher's directory (Qwen2.5-VL, hybridvl or InfiniteVL).
+        mse_factor: the loss scale (1000 in InfiniteVL).
+        **kwargs: as :class:`HybridStage`.
+
+    The loss sums the MSE of the layers with trainable parameters and divides by the number of all layers:
+    the layers left as they were (attention the student shares with the teacher) reproduce the teacher exactly,
+    so this equals the mean over every layer.
+    """
+
+    def __init__(self, model: str, teacher: str, mse_factor: float = 1000.0, **kwargs: Any) -> None:
+        super().__init__(model, teacher, **kwargs)
+
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        taught = self.teacher_pass(batch, output_hidden_states=True)
+        inputs = taught.layer_inputs
+        layers = self.student.language_model.layers
+        losses = {}
+        for index, layer in enumerate(layers):
+            if not any(p.requires_grad for p in layer.parameters()):
+                continue
+            args = (inputs[index], None, taught.rope_position_ids, taught.cu_seqlens)
+            if self.hparams.gradient_checkpointing:
+                output, _ = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                output, _ = layer(*args)
+            losses[f"mse/layer{index}"] = F.mse_loss(output.float(), inputs[index + 1].float())
+        if not losses:
+            raise ValueError("no decoder layer has trainable parameters: nothing to distill")
+        loss = torch.stack(list(losses.values())).sum() / len(layers) * self.hparams.mse_factor
+        return loss, losses
+
+
+class DistillEndToEnd(_Distillation):
+    """Stage I, end to end: KL divergence between teacher and student token distributions at temperature
+    ``T``, times ``T**2``, over all tokens; optionally plus a cross-entropy term on assistant tokens and an MSE
+    term on the final hidden states.
+
+    Args:
+        model: the student (normally the layer-wise stage's export).
+        teacher: the teacher's directory.
+        temperature: softening temperature (2 in InfiniteVL).
+        ce_weight: weight of the next-token cross-entropy on labelled tokens.
+        hidden_weight: weight of the MSE between final hidden states.
+        **kwargs: as :class:`HybridStage`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        teacher: str,
+        temperature: float = 2.0,
+        ce_weight: float = 0.0,
+        hidden_weight: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, teacher, **kwargs)
+
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        taught = self.teacher_pass(batch)
+        run = self.student.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, **batch.vision)
+        parts = {
+            "kl": distillation_kl(
+                run.hidden,
+                taught.hidden,
+                self.student.lm_head,
+                self.teacher.lm_head,
+                self.hparams.temperature,
+                self.hparams.loss_chunk_size,
+            )
+        }
+        loss = parts["kl"]
+        if self.hparams.ce_weight:
+            loss_sum, count = next_token_cross_entropy(
+                run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size
+            )
+            parts["ce"] = loss_sum / count.clamp_min(1)
+            loss = loss + self.hparams.ce_weight * parts["ce"]
+        if self.hparams.hidden_weight:
+            parts["hidden_mse"] = F.mse_loss(run.hidden.float(), taught.hidden.float())
+            loss = loss + self.hparams.hidden_weight * parts["hidden_mse"]
+        return loss, parts
+
+
+class LongSFT(SFT):
+    """Stage III: long-sequence SFT through LoRA adapters (peft) with gradient checkpointing.
+
+    Args:
+        model: the student (normally the SFT stage's export).
+        lora_rank, lora_alpha, lora_dropout: LoRA's shape (InfiniteVL published no rank).
+        lora_targets: module names that get adapters (projections of mixers and MLPs).
+        **kwargs: as :class:`HybridStage` (``trainable`` selects extra fully-trained parameters; default none).
+
+    The export merges the adapters into the weights.
+    """
+
+    default_trainable = ()
+
+    def __init__(
+        self,
+        model: str,
+        lora_rank: int = 64,
+        lora_alpha: float = 128.0,
+        lora_dropout: float = 0.0,
+        lora_targets: list[str] | None = None,
+        gradient_checkpointing: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, gradient_checkpointing=gradient_checkpointing, **kwargs)
+        self.lora = None
+
+    def configure_model(self) -> None:
+        if self.student is not None:
+            return
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel
+
+        super().configure_model()
+        targets = self.hparams.lora_targets or [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "g_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        config = LoraConfig(
+            r=self.hparams.lora_rank,
+            lora_alpha=self.hparams.lora_alpha,
+            lora_dropout=self.hparams.lora_dropout,
+            target_modules=targets,
+        )
+        extra = {n for n, p in self.student.named_parameters() if p.requires_grad}
+        self.lora = LoraModel(self.student, config, "default")  # freezes everything but the adapters
+        for name, parameter in self.student.named_parameters():
+            if name in extra:
+                parameter.requires_grad_(True)
+        adapters = sum(p.numel() for n, p in self.student.named_parameters() if "lora_" in n)
+        logger.info("LoRA rank %d on %s: %s adapter parameters", self.hparams.lora_rank, targets, f"{adapters:,}")
+
+    def _select_trainable(self) -> None:
+        patterns = self.hparams.trainable or []
+        freeze_all_but(self.student, select_parameters(self.student, patterns) if patterns else [])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["hybrid_config"] = self.student.config.to_dict()
+        checkpoint["lora"] = True
+
+    def exportable_student(self) -> HybridVLM:
+        return self.lora.merge_and_unload()
