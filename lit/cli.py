@@ -12,6 +12,10 @@ import sys
 
 # command -> (module with a `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": (
+        "lit.commands.quickstart",
+        "the whole pipeline at toy size on CPU: teacher, conversion, distillation",
+    ),
     "demo": ("lit.commands.demo", "run every mixer on CPU: parallel vs streamed agreement, state size, speed"),
     "layout": ("lit.commands.layout", "expand a layout string and report layers and state bytes per kind"),
     "convert": ("lit.commands.convert", "convert a Qwen2.5-VL checkpoint into a hybrid student"),

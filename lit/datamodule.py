@@ -135,6 +135,11 @@ class HybridDataModule(L.LightningDataModule):
         truncate: shorten over-long samples instead of raising.
         num_workers: DataLoader worker processes.
         seed: shuffling and mixing seed.
+        shuffle: shuffle the training samples each epoch. Without it batches follow the dataset order, which
+            for the synthetic suite is already random and balanced across tasks and answers.
+        length_grouping: samples are sorted by length within groups of this many batches' worth of tokens
+            (fuller batches, but batches of similar samples); 0 packs samples in order, each batch a run of
+            neighbours.
     """
 
     def __init__(
@@ -148,6 +153,8 @@ class HybridDataModule(L.LightningDataModule):
         truncate: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle: bool = True,
+        length_grouping: int = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -174,6 +181,7 @@ class HybridDataModule(L.LightningDataModule):
             self.hparams.max_tokens,
             shuffle=shuffle,
             seed=self.hparams.seed,
+            mega_batch_factor=self.hparams.length_grouping,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
         )
@@ -191,10 +199,10 @@ class HybridDataModule(L.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=self.hparams.shuffle)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False) if self.hparams.val else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

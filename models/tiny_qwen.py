@@ -351,15 +351,21 @@ def build_tiny_model(
 ) -> Qwen2_5_VLForConditionalGeneration:
     """A ``Qwen2_5_VLForConditionalGeneration`` with random weights drawn under ``seed``.
 
-    Matrices come from transformers' initialisation (normal, std ``initializer_range``). That initialisation sets
-    biases to 0 and norm scales to 1, so vectors then get normal noise of the same std: every tensor carries
-    information, as in a trained checkpoint, and a conversion that drops a bias or a norm shows in the outputs.
-    The global random state is left as it was.
+    Decoder matrices come from transformers' initialisation (normal, std ``initializer_range``). The vision
+    tower's linear and convolution layers get PyTorch's default (fan-in scaled) initialisation instead: at
+    these tiny widths std 0.02 makes its output nearly the same for every image, and a model trained from it
+    learns to ignore the pixels. transformers sets biases to 0 and norm scales to 1, so vectors then get
+    normal noise of std ``initializer_range``: every tensor carries information, as in a trained checkpoint,
+    and a conversion that drops a bias or a norm shows in the outputs. The global random state is left as it
+    was.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
         with torch.no_grad():
+            for module in model.model.visual.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d)):
+                    module.reset_parameters()
             for param in model.parameters():
                 if param.ndim == 1:
                     param.add_(torch.randn_like(param), alpha=config.text_config.initializer_range)

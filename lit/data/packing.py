@@ -181,7 +181,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         num_replicas: the number of distributed ranks.
         rank: this rank, ``0 <= rank < num_replicas``.
         mega_batch_factor: mega-batches hold about this many batches' worth of tokens; larger groups lengths
-            more tightly but shuffles less.
+            more tightly but shuffles less. 0 turns length grouping off: samples are packed in (shuffled) order,
+            so every batch is a run of neighbours.
     """
 
     def __init__(
@@ -199,8 +200,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             raise ValueError(f"num_replicas must be at least 1, got {num_replicas}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
-        if mega_batch_factor < 1:
-            raise ValueError(f"mega_batch_factor must be at least 1, got {mega_batch_factor}")
+        if mega_batch_factor < 0:
+            raise ValueError(f"mega_batch_factor must be 0 (no length grouping) or more, got {mega_batch_factor}")
         self.lengths = _check_lengths(lengths, max_tokens)
         self.max_tokens = max_tokens
         self.shuffle = shuffle
@@ -268,6 +269,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, epoch])
         count = len(self.lengths)
         order = rng.permutation(count) if self.shuffle else np.arange(count)
+        if self.mega_batch_factor == 0:
+            return _next_fit(order, self.lengths, self.max_tokens)
         ordered = self.lengths[order]
         # a sample belongs to the mega-batch in which its first token falls
         mega = (np.cumsum(ordered) - ordered) // (self.mega_batch_factor * self.max_tokens)

@@ -1,0 +1,176 @@
+"""Training-step throughput at InfiniteVL's real shape (Qwen2.5-VL-3B dimensions, random bf16 weights).
+
+Times Stage I (layer-wise distillation: a full-attention teacher forward plus every Gated DeltaNet layer
+forward and backward) and Stage II (SFT: the whole student forward and backward, the new mixers and SWA
+layers training) on one packed sample of ``--tokens`` tokens that holds a 448x448 image, and reports
+tokens/s, model FLOPs utilisation and peak memory.
+
+MFU counts matrix-multiply FLOPs analytically (``2 x params x tokens`` per forward matmul, x3 with backward
+where weights or inputs need gradients; attention ``4 x tokens x keys x head_dim x heads`` forward) against
+the GPU's dense bf16 peak (``--peak-tflops``, 989 for H100 SXM).
+
+    python -m benchmarks.train_step                # on a CUDA machine; writes results/train_step.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, write_json
+from lit.data.types import PackedBatch, Sample
+from lit.modules import SFT, DistillLayerwise
+from models.config import HybridConfig
+from models.hybrid import HybridVLM
+
+VISION_3B = dict(
+    depth=32,
+    hidden_size=1280,
+    num_heads=16,
+    intermediate_size=3420,
+    out_hidden_size=2048,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+    in_channels=3,
+    hidden_act="silu",
+)
+
+
+def make_batch(config: HybridConfig, tokens: int, device: str) -> PackedBatch:
+    """One packed sample: text, then a 448x448 image (32x32 patches, 256 tokens), then text; labels on the end."""
+    image_tokens = 256
+    before = 16
+    ids = torch.randint(0, 150_000, (tokens,))
+    ids[before : before + image_tokens] = config.image_token_id
+    labels = ids.clone()
+    labels[: tokens // 2] = -100
+    sample = Sample(
+        ids,
+        labels,
+        tokens // 2,
+        {
+            "pixel_values": torch.randn(32 * 32, 3 * 2 * 14 * 14),
+            "image_grid_thw": torch.tensor([[1, 32, 32]]),
+        },
+    )
+    batch = PackedBatch(ids[None], labels[None], torch.tensor([0, tokens]), sample.vision, [sample])
+    return batch.to(device)
+
+
+def matmul_flops(model: HybridVLM, tokens: int, window: int) -> dict[str, float]:
+    """Forward FLOPs of the decoder layers by kind, the LM head, and the attention score/value products."""
+    config = model.config
+    flops = {"head": 2.0 * config.hidden_size * config.vocab_size * tokens}
+    for layer in model.language_model.layers:
+        params = sum(p.numel() for n, p in layer.named_parameters() if p.ndim == 2 or "conv" in n)
+        key = "attention" if layer.kind in ("A", "S") else "linear"
+        flops[key] = flops.get(key, 0.0) + 2.0 * params * tokens
+        if layer.kind in ("A", "S"):
+            keys = tokens / 2 if layer.kind == "A" else min(window, tokens / 2)
+            flops[key] += 4.0 * tokens * keys * config.attention_head_dim * config.num_attention_heads
+    vision = sum(p.numel() for p in model.visual.parameters() if p.ndim >= 2)
+    flops["vision"] = 2.0 * vision * 1024  # 1024 patches
+    return flops
+
+
+def time_steps(stage, batch: PackedBatch, steps: int) -> tuple[float, float]:
+    optimizer = torch.optim.AdamW([p for p in stage.student.parameters() if p.requires_grad], lr=1e-5)
+    for step in range(steps + 2):
+        if step == 2:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = stage.compute_loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_step")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/hybridvl-train-step"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.train_step needs a CUDA device")
+    torch.manual_seed(0)
+    teacher_config = HybridConfig(layout="A x36", vision_config=VISION_3B)
+    student_config = HybridConfig(layout="S,D,D,D x9", vision_config=VISION_3B)
+    for name, config in (("teacher", teacher_config), ("student", student_config)):
+        HybridVLM(config).to(torch.bfloat16).save_pretrained(args.workdir / name)
+    batch = make_batch(student_config, args.tokens, "cuda")
+    results = {"environment": environment(), "tokens": args.tokens, "peak_tflops": args.peak_tflops, "stages": []}
+    for label, stage in (
+        (
+            "Stage I layer-wise distillation",
+            DistillLayerwise(str(args.workdir / "student"), str(args.workdir / "teacher"), gradient_checkpointing=True),
+        ),
+        ("Stage II SFT", SFT(str(args.workdir / "student"), gradient_checkpointing=True)),
+    ):
+        stage.configure_model()
+        stage.to("cuda")
+        seconds, peak = time_steps(stage, batch, args.steps)
+        flops = matmul_flops(stage.student, args.tokens, student_config.sliding_window)
+        if isinstance(stage, DistillLayerwise):  # teacher forward + distilled layers forward and backward
+            teacher = matmul_flops(stage.teacher, args.tokens, student_config.sliding_window)
+            total = sum(teacher.values()) - teacher["head"] + 3 * flops["linear"]
+        else:  # forward everything, backward through the trainable layers and the activations below them
+            total = 3 * (flops["linear"] + flops["attention"] + flops["head"]) + flops["vision"]
+        results["stages"].append(
+            {
+                "stage": label,
+                "seconds_per_step": seconds,
+                "tokens_per_second": args.tokens / seconds,
+                "tflops": total / seconds / 1e12,
+                "mfu": total / seconds / (args.peak_tflops * 1e12),
+                "peak_gib": peak,
+                "trainable_parameters": sum(p.numel() for p in stage.student.parameters() if p.requires_grad),
+            }
+        )
+        print(results["stages"][-1], flush=True)
+        del stage
+        torch.cuda.empty_cache()
+    write_json(args.out.with_suffix(".json"), results)
+    rows = [
+        [
+            s["stage"],
+            f"{s['tokens_per_second']:,.0f}",
+            f"{s['tflops']:.0f}",
+            f"{s['mfu']:.1%}",
+            f"{s['peak_gib']:.1f}",
+            f"{s['trainable_parameters'] / 1e6:.0f}M",
+        ]
+        for s in results["stages"]
+    ]
+    text = "\n".join(
+        [
+            "# Training step at the InfiniteVL shape",
+            "",
+            environment_lines(results["environment"]),
+            "",
+            f"Qwen2.5-VL-3B dimensions, layout `S,D,D,D x9`, random bf16 weights (autocast), one packed sample of "
+            f"{args.tokens:,} tokens with a 448x448 image, gradient checkpointing, AdamW. Mean of {args.steps} steps "
+            "after 2 warm-ups. Regenerate with `python -m benchmarks.train_step` on a CUDA machine.",
+            "",
+            markdown_table(["stage", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "trainable"], rows),
+        ]
+    )
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""``hybridvl quickstart``: the whole InfiniteVL recipe at toy size, on CPU, with nothing to download.
+
+1. build a tiny random Qwen2.5-VL (tokenizer, chat template, processor) and train it from scratch on the
+   synthetic suite: the Transformer teacher (``experiments/tiny/teacher.yaml``);
+2. convert it into an ``S,D,D,D`` hybrid student (mimic initialisation);
+3. distil layer-wise, 4. end-to-end, 5. fine-tune (``experiments/tiny/{distill_layerwise,distill_e2e,sft}.yaml``),
+   each through ``hybridvl fit``;
+6. validate teacher and student per task and print the table with their cache memory.
+
+TensorBoard logs land in ``<out>/runs``, the loss curves in ``<out>/loss_curves.png``, the table in
+``<out>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from lit.commands.train import main as train
+from lit.evaluate import evaluate, plot_losses
+from models.convert import convert_directory
+from models.hybrid import HybridVLM
+from models.tiny_qwen import make_tiny_qwen2_5_vl
+
+logger = logging.getLogger("hybridvl.quickstart")
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments" / "tiny"
+TEACHER_DIMS = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vision_depth=2,
+    vision_hidden_size=64,
+)
+STAGES = ("teacher", "distill_layerwise", "distill_e2e", "sft")
+VAL = [{"type": "synthetic", "size_per_task": 25, "split": "val", "image_size": 84}]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hybridvl quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where everything is written")
+    parser.add_argument("--layout", default="S,D,D,D", help="the student's layout (4 layers)")
+    parser.add_argument("--window", type=int, default=64, help="the student's sliding window (tokens)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05 for a smoke run)")
+    parser.add_argument("--val-size", type=int, default=25, help="validation samples per task")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def run_stage(name: str, out: Path, scale: float, **paths: Path) -> None:
+    """``hybridvl fit --config experiments/tiny/<name>.yaml`` with this run's paths and step count."""
+    config = EXPERIMENTS / f"{name}.yaml"
+    steps = {"teacher": 2000, "distill_layerwise": 300, "distill_e2e": 300, "sft": 300}[name]
+    argv = [
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.default_root_dir",
+        str(out / "runs" / name),
+        "--trainer.max_steps",
+        str(max(2, round(steps * scale))),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    if name in ("teacher", "sft"):
+        argv += ["--trainer.val_check_interval", str(max(2, round(steps * scale)))]
+    for key, value in paths.items():
+        argv += [f"--{key}", str(value)]
+    logger.info("stage %s: hybridvl %s", name, " ".join(argv))
+    train(argv)
+
+
+def cache_bytes(model: HybridVLM, tokens: int) -> int:
+    """Bytes of the per-sequence state after ``tokens`` tokens of context (every layer)."""
+    return sum(layer.self_attn.state_bytes(1, seq_len=tokens) for layer in model.language_model.layers)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+
+    make_tiny_qwen2_5_vl(out / "qwen", seed=args.seed, **TEACHER_DIMS)
+    convert_directory(out / "qwen", out / "teacher_init", "A x4")
+    run_stage(
+        "teacher",
+        out,
+        args.scale,
+        **{
+            "model.init_args.model": out / "teacher_init",
+            "model.init_args.export_dir": out / "teacher",
+            "data.processor": out / "teacher_init",
+        },
+    )
+    report = convert_directory(
+        out / "teacher", out / "student_init", args.layout, init="mimic", sliding_window=args.window
+    )
+    print(report.summary())
+    shared = {"model.init_args.teacher": out / "teacher", "data.processor": out / "teacher"}
+    run_stage(
+        "distill_layerwise",
+        out,
+        args.scale,
+        **shared,
+        **{"model.init_args.model": out / "student_init", "model.init_args.export_dir": out / "stage1_layerwise"},
+    )
+    run_stage(
+        "distill_e2e",
+        out,
+        args.scale,
+        **shared,
+        **{"model.init_args.model": out / "stage1_layerwise", "model.init_args.export_dir": out / "stage1"},
+    )
+    run_stage(
+        "sft",
+        out,
+        args.scale,
+        **{
+            "model.init_args.model": out / "stage1",
+            "model.init_args.export_dir": out / "student",
+            "data.processor": out / "teacher",
+        },
+    )
+
+    val = [{**VAL[0], "size_per_task": args.val_size}]
+    results = {}
+    for role in ("teacher", "student"):
+        accuracy = evaluate(out / role, val)
+        model = HybridVLM.from_pretrained(out / role)
+        results[role] = {
+            "layout": model.config.layout,
+            "accuracy": accuracy,
+            "cache_bytes_1k": cache_bytes(model, 1024),
+            "cache_bytes_64k": cache_bytes(model, 65536),
+        }
+    results["minutes"] = (time.perf_counter() - start) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_losses(out / "runs", STAGES, out / "loss_curves.png")
+    print(table(results))
+    print(f"\nTensorBoard: tensorboard --logdir {out / 'runs'}    loss curves: {out / 'loss_curves.png'}")
+    return 0
+
+
+def table(results: dict) -> str:
+    """Teacher vs student accuracy per task, their ratio, and cache memory."""
+    teacher, student = results["teacher"], results["student"]
+    tasks = list(teacher["accuracy"])
+    rows = [("task", f"teacher ({teacher['layout']})", f"student ({student['layout']})", "student / teacher")]
+    for task in tasks:
+        t, s = teacher["accuracy"][task], student["accuracy"][task]
+        rows.append((task, f"{t:.3f}", f"{s:.3f}", f"{s / t:.0%}" if t else "-"))
+    mean_t = sum(teacher["accuracy"].values()) / len(tasks)
+    mean_s = sum(student["accuracy"].values()) / len(tasks)
+    rows.append(("mean", f"{mean_t:.3f}", f"{mean_s:.3f}", f"{mean_s / mean_t:.0%}" if mean_t else "-"))
+    for tokens, key in ((1024, "cache_bytes_1k"), (65536, "cache_bytes_64k")):
+        rows.append((f"cache @ {tokens // 1024}K tokens", _kib(teacher[key]), _kib(student[key]), ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(
+        f"\nthe student recovers {mean_s / mean_t:.0%} of the teacher's accuracy "
+        f"({results['minutes']:.1f} minutes in all)"
+        if mean_t
+        else ""
+    )
+    return "\n".join(lines)
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB"

@@ -1,0 +1,176 @@
+"""Training stages on a tiny model (CPU): losses, trainable parameters, export, resuming, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lit.commands.train import main as train_main
+from lit.datamodule import HybridDataModule
+from lit.modules import SFT, DistillEndToEnd, DistillLayerwise, HybridStage, LongSFT
+from models.convert import convert_directory
+from models.hybrid import HybridVLM
+from models.tiny_qwen import make_tiny_qwen2_5_vl
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [{"type": "synthetic", "size_per_task": 20, "split": "train"}]
+VAL = [{"type": "synthetic", "size_per_task": 2, "split": "val"}]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    qwen = make_tiny_qwen2_5_vl(root / "qwen")
+    convert_directory(qwen, root / "teacher", "A x4")
+    convert_directory(root / "teacher", root / "student", "S,D,D,D")
+    return {"teacher": str(root / "teacher"), "student": str(root / "student"), "root": root}
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def fit(module: HybridStage, dirs, tmp_path, max_steps=4, ckpt_path=None, callbacks=(), val=None) -> L.Trainer:
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1 if val else 0,
+        val_check_interval=max_steps,
+        check_val_every_n_epoch=None,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+    )
+    data = HybridDataModule(processor=dirs["student"], train=TRAIN, val=val, max_tokens=256, seed=0)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_resume_mid_epoch_reproduces_the_loss_curve(dirs, tmp_path):
+    def run(ckpt_path=None):
+        recorder = LossRecorder()
+        checkpoints = ModelCheckpoint(
+            dirpath=tmp_path / "ckpt",
+            every_n_train_steps=3,
+            save_top_k=-1,
+            filename="step{step}",
+            auto_insert_metric_name=False,
+        )
+        module = SFT(model=dirs["student"], learning_rate=1e-3, generation_max_new_tokens=0)
+        trainer = fit(module, dirs, tmp_path, max_steps=8, ckpt_path=ckpt_path, callbacks=[recorder, checkpoints])
+        return recorder.losses, trainer
+
+    uninterrupted, trainer = run()
+    assert trainer.num_training_batches > 8, "the test must resume in the middle of an epoch"
+    resumed, _ = run(ckpt_path=tmp_path / "ckpt" / "step3.ckpt")
+    assert sorted(resumed) == [4, 5, 6, 7, 8]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
+
+
+def test_stage_defaults_choose_trainable_parameters(dirs):
+    distill = DistillLayerwise(model=dirs["student"], teacher=dirs["teacher"])
+    distill.configure_model()
+    trained = {n for n, p in distill.student.named_parameters() if p.requires_grad}
+    assert trained and all(n.split(".")[2] in ("1", "2", "3") and ".self_attn." in n for n in trained)
+    assert not any(p.requires_grad for p in distill.teacher.parameters())
+    sft = SFT(model=dirs["student"])
+    sft.configure_model()
+    trained = {n for n, p in sft.student.named_parameters() if p.requires_grad}
+    assert any(n.startswith("language_model.layers.0.self_attn.") for n in trained)  # the SWA layer trains too
+    assert not any(".mlp." in n or n.startswith("visual.") for n in trained)
+    custom = SFT(model=dirs["student"], trainable=["language_model.layers.*.mlp.*"])
+    custom.configure_model()
+    assert all(".mlp." in n for n, p in custom.student.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        SFT(model=dirs["student"], trainable=["mixers:M"]).configure_model()
+
+
+def test_distillation_losses_vanish_for_a_copy_of_the_teacher(dirs):
+    batch = next(iter(_loader(dirs)))
+    layerwise = DistillLayerwise(model=dirs["teacher"], teacher=dirs["teacher"], trainable=["mixers:A"])
+    layerwise.configure_model()
+    loss, parts = layerwise.compute_loss(batch)
+    assert loss.item() == 0 and len(parts) == 4
+    with torch.no_grad():
+        layerwise.student.language_model.layers[2].self_attn.o_proj.weight.mul_(1.5)
+    loss, parts = layerwise.compute_loss(batch)
+    assert loss.item() > 0 and parts["mse/layer2"] > 0 and parts["mse/layer1"] == 0
+    end_to_end = DistillEndToEnd(
+        model=dirs["teacher"], teacher=dirs["teacher"], trainable=["mixers:A"], ce_weight=0.5, hidden_weight=1.0
+    )
+    end_to_end.configure_model()
+    loss, parts = end_to_end.compute_loss(batch)
+    assert parts["kl"].abs().item() < 1e-6 and parts["hidden_mse"].item() == 0
+    assert loss.item() == pytest.approx(0.5 * parts["ce"].item(), rel=1e-5)
+
+
+def _loader(dirs):
+    data = HybridDataModule(processor=dirs["student"], train=TRAIN, max_tokens=256, seed=0)
+    return data._loader("train", shuffle=False)
+
+
+@pytest.mark.parametrize("stage", ["layerwise", "end_to_end", "sft", "long_sft"])
+def test_each_stage_trains_validates_and_exports(dirs, tmp_path, stage):
+    export = tmp_path / "export"
+    common = dict(model=dirs["student"], learning_rate=1e-3, generation_max_new_tokens=3, export_dir=str(export))
+    module = {
+        "layerwise": lambda: DistillLayerwise(teacher=dirs["teacher"], **common),
+        "end_to_end": lambda: DistillEndToEnd(teacher=dirs["teacher"], ce_weight=0.1, **common),
+        "sft": lambda: SFT(**common),
+        "long_sft": lambda: LongSFT(lora_rank=4, lora_alpha=8, **common),
+    }[stage]()
+    before = {n: p.detach().clone() for n, p in HybridVLM.from_pretrained(dirs["student"]).named_parameters()}
+    trainer = fit(module, dirs, tmp_path, max_steps=3, val=VAL)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and "val/accuracy" in metrics and "val/token_accuracy" in metrics
+    exported = HybridVLM.from_pretrained(export)
+    changed = {n for n, p in exported.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "training changed nothing"
+    if stage == "long_sft":  # adapters merged into the targeted projections, nothing else touched
+        assert all(n.endswith(("_proj.weight",)) for n in changed)
+        assert not any("lora" in n for n in exported.state_dict())
+    else:
+        trainable = {n for n, p in module.student.named_parameters() if p.requires_grad}
+        assert changed <= trainable
+    assert (export / "tokenizer_config.json").is_file()
+
+
+def test_every_yaml_in_experiments_parses(capsys):
+    configs = sorted((ROOT / "experiments").rglob("*.yaml"))
+    assert len(configs) >= 8
+    for config in configs:
+        with pytest.raises(SystemExit) as exit_info:
+            train_main(["fit", "--config", str(config), "--print_config"])
+        assert exit_info.value.code in (0, None), config
+        printed = capsys.readouterr().out
+        assert "class_path: lit.modules." in printed and "max_tokens:" in printed, config
+
+
+def test_quickstart_runs_the_whole_pipeline_at_reduced_size(tmp_path, capsys):
+    from lit.commands.quickstart import main as quickstart
+
+    assert quickstart(["--out", str(tmp_path), "--scale", "0.01", "--val-size", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher (A x4)" in printed and "student (S,D,D,D)" in printed and "cache @ 64K tokens" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["teacher"]["accuracy"]) == {"ocr", "chart", "counting", "video_memory"}
+    assert results["student"]["cache_bytes_1k"] == results["student"]["cache_bytes_64k"]
+    assert results["teacher"]["cache_bytes_64k"] > 63 * results["teacher"]["cache_bytes_1k"]  # KV caches grow
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+    for stage in ("teacher", "distill_layerwise", "distill_e2e", "sft"):
+        assert list((tmp_path / "runs" / stage).rglob("events.out.tfevents.*")), stage
+        assert list((tmp_path / "runs" / stage).rglob("config.yaml")), stage  # the resolved config of the run
+    assert HybridVLM.from_pretrained(tmp_path / "student").kinds == ["S", "D", "D", "D"]
