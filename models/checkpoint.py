@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.config import CONFIG_NAME, HybridConfig
+from models.config import HybridConfig, read_config_json
 from models.hybrid import HybridVLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -88,17 +88,12 @@ def load_model(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> HybridVLM:
     """Load a hybridvl directory, or an InfiniteVL checkpoint (``model_type: infinite_vl``)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a model directory")
-    model_type = json.loads((directory / CONFIG_NAME).read_text()).get("model_type")
-    if model_type == "infinite_vl":
+    config = read_config_json(directory)
+    if config.get("model_type") == "infinite_vl":
         from models.infinitevl import load_infinitevl
 
         model = load_infinitevl(directory)
     else:
-        model = HybridVLM(HybridConfig.load(directory))
+        model = HybridVLM(HybridConfig.from_dict(config))
         load_weights_strict(model, read_weights(directory), str(directory))
     return model.to(device=device, dtype=dtype)

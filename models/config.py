@@ -127,11 +127,23 @@ class HybridConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> HybridConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a hybridvl model directory")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(directory))
+
+
+def read_config_json(directory: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint directory (hybridvl, Qwen2.5-VL or InfiniteVL).
+
+    Raises:
+        FileNotFoundError: the directory or its ``config.json`` does not exist.
+        ValueError: the file is not valid JSON.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a checkpoint directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error

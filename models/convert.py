@@ -29,7 +29,7 @@ from torch import nn
 import mixers
 from mixers.gated_deltanet import inverse_softplus
 from models.checkpoint import load_weights_strict, read_weights
-from models.config import HybridConfig
+from models.config import HybridConfig, read_config_json
 from models.hybrid import HybridVLM
 from models.qwen import ConversionError, canonical_name, hybrid_config_from_qwen, read_qwen_config
 
@@ -90,14 +90,7 @@ def load_qwen2_5_vl(directory: str | Path) -> HybridVLM:
 
 def load_teacher(directory: str | Path) -> HybridVLM:
     """A teacher from a Qwen2.5-VL, hybridvl or InfiniteVL checkpoint directory."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ConversionError(f"teacher directory {directory} does not exist")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{directory} has no config.json: not a checkpoint directory")
-    model_type = json.loads(config_path.read_text()).get("model_type")
-    if model_type in ("hybridvl", "infinite_vl"):
+    if read_config_json(directory).get("model_type") in ("hybridvl", "infinite_vl"):
         return HybridVLM.from_pretrained(directory)
     return load_qwen2_5_vl(directory)
 

@@ -15,15 +15,14 @@ logged.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from models.checkpoint import load_weights_strict, read_weights
-from models.config import HybridConfig
+from models.config import HybridConfig, read_config_json
 from models.hybrid import HybridVLM
-from models.qwen import canonical_name, vision_config_fields
+from models.qwen import canonical_name, hybrid_config_from_qwen
 
 logger = logging.getLogger("hybridvl.models")
 
@@ -72,45 +71,19 @@ def infinitevl_config(config: dict[str, Any], tensor_names: set[str]) -> HybridC
     window = text.get("sliding_window") if text.get("use_sliding_window", True) else None
     if "S" in kinds and not window:
         raise InfiniteVLFormatError("sliding-attention layers need sliding_window (and use_sliding_window true)")
-    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-    return HybridConfig(
-        layout=",".join(kinds),
-        vocab_size=text["vocab_size"],
-        hidden_size=text["hidden_size"],
-        intermediate_size=text["intermediate_size"],
-        num_hidden_layers=num_layers,
-        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)),
-        num_attention_heads=text["num_attention_heads"],
-        num_key_value_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
-        head_dim=text["hidden_size"] // text["num_attention_heads"],
-        rope_theta=text.get("rope_theta", rope.get("rope_theta", 1_000_000.0)),
-        mrope_section=rope.get("mrope_section"),
-        sliding_window=window or 8192,
-        mixer_options={
-            "D": {
-                "num_heads": text.get("num_linear_heads", 16),
-                "head_dim": text.get("linear_head_dim", 128),
-                "expand_v": float(text.get("expand_v", 2)),
-                "conv_size": text.get("conv_size", 4),
-                "norm_eps": text.get("norm_eps", 1e-5),
-            }
-        },
-        vision_config=vision_config_fields(config.get("vision_config")),
-        image_token_id=config.get("image_token_id", 151655),
-        video_token_id=config.get("video_token_id", 151656),
-        vision_start_token_id=config.get("vision_start_token_id", 151652),
-        vision_end_token_id=config.get("vision_end_token_id", 151653),
-        bos_token_id=text.get("bos_token_id"),
-        eos_token_id=text.get("eos_token_id"),
-        pad_token_id=text.get("pad_token_id"),
-    )
+    gdn = {
+        "num_heads": text.get("num_linear_heads", 16),
+        "head_dim": text.get("linear_head_dim", 128),
+        "expand_v": float(text.get("expand_v", 2)),
+        "conv_size": text.get("conv_size", 4),
+        "norm_eps": text.get("norm_eps", 1e-5),
+    }
+    return hybrid_config_from_qwen(config, ",".join(kinds), sliding_window=window, mixer_options={"D": gdn})
 
 
 def load_infinitevl(directory: str | Path) -> HybridVLM:
     """Load an InfiniteVL checkpoint directory into a :class:`HybridVLM` (names and shapes checked)."""
-    directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
+    config = read_config_json(directory)
     tensors = {canonical_name(name): tensor for name, tensor in read_weights(directory).items()}
     model = HybridVLM(infinitevl_config(config, set(tensors)))
     load_weights_strict(model, tensors, f"{directory} (InfiniteVL format)")

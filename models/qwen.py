@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import mixers
-from models.config import HybridConfig
+from models.config import HybridConfig, read_config_json
 
 
 class ConversionError(ValueError):
@@ -16,20 +15,11 @@ class ConversionError(ValueError):
 
 def read_qwen_config(teacher: str | Path) -> dict[str, Any]:
     """The teacher's ``config.json``; raises if the directory or file is missing or not Qwen2.5-VL."""
-    teacher = Path(teacher)
-    if not teacher.is_dir():
-        raise ConversionError(f"teacher directory {teacher} does not exist")
-    path = teacher / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{teacher} has no config.json: not a transformers checkpoint directory")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{path} is not valid JSON: {error}") from error
+    config = read_config_json(teacher)
     if config.get("model_type") != "qwen2_5_vl":
         raise ConversionError(
-            f"{path} has model_type {config.get('model_type')!r}; the teacher must be a Qwen2.5-VL checkpoint "
-            "(model_type 'qwen2_5_vl')"
+            f"{Path(teacher) / 'config.json'} has model_type {config.get('model_type')!r}; the teacher must be a "
+            "Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl')"
         )
     return config
 

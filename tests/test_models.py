@@ -234,7 +234,7 @@ def test_transfer_init_rejects_mismatched_shapes(teacher_dir):
 def test_conversion_errors_name_the_problem(teacher_dir, tmp_path):
     with pytest.raises(ConversionError, match="does not fit the teacher's 4 layers"):
         convert_checkpoint(teacher_dir, "S,D,D,D x2")
-    with pytest.raises(ConversionError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_checkpoint(tmp_path / "missing", "A x4")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,6 +87,8 @@ def cache_bytes(model: HybridVLM, tokens: int) -> int:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # the stages run LightningCLI in this process with their own argument lists, as intended
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
