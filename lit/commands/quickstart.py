@@ -15,32 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from lit.commands.train import main as train
 from lit.evaluate import evaluate, plot_losses
-from models.convert import convert_directory
+from lit.pipeline import STAGES, distill_student, train_teacher
 from models.hybrid import HybridVLM
-from models.tiny_qwen import make_tiny_qwen2_5_vl
 
-logger = logging.getLogger("hybridvl.quickstart")
-
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments" / "tiny"
-TEACHER_DIMS = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vision_depth=2,
-    vision_hidden_size=64,
-)
-STAGES = ("teacher", "distill_layerwise", "distill_e2e", "sft")
 VAL = [{"type": "synthetic", "size_per_task": 25, "split": "val", "image_size": 84}]
 
 
@@ -57,29 +40,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_stage(name: str, out: Path, scale: float, **paths: Path) -> None:
-    """``hybridvl fit --config experiments/tiny/<name>.yaml`` with this run's paths and step count."""
-    config = EXPERIMENTS / f"{name}.yaml"
-    steps = {"teacher": 2000, "distill_layerwise": 300, "distill_e2e": 300, "sft": 300}[name]
-    argv = [
-        "fit",
-        "--config",
-        str(config),
-        "--trainer.default_root_dir",
-        str(out / "runs" / name),
-        "--trainer.max_steps",
-        str(max(2, round(steps * scale))),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    if name in ("teacher", "sft"):
-        argv += ["--trainer.val_check_interval", str(max(2, round(steps * scale)))]
-    for key, value in paths.items():
-        argv += [f"--{key}", str(value)]
-    logger.info("stage %s: hybridvl %s", name, " ".join(argv))
-    train(argv)
-
-
 def cache_bytes(model: HybridVLM, tokens: int) -> int:
     """Bytes of the per-sequence state after ``tokens`` tokens of context (every layer)."""
     return sum(layer.self_attn.state_bytes(1, seq_len=tokens) for layer in model.language_model.layers)
@@ -87,60 +47,19 @@ def cache_bytes(model: HybridVLM, tokens: int) -> int:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    # the stages run LightningCLI in this process with their own argument lists, as intended
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-
-    make_tiny_qwen2_5_vl(out / "qwen", seed=args.seed, **TEACHER_DIMS)
-    convert_directory(out / "qwen", out / "teacher_init", "A x4")
-    run_stage(
-        "teacher",
-        out,
-        args.scale,
-        **{
-            "model.init_args.model": out / "teacher_init",
-            "model.init_args.export_dir": out / "teacher",
-            "data.processor": out / "teacher_init",
-        },
-    )
-    report = convert_directory(
-        out / "teacher", out / "student_init", args.layout, init="mimic", sliding_window=args.window
-    )
+    teacher = train_teacher(out, args.scale, args.seed)
+    student, report = distill_student(teacher, out, args.layout, "mimic", args.window, args.scale)
     print(report.summary())
-    shared = {"model.init_args.teacher": out / "teacher", "data.processor": out / "teacher"}
-    run_stage(
-        "distill_layerwise",
-        out,
-        args.scale,
-        **shared,
-        **{"model.init_args.model": out / "student_init", "model.init_args.export_dir": out / "stage1_layerwise"},
-    )
-    run_stage(
-        "distill_e2e",
-        out,
-        args.scale,
-        **shared,
-        **{"model.init_args.model": out / "stage1_layerwise", "model.init_args.export_dir": out / "stage1"},
-    )
-    run_stage(
-        "sft",
-        out,
-        args.scale,
-        **{
-            "model.init_args.model": out / "stage1",
-            "model.init_args.export_dir": out / "student",
-            "data.processor": out / "teacher",
-        },
-    )
 
     val = [{**VAL[0], "size_per_task": args.val_size}]
     results = {}
-    for role in ("teacher", "student"):
-        accuracy = evaluate(out / role, val)
-        model = HybridVLM.from_pretrained(out / role)
+    for role, directory in (("teacher", teacher), ("student", student)):
+        accuracy = evaluate(directory, val)
+        model = HybridVLM.from_pretrained(directory)
         results[role] = {
             "layout": model.config.layout,
             "accuracy": accuracy,

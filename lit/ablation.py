@@ -1,0 +1,453 @@
+"""Ablation studies: a grid of layouts x tasks x model sizes x seeds x learning rates, each cell trained from
+scratch through the normal Lightning stage (:class:`lit.modules.SFT`) and written as one JSON; cells already
+written are skipped, so an interrupted study resumes where it stopped.
+
+A study is a YAML file:
+
+.. code-block:: yaml
+
+    name: mixer_type
+    grid:                                  # the cross product of these lists is the set of cells
+      layout: ["S,D", "S,M", "D,D", "A,A"]
+      d_model: [64, 128, 256]
+      seed: [0, 1, 2]
+      learning_rate: [3.0e-4, 1.0e-3, 3.0e-3]
+    tasks:                                 # each cell runs one task
+      - {type: mqar, seq_len: 64, num_kv_pairs: 4}
+      - {type: synthetic, tasks: [ocr, counting], image_size: 56}
+    match_parameters: "A,A"                # scale MLP widths so every layout has this layout's parameter count
+    train: {max_steps: 2000, max_tokens: 8192, window: 32}
+    smoke: {grid: {d_model: [32], seed: [0]}, train: {max_steps: 3}}   # merged in with --smoke (CPU)
+
+The summary reports, per (layout, task, d_model), the best learning rate's accuracy averaged over seeds
+(mean and standard deviation), as Zoology reports MQAR.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset
+
+import mixers
+from lit.data.mqar import MQARDataset
+from lit.data.packing import pack
+from lit.datamodule import HybridDataModule
+from lit.modules import SFT
+from models.config import HybridConfig
+from models.hybrid import HybridVLM
+
+logger = logging.getLogger("hybridvl.ablation")
+
+GRID_KEYS = ("layout", "d_model", "seed", "learning_rate")
+STUDY_KEYS = {"name", "description", "grid", "tasks", "train", "match_parameters", "smoke"}
+TRAIN_DEFAULTS = {
+    "max_steps": 1000,
+    "max_tokens": 8192,
+    "window": 32,
+    "warmup_ratio": 0.1,
+    "precision": "32-true",
+    "train_examples": 20000,
+    "test_examples": 1000,
+    "val_size": 50,
+    "mlp_ratio": 2,
+    "pipeline_scale": 1.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One training run of a study."""
+
+    layout: str
+    task: tuple[tuple[str, Any], ...]  # the task dict, frozen
+    d_model: int
+    seed: int
+    learning_rate: float
+
+    @property
+    def task_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in self.task}
+
+    @property
+    def task_name(self) -> str:
+        task = self.task_dict
+        if task["type"] == "mqar":
+            return f"mqar_T{task.get('seq_len', 64)}_kv{task.get('num_kv_pairs', 4)}"
+        if task["type"] == "distill":
+            return f"distill_{task['init']}"
+        extra = "".join(f"_{k}{v}" for k, v in sorted(task.items()) if k in ("video_frames", "min_distance"))
+        return "synthetic_" + "-".join(task.get("tasks", ["all"])) + extra
+
+    @property
+    def id(self) -> str:
+        layout = re.sub(r"[^A-Za-z0-9]+", "", mixers.format_layout(mixers.parse_layout(self.layout)))
+        return f"{layout}__{self.task_name}__d{self.d_model}__s{self.seed}__lr{self.learning_rate:g}"
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
+def load_study(path: str | Path, smoke: bool = False) -> dict[str, Any]:
+    """Read and check a study YAML; with ``smoke`` its ``smoke`` section is merged in."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study config {path} does not exist")
+    try:
+        study = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    unknown = set(study) - STUDY_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown study keys {sorted(unknown)}; known: {sorted(STUDY_KEYS)}")
+    if smoke:
+        study = _merge(study, study.get("smoke", {}))
+    missing = [key for key in GRID_KEYS if not study.get("grid", {}).get(key)]
+    if missing or not study.get("tasks"):
+        raise ValueError(f"{path}: the grid needs non-empty {', '.join(missing) or 'tasks'}")
+    for layout in study["grid"]["layout"]:
+        mixers.parse_layout(layout)  # a LayoutError points at the problem
+    for task in study["tasks"]:
+        if task.get("type") not in ("mqar", "synthetic", "distill"):
+            raise ValueError(f"{path}: task type must be 'mqar', 'synthetic' or 'distill', got {task}")
+        if task["type"] == "distill" and task.get("init") not in ("mimic", "transfer"):
+            raise ValueError(f"{path}: a distill task needs init: mimic or transfer, got {task}")
+    study["train"] = {**TRAIN_DEFAULTS, **study.get("train", {})}
+    return study
+
+
+def expand(study: dict[str, Any]) -> list[Cell]:
+    """Every cell of the study's grid, in a stable order."""
+    grid = study["grid"]
+    return [
+        Cell(layout, tuple(sorted(task.items())), d_model, seed, float(lr))
+        for task in study["tasks"]
+        for layout, d_model, seed, lr in itertools.product(
+            grid["layout"], grid["d_model"], grid["seed"], grid["learning_rate"]
+        )
+    ]
+
+
+# --- models ---------------------------------------------------------------------------------------------
+
+
+def model_config(
+    cell: Cell, study: dict[str, Any], vocab_size: int, vision: dict | None, intermediate_size: int | None = None
+) -> HybridConfig:
+    """The cell's model: ``d_model`` wide, one layer per layout letter, heads of 64 (or ``d_model``) channels."""
+    d = cell.d_model
+    heads = max(1, d // 64)
+    head_dim = d // heads
+    kinds = mixers.parse_layout(cell.layout)
+    return HybridConfig(
+        layout=cell.layout,
+        vocab_size=vocab_size,
+        hidden_size=d,
+        intermediate_size=intermediate_size or study["train"]["mlp_ratio"] * d,
+        num_hidden_layers=len(kinds),
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        mrope_section=None if vision is None else _mrope(head_dim),
+        sliding_window=study["train"]["window"],
+        mixer_options={
+            "D": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
+            "L": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
+            "G": {"num_heads": heads},
+            "M": {"d_state": min(64, d), "headdim": min(64, d)},
+        },
+        vision_config=vision,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+def _mrope(head_dim: int) -> list[int]:
+    half = head_dim // 2
+    return [half - 2 * (half // 3), half // 3, half // 3]
+
+
+def count_parameters(config: HybridConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in HybridVLM(config).parameters())
+
+
+def matched_intermediate_size(cell: Cell, study: dict, vocab_size: int, vision: dict | None) -> int | None:
+    """The MLP width that gives the cell's layout the parameter count of ``match_parameters``' layout."""
+    reference = study.get("match_parameters")
+    if not reference:
+        return None
+    target = count_parameters(model_config(dataclasses.replace(cell, layout=reference), study, vocab_size, vision))
+    base_config = model_config(cell, study, vocab_size, vision, intermediate_size=8)
+    per_unit = 3 * cell.d_model * base_config.num_hidden_layers  # gate, up, down per MLP channel
+    width = round((target - count_parameters(base_config)) / per_unit) + 8
+    return max(8, width)
+
+
+# --- data -----------------------------------------------------------------------------------------------
+
+
+class SampleBatches(L.LightningDataModule):
+    """Fixed token-budget packed batches of ready :class:`Sample` datasets (MQAR)."""
+
+    def __init__(self, train: Dataset, val: Dataset, max_tokens: int, seq_len: int) -> None:
+        super().__init__()
+        self.train, self.val = train, val
+        self.batch_size = max(1, max_tokens // seq_len)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(
+            self.train, batch_size=self.batch_size, shuffle=True, collate_fn=pack, generator=generator, drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=self.batch_size, collate_fn=pack)
+
+
+def _data(cell: Cell, study: dict, processor_dir: Path) -> tuple[L.LightningDataModule, int, dict | None]:
+    """The cell's data module, vocabulary size and vision config."""
+    task, train = cell.task_dict, study["train"]
+    if task["type"] == "mqar":
+        options = {k: v for k, v in task.items() if k in ("vocab_size", "seq_len", "num_kv_pairs", "power_a")}
+        train_set = MQARDataset(num_examples=train["train_examples"], seed=cell.seed, **options)
+        val_set = MQARDataset(num_examples=train["test_examples"], seed=10_000 + cell.seed, **options)
+        return SampleBatches(train_set, val_set, train["max_tokens"], train_set.seq_len), train_set.vocab_size, None
+    from models.tiny_qwen import TinyQwenDims
+
+    options = {k: v for k, v in task.items() if k != "type"}
+    data = HybridDataModule(
+        processor=str(processor_dir),
+        train=[{"type": "synthetic", "split": "train", "seed": cell.seed, **options}],
+        val=[{"type": "synthetic", "split": "val", "size_per_task": train["val_size"], **options}],
+        max_tokens=train["max_tokens"],
+        length_grouping=0,
+        seed=cell.seed,
+    )
+    dims = TinyQwenDims()
+    vision = dict(
+        depth=2,
+        hidden_size=64,
+        num_heads=2,
+        intermediate_size=128,
+        out_hidden_size=cell.d_model,
+        patch_size=dims.patch_size,
+        spatial_merge_size=dims.spatial_merge_size,
+        temporal_patch_size=dims.temporal_patch_size,
+        window_size=112,
+        fullatt_block_indexes=[1],
+        tokens_per_second=2,
+    )
+    vocab = len(_processor(processor_dir).tokenizer)
+    return data, vocab, vision
+
+
+@functools.cache
+def _processor(directory: Path):
+    """The study's tiny Qwen2.5-VL processor (loaded once)."""
+    from models.chat import load_processor
+
+    return load_processor(directory)
+
+
+# --- running --------------------------------------------------------------------------------------------
+
+
+def run_distillation_cell(cell: Cell, study: dict, out: Path) -> dict[str, Any]:
+    """The distillation track: a tiny Transformer teacher (one per seed, shared by the cells), converted to the
+    cell's layout with the task's initialisation, distilled and fine-tuned by :mod:`lit.pipeline`."""
+    from lit.evaluate import evaluate
+    from lit.pipeline import distill_student, train_teacher
+
+    train, init = study["train"], cell.task_dict["init"]
+    teacher_root = out / "teachers" / f"seed{cell.seed}"
+    teacher = teacher_root / "teacher"
+    start = time.perf_counter()
+    if not (teacher / "config.json").is_file():
+        L.seed_everything(cell.seed, verbose=False)
+        train_teacher(teacher_root, train["pipeline_scale"], cell.seed)
+    L.seed_everything(cell.seed, verbose=False)
+    student, report = distill_student(
+        teacher, out / "runs" / cell.id, cell.layout, init, train["window"], train["pipeline_scale"]
+    )
+    val = [{"type": "synthetic", "split": "val", "size_per_task": train["val_size"], "image_size": 84}]
+    per_task, teacher_per_task = evaluate(student, val), evaluate(teacher, val)
+    return {
+        "layout": mixers.format_layout(mixers.parse_layout(cell.layout)),
+        "init": init,
+        "accuracy": statistics.fmean(per_task.values()),
+        "per_task": per_task,
+        "teacher_accuracy": statistics.fmean(teacher_per_task.values()),
+        "teacher_per_task": teacher_per_task,
+        "transferred_tensors": len(report.transferred),
+        "train_seconds": time.perf_counter() - start,
+    }
+
+
+def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path) -> dict[str, Any]:
+    """Train one cell from scratch and return its result (also written to ``cells/<id>.json``)."""
+    if cell.task_dict["type"] == "distill":
+        identity = {
+            "cell": cell.id,
+            "task": cell.task_name,
+            "task_config": cell.task_dict,
+            "d_model": cell.d_model,
+            "seed": cell.seed,
+            "learning_rate": cell.learning_rate,
+        }
+        return _write_cell(out, cell, {**identity, **run_distillation_cell(cell, study, out)})
+    L.seed_everything(cell.seed, verbose=False)
+    data, vocab, vision = _data(cell, study, processor_dir)
+    config = model_config(cell, study, vocab, vision, matched_intermediate_size(cell, study, vocab, vision))
+    if vision is not None:
+        config.image_token_id, config.video_token_id = (
+            _processor(processor_dir).tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")
+        )
+    cell_dir = out / "runs" / cell.id
+    model = HybridVLM(config)
+    if vision is not None:  # the tiny vision tower needs fan-in scaled init to learn (see models.tiny_qwen)
+        for module in model.visual.modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv3d):
+                module.reset_parameters()
+    model.save_pretrained(cell_dir / "init")
+    if vision is not None:
+        _processor(processor_dir).save_pretrained(cell_dir / "init")
+    train = study["train"]
+    stage = SFT(
+        model=str(cell_dir / "init"),
+        trainable=["*"],
+        learning_rate=cell.learning_rate,
+        warmup_ratio=train["warmup_ratio"],
+        min_lr_ratio=0.1,
+        generation_max_new_tokens=0 if vision is None else 4,
+        export_dir=str(cell_dir / "model"),
+    )
+    trainer = L.Trainer(
+        max_steps=train["max_steps"],
+        precision=train["precision"],
+        accelerator="auto",
+        devices=1,
+        default_root_dir=cell_dir,
+        log_every_n_steps=max(1, min(50, train["max_steps"] // 10)),
+        val_check_interval=train["max_steps"],
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(stage, data)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    key = "val/token_accuracy" if vision is None else "val/accuracy"
+    student = stage.student
+    result = {
+        "cell": cell.id,
+        "layout": mixers.format_layout(config.kinds),
+        "task": cell.task_name,
+        "task_config": cell.task_dict,
+        "d_model": cell.d_model,
+        "seed": cell.seed,
+        "learning_rate": cell.learning_rate,
+        "accuracy": metrics.get(key, math.nan),
+        "per_task": {k.split("/")[1]: v for k, v in metrics.items() if k.endswith("/exact_match")},
+        "val_loss": metrics.get("val/loss", math.nan),
+        "parameters": sum(p.numel() for p in student.parameters()),
+        "intermediate_size": config.intermediate_size,
+        "state_bytes_per_sequence": sum(
+            layer.self_attn.state_bytes(1, seq_len=4096) for layer in student.language_model.layers
+        ),
+        "train_seconds": time.perf_counter() - start,
+        "steps": train["max_steps"],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    return _write_cell(out, cell, result)
+
+
+def _write_cell(out: Path, cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "cells" / f"{cell.id}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (layout, task, d_model): best learning rate by mean accuracy over seeds; mean and std at it."""
+    groups: dict[tuple, dict[float, list[float]]] = {}
+    for result in results:
+        key = (result["layout"], result["task"], result["d_model"])
+        groups.setdefault(key, {}).setdefault(result["learning_rate"], []).append(result["accuracy"])
+    rows = []
+    for (layout, task, d_model), by_lr in sorted(groups.items()):
+        lr, accuracies = max(by_lr.items(), key=lambda item: statistics.fmean(item[1]))
+        rows.append(
+            {
+                "layout": layout,
+                "task": task,
+                "d_model": d_model,
+                "best_learning_rate": lr,
+                "mean": statistics.fmean(accuracies),
+                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                "seeds": len(accuracies),
+            }
+        )
+    return rows
+
+
+def run_study(config: str | Path, smoke: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) every cell of a study; write ``summary.json`` and ``summary.md`` and return the summary."""
+    study = load_study(config, smoke)
+    out = Path(out) if out else Path(config).parent / "results" / (study["name"] + ("_smoke" if smoke else ""))
+    cells = expand(study)
+    processor_dir = out / "processor"
+    if any(cell.task_dict["type"] == "synthetic" for cell in cells) and not processor_dir.is_dir():
+        from models.tiny_qwen import make_tiny_qwen2_5_vl
+
+        make_tiny_qwen2_5_vl(processor_dir)
+    results = []
+    for number, cell in enumerate(cells, 1):
+        path = out / "cells" / f"{cell.id}.json"
+        if path.is_file():
+            logger.info("[%d/%d] %s: done before, skipped", number, len(cells), cell.id)
+            results.append(json.loads(path.read_text()))
+            continue
+        logger.info("[%d/%d] %s", number, len(cells), cell.id)
+        results.append(run_cell(cell, study, out, processor_dir))
+    summary = {"study": study["name"], "smoke": smoke, "cells": len(results), "rows": summarize(results)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_markdown(summary) + "\n")
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# {summary['study']}{' (smoke)' if summary['smoke'] else ''}",
+        "",
+        "| task | layout | d_model | accuracy (mean ± std over seeds) | best lr |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['task']} | `{r['layout']}` | {r['d_model']} | {r['mean']:.3f} ± {r['std']:.3f} "
+        f"({r['seeds']} seeds) | {r['best_learning_rate']:g} |"
+        for r in summary["rows"]
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""``hybridvl ablate --config experiments/ablations/<study>.yaml [--smoke]``: run or resume an ablation study.
+
+Each cell (layout x task x size x seed x learning rate) trains through the normal Lightning stage and writes
+``cells/<id>.json`` under the study's results folder; cells already written are skipped, so an interrupted study
+resumes. ``--smoke`` merges the study's ``smoke`` section (tiny sizes, a few steps) for a CPU check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lit.ablation import run_study, summary_markdown
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hybridvl ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, type=Path, help="a study YAML")
+    parser.add_argument("--smoke", action="store_true", help="the study's tiny CPU-sized version")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: next to the config)")
+    args = parser.parse_args(argv)
+    try:
+        summary = run_study(args.config, smoke=args.smoke, out=args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"hybridvl ablate: {error}", file=sys.stderr)
+        return 2
+    print(summary_markdown(summary))
+    return 0

@@ -1,0 +1,84 @@
+"""Ablation runner and MQAR (CPU, smoke sizes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import mixers
+from lit import ablation
+from lit.commands.ablate import main as ablate
+from lit.data.mqar import MQARDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXER_TYPE = ROOT / "experiments" / "ablations" / "mixer_type.yaml"
+
+
+def test_mqar_sequences_ask_for_stored_values():
+    data = MQARDataset(vocab_size=512, seq_len=64, num_kv_pairs=8, num_examples=20, seed=3)
+    for index in range(len(data)):
+        sample = data[index]
+        ids, labels = sample.input_ids.tolist(), sample.labels.tolist()
+        stored = {ids[i]: ids[i + 1] for i in range(0, 16, 2)}
+        queries = [t for t, label in enumerate(labels) if label != -100]
+        assert len(queries) == 8 and len(stored) == 8
+        for t in queries:
+            assert ids[t - 1] in stored and labels[t] == stored[ids[t - 1]] == ids[t]
+    assert data[5].input_ids.equal(MQARDataset(512, 64, 8, 20, seed=3)[5].input_ids)
+    assert not data[5].input_ids.equal(MQARDataset(512, 64, 8, 20, seed=4)[5].input_ids)
+    with pytest.raises(ValueError, match="need seq_len >= 64"):
+        MQARDataset(seq_len=32, num_kv_pairs=16)
+
+
+def test_smoke_study_writes_cells_and_summary_then_resumes(tmp_path, monkeypatch, capsys):
+    assert ablate(["--config", str(MIXER_TYPE), "--smoke", "--out", str(tmp_path)]) == 0
+    cells = sorted((tmp_path / "cells").glob("*.json"))
+    assert len(cells) == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["smoke"] and {row["layout"] for row in summary["rows"]} == {"S,D", "M x2"}
+    result = json.loads(cells[0].read_text())
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["parameters"] > 0
+    assert "| mqar_T32_kv4 |" in capsys.readouterr().out
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(ablation, "run_cell", must_not_run)
+    assert ablate(["--config", str(MIXER_TYPE), "--smoke", "--out", str(tmp_path)]) == 0
+    (tmp_path / "cells" / cells[0].name).unlink()  # an interrupted study: one cell missing
+    monkeypatch.undo()
+    assert ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path)["cells"] == 2
+    assert (tmp_path / "cells" / cells[0].name).is_file()
+
+
+def test_parameter_matching_equalises_model_sizes():
+    study = ablation.load_study(MIXER_TYPE)
+    counts = {}
+    for layout in ("S,D,D,D", "M x4", "G x4", "L x4", "A x4"):
+        cell = ablation.Cell(layout, (("type", "mqar"),), 128, 0, 1e-3)
+        width = ablation.matched_intermediate_size(cell, study, 8192, None)
+        counts[layout] = ablation.count_parameters(ablation.model_config(cell, study, 8192, None, width))
+    reference = counts["A x4"]
+    assert all(abs(count - reference) / reference < 0.01 for count in counts.values()), counts
+
+
+def test_every_study_expands_and_bad_studies_name_the_problem(tmp_path):
+    for path in sorted((ROOT / "experiments" / "ablations").glob("*.yaml")):
+        for smoke in (False, True):
+            study = ablation.load_study(path, smoke)
+            assert ablation.expand(study), path
+    grid = "grid: {layout: ['S,D'], d_model: [8], seed: [0], learning_rate: [1]}\n"
+    cases = {
+        "name: x\nbatch: 1\n" + grid + "tasks: [{type: mqar}]": "unknown study keys",
+        "name: x\n" + grid.replace("'S,D'", "'S,,D'") + "tasks: [{type: mqar}]": "empty item",
+        "name: x\n" + grid + "tasks: [{type: essay}]": "task type must be",
+        "name: x\n" + grid: "the grid needs",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "study.yaml"
+        path.write_text(text)
+        with pytest.raises((ValueError, mixers.LayoutError), match=message):
+            ablation.load_study(path)
+    assert ablate(["--config", str(tmp_path / "missing.yaml")]) == 2
