@@ -25,6 +25,7 @@ The summary reports, per (layout, task, d_model), the best learning rate's accur
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import functools
@@ -32,6 +33,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import re
 import statistics
 import time
@@ -413,8 +415,13 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def run_study(config: str | Path, smoke: bool = False, out: str | Path | None = None) -> dict[str, Any]:
-    """Run (or resume) every cell of a study; write ``summary.json`` and ``summary.md`` and return the summary."""
+def run_study(
+    config: str | Path, smoke: bool = False, out: str | Path | None = None, workers: int = 1
+) -> dict[str, Any]:
+    """Run (or resume) every cell of a study; write ``summary.json`` and ``summary.md`` and return the summary.
+
+    ``workers`` > 1 trains that many cells at once in separate processes (small models leave a GPU mostly idle).
+    """
     study = load_study(config, smoke)
     out = Path(out) if out else Path(config).parent / "results" / (study["name"] + ("_smoke" if smoke else ""))
     cells = expand(study)
@@ -423,15 +430,20 @@ def run_study(config: str | Path, smoke: bool = False, out: str | Path | None = 
         from models.tiny_qwen import make_tiny_qwen2_5_vl
 
         make_tiny_qwen2_5_vl(processor_dir)
-    results = []
-    for number, cell in enumerate(cells, 1):
-        path = out / "cells" / f"{cell.id}.json"
-        if path.is_file():
-            logger.info("[%d/%d] %s: done before, skipped", number, len(cells), cell.id)
-            results.append(json.loads(path.read_text()))
-            continue
-        logger.info("[%d/%d] %s", number, len(cells), cell.id)
-        results.append(run_cell(cell, study, out, processor_dir))
+    done = [cell for cell in cells if (out / "cells" / f"{cell.id}.json").is_file()]
+    pending = [cell for cell in cells if cell not in done]
+    logger.info("%s: %d cells, %d done before (skipped), %d to run", study["name"], len(cells), len(done), len(pending))
+    if workers > 1 and len(pending) > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(run_cell, cell, study, out, processor_dir) for cell in pending]
+            for number, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                logger.info("[%d/%d] %s", number, len(pending), future.result()["cell"])
+    else:
+        for number, cell in enumerate(pending, 1):
+            logger.info("[%d/%d] %s", number, len(pending), cell.id)
+            run_cell(cell, study, out, processor_dir)
+    results = [json.loads((out / "cells" / f"{cell.id}.json").read_text()) for cell in cells]
     summary = {"study": study["name"], "smoke": smoke, "cells": len(results), "rows": summarize(results)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary) + "\n")

@@ -46,11 +46,12 @@ def prefill(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     prefill_chunk_size: int | None = None,
+    state: ModelState | None = None,
     **vision: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ModelState]:
-    """Run the prompt; return the last token's logits ``[B, vocab]`` and the state after it."""
+    """Run the prompt (after ``state``, if given); return the last token's logits ``[B, vocab]`` and the state."""
     if prefill_chunk_size is None:
-        out = model(input_ids, attention_mask=attention_mask, logits_to_keep=1, **vision)
+        out = model(input_ids, attention_mask=attention_mask, state=state, logits_to_keep=1, **vision)
         return out.logits[:, -1], out.state
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("chunked prefill needs unpadded prompts of equal length; prefill padded batches in one pass")
@@ -64,18 +65,18 @@ def prefill(
         vision.get("pixel_values_videos"),
         vision.get("video_grid_thw"),
     )
+    start = torch.zeros(batch, dtype=torch.long) if state is None else state.next_position.cpu()
     positions, next_position = model.positions(
         input_ids.reshape(1, -1),
         seqlens_to_cu_seqlens([seq_len] * batch),
-        torch.zeros(batch, dtype=torch.long),
+        start,
         vision.get("image_grid_thw"),
         vision.get("video_grid_thw"),
         vision.get("second_per_grid_ts"),
     )
     positions = positions.reshape(3, batch, seq_len)
-    state = None
-    for start in range(0, seq_len, prefill_chunk_size):
-        chunk = slice(start, start + prefill_chunk_size)
+    for first in range(0, seq_len, prefill_chunk_size):
+        chunk = slice(first, first + prefill_chunk_size)
         out = model(inputs_embeds=embeds[:, chunk], position_ids=positions[:, :, chunk], state=state, logits_to_keep=1)
         state = out.state
     state.next_position = next_position.to(state.next_position.device)
@@ -87,6 +88,7 @@ def generate(
     model: HybridVLM,
     input_ids: torch.Tensor,
     *,
+    state: ModelState | None = None,
     attention_mask: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     image_grid_thw: torch.Tensor | None = None,
@@ -107,6 +109,7 @@ def generate(
 
     Args:
         input_ids: ``[B, T]`` prompts (pad either side and pass ``attention_mask``).
+        state: continue these sequences (a stream, a fork of one): the prompt comes after them.
         max_new_tokens: the most tokens to generate.
         do_sample, temperature, top_k, top_p, generator: sampling; greedy when ``do_sample`` is False.
         eos_token_id: stop token(s), default the config's; a row stops after emitting one.
@@ -131,7 +134,7 @@ def generate(
         video_grid_thw=video_grid_thw,
         second_per_grid_ts=second_per_grid_ts,
     )
-    logits, state = prefill(model, input_ids, attention_mask, prefill_chunk_size, **vision)
+    logits, state = prefill(model, input_ids, attention_mask, prefill_chunk_size, state, **vision)
     stop_ids = torch.tensor(stops, device=input_ids.device, dtype=torch.long)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []

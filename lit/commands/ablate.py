@@ -21,9 +21,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, type=Path, help="a study YAML")
     parser.add_argument("--smoke", action="store_true", help="the study's tiny CPU-sized version")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: next to the config)")
+    parser.add_argument("--workers", type=int, default=1, help="cells trained at once, each in its own process")
     args = parser.parse_args(argv)
     try:
-        summary = run_study(args.config, smoke=args.smoke, out=args.out)
+        summary = run_study(args.config, smoke=args.smoke, out=args.out, workers=args.workers)
     except (FileNotFoundError, ValueError) as error:
         print(f"hybridvl ablate: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,75 @@
+"""``hybridvl stream``: feed a video frame by frame into a model's fixed-size state and answer questions on the way.
+
+    hybridvl stream --model student --video match.mp4 --fps 2 --ask "10:What is on screen?" --ask "60:Who scored?"
+
+``--ask FRAME:QUESTION`` asks after that many frames (counting from 1); every answer forks the state, so the
+stream continues untouched. Prints each answer with its timing, then the stream's throughput and state size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lit.commands.layout import format_bytes
+from models.chat import load_processor
+from models.hybrid import HybridVLM
+from models.streaming import StreamingSession
+from vision import VisionInputError, iter_video_frames
+
+
+def parse_ask(text: str) -> tuple[int, str]:
+    frame, sep, question = text.partition(":")
+    if not sep or not frame.strip().isdigit() or int(frame) < 1 or not question.strip():
+        raise argparse.ArgumentTypeError(f"--ask takes FRAME:QUESTION with FRAME >= 1, got {text!r}")
+    return int(frame), question.strip()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hybridvl stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="model directory (with its processor files)")
+    parser.add_argument("--video", required=True, type=Path)
+    parser.add_argument("--ask", type=parse_ask, action="append", default=[], help="FRAME:QUESTION (repeatable)")
+    parser.add_argument("--fps", type=float, default=2.0, help="frames per second to sample")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        model = HybridVLM.from_pretrained(args.model, device=args.device)
+        session = StreamingSession(model, load_processor(args.model))
+        frames = iter_video_frames(args.video, args.fps)
+    except (FileNotFoundError, OSError, ValueError, VisionInputError) as error:
+        print(f"hybridvl stream: {error}", file=sys.stderr)
+        return 2
+    asks = sorted(args.ask)
+    start, feeding = time.perf_counter(), 0.0
+    try:
+        for timestamp, frame in frames:
+            tick = time.perf_counter()
+            session.feed_frame(frame)
+            feeding += time.perf_counter() - tick
+            while asks and asks[0][0] == session.frames:
+                _, question = asks.pop(0)
+                answer = session.ask(question, args.max_new_tokens)
+                print(
+                    f"[frame {session.frames}, {timestamp:.1f} s] {question}\n  {answer.text}\n"
+                    f"  ({answer.tokens} tokens in {answer.seconds * 1000:.0f} ms)"
+                )
+    except VisionInputError as error:
+        print(f"hybridvl stream: {error}", file=sys.stderr)
+        return 2
+    for frame, question in asks:
+        print(f"not asked: {question!r} (the video has {session.frames} frames at {args.fps} fps, not {frame})")
+    fps = session.frames / feeding if feeding else 0.0
+    print(
+        f"{session.frames} frames, {session.tokens} tokens in {time.perf_counter() - start:.1f} s "
+        f"({fps:.1f} frames/s fed); state {format_bytes(session.state_bytes)}",
+        file=sys.stderr,
+    )
+    return 0
