@@ -62,7 +62,8 @@ def main() -> None:
         raise SystemExit("benchmarks.model_3b needs a CUDA device")
     torch.manual_seed(0)
     config = HybridConfig(layout="S,D,D,D x9", vision_config=VISION_3B)
-    kernels = HybridVLM(config).to("cuda", torch.bfloat16).eval()
+    with torch.device("cuda"):  # initialise on the GPU: minutes faster than on the host for 3.7B parameters
+        kernels = HybridVLM(config).to(torch.bfloat16).eval()
     reference = copy.deepcopy(kernels).float()
     for layer in reference.language_model.layers:
         layer.self_attn.backend = "torch"
@@ -86,8 +87,8 @@ def main() -> None:
             "torch_fp32_peak_gib": slow_gib,
         }
         results["cases"].append(case)
+        write_json(args.out.with_suffix(".json"), results)
         print(case, flush=True)
-    write_json(args.out.with_suffix(".json"), results)
     rows = [
         [
             c["input"],
