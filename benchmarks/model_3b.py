@@ -64,14 +64,16 @@ def main() -> None:
     config = HybridConfig(layout="S,D,D,D x9", vision_config=VISION_3B)
     with torch.device("cuda"):  # initialise on the GPU: minutes faster than on the host for 3.7B parameters
         kernels = HybridVLM(config).to(torch.bfloat16).eval()
-    reference = copy.deepcopy(kernels).float()
-    for layer in reference.language_model.layers:
+    torch_bf16 = copy.deepcopy(kernels)
+    for layer in torch_bf16.language_model.layers:
         layer.self_attn.backend = "torch"
+    reference = copy.deepcopy(torch_bf16).float()
     results = {"environment": environment(), "layout": config.layout, "cases": []}
     for kind in ("image", "video"):
         ids, vision = vision_inputs(config, kind)
         fast, fast_s, fast_gib = run(kernels, ids, vision, torch.bfloat16)
         slow, slow_s, slow_gib = run(reference, ids, vision, torch.float32)
+        same_precision, _, _ = run(torch_bf16, ids, vision, torch.bfloat16)
         case = {
             "input": kind,
             "tokens": ids.shape[1],
@@ -80,6 +82,8 @@ def main() -> None:
             ),
             "logits_rel_error": rel(fast, slow),
             "last_token_rel_error": rel(fast[:, -1], slow[:, -1]),
+            "kernel_vs_torch_bf16": rel(fast, same_precision),
+            "torch_bf16_vs_fp32": rel(same_precision, slow),
             "finite": bool(torch.isfinite(fast).all()),
             "kernel_seconds": fast_s,
             "kernel_peak_gib": fast_gib,
@@ -89,6 +93,18 @@ def main() -> None:
         results["cases"].append(case)
         write_json(args.out.with_suffix(".json"), results)
         print(case, flush=True)
+    header = [
+        "input",
+        "tokens",
+        "kernel backends",
+        "kernels bf16 vs torch fp32",
+        "last token",
+        "kernels vs torch, both bf16",
+        "torch bf16 vs fp32",
+        "kernel s",
+        "kernel GiB",
+        "torch fp32 s",
+    ]
     rows = [
         [
             c["input"],
@@ -96,6 +112,8 @@ def main() -> None:
             ", ".join(c["backends"]),
             f"{c['logits_rel_error']:.2e}",
             f"{c['last_token_rel_error']:.2e}",
+            f"{c['kernel_vs_torch_bf16']:.2e}",
+            f"{c['torch_bf16_vs_fp32']:.2e}",
             f"{c['kernel_seconds']:.2f}",
             f"{c['kernel_peak_gib']:.1f}",
             f"{c['torch_fp32_seconds']:.2f}",
@@ -109,22 +127,14 @@ def main() -> None:
             environment_lines(results["environment"]),
             "",
             "Qwen2.5-VL-3B dimensions and vision tower, layout `S,D,D,D x9`, random weights. Kernel backends in bf16 "
-            "against every mixer on the PyTorch backend in fp32 with the same weights; relative error "
+            "against every mixer on the PyTorch backend (in fp32, and in bf16) with the same weights; relative error "
             "`||a - b|| / ||b||` of the logits. Regenerate with `python -m benchmarks.model_3b` on a CUDA machine.",
             "",
-            markdown_table(
-                [
-                    "input",
-                    "tokens",
-                    "kernel backends",
-                    "logits rel. error",
-                    "last token",
-                    "kernel s",
-                    "kernel GiB",
-                    "torch fp32 s",
-                ],
-                rows,
-            ),
+            markdown_table(header, rows),
+            "",
+            "The kernels are as close to the fp32 reference as the PyTorch path in bf16 is: that gap is bf16 rounding "
+            "accumulated through 36 random-weight layers and the 32-block vision tower. The first case's kernel time "
+            "includes Triton's compilation.",
         ]
     )
     args.out.with_suffix(".md").write_text(text + "\n")
