@@ -31,11 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lit.data.packing import pack
 from lit.data.types import PackedBatch
 from lit.losses import distillation_kl, next_token_cross_entropy, next_token_hits
 from lit.metrics import ANLS, ExactMatch, RelaxedAccuracy, TokenAccuracy, VQAAccuracy
 from lit.params import DISTILL_DEFAULT, SFT_DEFAULT, freeze_all_but, select_parameters
 from models.chat import load_processor
+from models.checkpoint import load_weights_strict
 from models.config import HybridConfig
 from models.convert import copy_processor_files, load_teacher
 from models.hybrid import HybridVLM
@@ -57,8 +59,6 @@ def load_student(source: str | Path) -> HybridVLM:
         raise ValueError(f"{source} is not a hybridvl stage checkpoint (no hybrid_config in it)")
     model = HybridVLM(HybridConfig.from_dict(checkpoint_data["hybrid_config"]))
     weights = {k[len("student.") :]: v for k, v in checkpoint_data["state_dict"].items() if k.startswith("student.")}
-    from models.checkpoint import load_weights_strict
-
     load_weights_strict(model, weights, str(source))
     return model
 
@@ -212,8 +212,6 @@ class HybridStage(L.LightningModule):
     @torch.no_grad()
     def generate_answers(self, samples: list) -> list[str]:
         """Greedy answers to each sample's prompt (its tokens up to the last assistant reply)."""
-        from lit.data.packing import pack
-
         prompts = [s.input_ids[: s.prompt_length] for s in samples]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.student.config.pad_token_id or 0, dtype=torch.long)

@@ -8,20 +8,18 @@ Parameter names follow transformers' ``Qwen2_5_VLAttention``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from mixers.backends import log_once
 from mixers.base import Mixer
 from mixers.ops.attention import FULL_PREFERENCE, WINDOW_PREFERENCE, attention_over_positions, causal_attention
 from mixers.ops.rotary import apply_rotary, rotary_cos_sin
 from mixers.ops.varlen import sequence_bounds
 from mixers.registry import register_mixer
 from mixers.state import KVCache
-
-logger = logging.getLogger("hybridvl.mixers")
 
 
 class Attention(Mixer):
@@ -114,7 +112,7 @@ class Attention(Mixer):
 
     def _attend_over_cache(self, q, k, v, tokens, cache, cu_seqlens):
         if cache.key.device.type == "cuda" and self.backend != "torch":
-            _log_cache_path_once(self._owner)
+            log_once(f"{self._owner}: continuing from a KV cache attends over it with PyTorch SDPA")
         cached = cache.slot_positions()
         key, value = cache.key.to(k.dtype), cache.value.to(v.dtype)
         if cu_seqlens is None:
@@ -235,12 +233,3 @@ def _token_positions(start: torch.Tensor, batch: int, seq_len: int, cu_seqlens: 
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     offsets = torch.repeat_interleave(start - cu_seqlens[:-1], lengths)
     return (torch.arange(seq_len, device=start.device) + offsets)[None]
-
-
-_cache_path_logged: set[str] = set()
-
-
-def _log_cache_path_once(owner: str) -> None:
-    if owner not in _cache_path_logged:
-        _cache_path_logged.add(owner)
-        logger.info("%s: continuing from a KV cache attends over it with PyTorch SDPA", owner)

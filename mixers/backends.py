@@ -72,7 +72,14 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return package_error(backend)
 
 
-_logged: set[tuple[str, str, str]] = set()
+_logged: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Log ``message`` at INFO the first time it comes up in this process."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
 
 
 def select_backend(
@@ -102,7 +109,7 @@ def select_backend(
             reason = unavailable_reason(backend, device) or (limitations or {}).get(backend)
             if reason is None:
                 why = "fastest available" if not skipped else "; ".join(skipped)
-                _log_once(owner, backend, why, device)
+                log_once(f"{owner} on {device.type} uses backend {backend!r} ({why})")
                 return backend
             skipped.append(f"{backend} skipped: {reason}")
         raise BackendUnavailableError(f"{owner}: no backend can run on {device}")  # torch always can
@@ -116,13 +123,6 @@ def select_backend(
     if reason is not None:
         raise BackendUnavailableError(f"{owner}: backend {requested!r} cannot run: {reason}")
     return requested
-
-
-def _log_once(owner: str, backend: str, why: str, device: torch.device) -> None:
-    key = (owner, backend, device.type)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("%s on %s uses backend %r (%s)", owner, device.type, backend, why)
 
 
 def fla_gated_backward_issue(device: torch.device) -> str | None:
