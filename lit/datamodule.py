@@ -110,22 +110,42 @@ class ResumableDataLoader(DataLoader):
 
     Lightning saves ``state_dict()`` with each checkpoint and loads it before the next iteration. The position
     saved is the number of batches training has consumed (``consumed()``), not the number the loader handed
-    out, since the trainer fetches ahead of the step being trained.
+    out, since the trainer fetches ahead of the step being trained. It is stored for all ranks together
+    (the sampler deals batches round-robin), so a run saved on one number of devices resumes on another.
     """
 
     def __init__(self, *args: Any, consumed: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.consumed = consumed
+        # (epoch, global batches, this rank's consumed count) when a state was loaded
+        self._resumed_at = (-1, 0, 0)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.batch_sampler.epoch, "batches_yielded": self.consumed()}
+        epoch = self.batch_sampler.epoch
+        resumed_epoch, global_start, local_start = self._resumed_at
+        if epoch != resumed_epoch:
+            global_start, local_start = 0, 0
+        since = self.consumed() - local_start
+        return {"epoch": epoch, "global_batches": global_start + since * self.batch_sampler.num_replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.load_state_dict(state)
+        replicas = self.batch_sampler.num_replicas
+        if state["global_batches"] % replicas:
+            raise ValueError(
+                f"the checkpoint stopped after {state['global_batches']} batches, which {replicas} devices cannot "
+                "share evenly; resume on a number of devices that divides it"
+            )
+        self.batch_sampler.load_state_dict(
+            {"epoch": state["epoch"], "batches_yielded": state["global_batches"] // replicas}
+        )
+        self._resumed_at = (state["epoch"], state["global_batches"], self.consumed())
 
 
 class HybridDataModule(L.LightningDataModule):
     """Training, validation and test data for any stage.
+
+    Batches are split across devices by the DataModule's own sampler, so the Trainer runs with
+    ``use_distributed_sampler=False`` (``hybridvl fit`` sets it).
 
     Args:
         processor: directory with the tokenizer, chat template and image/video processors (a model directory).

@@ -249,10 +249,10 @@ class HybridStage(L.LightningModule):
         checkpoint["hybrid_config"] = self.student.config.to_dict()
 
     def on_train_end(self) -> None:
+        # every rank asks for the log dir (a collective under DDP); rank 0 writes
+        directory = self.hparams.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
         if self.trainer.is_global_zero:
-            self.export(
-                self.hparams.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
-            )
+            self.export(directory)
 
     def export(self, directory: str | Path) -> Path:
         """Write the student (and the processor files next to the source model) as a model directory."""

@@ -45,7 +45,11 @@ def main(argv: list[str]) -> int:
         subclass_mode_model=True,
         args=argv,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")]},
+        # the DataModule's batch sampler splits batches across ranks itself (length-grouped, resumable)
+        trainer_defaults={
+            "callbacks": [LearningRateMonitor(logging_interval="step")],
+            "use_distributed_sampler": False,
+        },
         parser_kwargs={"prog": "hybridvl", "default_env": False},
         auto_configure_optimizers=False,
     )
