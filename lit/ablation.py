@@ -303,6 +303,8 @@ def run_distillation_cell(cell: Cell, study: dict, out: Path) -> dict[str, Any]:
         "teacher_per_task": teacher_per_task,
         "transferred_tensors": len(report.transferred),
         "train_seconds": time.perf_counter() - start,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": _versions(),
     }
 
 
@@ -382,8 +384,21 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path) -> dict[st
         "train_seconds": time.perf_counter() - start,
         "steps": train["max_steps"],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": _versions(),
     }
     return _write_cell(out, cell, result)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for package in ("torch", "triton", "flash-linear-attention", "transformers", "lightning"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def _write_cell(out: Path, cell: Cell, result: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,15 @@ def test_smoke_study_writes_cells_and_summary_then_resumes(tmp_path, monkeypatch
     assert ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path)["cells"] == 2
     assert (tmp_path / "cells" / cells[0].name).is_file()
 
+    from lit.ablation_report import write_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "mixer_type").symlink_to(tmp_path)
+    report = write_report(results, tmp_path / "report" / "RESULTS.md").read_text()
+    assert "## Claims" in report and "| mqar_T32_kv4 | `S,D` |" in report and "torch" in report
+    assert (tmp_path / "report" / "figures" / "mixer_type.png").stat().st_size > 1000
+
 
 def test_parameter_matching_equalises_model_sizes():
     study = ablation.load_study(MIXER_TYPE)
