@@ -329,10 +329,10 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path) -> dict[st
         )
     cell_dir = out / "runs" / cell.id
     model = HybridVLM(config)
-    if vision is not None:  # the tiny vision tower needs fan-in scaled init to learn (see models.tiny_qwen)
-        for module in model.visual.modules():
-            if isinstance(module, torch.nn.Linear | torch.nn.Conv3d):
-                module.reset_parameters()
+    if vision is not None:
+        from models.tiny_qwen import init_tiny_vision_tower
+
+        init_tiny_vision_tower(model.visual)
     model.save_pretrained(cell_dir / "init")
     if vision is not None:
         _processor(processor_dir).save_pretrained(cell_dir / "init")

@@ -466,7 +466,7 @@ class LongSFT(SFT):
         freeze_all_but(self.student, select_parameters(self.student, patterns) if patterns else [])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["hybrid_config"] = self.student.config.to_dict()
+        super().on_save_checkpoint(checkpoint)
         checkpoint["lora"] = True
 
     def exportable_student(self) -> HybridVLM:

@@ -332,29 +332,9 @@ def test_padded_generation_equals_separate_rows(hybrid):
 
 def test_sampling_and_stop_tokens(hybrid):
     ids = torch.randint(0, 400, (2, 8))
-    generator = torch.Generator().manual_seed(1)
-    a = generate(
-        hybrid,
-        ids,
-        do_sample=True,
-        top_k=20,
-        top_p=0.9,
-        temperature=0.8,
-        max_new_tokens=6,
-        eos_token_id=[],
-        generator=generator,
-    )
-    b = generate(
-        hybrid,
-        ids,
-        do_sample=True,
-        top_k=20,
-        top_p=0.9,
-        temperature=0.8,
-        max_new_tokens=6,
-        eos_token_id=[],
-        generator=torch.Generator().manual_seed(1),
-    )
+    sampling = dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.8, max_new_tokens=6, eos_token_id=[])
+    a = generate(hybrid, ids, generator=torch.Generator().manual_seed(1), **sampling)
+    b = generate(hybrid, ids, generator=torch.Generator().manual_seed(1), **sampling)
     assert torch.equal(a, b)
     greedy = generate(hybrid, ids, max_new_tokens=6, eos_token_id=[])
     stop = int(greedy[0, 2])
