@@ -31,8 +31,8 @@ CASES = [
     ("A (fla)", "A", dict(num_heads=16, num_kv_heads=2, mrope_section=[16, 24, 24], backend="fla")),
     ("A (SDPA)", "A", dict(num_heads=16, num_kv_heads=2, mrope_section=[16, 24, 24], backend="torch")),
     ("M (Mamba2)", "M", dict(d_state=128, headdim=64)),
-    ("G (GLA)", "G", dict()),
     ("L (linear)", "L", dict(num_heads=16, head_dim=128, expand_v=2.0)),
+    ("G (GLA)", "G", dict()),  # last: fla's GLA kernels take longest to compile and autotune
 ]
 BASELINE = "A (SDPA)"
 
@@ -98,6 +98,14 @@ def time_ops(batch: int, seq_len: int) -> dict:
 def run(seq_lens: list[int], tokens: int, out: Path) -> dict:
     """Time every case; the JSON at ``out`` is rewritten after each one, so a cut-off run keeps its results."""
     results = {"environment": environment(), "tokens_per_batch": tokens, "hidden_size": HIDDEN, "cases": []}
+    for seq_len in seq_lens:
+        batch = max(1, tokens // seq_len)
+        for name, timing in time_ops(batch, seq_len).items():
+            results["cases"].append(
+                {"mixer": f"op: {name}", "backend": "", "seq_len": seq_len, "batch": batch, **timing}
+            )
+            write_json(out, results)
+            print(f"op {name:24s} T={seq_len:6d} {timing}", flush=True)
     for label, kind, options in CASES:
         mixer = mixers.build_mixer(kind, HIDDEN, **options).to("cuda", torch.bfloat16)
         backend = mixer._resolve_backend(torch.device("cuda"))
@@ -112,14 +120,6 @@ def run(seq_lens: list[int], tokens: int, out: Path) -> dict:
             write_json(out, results)
             print(f"{label:14s} T={seq_len:6d} B={batch:3d} {timing}", flush=True)
         del mixer
-    for seq_len in seq_lens:
-        batch = max(1, tokens // seq_len)
-        for name, timing in time_ops(batch, seq_len).items():
-            results["cases"].append(
-                {"mixer": f"op: {name}", "backend": "", "seq_len": seq_len, "batch": batch, **timing}
-            )
-            write_json(out, results)
-            print(f"op {name:24s} T={seq_len:6d} {timing}", flush=True)
     return results
 
 

@@ -14,7 +14,8 @@ A study is a YAML file:
       learning_rate: [3.0e-4, 1.0e-3, 3.0e-3]
     tasks:                                 # each cell runs one task
       - {type: mqar, seq_len: 64, num_kv_pairs: 4}
-      - {type: synthetic, tasks: [ocr, counting], image_size: 56}
+      - {type: synthetic, tasks: [ocr, counting], image_size: 56,
+         grid: {d_model: [128], learning_rate: [1.0e-3]}}          # this task's own grid entries
     match_parameters: "A,A"                # scale MLP widths so every layout has this layout's parameter count
     train: {max_steps: 2000, max_tokens: 8192, window: 32}
     smoke: {grid: {d_model: [32], seed: [0]}, train: {max_steps: 3}}   # merged in with --smoke (CPU)
@@ -134,20 +135,31 @@ def load_study(path: str | Path, smoke: bool = False) -> dict[str, Any]:
             raise ValueError(f"{path}: task type must be 'mqar', 'synthetic' or 'distill', got {task}")
         if task["type"] == "distill" and task.get("init") not in ("mimic", "transfer"):
             raise ValueError(f"{path}: a distill task needs init: mimic or transfer, got {task}")
+        task_grid = task.get("grid", {})
+        if not isinstance(task_grid, dict) or set(task_grid) - set(GRID_KEYS) or not all(task_grid.values()):
+            raise ValueError(
+                f"{path}: a task's grid must map some of {', '.join(GRID_KEYS)} to non-empty lists, got {task_grid}"
+            )
+        for layout in task_grid.get("layout", []):
+            mixers.parse_layout(layout)
     study["train"] = {**TRAIN_DEFAULTS, **study.get("train", {})}
     return study
 
 
 def expand(study: dict[str, Any]) -> list[Cell]:
-    """Every cell of the study's grid, in a stable order."""
-    grid = study["grid"]
-    return [
-        Cell(layout, tuple(sorted(task.items())), d_model, seed, float(lr))
-        for task in study["tasks"]
-        for layout, d_model, seed, lr in itertools.product(
-            grid["layout"], grid["d_model"], grid["seed"], grid["learning_rate"]
-        )
-    ]
+    """Every cell of the study's grid, in a stable order (task by task). A task's own ``grid`` entries
+    replace the study's for that task (e.g. one model size for the expensive multimodal task)."""
+    cells = []
+    for task in study["tasks"]:
+        grid = {**study["grid"], **task.get("grid", {})}
+        frozen = tuple(sorted((key, value) for key, value in task.items() if key != "grid"))
+        cells += [
+            Cell(layout, frozen, d_model, seed, float(lr))
+            for layout, d_model, seed, lr in itertools.product(
+                grid["layout"], grid["d_model"], grid["seed"], grid["learning_rate"]
+            )
+        ]
+    return cells
 
 
 # --- models ---------------------------------------------------------------------------------------------

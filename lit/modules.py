@@ -152,7 +152,7 @@ class HybridStage(L.LightningModule):
             lr=self.hparams.learning_rate,
             betas=(0.9, 0.95),
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self._schedule_length()
         warmup = max(1, round(total * self.hparams.warmup_ratio))
         floor = self.hparams.min_lr_ratio
 
@@ -164,6 +164,23 @@ class HybridStage(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_length(self) -> int:
+        """Optimizer steps the run will take (``Trainer.estimated_stepping_batches``'s rule).
+
+        The trainer's own estimate builds its training loader as soon as it is asked, which happens here, before
+        a checkpoint's data position is restored: a resumed run would start the epoch over. So the batches are
+        counted on a loader of our own from the DataModule.
+        """
+        trainer = self.trainer
+        by_steps = trainer.max_steps if trainer.max_steps != -1 else math.inf
+        if trainer.max_epochs in (None, -1) or trainer.datamodule is None:
+            return max(1, int(min(by_steps, trainer.estimated_stepping_batches)))
+        batches = len(trainer.datamodule.train_dataloader())
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        by_epochs = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+        return max(1, int(min(by_steps, by_epochs)))
 
     # --- steps --------------------------------------------------------------------------------------
 

@@ -15,7 +15,13 @@ from torch import nn
 
 from mixers.backends import log_once
 from mixers.base import Mixer
-from mixers.ops.attention import FULL_PREFERENCE, WINDOW_PREFERENCE, attention_over_positions, causal_attention
+from mixers.ops.attention import (
+    FULL_PREFERENCE,
+    WINDOW_PREFERENCE,
+    attention_over_positions,
+    causal_attention,
+    decode_attention,
+)
 from mixers.ops.rotary import apply_rotary, rotary_cos_sin
 from mixers.ops.varlen import sequence_bounds
 from mixers.registry import register_mixer
@@ -101,6 +107,12 @@ class Attention(Mixer):
             q.dtype,
         )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is not None and cu_seqlens is None and x.shape[1] == 1:
+            # one new token per sequence: store it first (it evicts only a key outside its window), then read
+            # the cache alone; no host synchronisation, so the step can be captured in a CUDA graph
+            self._write(state, k, v, tokens, None)
+            o = decode_attention(q, state.key.to(k.dtype), state.value.to(v.dtype), state.slot_positions() >= 0)
+            return self.o_proj(o.flatten(-2)), state
         if state is None:
             backend = self._resolve_backend(x.device)
             o = causal_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, backend=backend)
@@ -160,11 +172,11 @@ class Attention(Mixer):
             slots = positions % self.window
         else:
             slots = positions
-            needed = int(positions.max()) + 1
-            if needed > cache.key.shape[1]:
-                grow = max(needed, 2 * cache.key.shape[1]) - cache.key.shape[1]
-                pad = cache.key.new_zeros(cache.key.shape[0], grow, *cache.key.shape[2:])
-                cache.key, cache.value = torch.cat([cache.key, pad], 1), torch.cat([cache.value, pad], 1)
+            # a CUDA graph cannot grow the cache (nor read positions on the host): its owner reserves the room
+            if not (cache.key.is_cuda and torch.cuda.is_current_stream_capturing()):
+                needed = int(positions.max()) + 1
+                if needed > cache.key.shape[1]:
+                    cache.reserve(max(needed, 2 * cache.key.shape[1]))
         index = (rows.flatten(), slots.flatten())
         k, v = k.flatten(0, 1).to(cache.key.dtype), v.flatten(0, 1).to(cache.value.dtype)
         if torch.is_grad_enabled() and (k.requires_grad or cache.key.requires_grad):

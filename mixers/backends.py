@@ -125,34 +125,42 @@ def select_backend(
     return requested
 
 
-def fla_gated_backward_issue(device: torch.device) -> str | None:
-    """Why fla cannot run the backward pass of its gated chunk kernels here, or ``None``.
+def fla_gated_backward_issue(device: torch.device, kernel: str = "gated_delta_rule") -> str | None:
+    """Why fla cannot run the backward pass of its gated chunk ``kernel`` here, or ``None``.
 
-    fla refuses (rather than return wrong gradients) the backward of gated chunk kernels — the gated
-    delta rule, simple gated linear attention — on Hopper GPUs with Triton 3.4 to 3.7.0 unless tilelang
-    is installed (fla issue #640).
+    fla refuses (rather than return wrong gradients) the backward of its gated chunk kernels on Hopper GPUs
+    with Triton 3.4 to 3.7.0 (fla issue #640). With tilelang installed fla swaps in a tilelang kernel for the
+    gated delta rule (``kernel="gated_delta_rule"``); the simple gated form (``"simple_gla"``, Mamba2's SSD)
+    still raises there.
     """
+    if kernel not in ("gated_delta_rule", "simple_gla"):
+        raise ValueError(f"kernel must be 'gated_delta_rule' or 'simple_gla', got {kernel!r}")
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return None
-    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("tilelang") is not None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    if kernel == "gated_delta_rule" and importlib.util.find_spec("tilelang") is not None:
         return None
     import triton
 
     version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:3] if part.isdigit())
     if (3, 4, 0) <= version < (3, 7, 1):
+        remedy = "install tilelang or Triton >= 3.7.1" if kernel == "gated_delta_rule" else "install Triton >= 3.7.1"
         return (
-            f"fla's gated chunk backward gives wrong gradients on Hopper with Triton {triton.__version__} "
-            "(fla issue #640); install tilelang or Triton >= 3.7.1 to train with fla kernels"
+            f"fla's gated chunk backward ({kernel}) gives wrong gradients on Hopper with Triton "
+            f"{triton.__version__} (fla issue #640); {remedy} to train with fla kernels"
         )
     return None
 
 
-def gated_backward_limitations(device: torch.device, *tensors: torch.Tensor | None) -> dict[str, str] | None:
-    """``{"fla": reason}`` when autograd will differentiate through a gated fla kernel on ``tensors``
-    that cannot run its backward here (:func:`fla_gated_backward_issue`), else ``None``."""
+def gated_backward_limitations(
+    device: torch.device, *tensors: torch.Tensor | None, kernel: str = "gated_delta_rule"
+) -> dict[str, str] | None:
+    """``{"fla": reason}`` when autograd will differentiate through fla's gated chunk ``kernel`` on ``tensors``
+    and that backward cannot run here (:func:`fla_gated_backward_issue`), else ``None``."""
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
         return None
-    issue = fla_gated_backward_issue(device)
+    issue = fla_gated_backward_issue(device, kernel)
     return {"fla": issue} if issue else None
 
 

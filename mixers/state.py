@@ -50,6 +50,25 @@ class MixerState:
         """The state on another device."""
         return self._map(lambda t: t.to(device))
 
+    def copy_(self, other: MixerState) -> Self:
+        """Write ``other``'s values into this state's tensors in place (their addresses stay, as a CUDA graph
+        needs); tensors ``other`` shares with this state are left as they are. Shapes must match."""
+        for f in dataclasses.fields(self):
+            mine, theirs = _tensors(getattr(self, f.name)), _tensors(getattr(other, f.name))
+            if len(mine) != len(theirs):
+                raise ValueError(f"cannot copy a state with a different structure into this one (field {f.name!r})")
+            for target, source in zip(mine, theirs):
+                if target is not source:
+                    target.copy_(source)
+        return self
+
+    def zero_(self) -> Self:
+        """Empty the state in place (every tensor zero, as :meth:`init_state` makes it)."""
+        for f in dataclasses.fields(self):
+            for tensor in _tensors(getattr(self, f.name)):
+                tensor.zero_()
+        return self
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the state's tensors."""
@@ -97,6 +116,18 @@ class KVCache(MixerState):
     @property
     def batch_size(self) -> int:
         return self.key.shape[0]
+
+    def reserve(self, slots: int) -> None:
+        """Give a growing cache (``window is None``) room for ``slots`` tokens now, so that later writes up to
+        that length never reallocate (a CUDA graph needs fixed buffers). Windowed caches are already fixed."""
+        if self.window is not None or slots <= self.key.shape[1]:
+            return
+        grown = []
+        for old in (self.key, self.value):
+            new = old.new_zeros(old.shape[0], slots, *old.shape[2:])
+            new[:, : old.shape[1]] = old
+            grown.append(new)
+        self.key, self.value = grown
 
     def slot_positions(self) -> torch.Tensor:
         """``[N, slots]`` position of the token held in each slot, ``-1`` where the slot is empty."""

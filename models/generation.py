@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from mixers.ops.varlen import seqlens_to_cu_seqlens
+from models.cuda_graphs import GraphedDecoder
 from models.hybrid import HybridVLM, ModelState
 
 
@@ -104,6 +105,7 @@ def generate(
     pad_token_id: int | None = None,
     prefill_chunk_size: int | None = None,
     generator: torch.Generator | None = None,
+    decoder: GraphedDecoder | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after each prompt row.
 
@@ -115,6 +117,8 @@ def generate(
         eos_token_id: stop token(s), default the config's; a row stops after emitting one.
         pad_token_id: fills rows that stopped, default the config's (or the first stop token).
         prefill_chunk_size: prefill the prompt this many tokens at a time (same result, less memory).
+        decoder: decode by replaying this CUDA graph (built for the same model and batch size) instead of
+            running the model eagerly; the prompt is still prefilled eagerly.
 
     Returns:
         ``[B, n]`` new tokens, ``n <= max_new_tokens`` (stopped rows padded).
@@ -135,6 +139,10 @@ def generate(
         second_per_grid_ts=second_per_grid_ts,
     )
     logits, state = prefill(model, input_ids, attention_mask, prefill_chunk_size, state, **vision)
+    if decoder is not None:
+        if decoder.model is not model:
+            raise ValueError("the CUDA-graph decoder was built for another model")
+        decoder.load(state)
     stop_ids = torch.tensor(stops, device=input_ids.device, dtype=torch.long)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
@@ -145,6 +153,9 @@ def generate(
         finished |= torch.isin(token, stop_ids)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        out = model(token[:, None], state=state, logits_to_keep=1)
-        logits, state = out.logits[:, -1], out.state
+        if decoder is not None:
+            logits = decoder.step(token)
+        else:
+            out = model(token[:, None], state=state, logits_to_keep=1)
+            logits, state = out.logits[:, -1], out.state
     return torch.stack(tokens, dim=1)

@@ -50,6 +50,15 @@ class ModelState:
         """A deep copy (fork): calls on the copy leave this state untouched."""
         return ModelState([state.clone() for state in self.layers], self.next_position.clone())
 
+    def copy_(self, other: ModelState) -> Self:
+        """Write ``other`` into this state's tensors in place (see :meth:`MixerState.copy_`)."""
+        if len(self.layers) != len(other.layers):
+            raise ValueError(f"cannot copy a state of {len(other.layers)} layers into one of {len(self.layers)}")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.copy_(theirs)
+        self.next_position.copy_(other.next_position)
+        return self
+
     def detach(self) -> Self:
         return ModelState([state.detach() for state in self.layers], self.next_position.clone())
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
 from models.hybrid import HybridVLM, ModelState
 
 
@@ -44,9 +45,17 @@ class StreamingSession:
         model: the hybrid model (evaluation mode is set).
         processor: its Qwen2.5-VL processor (tokenizer, chat template, image processor).
         system_prompt: the system turn that opens the stream.
+        cuda_graphs: feed frames by replaying a CUDA graph per frame size (vision tower and decoder) and
+            decode answers with one (:mod:`models.cuda_graphs`); needs a CUDA model with a fixed-size state.
     """
 
-    def __init__(self, model: HybridVLM, processor: Any, system_prompt: str = "You are a helpful assistant.") -> None:
+    def __init__(
+        self,
+        model: HybridVLM,
+        processor: Any,
+        system_prompt: str = "You are a helpful assistant.",
+        cuda_graphs: bool = False,
+    ) -> None:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -55,16 +64,47 @@ class StreamingSession:
         self.frames = 0
         self.tokens = 0
         self._opening = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n"
+        self.cuda_graphs = cuda_graphs
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self.device}")
+            if "A" in model.kinds:
+                raise ValueError(
+                    "streaming with CUDA graphs needs a fixed-size state; the layout has full-attention (A) layers"
+                )
+            self._static = model.init_state(1, self.device)  # the stream's state while graphs run
+        self._frame_graphs: dict[tuple[int, int, int], GraphedFramePrefill] = {}
+        self._decoder: GraphedDecoder | None = None
 
     @torch.no_grad()
     def _advance(self, text: str, images: list[Image.Image] | None = None) -> None:
         if self.state is None:
             text = self._opening + text
         inputs = self.processor(text=[text], images=images, return_tensors="pt")
+        self.tokens += inputs["input_ids"].shape[1]
+        graph = self._frame_graph(inputs) if self.cuda_graphs and images else None
+        if graph is not None:
+            graph.feed(inputs["pixel_values"].to(self.device, graph.pixel_values.dtype))
+            return
         vision = {k: inputs[k].to(self.device) for k in ("pixel_values", "image_grid_thw") if k in inputs}
         out = self.model(inputs["input_ids"].to(self.device), state=self.state, logits_to_keep=1, **vision)
         self.state = out.state
-        self.tokens += inputs["input_ids"].shape[1]
+        if self.cuda_graphs:  # keep the stream in the graphs' static state
+            self._static_load(out.state)
+
+    def _static_load(self, state: ModelState) -> None:
+        if state is not self._static:
+            self._static.copy_(state)
+        self.state = self._static
+
+    def _frame_graph(self, inputs: Any) -> GraphedFramePrefill | None:
+        """The graph for this frame's size; ``None`` for the stream's first input (it carries the opening text)."""
+        if self.state is None:
+            return None
+        grid = tuple(int(n) for n in inputs["image_grid_thw"][0])
+        if grid not in self._frame_graphs:
+            self._frame_graphs[grid] = GraphedFramePrefill(self.model, grid, state=self._static)
+        return self._frame_graphs[grid]
 
     def feed_frame(self, frame: torch.Tensor | Image.Image) -> None:
         """Add one video frame (uint8 ``[3, H, W]`` or a PIL image) to the stream."""
@@ -86,7 +126,9 @@ class StreamingSession:
         fork = None if self.state is None else self.state.clone()
         prompt = (self._opening if fork is None else "") + f"{question}<|im_end|>\n<|im_start|>assistant\n"
         ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
-        tokens = self.model.generate(ids, state=fork, max_new_tokens=max_new_tokens)
+        if self.cuda_graphs and self._decoder is None:
+            self._decoder = GraphedDecoder(self.model, batch_size=1)
+        tokens = self.model.generate(ids, state=fork, max_new_tokens=max_new_tokens, decoder=self._decoder)
         text = self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
         return Answer(text, tokens.shape[1], time.perf_counter() - start)
 

@@ -84,6 +84,8 @@ def test_every_study_expands_and_bad_studies_name_the_problem(tmp_path):
         "name: x\n" + grid.replace("'S,D'", "'S,,D'") + "tasks: [{type: mqar}]": "empty item",
         "name: x\n" + grid + "tasks: [{type: essay}]": "task type must be",
         "name: x\n" + grid: "the grid needs",
+        "name: x\n" + grid + "tasks: [{type: mqar, grid: {depth: [2]}}]": "a task's grid must map",
+        "name: x\n" + grid + "tasks: [{type: mqar, grid: {layout: ['S,X']}}]": "unknown",
     }
     for text, message in cases.items():
         path = tmp_path / "study.yaml"
@@ -91,3 +93,16 @@ def test_every_study_expands_and_bad_studies_name_the_problem(tmp_path):
         with pytest.raises((ValueError, mixers.LayoutError), match=message):
             ablation.load_study(path)
     assert ablate(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_task_grid_replaces_the_study_grid_for_that_task(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "name: x\ngrid: {layout: ['S,D', 'A,A'], d_model: [8, 16], seed: [0, 1], learning_rate: [1]}\n"
+        "tasks: [{type: mqar}, {type: mqar, seq_len: 32, grid: {d_model: [16], seed: [3]}}]"
+    )
+    cells = ablation.expand(ablation.load_study(path))
+    assert len(cells) == 2 * 2 * 2 + 2
+    last = [cell for cell in cells if cell.task_dict.get("seq_len") == 32]
+    assert {(cell.layout, cell.d_model, cell.seed) for cell in last} == {("S,D", 16, 3), ("A,A", 16, 3)}
+    assert all("grid" not in cell.task_dict for cell in cells)

@@ -76,3 +76,24 @@ def test_checkpoint_resumes_on_another_world_size(student, tmp_path):
         ckpt=tmp_path / "straight" / "ckpt" / "step2.ckpt",
     )
     assert_same_weights(straight, resumed)
+
+
+def test_fsdp_recipe_wraps_each_decoder_layer():
+    """The FSDP YAML's strategy resolves to Lightning's FSDPStrategy sharding one decoder layer per unit."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from models.hybrid import HybridDecoderLayer
+
+    recipe = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "experiments" / "infinitevl" / "distill_layerwise_fsdp.yaml").read_text()
+    )
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    strategy = parser.instantiate(parser.parse_object({"strategy": recipe["trainer"]["strategy"]})).strategy
+    assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {HybridDecoderLayer}
+    assert strategy.kwargs["use_orig_params"]

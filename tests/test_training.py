@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lit.callbacks import StepTimer
 from lit.commands.train import main as train_main
 from lit.datamodule import HybridDataModule
 from lit.modules import SFT, DistillEndToEnd, DistillLayerwise, HybridStage, LongSFT
@@ -42,6 +43,7 @@ class LossRecorder(Callback):
 def fit(module: HybridStage, dirs, tmp_path, max_steps=4, ckpt_path=None, callbacks=(), val=None) -> L.Trainer:
     trainer = L.Trainer(
         max_steps=max_steps,
+        max_epochs=1,  # as the recipes: the schedule length then depends on the loader, counted before resuming
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
@@ -78,6 +80,20 @@ def test_resume_mid_epoch_reproduces_the_loss_curve(dirs, tmp_path):
     assert sorted(resumed) == [4, 5, 6, 7, 8]
     for step, loss in resumed.items():
         assert loss == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
+
+
+def test_step_timer_writes_throughput_memory_and_losses(dirs, tmp_path):
+    timer = StepTimer(str(tmp_path / "steps.json"), warmup=1)
+    fit(SFT(model=dirs["student"], generation_max_new_tokens=0), dirs, tmp_path, max_steps=3, callbacks=[timer])
+    report = json.loads((tmp_path / "steps.json").read_text())
+    assert [step["step"] for step in report["steps"]] == [1, 2, 3]
+    assert all(step["tokens"] > 0 and step["seconds"] > 0 and step["loss"] > 0 for step in report["steps"])
+    timed = report["steps"][1:]
+    expected = sum(s["tokens"] for s in timed) / sum(s["seconds"] for s in timed)
+    assert report["tokens_per_second"] == pytest.approx(expected)
+    assert report["timed_steps"] == 2 and report["world_size"] == 1 and report["peak_gib_per_rank"] == [0.0]
+    with pytest.raises(ValueError, match="warmup"):
+        StepTimer(str(tmp_path / "x.json"), warmup=-1)
 
 
 def test_stage_defaults_choose_trainable_parameters(dirs):

@@ -17,7 +17,6 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-import vision
 from vision import (
     VideoInfo,
     VisionInputError,
@@ -287,7 +286,7 @@ def test_iter_video_frames_decodes_lazily(video_path: Path, monkeypatch: pytest.
         opened.append(CountingContainer(real_open(*args, **kwargs)))
         return opened[-1]
 
-    monkeypatch.setattr(vision.video.av, "open", counting_open)
+    monkeypatch.setattr(av, "open", counting_open)
     samples = iter_video_frames(video_path, fps=2.0)
     time, frame = next(samples)
     assert (time, frame_index(frame)) == (0.0, 0)

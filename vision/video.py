@@ -22,13 +22,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import torch
-from av.container import InputContainer
-from av.video.frame import VideoFrame
-from av.video.stream import VideoStream
 from PIL import Image
+
+if TYPE_CHECKING:  # PyAV is imported where videos are read, so image-only users never load FFmpeg
+    from av.container import InputContainer
+    from av.video.frame import VideoFrame
+    from av.video.stream import VideoStream
 
 __all__ = ["VideoInfo", "VisionInputError", "iter_video_frames", "load_image", "probe_video", "read_video"]
 
@@ -89,6 +91,8 @@ def _sample_step(fps: float) -> Fraction:
 @contextmanager
 def _decoding(path: Path) -> Iterator[None]:
     """Turn FFmpeg and OS errors raised while reading ``path`` into ``VisionInputError``."""
+    import av
+
     try:
         yield
     except (av.error.FFmpegError, OSError) as error:
@@ -98,6 +102,8 @@ def _decoding(path: Path) -> Iterator[None]:
 @contextmanager
 def _open_video(path: Path) -> Iterator[tuple[InputContainer, VideoStream]]:
     """Open ``path`` and its first video stream; errors while the block runs become ``VisionInputError``."""
+    import av
+
     with _decoding(path), av.open(str(path)) as container:
         if not container.streams.video:
             raise VisionInputError(path, "has no video stream")
@@ -119,7 +125,9 @@ def _duration(container: InputContainer, stream: VideoStream) -> float | None:
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     if container.duration:
-        return container.duration / av.time_base
+        from av import time_base
+
+        return container.duration / time_base
     return None
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mixers.backends import select_backend
+from mixers.ops.utils import compute_dtype
 from mixers.ops.varlen import check_cu_seqlens, sequence_bounds
 
 # Measured on H100 (benchmarks/results/mixers.md): for full causal attention PyTorch SDPA (flash kernel)
@@ -90,6 +91,22 @@ def attention_over_positions(
     if window is not None:
         visible &= kp > qp - window
     return _sdpa(q, k, v, visible[:, None], scale)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, *, scale: float | None = None
+) -> torch.Tensor:
+    """One query per sequence over a cache: ``q`` ``[B, 1, Hq, D]``, ``k``, ``v`` ``[B, S, Hkv, D]``,
+    ``visible`` ``[B, S]`` bool (slots the query sees). Grouped heads read each key once (no repeat);
+    softmax in float32 (float64 for float64 input). Returns ``[B, 1, Hq, D]``."""
+    B, _, Hq, D = q.shape
+    Hkv = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    qg = q.reshape(B, Hkv, Hq // Hkv, D)
+    scores = torch.einsum("bhgd,bshd->bhgs", qg, k).to(compute_dtype(q)) * scale
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    out = torch.einsum("bhgs,bshd->bhgd", scores.softmax(-1).to(v.dtype), v)
+    return out.reshape(B, 1, Hq, D)
 
 
 def _sdpa_causal(q, k, v, window, scale):

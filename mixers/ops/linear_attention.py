@@ -119,7 +119,11 @@ def _dispatch(variant, q, k, v, g, scale, initial_state, cu_seqlens, form, chunk
     owner = {"gla": "gated_linear_attention", "simple_gla": "simple_gated_linear_attention"}.get(
         variant, "linear_attention"
     )
-    limitations = gated_backward_limitations(q.device, q, k, v, g, initial_state) if variant == "simple_gla" else None
+    limitations = (
+        gated_backward_limitations(q.device, q, k, v, g, initial_state, kernel="simple_gla")
+        if variant == "simple_gla"
+        else None
+    )
     if select_backend(backend, q.device, _PREFERENCE, owner, limitations) == "fla":
         return _fla(variant, q, k, v, g, scale, initial_state, cu_seqlens, form)
     fn = _chunk_torch if form == "chunk" else _recurrent_torch

@@ -1,0 +1,85 @@
+"""Callbacks for measuring training runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class StepTimer(L.Callback):
+    """Time every training step and write throughput and memory to a JSON file when training ends.
+
+    Each step is timed on the host after synchronising the device, so the time is the step's whole cost
+    (forward, backward, optimiser, communication). Tokens are the packed batch's tokens summed over ranks.
+
+    The file holds per-step seconds and global tokens, tokens per second over the steps after ``warmup``,
+    and every rank's peak allocated GPU memory. Add it from YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lit.callbacks.StepTimer
+              init_args: {path: runs/stage1/steps.json, warmup: 2}
+
+    Args:
+        path: where rank 0 writes the JSON.
+        warmup: first steps left out of the throughput (compilation, autotuning, allocator warm-up).
+    """
+
+    def __init__(self, path: str, warmup: int = 2) -> None:
+        if warmup < 0:
+            raise ValueError(f"warmup must be at least 0, got {warmup}")
+        self.path = Path(path)
+        self.warmup = warmup
+        self.steps: list[dict[str, float]] = []
+        self._start = 0.0
+
+    def _synchronize(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._synchronize(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self._synchronize(pl_module)
+        seconds = time.perf_counter() - self._start
+        tokens = torch.tensor(float(batch.input_ids.numel()), device=pl_module.device)
+        tokens = float(trainer.strategy.reduce(tokens, reduce_op="sum"))
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.steps.append(
+            {
+                "step": trainer.global_step,
+                "seconds": seconds,
+                "tokens": tokens,
+                "loss": None if loss is None else float(loss.detach()),
+            }
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        peak = torch.cuda.max_memory_allocated(pl_module.device) if pl_module.device.type == "cuda" else 0
+        peaks = trainer.strategy.all_gather(torch.tensor(float(peak), device=pl_module.device))
+        timed = self.steps[self.warmup :]
+        seconds = sum(step["seconds"] for step in timed)
+        summary = {
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "precision": trainer.precision,
+            "warmup_steps": self.warmup,
+            "timed_steps": len(timed),
+            "tokens_per_second": sum(step["tokens"] for step in timed) / seconds if seconds else None,
+            "seconds_per_step": seconds / len(timed) if timed else None,
+            "peak_gib_per_rank": [float(p) / 2**30 for p in peaks.reshape(-1)],
+            "steps": self.steps,
+        }
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,254 @@
+"""CUDA graphs for decoding and streaming.
+
+Eager decoding of a 3B hybrid launches a few thousand small kernels per token, so the GPU mostly waits for
+the CPU. A CUDA graph records one step's kernels once and replays them with a single launch. That needs fixed
+buffers: each graph here owns a *static* :class:`~models.hybrid.ModelState` that every replay updates in place
+(the sliding-window ring buffers are indexed by device tensors, full-attention caches are reserved up front),
+and static input buffers that callers fill before each replay.
+
+* :class:`GraphedDecoder` — one new token per sequence (text generation).
+* :class:`GraphedFramePrefill` — one image or video frame of a fixed size through the vision tower and the
+  decoder into the state (streaming), one graph per frame-size bucket.
+
+Both replay exactly the kernels the eager model runs for the same step, so results equal the eager path's.
+
+.. code-block:: python
+
+    decoder = GraphedDecoder(model, batch_size=1)
+    decoder.load(state)                       # a state from a prefill
+    logits = decoder.step(next_token)         # [B, vocab], then the state holds the new token
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mixers.state import KVCache
+from models.hybrid import HybridVLM, ModelState
+
+
+def _check_cuda(model: HybridVLM) -> torch.device:
+    device = model.lm_head.weight.device
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
+    return device
+
+
+def _copy_state_(target: ModelState, source: ModelState) -> None:
+    """Write ``source`` into the static ``target`` in place (tensors they share stay as they are)."""
+    if len(target.layers) != len(source.layers) or target.batch_size != source.batch_size:
+        raise ValueError(
+            f"the state has {len(source.layers)} layers and {source.batch_size} sequences; this graph was built "
+            f"for {len(target.layers)} layers and {target.batch_size} sequences"
+        )
+    for mine, theirs in zip(target.layers, source.layers):
+        if isinstance(mine, KVCache) and mine.window is None and theirs.key.shape[1] > mine.key.shape[1]:
+            raise ValueError(
+                f"a full-attention cache holds {theirs.key.shape[1]} slots but the graph reserved {mine.key.shape[1]}; "
+                "build the graph with a larger max_context"
+            )
+        if isinstance(mine, KVCache) and mine.window is None and theirs.key.shape[1] < mine.key.shape[1]:
+            mine.key.zero_()
+            mine.value.zero_()
+            mine.key[:, : theirs.key.shape[1]].copy_(theirs.key)
+            mine.value[:, : theirs.value.shape[1]].copy_(theirs.value)
+            mine.length.copy_(theirs.length)
+        else:
+            mine.copy_(theirs)
+    target.next_position.copy_(source.next_position)
+
+
+class _StaticGraph:
+    """A captured callable over a static state: warm-up on a side stream, capture, replay."""
+
+    def __init__(
+        self, model: HybridVLM, state: ModelState, max_context: int | None, warmup: int, keep_state: bool
+    ) -> None:
+        self.model = model.eval()
+        self.device = _check_cuda(model)
+        self.state = state
+        self.keep_state = keep_state
+        self.max_context = max_context
+        self._has_growing_cache = any(isinstance(s, KVCache) and s.window is None for s in state.layers)
+        if self._has_growing_cache:
+            if max_context is None:
+                raise ValueError(
+                    "the layout has full-attention (A) layers, whose cache grows: give max_context, the most tokens "
+                    "a sequence will hold, so the graph can reserve it"
+                )
+            for layer in state.layers:
+                if isinstance(layer, KVCache):
+                    layer.reserve(max_context)
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._tokens_held = 0  # most tokens in a full-attention cache, tracked on the host (no device sync)
+
+    def _capture(self, body: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Warm up ``body`` (compiles kernels, runs autotuning) and capture it; afterwards the state is what it
+        was (``keep_state``: a caller's state) or empty. Returns the graph's static output."""
+        snapshot = self.state.clone() if self.keep_state else None
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            output = body()
+        if snapshot is not None:
+            _copy_state_(self.state, snapshot)
+        else:
+            for layer in self.state.layers:
+                layer.zero_()
+            self.state.next_position.zero_()
+        return output
+
+    def load(self, state: ModelState) -> None:
+        """Make the static state equal ``state`` (a prefill's result, a fork of a stream)."""
+        _copy_state_(self.state, state)
+        growing = [layer.length for layer in self.state.layers if isinstance(layer, KVCache) and layer.window is None]
+        self._tokens_held = int(torch.stack(growing).max()) if growing else 0
+
+    def _check_room(self, tokens: int) -> None:
+        if self._has_growing_cache:
+            if self._tokens_held + tokens > self.max_context:
+                raise ValueError(
+                    f"the next step would hold {self._tokens_held + tokens} tokens but the graph reserved "
+                    f"max_context={self.max_context}"
+                )
+            self._tokens_held += tokens
+
+
+class GraphedDecoder(_StaticGraph):
+    """Greedy or sampled decoding, one token per sequence per replay.
+
+    Args:
+        model: the hybrid model on a CUDA device.
+        batch_size: sequences decoded together.
+        max_context: for layouts with full-attention (``A``) layers, the most tokens a sequence may hold.
+        warmup: eager runs before capture (kernel compilation and autotuning happen there).
+
+    Attributes:
+        state: the static state, empty after construction; :meth:`load` a state into it before stepping, read it
+            (or ``clone()`` it) after.
+    """
+
+    def __init__(self, model: HybridVLM, batch_size: int = 1, max_context: int | None = None, warmup: int = 3) -> None:
+        state = model.init_state(batch_size, _check_cuda(model))
+        super().__init__(model, state, max_context, warmup, keep_state=False)
+        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.logits = self._capture(self._body)
+
+    def _body(self) -> torch.Tensor:
+        batch = self.input_ids.shape[0]
+        positions = self.state.next_position.view(1, batch, 1).expand(3, batch, 1)
+        out = self.model(self.input_ids, position_ids=positions, state=self.state, logits_to_keep=1)
+        _copy_state_(self.state, out.state)
+        return out.logits[:, -1]
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``input_ids`` ``[B]`` (or ``[B, 1]``); return the next-token logits ``[B, vocab]`` (a static
+        buffer the next step overwrites: clone to keep)."""
+        self._check_room(1)
+        self.input_ids.copy_(input_ids.reshape(self.input_ids.shape))
+        self.graph.replay()
+        return self.logits
+
+
+class GraphedFramePrefill(_StaticGraph):
+    """One frame of a fixed size through the vision tower and the decoder into the static state.
+
+    The frame's tokens are ``<|vision_start|>`` + its merged-patch placeholders + ``<|vision_end|>``, with
+    Qwen2.5-VL's M-RoPE positions counted on from the state; the vision tower's size-dependent tables (rotary
+    positions, window order, attention boundaries) are computed once for the bucket.
+
+    Args:
+        model: the hybrid model (with its vision tower) on a CUDA device.
+        grid_thw: the frame's patch grid ``(t, h, w)`` as the processor returns it (``image_grid_thw``).
+        state: the static state to advance, left as it is by the capture (share one between the graphs of
+            several frame sizes); a fresh, empty one when ``None``.
+        max_context: as :class:`GraphedDecoder`.
+        warmup: eager runs before capture.
+    """
+
+    def __init__(
+        self,
+        model: HybridVLM,
+        grid_thw: tuple[int, int, int],
+        state: ModelState | None = None,
+        max_context: int | None = None,
+        warmup: int = 3,
+    ) -> None:
+        if model.visual is None:
+            raise ValueError("frame prefill needs a model with a vision tower (vision_config)")
+        device = _check_cuda(model)
+        keep_state = state is not None
+        state = model.init_state(1, device) if state is None else state
+        if state.batch_size != 1:
+            raise ValueError(f"a frame stream holds one sequence; the state holds {state.batch_size}")
+        super().__init__(model, state, max_context, warmup, keep_state)
+        config, vision = model.config, model.visual.config
+        self.grid_thw = tuple(int(n) for n in grid_thw)
+        t, h, w = self.grid_thw
+        merge = vision.spatial_merge_size
+        if h % merge or w % merge:
+            raise ValueError(f"the patch grid {self.grid_thw} must be divisible by the merge size {merge}")
+        self.num_features = t * h * w // merge**2
+        ids = [config.vision_start_token_id, *[config.image_token_id] * self.num_features, config.vision_end_token_id]
+        self.input_ids = torch.tensor([ids], device=device)
+        grid = torch.tensor([self.grid_thw])
+        offsets, _ = model.positions(
+            self.input_ids, torch.tensor([0, len(ids)]), torch.zeros(1, dtype=torch.long), image_grid_thw=grid
+        )
+        self.position_offsets = offsets
+        self.vision_inputs = _vision_tables(model.visual, grid, device)
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        self.pixel_values = torch.zeros(t * h * w, patch_dim, device=device, dtype=model.visual.dtype)
+        self.logits = self._capture(self._body)
+
+    def _body(self) -> torch.Tensor:
+        features = self.model.visual(self.pixel_values, grid_thw=self.vision_inputs["grid_thw"], **self._tables())
+        embeds = self.model.language_model.embed_tokens(self.input_ids)
+        embeds = torch.cat([embeds[:, :1], features.pooler_output[None].to(embeds.dtype), embeds[:, -1:]], 1)
+        positions = self.position_offsets + self.state.next_position.view(1, 1, 1)
+        out = self.model(inputs_embeds=embeds, position_ids=positions, state=self.state, logits_to_keep=1)
+        _copy_state_(self.state, out.state)
+        return out.logits[:, -1]
+
+    def _tables(self) -> dict:
+        # the vision tower pops these from its keyword arguments, so hand it a fresh dict each call
+        return {k: v for k, v in self.vision_inputs.items() if k != "grid_thw"}
+
+    def feed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Advance the state by one frame given its processed patches ``[t*h*w, C*T*P*P]``; return the logits
+        after the frame (a static buffer)."""
+        if pixel_values.shape != self.pixel_values.shape:
+            raise ValueError(
+                f"this graph takes frames with patches {tuple(self.pixel_values.shape)} (grid {self.grid_thw}); "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        self._check_room(self.input_ids.shape[1])
+        self.pixel_values.copy_(pixel_values)
+        self.graph.replay()
+        return self.logits
+
+
+def _vision_tables(visual: torch.nn.Module, grid_thw: torch.Tensor, device: torch.device) -> dict:
+    """The vision tower's size-dependent inputs, precomputed (transformers' ``vision_utils``): rotary positions
+    and window order on the GPU, attention boundaries on the CPU (the SDPA path splits by them on the host)."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    config = visual.config
+    window_index, cu_window_seqlens = get_vision_window_index(
+        grid_thw, config.spatial_merge_size, config.window_size, config.patch_size
+    )
+    return {
+        "grid_thw": grid_thw,
+        "position_ids": get_vision_position_ids(grid_thw, config.spatial_merge_size).to(device),
+        "cu_seqlens": get_vision_cu_seqlens(grid_thw),
+        "window_index": window_index.to(device),
+        "cu_window_seqlens": cu_window_seqlens,
+    }

@@ -1,0 +1,156 @@
+"""CUDA-graph decoding and frame prefill against the eager model and the one-pass parallel forward.
+
+Tiny float32 models on CUDA with a short sliding window, so the ring buffers wrap many times. Graph replay runs
+the eager step's kernels, so it must match the eager path to float32 rounding; the one-pass forward uses the
+chunked kernels, so it matches to a looser bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rel_err
+
+from models.config import HybridConfig
+from models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
+from models.hybrid import HybridVLM
+from models.tiny_qwen import init_tiny_vision_tower
+
+pytestmark = pytest.mark.gpu
+WINDOW = 16
+VISION = dict(
+    depth=2,
+    hidden_size=32,
+    num_heads=2,
+    intermediate_size=64,
+    out_hidden_size=64,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[1],
+    tokens_per_second=2,
+    in_channels=3,
+)
+
+
+def tiny_model(layout: str, vision: bool = False) -> HybridVLM:
+    torch.manual_seed(0)
+    config = HybridConfig(
+        layout=layout,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=len(layout.split(",")),
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        mrope_section=[8, 4, 4],
+        sliding_window=WINDOW,
+        mixer_options={
+            "D": {"num_heads": 2, "head_dim": 32},
+            "L": {"num_heads": 2, "head_dim": 32},
+            "G": {"num_heads": 2},
+            "M": {"d_state": 16, "headdim": 16},
+        },
+        vision_config=VISION if vision else None,
+        image_token_id=500,
+        video_token_id=501,
+        vision_start_token_id=502,
+        vision_end_token_id=503,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = HybridVLM(config)
+    if vision:
+        init_tiny_vision_tower(model.visual)
+    return model.to("cuda").eval()
+
+
+@pytest.mark.parametrize("layout", ["S,D,A,D", "S,L,D", "S,M,D"])
+@torch.no_grad()
+def test_graph_decoding_equals_eager_through_window_wraparound(layout):
+    model = tiny_model(layout)
+    prompt = torch.randint(0, 500, (2, 11), device="cuda")
+    out = model(prompt, logits_to_keep=1)
+    steps = 8 * WINDOW
+    decoder = GraphedDecoder(model, batch_size=2, max_context=prompt.shape[1] + steps)
+    decoder.load(out.state)
+    eager_state = out.state
+    tokens = torch.randint(0, 500, (steps, 2), device="cuda")
+    for token in tokens:
+        graph_logits = decoder.step(token).clone()
+        eager = model(token[:, None], state=eager_state, logits_to_keep=1)
+        eager_state = eager.state
+        assert rel_err(graph_logits, eager.logits[:, -1]) < 1e-5
+    # and both equal the one-pass forward over prompt + tokens
+    full = model(torch.cat([prompt, tokens.T], 1))
+    assert rel_err(graph_logits, full.logits[:, -1]) < 5e-3  # chunked kernels (tf32 dots) vs the token loop
+    # generation through the graph gives the eager tokens
+    prompt = torch.randint(0, 500, (2, 5), device="cuda")
+    assert torch.equal(
+        model.generate(prompt, max_new_tokens=20, decoder=decoder), model.generate(prompt, max_new_tokens=20)
+    )
+
+
+@torch.no_grad()
+def test_graph_decoding_refuses_a_full_attention_cache_beyond_its_reservation():
+    model = tiny_model("S,D,A,D")
+    with pytest.raises(ValueError, match="max_context"):
+        GraphedDecoder(model)
+    decoder = GraphedDecoder(model, max_context=4)
+    decoder.load(model(torch.randint(0, 500, (1, 4), device="cuda")).state)
+    with pytest.raises(ValueError, match="reserved max_context=4"):
+        decoder.step(torch.tensor([1], device="cuda"))
+
+
+def frame_tokens(model: HybridVLM, features: int) -> torch.Tensor:
+    config = model.config
+    return torch.tensor(
+        [[config.vision_start_token_id, *[config.image_token_id] * features, config.vision_end_token_id]],
+        device="cuda",
+    )
+
+
+@torch.no_grad()
+def test_graph_frame_prefill_equals_eager_and_one_pass_over_1000_frames():
+    model = tiny_model("S,D,D,D", vision=True)
+    grid = (1, 4, 4)  # 56x56 frames: 16 patches, 4 merged features, 6 tokens per frame
+    patches = grid[0] * grid[1] * grid[2]
+    patch_dim = 3 * 2 * 14 * 14
+    frames = 1000
+    pixels = torch.randn(frames, patches, patch_dim, device="cuda")
+    graph = GraphedFramePrefill(model, grid)
+    ids = frame_tokens(model, graph.num_features)
+    grid_thw = torch.tensor([grid], device="cuda")
+    eager_state = None
+    state_bytes = None
+    for n in range(frames):
+        logits = graph.feed(pixels[n]).clone()
+        eager = model(ids, pixel_values=pixels[n], image_grid_thw=grid_thw, state=eager_state, logits_to_keep=1)
+        eager_state = eager.state
+        if n % 50 == 0 or n == frames - 1:  # the graph's state and output follow the eager ones frame by frame
+            assert rel_err(logits, eager.logits[:, -1]) < 1e-5
+            assert torch.equal(graph.state.next_position, eager_state.next_position)
+        state_bytes = state_bytes or graph.state.nbytes
+        assert graph.state.nbytes == state_bytes
+    one_pass = model(
+        ids.repeat(1, frames),
+        pixel_values=pixels.flatten(0, 1),
+        image_grid_thw=grid_thw.repeat(frames, 1),
+        logits_to_keep=1,
+    )
+    assert rel_err(logits, one_pass.logits[:, -1]) < 5e-3  # chunked kernels (tf32 dots) vs frame by frame
+    assert torch.equal(graph.state.next_position, one_pass.state.next_position)
+
+
+@torch.no_grad()
+def test_graph_frame_prefill_checks_its_inputs():
+    model = tiny_model("S,D", vision=True)
+    with pytest.raises(ValueError, match="divisible by the merge size"):
+        GraphedFramePrefill(model, (1, 3, 4))
+    graph = GraphedFramePrefill(model, (1, 4, 4))
+    with pytest.raises(ValueError, match="takes frames with patches"):
+        graph.feed(torch.randn(4, 1176, device="cuda"))
+    with pytest.raises(ValueError, match="vision tower"):
+        GraphedFramePrefill(tiny_model("S,D"), (1, 4, 4))
