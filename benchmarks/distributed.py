@@ -63,10 +63,22 @@ def prepare_models(workdir: Path) -> None:
     processor = load_processor(make_tiny_qwen2_5_vl(workdir / "tiny"))
     processor.image_processor.max_pixels = 448 * 448  # let 448x448 images through unresized
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}
+    tokenizer = processor.tokenizer
+    ids = {  # the processor's special tokens, wherever its vocabulary puts them
+        f"{name}_token_id": tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image", "<|image_pad|>"),
+            ("video", "<|video_pad|>"),
+            ("vision_start", "<|vision_start|>"),
+            ("vision_end", "<|vision_end|>"),
+            ("eos", "<|im_end|>"),
+            ("pad", "<|endoftext|>"),
+        )
+    }
     torch.manual_seed(0)
     for name, layout in (("teacher", "A x36"), ("student", "S,D,D,D x9")):
         with torch.device("cuda"):
-            model = HybridVLM(HybridConfig(layout=layout, vision_config=VISION_3B))
+            model = HybridVLM(HybridConfig(layout=layout, vision_config=VISION_3B, bos_token_id=None, **ids))
         model.to(torch.bfloat16).save_pretrained(workdir / name)
         processor.save_pretrained(workdir / name)
         del model

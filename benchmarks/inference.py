@@ -35,6 +35,7 @@ from benchmarks.train_step import VISION_3B
 from mixers.state import KVCache, RecurrentState
 from models.config import HybridConfig
 from models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
+from models.generation import prefill
 from models.hybrid import HybridVLM
 
 MODELS = {"hybrid": "S,D,D,D x9", "transformer": "A x36"}
@@ -71,17 +72,43 @@ def decoder_weight_bytes(model: HybridVLM) -> int:
     return total
 
 
-def prefill_ms(model: HybridVLM, tokens: int, repeats: int) -> dict:
+def prefill_ms(model: HybridVLM, tokens: int, repeats: int, chunk: int | None = None) -> dict:
+    """Median of ``repeats`` prefills of ``tokens`` random tokens after one warm-up (in chunks of ``chunk`` tokens
+    carrying the state, if given)."""
     ids = torch.randint(0, 150_000, (1, tokens), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     try:
         with torch.no_grad():
-            ms = cuda_time_ms(lambda: model(ids, logits_to_keep=1), warmup=1, repeats=repeats)
+            ms = cuda_time_ms(lambda: prefill(model, ids, prefill_chunk_size=chunk), warmup=1, repeats=repeats)
     except torch.OutOfMemoryError:
-        return {"tokens": tokens, "ms": None, "error": "out of memory"}
+        return {"tokens": tokens, "chunk": chunk, "ms": None, "error": "out of memory"}
     finally:
         torch.cuda.empty_cache()
-    return {"tokens": tokens, "ms": ms, "tokens_per_second": tokens / ms * 1e3, "peak_gib": _peak_gib()}
+    return {"tokens": tokens, "chunk": chunk, "ms": ms, "tokens_per_second": tokens / ms * 1e3, "peak_gib": _peak_gib()}
+
+
+def kernel_profile(step) -> dict:
+    """The GPU kernels of one eager ``step``: how many, their summed time, and the costliest by name. Under a
+    CUDA graph the same kernels run back to back, so their summed time bounds the replay from below."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    kernels = []
+    for event in prof.key_averages():
+        micros = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if micros > 0:
+            kernels.append({"name": event.key[:90], "count": event.count, "ms": micros / 1e3})
+    kernels.sort(key=lambda k: -k["ms"])
+    return {
+        "kernels": sum(k["count"] for k in kernels),
+        "kernel_ms": sum(k["ms"] for k in kernels),
+        "top": kernels[:8],
+    }
 
 
 def fill_context(decoder: GraphedDecoder, context: int) -> None:
@@ -145,6 +172,13 @@ def eager_decode_ms(model: HybridVLM, context: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
+def decode_profile(model: HybridVLM, context: int) -> dict:
+    with torch.no_grad():
+        state = model(torch.randint(0, 150_000, (1, context), device="cuda"), logits_to_keep=1).state
+    token = torch.randint(0, 150_000, (1, 1), device="cuda")
+    return kernel_profile(lambda: model(token, state=state.clone(), logits_to_keep=1))
+
+
 def streaming(model: HybridVLM, frames: int, eager_frames: int) -> dict:
     """Frames per second through the frame graph, with the allocated memory after each frame."""
     torch.cuda.empty_cache()
@@ -190,7 +224,14 @@ def streaming(model: HybridVLM, frames: int, eager_frames: int) -> dict:
         torch.cuda.synchronize()
         eager_fps = eager_frames / (time.perf_counter() - eager_start)
         vision_ms = cuda_time_ms(lambda: model.visual(pool[0], grid_thw=grid), warmup=3, repeats=20)
+    frame_state = model.init_state(1)
+    profile = kernel_profile(
+        lambda: model(ids, pixel_values=pool[0], image_grid_thw=grid, state=frame_state.clone(), logits_to_keep=1)
+    )
+    vision_profile = kernel_profile(lambda: model.visual(pool[0], grid_thw=grid))
     return {
+        "frame_profile": profile,
+        "vision_tower_profile": vision_profile,
         "frames": frames,
         "tokens_per_frame": ids.shape[1],
         "fps": frames / seconds,
@@ -222,10 +263,15 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         entry["floor_ms_per_token"] = entry["decoder_weight_bytes"] / (results["copy_bandwidth_gbps"] * 1e9) * 1e3
         lengths = args.prefill + (args.hybrid_prefill if name == "hybrid" else [])
         for tokens in lengths:
-            entry["prefill"].append(prefill_ms(model, tokens, repeats=2 if tokens > 65536 else 5))
+            chunk = args.prefill_chunk if tokens > args.prefill_chunk_above else None
+            entry["prefill"].append(prefill_ms(model, tokens, repeats=1 if tokens > 65536 else 5, chunk=chunk))
             print(name, entry["prefill"][-1], flush=True)
             write_json(out, results)
         entry["eager_decode_ms_per_token_at_4k"] = eager_decode_ms(model, 4096, 20)
+        entry["decode_profile_at_4k"] = decode_profile(model, 4096)
+        print(
+            name, "decode kernels", {k: v for k, v in entry["decode_profile_at_4k"].items() if k != "top"}, flush=True
+        )
         for context in args.contexts:
             entry["decode"].append(decode_ms(model, context, args.decode_steps))
             print(name, entry["decode"][-1], flush=True)
@@ -290,7 +336,7 @@ def markdown(results: dict) -> str:
             [[goal, measured, "yes" if met else "**no**"] for goal, measured, met in targets(results)],
         ),
         "",
-        "## Prefill (ms, one pass, last-token logits)",
+        "## Prefill (ms, last-token logits)",
         "",
     ]
     prefill_t = {p["tokens"]: p for p in transformer["prefill"]}
@@ -343,6 +389,13 @@ def markdown(results: dict) -> str:
         ),
         "",
     ]
+    if hybrid["prefill"] and any(p.get("chunk") for p in hybrid["prefill"]):
+        chunked = [f"{p['tokens'] // 1024}K" for p in hybrid["prefill"] if p.get("chunk")]
+        lines.insert(
+            lines.index("## Decode (ms/token, CUDA graph, batch 1)") - 1,
+            f"\nPrefills of {', '.join(chunked)} run in chunks of {hybrid['prefill'][-1]['chunk']:,} tokens carrying "
+            "the state (one pass does not fit the GPU).",
+        )
     stream = hybrid.get("streaming")
     if stream:
         lines += [
@@ -354,7 +407,50 @@ def markdown(results: dict) -> str:
             f"allocated memory grew {stream['memory_growth_after_warmup']:.2%} after the first 10% of frames.",
             "",
         ]
+    lines += where_the_time_goes(results)
     return "\n".join(lines) + "\n"
+
+
+MATMUL_KERNELS = ("gemm", "gemv", "nvjet", "cutlass", "xmma")
+
+
+def _profile_lines(label: str, profile: dict, measured_ms: float | None) -> list[str]:
+    matmul = sum(k["ms"] for k in profile["top"] if any(m in k["name"].lower() for m in MATMUL_KERNELS))
+    replay = f"; the graph replay took {measured_ms:.1f} ms" if measured_ms else ""
+    lines = [
+        f"**{label}**: {profile['kernels']:,} kernels, {profile['kernel_ms']:.1f} ms of kernel time{replay}; matrix "
+        f"products among the costliest kernels {matmul:.1f} ms.",
+        "",
+        markdown_table(
+            ["kernel", "launches", "ms"],
+            [[f"`{k['name'][:70]}`", str(k["count"]), f"{k['ms']:.2f}"] for k in profile["top"]],
+        ),
+        "",
+    ]
+    return lines
+
+
+def where_the_time_goes(results: dict) -> list[str]:
+    """Kernel profiles of one eager step (a graph replays the same kernels without the launch gaps)."""
+    hybrid, transformer = results["models"]["hybrid"], results["models"]["transformer"]
+    lines = ["## Where the time goes", ""]
+    lines += [
+        "Kernels of one eager step (torch.profiler); a CUDA graph replays the same kernels without launch gaps, so "
+        "their summed time bounds the replay from below.",
+        "",
+    ]
+    for name, entry in (("hybrid", hybrid), ("Transformer", transformer)):
+        profile = entry.get("decode_profile_at_4k")
+        if profile:
+            graph = next((d["ms_per_token"] for d in entry["decode"] if d["context"] == 4096), None)
+            lines += _profile_lines(f"{name} decode step at 4K", profile, graph)
+    stream = hybrid.get("streaming") or {}
+    if "frame_profile" in stream:
+        lines += _profile_lines(
+            "hybrid 448x448 frame (vision tower + decoder)", stream["frame_profile"], 1e3 / stream["fps"]
+        )
+        lines += _profile_lines("the vision tower alone", stream["vision_tower_profile"], None)
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -391,8 +487,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefill", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
     parser.add_argument("--hybrid-prefill", type=int, nargs="*", default=[524288], help="hybrid-only lengths")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536, 131072, 524288, 1048576])
-    parser.add_argument("--decode-steps", type=int, default=100)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 65536, 262144, 1048576])
+    parser.add_argument("--prefill-chunk", type=int, default=16384, help="chunk size for the longest prefills")
+    parser.add_argument("--prefill-chunk-above", type=int, default=131072, help="chunk prefills longer than this")
+    parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--eager-frames", type=int, default=30)
     parser.add_argument("--out", type=Path, default=RESULTS / "inference")

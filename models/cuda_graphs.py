@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from mixers.ops.attention import DECODE_BLOCK
 from mixers.state import KVCache
 from models.hybrid import HybridVLM, ModelState
 
@@ -79,8 +80,8 @@ class _StaticGraph:
                     "a sequence will hold, so the graph can reserve it"
                 )
             for layer in state.layers:
-                if isinstance(layer, KVCache):
-                    layer.reserve(max_context)
+                if isinstance(layer, KVCache):  # whole blocks, which decode attention sums in parallel
+                    layer.reserve(-(-max_context // DECODE_BLOCK) * DECODE_BLOCK)
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self._tokens_held = 0  # most tokens in a full-attention cache, tracked on the host (no device sync)

@@ -16,6 +16,8 @@ from mixers.ops.varlen import check_cu_seqlens, sequence_bounds
 # Measured on H100 (benchmarks/results/mixers.md): for full causal attention PyTorch SDPA (flash kernel)
 # beats fla's parallel_attn; with a window shorter than the sequence fla skips the masked blocks and wins.
 FULL_PREFERENCE = ("flash_attn", "torch", "fla")
+# cache slots per block of decode attention's split weighted sum (caches whose size it divides are split)
+DECODE_BLOCK = 1024
 WINDOW_PREFERENCE = ("flash_attn", "fla", "torch")
 
 
@@ -100,12 +102,16 @@ def decode_attention(
     ``visible`` ``[B, S]`` bool (slots the query sees). Grouped heads read each key once (no repeat);
     softmax in float32 (float64 for float64 input). Returns ``[B, 1, Hq, D]``."""
     B, _, Hq, D = q.shape
-    Hkv = k.shape[2]
+    S, Hkv = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
     qg = q.reshape(B, Hkv, Hq // Hkv, D)
     scores = torch.einsum("bhgd,bshd->bhgs", qg, k).to(compute_dtype(q)) * scale
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    out = torch.einsum("bhgs,bshd->bhgd", scores.softmax(-1).to(v.dtype), v)
+    probs = scores.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1).to(v.dtype)
+    # the weighted sum reduces over all S slots: split them into blocks summed separately (split-K), or a few
+    # thread blocks would read a long cache alone
+    blocks = S // DECODE_BLOCK if S % DECODE_BLOCK == 0 else 1
+    probs = probs.unflatten(-1, (blocks, S // blocks))
+    out = torch.einsum("bhgcs,bcshd->bchgd", probs, v.unflatten(1, (blocks, S // blocks))).sum(1)
     return out.reshape(B, 1, Hq, D)
 
 
