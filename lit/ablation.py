@@ -17,7 +17,7 @@ A study is a YAML file:
       - {type: synthetic, tasks: [ocr, counting], image_size: 56,
          grid: {d_model: [128], learning_rate: [1.0e-3]}}          # this task's own grid entries
     match_parameters: "A,A"                # scale MLP widths so every layout has this layout's parameter count
-    train: {max_steps: 2000, max_tokens: 8192, window: 32}
+    train: {max_steps: 2000, max_tokens: 8192, window: 32, backends: {G: torch}}   # backends: per mixer letter
     smoke: {grid: {d_model: [32], seed: [0]}, train: {max_steps: 3}}   # merged in with --smoke (CPU)
 
 The summary reports, per (layout, task, d_model), the best learning rate's accuracy averaged over seeds
@@ -69,6 +69,7 @@ TRAIN_DEFAULTS = {
     "val_size": 50,
     "mlp_ratio": 2,
     "pipeline_scale": 1.0,
+    "backends": {},  # mixer letter -> backend for every cell (default: each mixer's "auto")
 }
 
 
@@ -184,10 +185,18 @@ def model_config(
         mrope_section=None if vision is None else _mrope(head_dim),
         sliding_window=study["train"]["window"],
         mixer_options={
-            "D": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
-            "L": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
-            "G": {"num_heads": heads},
-            "M": {"d_state": min(64, d), "headdim": min(64, d)},
+            kind: {
+                **options,
+                **({"backend": study["train"]["backends"][kind]} if kind in study["train"]["backends"] else {}),
+            }
+            for kind, options in {
+                "D": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
+                "L": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
+                "G": {"num_heads": heads},
+                "M": {"d_state": min(64, d), "headdim": min(64, d)},
+                "S": {},
+                "A": {},
+            }.items()
         },
         vision_config=vision,
         pad_token_id=0,

@@ -11,6 +11,7 @@ import mixers
 from lit import ablation
 from lit.commands.ablate import main as ablate
 from lit.data.mqar import MQARDataset
+from models.hybrid import HybridVLM
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXER_TYPE = ROOT / "experiments" / "ablations" / "mixer_type.yaml"
@@ -106,3 +107,13 @@ def test_a_task_grid_replaces_the_study_grid_for_that_task(tmp_path):
     last = [cell for cell in cells if cell.task_dict.get("seq_len") == 32]
     assert {(cell.layout, cell.d_model, cell.seed) for cell in last} == {("S,D", 16, 3), ("A,A", 16, 3)}
     assert all("grid" not in cell.task_dict for cell in cells)
+
+
+def test_study_backends_reach_every_cell_model():
+    study = ablation.load_study(ROOT / "experiments" / "ablations" / "mixer_type.yaml")
+    cell = next(cell for cell in ablation.expand(study) if cell.layout == "S,G,G,G")
+    config = ablation.model_config(cell, study, vocab_size=8192, vision=None)
+    assert config.mixer_options["G"]["backend"] == "torch"
+    assert "backend" not in config.mixer_options["D"]
+    model = HybridVLM(config)
+    assert {layer.self_attn.backend for layer in model.language_model.layers[1:]} == {"torch"}

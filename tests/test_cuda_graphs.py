@@ -2,7 +2,8 @@
 
 Tiny float32 models on CUDA with a short sliding window, so the ring buffers wrap many times. Graph replay runs
 the eager step's kernels, so it must match the eager path to float32 rounding; the one-pass forward uses the
-chunked kernels, so it matches to a looser bound.
+chunked kernels, so it matches to a looser bound. Most of the suite's time is Triton compiling fla's kernels
+for these shapes.
 """
 
 from __future__ import annotations
@@ -67,10 +68,9 @@ def tiny_model(layout: str, vision: bool = False) -> HybridVLM:
     return model.to("cuda").eval()
 
 
-@pytest.mark.parametrize("layout", ["S,D,A,D", "S,L,D", "S,M,D"])
 @torch.no_grad()
-def test_graph_decoding_equals_eager_through_window_wraparound(layout):
-    model = tiny_model(layout)
+def test_graph_decoding_equals_eager_through_window_wraparound():
+    model = tiny_model("S,D,A,L,M")  # every kind but G in one model: fewer kernels to compile
     prompt = torch.randint(0, 500, (2, 11), device="cuda")
     out = model(prompt, logits_to_keep=1)
     steps = 8 * WINDOW
