@@ -86,6 +86,7 @@ class EncodedConversations(Dataset):
         self.processor_dir = processor_dir
         self.max_length, self.truncate = max_length, truncate
         self._processor = None
+        self._lengths: list[int] | None = None
 
     @property
     def processor(self) -> Any:
@@ -100,9 +101,11 @@ class EncodedConversations(Dataset):
         return encode(self.conversations[index], self.processor, self.max_length, self.truncate)
 
     def lengths(self) -> list[int]:
-        """Token count of every sample, without encoding pixels."""
-        counts = [count_tokens(self.conversations.outline(i), self.processor) for i in range(len(self))]
-        return [min(c, self.max_length) if self.max_length and self.truncate else c for c in counts]
+        """Token count of every sample, without encoding pixels (counted once, then kept)."""
+        if self._lengths is None:
+            counts = [count_tokens(self.conversations.outline(i), self.processor) for i in range(len(self))]
+            self._lengths = [min(c, self.max_length) if self.max_length and self.truncate else c for c in counts]
+        return self._lengths
 
 
 class ResumableDataLoader(DataLoader):
