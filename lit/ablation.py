@@ -423,8 +423,12 @@ def _versions() -> dict[str, str]:
 
 
 def _write_cell(out: Path, cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
+    """Write the cell's JSON atomically: a study killed mid-write leaves no truncated cell behind."""
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "cells" / f"{cell.id}.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = out / "cells" / f"{cell.id}.json"
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    partial.replace(path)
     return result
 
 
@@ -452,11 +456,17 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_study(
-    config: str | Path, smoke: bool = False, out: str | Path | None = None, workers: int = 1
+    config: str | Path,
+    smoke: bool = False,
+    out: str | Path | None = None,
+    workers: int = 1,
+    time_budget: float | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every cell of a study; write ``summary.json`` and ``summary.md`` and return the summary.
+    """Run (or resume) the cells of a study; write ``summary.json`` and ``summary.md`` and return the summary.
 
     ``workers`` > 1 trains that many cells at once in separate processes (small models leave a GPU mostly idle).
+    With ``time_budget`` (seconds) no cell starts once the budget is spent; cells already running finish, and the
+    summary covers the cells done so far (``complete`` is false until every cell is): run again to go on.
     """
     study = load_study(config, smoke)
     out = Path(out) if out else Path(config).parent / "results" / (study["name"] + ("_smoke" if smoke else ""))
@@ -466,29 +476,66 @@ def run_study(
         from models.tiny_qwen import make_tiny_qwen2_5_vl
 
         make_tiny_qwen2_5_vl(processor_dir)
-    done = [cell for cell in cells if (out / "cells" / f"{cell.id}.json").is_file()]
-    pending = [cell for cell in cells if cell not in done]
-    logger.info("%s: %d cells, %d done before (skipped), %d to run", study["name"], len(cells), len(done), len(pending))
+    pending = [cell for cell in cells if not (out / "cells" / f"{cell.id}.json").is_file()]
+    logger.info(
+        "%s: %d cells, %d done before (skipped), %d to run",
+        study["name"],
+        len(cells),
+        len(cells) - len(pending),
+        len(pending),
+    )
+    deadline = math.inf if time_budget is None else time.monotonic() + time_budget
     if workers > 1 and len(pending) > 1:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(run_cell, cell, study, out, processor_dir) for cell in pending]
-            for number, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                logger.info("[%d/%d] %s", number, len(pending), future.result()["cell"])
+        _run_parallel(pending, study, out, processor_dir, workers, deadline)
     else:
         for number, cell in enumerate(pending, 1):
+            if time.monotonic() >= deadline:
+                logger.info("time budget spent: %d cells left for the next run", len(pending) - number + 1)
+                break
             logger.info("[%d/%d] %s", number, len(pending), cell.id)
             run_cell(cell, study, out, processor_dir)
-    results = [json.loads((out / "cells" / f"{cell.id}.json").read_text()) for cell in cells]
-    summary = {"study": study["name"], "smoke": smoke, "cells": len(results), "rows": summarize(results)}
+    done = [cell for cell in cells if (out / "cells" / f"{cell.id}.json").is_file()]
+    results = [json.loads((out / "cells" / f"{cell.id}.json").read_text()) for cell in done]
+    summary = {
+        "study": study["name"],
+        "smoke": smoke,
+        "cells": len(results),
+        "total_cells": len(cells),
+        "complete": len(results) == len(cells),
+        "rows": summarize(results),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary) + "\n")
     return summary
 
 
+def _run_parallel(
+    pending: list[Cell], study: dict, out: Path, processor_dir: Path, workers: int, deadline: float
+) -> None:
+    """Keep ``workers`` cells in flight until the cells or the time run out."""
+    context = multiprocessing.get_context("spawn")
+    queue = list(reversed(pending))
+    finished = 0
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        running: set[concurrent.futures.Future] = set()
+        while queue or running:
+            while queue and len(running) < workers and time.monotonic() < deadline:
+                running.add(pool.submit(run_cell, queue.pop(), study, out, processor_dir))
+            if not running:
+                logger.info("time budget spent: %d cells left for the next run", len(queue))
+                break
+            completed, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in completed:
+                finished += 1
+                logger.info("[%d/%d] %s", finished, len(pending), future.result()["cell"])
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
+    progress = (
+        "" if summary.get("complete", True) else f" ({summary['cells']} of {summary['total_cells']} cells so far)"
+    )
     lines = [
-        f"# {summary['study']}{' (smoke)' if summary['smoke'] else ''}",
+        f"# {summary['study']}{' (smoke)' if summary['smoke'] else ''}{progress}",
         "",
         "| task | layout | d_model | accuracy (mean ± std over seeds) | best lr |",
         "|---|---|---|---|---|",

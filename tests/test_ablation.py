@@ -117,3 +117,13 @@ def test_study_backends_reach_every_cell_model():
     assert "backend" not in config.mixer_options["D"]
     model = HybridVLM(config)
     assert {layer.self_attn.backend for layer in model.language_model.layers[1:]} == {"torch"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_time_budget_stops_starting_cells_and_the_next_run_finishes(tmp_path, workers):
+    summary = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path, workers=workers, time_budget=0)
+    assert summary["cells"] == 0 and summary["total_cells"] == 2 and not summary["complete"]
+    assert "(0 of 2 cells so far)" in (tmp_path / "summary.md").read_text()
+    summary = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path, workers=workers)
+    assert summary["cells"] == 2 and summary["complete"]
+    assert not list((tmp_path / "cells").glob("*.partial"))
