@@ -242,3 +242,16 @@ def test_ops_reject_bad_shapes_and_backends():
         gated_delta_rule(q, k, v, g, beta, backend="fla")
     with pytest.raises(ValueError, match="unknown backend"):
         gated_delta_rule(q, k, v, g, beta, backend="cuda")
+
+
+@pytest.mark.parametrize("slots", [48, 2048])  # 2048: the weighted sum runs in blocks
+def test_decode_attention_equals_attention_over_the_visible_slots(slots):
+    from mixers.ops import attention_over_positions, decode_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, slots, 2, 16, dtype=torch.float64) for _ in range(2))
+    visible = torch.rand(2, slots) < 0.7
+    positions = torch.where(visible, torch.arange(slots), -1)  # hidden slots look empty
+    expected = attention_over_positions(q, k, v, torch.full((2, 1), slots), positions)
+    assert torch.allclose(decode_attention(q, k, v, visible), expected, rtol=1e-12, atol=1e-12)

@@ -3,7 +3,7 @@
 Each takes ``backend="auto" | "torch" | <kernel backend>``; the PyTorch forms are the reference.
 """
 
-from mixers.ops.attention import attention_over_positions, causal_attention
+from mixers.ops.attention import attention_over_positions, causal_attention, decode_attention
 from mixers.ops.gated_delta_rule import gated_delta_rule
 from mixers.ops.linear_attention import gated_linear_attention, linear_attention, simple_gated_linear_attention
 from mixers.ops.rotary import apply_rotary, rotary_cos_sin
@@ -14,6 +14,7 @@ __all__ = [
     "apply_rotary",
     "attention_over_positions",
     "causal_attention",
+    "decode_attention",
     "gated_delta_rule",
     "gated_linear_attention",
     "l2norm",
