@@ -46,9 +46,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xc = x.to(compute_dtype(x))
-        xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xc.to(x.dtype)
+        # F.rms_norm computes in float32 for half inputs and returns x's dtype: Qwen2's norm, in one op
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -78,8 +77,7 @@ class GatedRMSNorm(nn.Module):
         xc, gate = x.to(dtype), F.silu(gate.to(dtype))
         if not self.norm_before_gate:
             xc = xc * gate
-        groups = xc.unflatten(-1, (-1, self.group_size))
-        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
+        groups = F.rms_norm(xc.unflatten(-1, (-1, self.group_size)), (self.group_size,), eps=self.eps)
         y = groups.flatten(-2) * self.weight.to(dtype)
         if self.norm_before_gate:
             y = y * gate
