@@ -117,6 +117,22 @@ class KVCache(MixerState):
     def batch_size(self) -> int:
         return self.key.shape[0]
 
+    def copy_(self, other: KVCache) -> Self:
+        """As :meth:`MixerState.copy_`; a growing cache may take a shorter one (its other slots are emptied),
+        never a longer one (buffers at fixed addresses cannot grow)."""
+        if self.window is not None or other.key.shape[1] == self.key.shape[1]:
+            return super().copy_(other)
+        slots = other.key.shape[1]
+        if slots > self.key.shape[1]:
+            raise ValueError(
+                f"a full-attention cache of {slots} slots does not fit this one of {self.key.shape[1]}; reserve more"
+            )
+        for target, source in ((self.key, other.key), (self.value, other.value)):
+            target[:, slots:].zero_()
+            target[:, :slots].copy_(source)
+        self.length.copy_(other.length)
+        return self
+
     def reserve(self, slots: int) -> None:
         """Give a growing cache (``window is None``) room for ``slots`` tokens now, so that later writes up to
         that length never reallocate (a CUDA graph needs fixed buffers). Windowed caches are already fixed."""

@@ -37,30 +37,6 @@ def _check_cuda(model: HybridVLM) -> torch.device:
     return device
 
 
-def _copy_state_(target: ModelState, source: ModelState) -> None:
-    """Write ``source`` into the static ``target`` in place (tensors they share stay as they are)."""
-    if len(target.layers) != len(source.layers) or target.batch_size != source.batch_size:
-        raise ValueError(
-            f"the state has {len(source.layers)} layers and {source.batch_size} sequences; this graph was built "
-            f"for {len(target.layers)} layers and {target.batch_size} sequences"
-        )
-    for mine, theirs in zip(target.layers, source.layers):
-        if isinstance(mine, KVCache) and mine.window is None and theirs.key.shape[1] > mine.key.shape[1]:
-            raise ValueError(
-                f"a full-attention cache holds {theirs.key.shape[1]} slots but the graph reserved {mine.key.shape[1]}; "
-                "build the graph with a larger max_context"
-            )
-        if isinstance(mine, KVCache) and mine.window is None and theirs.key.shape[1] < mine.key.shape[1]:
-            mine.key.zero_()
-            mine.value.zero_()
-            mine.key[:, : theirs.key.shape[1]].copy_(theirs.key)
-            mine.value[:, : theirs.value.shape[1]].copy_(theirs.value)
-            mine.length.copy_(theirs.length)
-        else:
-            mine.copy_(theirs)
-    target.next_position.copy_(source.next_position)
-
-
 class _StaticGraph:
     """A captured callable over a static state: warm-up on a side stream, capture, replay."""
 
@@ -100,16 +76,14 @@ class _StaticGraph:
         with torch.no_grad(), torch.cuda.graph(self.graph):
             output = body()
         if snapshot is not None:
-            _copy_state_(self.state, snapshot)
+            self.state.copy_(snapshot)
         else:
-            for layer in self.state.layers:
-                layer.zero_()
-            self.state.next_position.zero_()
+            self.state.zero_()
         return output
 
     def load(self, state: ModelState) -> None:
         """Make the static state equal ``state`` (a prefill's result, a fork of a stream)."""
-        _copy_state_(self.state, state)
+        self.state.copy_(state)
         growing = [layer.length for layer in self.state.layers if isinstance(layer, KVCache) and layer.window is None]
         self._tokens_held = int(torch.stack(growing).max()) if growing else 0
 
@@ -147,7 +121,7 @@ class GraphedDecoder(_StaticGraph):
         batch = self.input_ids.shape[0]
         positions = self.state.next_position.view(1, batch, 1).expand(3, batch, 1)
         out = self.model(self.input_ids, position_ids=positions, state=self.state, logits_to_keep=1)
-        _copy_state_(self.state, out.state)
+        self.state.copy_(out.state)
         return out.logits[:, -1]
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -216,7 +190,7 @@ class GraphedFramePrefill(_StaticGraph):
         embeds = torch.cat([embeds[:, :1], features.pooler_output[None].to(embeds.dtype), embeds[:, -1:]], 1)
         positions = self.position_offsets + self.state.next_position.view(1, 1, 1)
         out = self.model(inputs_embeds=embeds, position_ids=positions, state=self.state, logits_to_keep=1)
-        _copy_state_(self.state, out.state)
+        self.state.copy_(out.state)
         return out.logits[:, -1]
 
     def _tables(self) -> dict:

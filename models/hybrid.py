@@ -52,11 +52,21 @@ class ModelState:
 
     def copy_(self, other: ModelState) -> Self:
         """Write ``other`` into this state's tensors in place (see :meth:`MixerState.copy_`)."""
-        if len(self.layers) != len(other.layers):
-            raise ValueError(f"cannot copy a state of {len(other.layers)} layers into one of {len(self.layers)}")
+        if len(self.layers) != len(other.layers) or self.batch_size != other.batch_size:
+            raise ValueError(
+                f"cannot copy a state of {len(other.layers)} layers and {other.batch_size} sequences into one of "
+                f"{len(self.layers)} layers and {self.batch_size} sequences"
+            )
         for mine, theirs in zip(self.layers, other.layers):
             mine.copy_(theirs)
         self.next_position.copy_(other.next_position)
+        return self
+
+    def zero_(self) -> Self:
+        """Empty the state in place (as :meth:`HybridVLM.init_state` makes it)."""
+        for state in self.layers:
+            state.zero_()
+        self.next_position.zero_()
         return self
 
     def detach(self) -> Self:

@@ -189,6 +189,22 @@ def test_clone_forks_a_state(kind):
     assert torch.equal(y_a, y_b)
 
 
+def test_a_reserved_full_attention_cache_takes_a_shorter_one_in_place():
+    mixer = make("A")
+    with torch.no_grad():
+        _, short = mixer(x_of(1, 5))
+        _, longer = mixer(x_of(1, 9))
+    target = mixer.init_state(1, dtype=torch.float64)
+    target.reserve(8)
+    key = target.key
+    target.key.fill_(1.0)
+    target.copy_(short)
+    assert target.key is key and int(target.length) == 5
+    assert torch.equal(target.key[:, :5], short.key) and not target.key[:, 5:].any()
+    with pytest.raises(ValueError, match="does not fit"):
+        target.copy_(longer)
+
+
 def test_sliding_window_ring_buffer_wraps_around():
     mixer = make("S", window=4)
     x = x_of(1, 30)
