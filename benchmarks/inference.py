@@ -183,8 +183,7 @@ def streaming(model: HybridVLM, frames: int, eager_frames: int) -> dict:
     """Frames per second through the frame graph, with the allocated memory after each frame."""
     torch.cuda.empty_cache()
     graph = GraphedFramePrefill(model, FRAME_GRID)
-    patches = FRAME_GRID[0] * FRAME_GRID[1] * FRAME_GRID[2]
-    pool = torch.randn(16, patches, 3 * 2 * 14 * 14, device="cuda", dtype=torch.bfloat16)  # rotated frames
+    pool = torch.randn(16, *graph.pixel_values.shape, device="cuda", dtype=graph.pixel_values.dtype)  # rotated
     for n in range(10):
         graph.feed(pool[n % 16])
     torch.cuda.synchronize()
@@ -202,32 +201,24 @@ def streaming(model: HybridVLM, frames: int, eager_frames: int) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     warm = memory[len(memory) // 10]
-    ids = torch.tensor(
-        [
-            [
-                model.config.vision_start_token_id,
-                *[model.config.image_token_id] * graph.num_features,
-                model.config.vision_end_token_id,
-            ]
-        ],
-        device="cuda",
-    )
-    grid = torch.tensor([FRAME_GRID], device="cuda")
+    ids, grid = graph.input_ids, torch.tensor([FRAME_GRID], device="cuda")
+
+    def eager_frame(n: int, state):
+        return model(ids, pixel_values=pool[n % 16], image_grid_thw=grid, state=state, logits_to_keep=1).state
+
     with torch.no_grad():
         state = None
+        for n in range(3):  # warm-up
+            state = eager_frame(n, state)
+        torch.cuda.synchronize()
         eager_start = time.perf_counter()
-        for n in range(eager_frames + 3):
-            if n == 3:
-                torch.cuda.synchronize()
-                eager_start = time.perf_counter()
-            state = model(ids, pixel_values=pool[n % 16], image_grid_thw=grid, state=state, logits_to_keep=1).state
+        for n in range(eager_frames):
+            state = eager_frame(n, state)
         torch.cuda.synchronize()
         eager_fps = eager_frames / (time.perf_counter() - eager_start)
         vision_ms = cuda_time_ms(lambda: model.visual(pool[0], grid_thw=grid), warmup=3, repeats=20)
-    frame_state = model.init_state(1)
-    profile = kernel_profile(
-        lambda: model(ids, pixel_values=pool[0], image_grid_thw=grid, state=frame_state.clone(), logits_to_keep=1)
-    )
+    empty = model.init_state(1)
+    profile = kernel_profile(lambda: eager_frame(0, empty.clone()))
     vision_profile = kernel_profile(lambda: model.visual(pool[0], grid_thw=grid))
     return {
         "frame_profile": profile,
