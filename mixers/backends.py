@@ -125,6 +125,15 @@ def select_backend(
     return requested
 
 
+def triton_version() -> tuple[int, ...] | None:
+    """The installed Triton's version as numbers (``(3, 6, 0)``), or ``None`` without Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:3] if part.isdigit())
+
+
 def fla_gated_backward_issue(device: torch.device, kernel: str = "gated_delta_rule") -> str | None:
     """Why fla cannot run the backward pass of its gated chunk ``kernel`` here, or ``None``.
 
@@ -137,18 +146,16 @@ def fla_gated_backward_issue(device: torch.device, kernel: str = "gated_delta_ru
         raise ValueError(f"kernel must be 'gated_delta_rule' or 'simple_gla', got {kernel!r}")
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return None
-    if importlib.util.find_spec("triton") is None:
+    version = triton_version()
+    if version is None:
         return None
     if kernel == "gated_delta_rule" and importlib.util.find_spec("tilelang") is not None:
         return None
-    import triton
-
-    version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:3] if part.isdigit())
     if (3, 4, 0) <= version < (3, 7, 1):
         remedy = "install tilelang or Triton >= 3.7.1" if kernel == "gated_delta_rule" else "install Triton >= 3.7.1"
         return (
             f"fla's gated chunk backward ({kernel}) gives wrong gradients on Hopper with Triton "
-            f"{triton.__version__} (fla issue #640); {remedy} to train with fla kernels"
+            f"{'.'.join(map(str, version))} (fla issue #640); {remedy} to train with fla kernels"
         )
     return None
 
