@@ -174,6 +174,14 @@ def model_config(
     heads = max(1, d // 64)
     head_dim = d // heads
     kinds = mixers.parse_layout(cell.layout)
+    mixer_options = {
+        "D": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
+        "L": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
+        "G": {"num_heads": heads},
+        "M": {"d_state": min(64, d), "headdim": min(64, d)},
+    }
+    for kind, backend in study["train"]["backends"].items():
+        mixer_options.setdefault(kind, {})["backend"] = backend
     return HybridConfig(
         layout=cell.layout,
         vocab_size=vocab_size,
@@ -184,20 +192,7 @@ def model_config(
         num_key_value_heads=heads,
         mrope_section=None if vision is None else _mrope(head_dim),
         sliding_window=study["train"]["window"],
-        mixer_options={
-            kind: {
-                **options,
-                **({"backend": study["train"]["backends"][kind]} if kind in study["train"]["backends"] else {}),
-            }
-            for kind, options in {
-                "D": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
-                "L": {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0},
-                "G": {"num_heads": heads},
-                "M": {"d_state": min(64, d), "headdim": min(64, d)},
-                "S": {},
-                "A": {},
-            }.items()
-        },
+        mixer_options=mixer_options,
         vision_config=vision,
         pad_token_id=0,
         bos_token_id=None,
