@@ -61,3 +61,25 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def environment_lines(env: dict) -> str:
     versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items() if version)
     return f"Device: {env['device']} (CUDA {env['cuda']}). Versions: {versions}. Date: {env['date']}."
+
+
+def report(
+    name: str,
+    out: Path,
+    plot_only: bool,
+    run: Callable[[Path], dict],
+    markdown: Callable[[dict], str],
+    plot: Callable[[dict, Path], None],
+) -> None:
+    """The end of a benchmark script: measure (``run`` writes ``out.json`` as it goes) or, with ``plot_only``,
+    reload that JSON; then write ``out.md`` and ``out.png`` and print the markdown."""
+    if plot_only:
+        results = json.loads(out.with_suffix(".json").read_text())
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit(f"benchmarks.{name} needs a CUDA device")
+        results = run(out.with_suffix(".json"))
+    text = markdown(results)
+    out.with_suffix(".md").write_text(text)
+    plot(results, out.with_suffix(".png"))
+    print(text)

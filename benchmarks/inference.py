@@ -24,13 +24,20 @@ on one GPU. Measured:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, cuda_time_ms, environment, environment_lines, markdown_table, write_json
+from benchmarks.common import (
+    RESULTS,
+    cuda_time_ms,
+    environment,
+    environment_lines,
+    markdown_table,
+    report,
+    write_json,
+)
 from benchmarks.train_step import VISION_3B
 from mixers.state import KVCache, RecurrentState
 from models.config import HybridConfig
@@ -487,15 +494,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "inference")
     parser.add_argument("--plot-only", action="store_true", help="redraw the markdown and PNG from the JSON")
     args = parser.parse_args()
-    if args.plot_only:
-        results = json.loads(args.out.with_suffix(".json").read_text())
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("benchmarks.inference needs a CUDA device")
-        results = run(args, args.out.with_suffix(".json"))
-    args.out.with_suffix(".md").write_text(markdown(results))
-    plot(results, args.out.with_suffix(".png"))
-    print(markdown(results))
+    report("inference", args.out, args.plot_only, lambda path: run(args, path), markdown, plot)
 
 
 if __name__ == "__main__":

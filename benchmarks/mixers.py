@@ -13,14 +13,21 @@ rows time the bare recurrences (``gated_delta_rule`` through fla against SDPA), 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import mixers
-from benchmarks.common import RESULTS, cuda_time_ms, environment, environment_lines, markdown_table, write_json
+from benchmarks.common import (
+    RESULTS,
+    cuda_time_ms,
+    environment,
+    environment_lines,
+    markdown_table,
+    report,
+    write_json,
+)
 from mixers.ops import gated_delta_rule
 
 HIDDEN = 2048
@@ -231,17 +238,9 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
     parser.add_argument("--tokens", type=int, default=65536, help="batch x sequence length")
     parser.add_argument("--out", type=Path, default=RESULTS / "mixers")
-    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the markdown and PNG from the JSON")
     args = parser.parse_args()
-    if args.plot_only:
-        results = json.loads(args.out.with_suffix(".json").read_text())
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("benchmarks.mixers needs a CUDA device")
-        results = run(args.seq_lens, args.tokens, args.out.with_suffix(".json"))
-    args.out.with_suffix(".md").write_text(markdown(results))
-    plot(results, args.out.with_suffix(".png"))
-    print(args.out.with_suffix(".md").read_text())
+    report("mixers", args.out, args.plot_only, lambda path: run(args.seq_lens, args.tokens, path), markdown, plot)
 
 
 if __name__ == "__main__":
