@@ -13,6 +13,8 @@ Every run is a real ``torchrun -m lit.cli fit`` with :class:`lit.callbacks.StepT
 and tokens per step and each rank's peak memory. The speed-up is run 2's tokens/s over run 1's.
 
     python -m benchmarks.distributed --gpus 2     # on a machine with 2 GPUs; writes results/distributed.{json,md}
+    python -m benchmarks.distributed --gpus 2 --runs fsdp            # the runs one at a time (in one --workdir)
+    python -m benchmarks.distributed --gpus 2 --runs single,fsdp_resumed
 """
 
 from __future__ import annotations
@@ -165,28 +167,46 @@ def fit(config: Path, gpus: int, log: Path, ckpt_path: Path | None = None) -> fl
     return time.perf_counter() - start
 
 
+RUNS = ("single", "fsdp", "fsdp_resumed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per sample (one sample per GPU per step)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--save-at", type=int, default=5, help="checkpoint after this step; resume from it")
+    parser.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help="which runs, comma-separated; the rest keep their results from an earlier call in --workdir "
+        "(the models, data and checkpoint there are reused)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hybridvl-distributed"))
     parser.add_argument("--out", type=Path, default=RESULTS / "distributed")
     args = parser.parse_args()
+    chosen = args.runs.split(",")
+    if unknown := set(chosen) - set(RUNS):
+        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
     if torch.cuda.device_count() < args.gpus:
         raise SystemExit(f"benchmarks.distributed needs {args.gpus} CUDA devices; found {torch.cuda.device_count()}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    prepare_models(args.workdir)
-    write_data(args.workdir, samples=args.gpus * (args.steps + 2), words=args.tokens // 2)  # then cut to --tokens
-    results = {"environment": environment(), "tokens_per_sample": args.tokens, "steps": args.steps, "runs": {}}
-    out = args.out.with_suffix(".json")
-    plan = [
-        ("single", 1, None, None),
-        ("fsdp", args.gpus, args.save_at, None),
-        ("fsdp_resumed", args.gpus, None, args.workdir / "runs" / "fsdp" / "checkpoints" / f"step{args.save_at}.ckpt"),
-    ]
-    for name, gpus, save_every, resume in plan:
+    if not (args.workdir / "student" / "config.json").exists():
+        prepare_models(args.workdir)
+        write_data(args.workdir, samples=args.gpus * (args.steps + 2), words=args.tokens // 2)  # cut to --tokens
+    state = args.workdir / "results.json"
+    results = json.loads(state.read_text()) if state.exists() else {"runs": {}}
+    results.update(environment=environment(), tokens_per_sample=args.tokens, steps=args.steps)
+    checkpoint = args.workdir / "runs" / "fsdp" / "checkpoints" / f"step{args.save_at}.ckpt"
+    plan = {
+        "single": (1, None, None),
+        "fsdp": (args.gpus, args.save_at, None),
+        "fsdp_resumed": (args.gpus, None, checkpoint),
+    }
+    for name in RUNS:
+        if name not in chosen:
+            continue
+        gpus, save_every, resume = plan[name]
         config = run_config(args.workdir, name, gpus, args.steps, args.tokens, save_every)
         seconds = fit(config, gpus, args.workdir / f"{name}.log", resume)
         results["runs"][name] = {
@@ -195,10 +215,13 @@ def main() -> None:
             **json.loads((args.workdir / f"{name}.json").read_text()),
         }
         if save_every:
-            checkpoint = args.workdir / "runs" / name / "checkpoints" / f"step{args.save_at}.ckpt"
             results["runs"][name]["checkpoint_gib"] = checkpoint.stat().st_size / 2**30
         print(name, {k: v for k, v in results["runs"][name].items() if k != "steps"}, flush=True)
-        write_json(out, results)
+        write_json(state, results)
+    write_json(args.out.with_suffix(".json"), results)
+    if set(results["runs"]) != set(RUNS):
+        print(f"runs so far: {sorted(results['runs'])}; run the rest with --runs to finish the report")
+        return
     runs = results["runs"]
     results["speedup"] = runs["fsdp"]["tokens_per_second"] / runs["single"]["tokens_per_second"]
     before = {s["step"]: s["loss"] for s in runs["fsdp"]["steps"]}
@@ -210,7 +233,7 @@ def main() -> None:
         if shared
         else None,
     }
-    write_json(out, results)
+    write_json(args.out.with_suffix(".json"), results)
     args.out.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -182,6 +183,23 @@ class HybridStage(L.LightningModule):
         by_epochs = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
         return max(1, int(min(by_steps, by_epochs)))
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as the trainer is configured; under FSDP through FSDP's own ``clip_grad_norm_``, which takes the
+        norm over every rank's shard (Lightning's FSDP precision plugin refuses to clip by norm)."""
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(
+                    f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported with FSDP: use 'norm'"
+                )
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # --- steps --------------------------------------------------------------------------------------
 
     def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -268,13 +286,25 @@ class HybridStage(L.LightningModule):
     def on_train_end(self) -> None:
         # every rank asks for the log dir (a collective under DDP); rank 0 writes
         directory = self.hparams.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
-        if self.trainer.is_global_zero:
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            state = self.trainer.strategy.lightning_module_state_dict()  # every rank: gathers the shards on rank 0
+            if self.trainer.is_global_zero:
+                self.export(directory, self.unsharded_student(state))
+        elif self.trainer.is_global_zero:
             self.export(directory)
 
-    def export(self, directory: str | Path) -> Path:
-        """Write the student (and the processor files next to the source model) as a model directory."""
+    def unsharded_student(self, state_dict: dict[str, torch.Tensor]) -> HybridVLM:
+        """A whole student on CPU from this module's gathered (FSDP full) state dict."""
+        model = HybridVLM(self.student.config)
+        weights = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
+        load_weights_strict(model, weights, "the gathered FSDP state")
+        return model
+
+    def export(self, directory: str | Path, student: HybridVLM | None = None) -> Path:
+        """Write the student (default: :meth:`exportable_student`) and the processor files next to the source
+        model as a model directory."""
         directory = Path(directory)
-        self.exportable_student().save_pretrained(directory)
+        (student or self.exportable_student()).save_pretrained(directory)
         source = self.hparams.tokenizer_dir or self.hparams.model
         if Path(source).is_dir():
             copy_processor_files(source, directory)
@@ -296,6 +326,16 @@ class SFT(HybridStage):
         return loss_sum / count.clamp_min(1), {}
 
 
+def _teacher_keys_may_be_missing(module: nn.Module, incompatible_keys: Any) -> None:
+    """Load post-hook: checkpoints leave the frozen teacher out (it loads from its own directory), so its keys
+    are not missing; every other key still loads strictly. Names may carry FSDP's wrapper prefixes."""
+    incompatible_keys.missing_keys[:] = [
+        key
+        for key in incompatible_keys.missing_keys
+        if not key.replace("_fsdp_wrapped_module.", "").startswith("teacher.")
+    ]
+
+
 class _Distillation(HybridStage):
     """A stage with a frozen teacher. The teacher is not part of checkpoints: it is loaded from ``teacher``."""
 
@@ -304,6 +344,7 @@ class _Distillation(HybridStage):
     def __init__(self, model: str, teacher: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.teacher: HybridVLM | None = None
+        self.register_load_state_dict_post_hook(_teacher_keys_may_be_missing)
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -319,10 +360,6 @@ class _Distillation(HybridStage):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-
-    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
-        teacher = {} if self.teacher is None else {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
-        return super().load_state_dict({**state_dict, **teacher}, strict=strict, assign=assign)
 
     def teacher_pass(self, batch: PackedBatch, output_hidden_states: bool = False):
         with torch.no_grad():
@@ -453,6 +490,11 @@ class LongSFT(SFT):
         from peft import LoraConfig
         from peft.tuners.lora import LoraModel
 
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "LongSFT trains LoRA adapters, whose export merges them into a whole model: use strategy 'ddp' "
+                "(experiments/infinitevl/long_sft.yaml), not FSDP"
+            )
         super().configure_model()
         targets = self.hparams.lora_targets or [
             "q_proj",

@@ -82,6 +82,32 @@ def test_resume_mid_epoch_reproduces_the_loss_curve(dirs, tmp_path):
         assert loss == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
 
 
+def test_distillation_checkpoints_leave_the_teacher_out_and_load_strictly(dirs):
+    """The teacher's keys may be missing from a checkpoint (plain or FSDP-wrapped names); the student's may not."""
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    from lit.modules import _teacher_keys_may_be_missing
+
+    module = DistillLayerwise(model=dirs["student"], teacher=dirs["teacher"])
+    module.configure_model()
+    saved = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(saved)
+    assert saved["state_dict"] and not any(key.startswith("teacher.") for key in saved["state_dict"])
+    module.load_state_dict(saved["state_dict"])  # strict
+    dropped = next(iter(saved["state_dict"]))
+    with pytest.raises(RuntimeError, match=dropped):
+        module.load_state_dict({k: v for k, v in saved["state_dict"].items() if k != dropped})
+    wrapped = _IncompatibleKeys(
+        [
+            "_fsdp_wrapped_module.teacher.language_model.layers.0._fsdp_wrapped_module.mlp.up_proj.weight",
+            "_fsdp_wrapped_module.student.lm_head.weight",
+        ],
+        [],
+    )
+    _teacher_keys_may_be_missing(module, wrapped)
+    assert wrapped.missing_keys == ["_fsdp_wrapped_module.student.lm_head.weight"]
+
+
 def test_step_timer_writes_throughput_memory_and_losses(dirs, tmp_path):
     timer = StepTimer(str(tmp_path / "steps.json"), warmup=1)
     fit(SFT(model=dirs["student"], generation_max_new_tokens=0), dirs, tmp_path, max_steps=3, callbacks=[timer])
