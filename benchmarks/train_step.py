@@ -110,7 +110,11 @@ def main() -> None:
     teacher_config = HybridConfig(layout="A x36", vision_config=VISION_3B)
     student_config = HybridConfig(layout="S,D,D,D x9", vision_config=VISION_3B)
     for name, config in (("teacher", teacher_config), ("student", student_config)):
-        HybridVLM(config).to(torch.bfloat16).save_pretrained(args.workdir / name)
+        with torch.device("cuda"):  # random initialisation of 4B parameters is quick on the GPU
+            model = HybridVLM(config)
+        model.to(torch.bfloat16).save_pretrained(args.workdir / name)
+        del model
+        torch.cuda.empty_cache()
     batch = make_batch(student_config, args.tokens, "cuda")
     results = {"environment": environment(), "tokens": args.tokens, "peak_tflops": args.peak_tflops, "stages": []}
     for label, stage in (
@@ -141,9 +145,9 @@ def main() -> None:
             }
         )
         print(results["stages"][-1], flush=True)
+        write_json(args.out.with_suffix(".json"), results)
         del stage
         torch.cuda.empty_cache()
-    write_json(args.out.with_suffix(".json"), results)
     rows = [
         [
             s["stage"],
