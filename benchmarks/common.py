@@ -69,10 +69,10 @@ def report(
     plot_only: bool,
     run: Callable[[Path], dict],
     markdown: Callable[[dict], str],
-    plot: Callable[[dict, Path], None],
+    plot: Callable[[dict, Path], None] | None,
 ) -> None:
     """The end of a benchmark script: measure (``run`` writes ``out.json`` as it goes) or, with ``plot_only``,
-    reload that JSON; then write ``out.md`` and ``out.png`` and print the markdown."""
+    reload that JSON; then write ``out.md`` and ``out.png`` (when there is a ``plot``) and print the markdown."""
     if plot_only:
         results = json.loads(out.with_suffix(".json").read_text())
     else:
@@ -81,5 +81,6 @@ def report(
         results = run(out.with_suffix(".json"))
     text = markdown(results)
     out.with_suffix(".md").write_text(text)
-    plot(results, out.with_suffix(".png"))
+    if plot is not None:
+        plot(results, out.with_suffix(".png"))
     print(text)

@@ -184,7 +184,13 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hybridvl-distributed"))
     parser.add_argument("--out", type=Path, default=RESULTS / "distributed")
+    parser.add_argument("--plot-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        text = markdown(json.loads(args.out.with_suffix(".json").read_text()))
+        args.out.with_suffix(".md").write_text(text)
+        print(text)
+        return
     chosen = args.runs.split(",")
     if unknown := set(chosen) - set(RUNS):
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
@@ -218,21 +224,19 @@ def main() -> None:
             results["runs"][name]["checkpoint_gib"] = checkpoint.stat().st_size / 2**30
         print(name, {k: v for k, v in results["runs"][name].items() if k != "steps"}, flush=True)
         write_json(state, results)
-    write_json(args.out.with_suffix(".json"), results)
-    if set(results["runs"]) != set(RUNS):
-        print(f"runs so far: {sorted(results['runs'])}; run the rest with --runs to finish the report")
-        return
     runs = results["runs"]
-    results["speedup"] = runs["fsdp"]["tokens_per_second"] / runs["single"]["tokens_per_second"]
-    before = {s["step"]: s["loss"] for s in runs["fsdp"]["steps"]}
-    after = {s["step"]: s["loss"] for s in runs["fsdp_resumed"]["steps"]}
-    shared = sorted(set(before) & set(after))
-    results["resume"] = {
-        "steps_compared": shared,
-        "max_relative_loss_difference": max(abs(after[s] - before[s]) / abs(before[s]) for s in shared)
-        if shared
-        else None,
-    }
+    if {"fsdp", "single"} <= set(runs):
+        results["speedup"] = runs["fsdp"]["tokens_per_second"] / runs["single"]["tokens_per_second"]
+    if {"fsdp", "fsdp_resumed"} <= set(runs):
+        before = {s["step"]: s["loss"] for s in runs["fsdp"]["steps"]}
+        after = {s["step"]: s["loss"] for s in runs["fsdp_resumed"]["steps"]}
+        shared = sorted(set(before) & set(after))
+        results["resume"] = {
+            "steps_compared": shared,
+            "max_relative_loss_difference": max(abs(after[s] - before[s]) / abs(before[s]) for s in shared)
+            if shared
+            else None,
+        }
     write_json(args.out.with_suffix(".json"), results)
     args.out.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
@@ -252,31 +256,38 @@ def markdown(results: dict) -> str:
         ]
         for name, run in runs.items()
     ]
-    resume = results["resume"]
-    return "\n".join(
-        [
-            "# Stage I distillation on several GPUs",
-            "",
-            environment_lines(results["environment"]),
-            "",
-            f"`experiments/infinitevl/distill_layerwise_fsdp.yaml` at the Qwen2.5-VL-3B shape (random bf16 weights, "
-            f"student `S,D,D,D x9`, teacher all `A`), one sample of {results['tokens_per_sample']:,} tokens with a "
-            f"448x448 image per GPU per step, {results['steps']} steps (the first 2 not timed), bf16-mixed, layer "
-            "recomputation. Regenerate with `python -m benchmarks.distributed --gpus 2`.",
-            "",
-            markdown_table(
-                ["run", "GPUs", "strategy", "tokens/s", "s/step", "peak GiB per GPU", "wall s (incl. loading)"], rows
-            ),
-            "",
+    lines = [
+        "# Stage I distillation on several GPUs",
+        "",
+        environment_lines(results["environment"]),
+        "",
+        f"`experiments/infinitevl/distill_layerwise_fsdp.yaml` at the Qwen2.5-VL-3B shape (random bf16 weights, "
+        f"student `S,D,D,D x9`, teacher all `A`), one sample of {results['tokens_per_sample']:,} tokens with a "
+        f"448x448 image per GPU per step, {results['steps']} steps (the first 2 not timed), bf16-mixed, layer "
+        "recomputation. Regenerate with `python -m benchmarks.distributed --gpus 2`.",
+        "",
+        markdown_table(
+            ["run", "GPUs", "strategy", "tokens/s", "s/step", "peak GiB per GPU", "wall s (incl. loading)"], rows
+        ),
+        "",
+    ]
+    if "speedup" in results:
+        lines += [
             f"Scaling: **{results['speedup']:.2f}x** tokens/s on {runs['fsdp']['gpus']} GPUs over 1 (target 1.8x).",
             "",
+        ]
+    if "resume" in results:
+        resume = results["resume"]
+        lines += [
             f"Checkpoint after step {min(resume['steps_compared'], default=0) - 1} "
             f"({runs['fsdp'].get('checkpoint_gib', 0):.1f} GiB, gathered full state dict); the resumed run's losses "
             f"at steps {resume['steps_compared']} differ from the uninterrupted run's by at most "
             f"{resume['max_relative_loss_difference']:.2e} (relative).",
             "",
         ]
-    )
+    if missing := [name for name in RUNS if name not in runs]:
+        lines += [f"Not measured yet: {', '.join(missing)} (`--runs {','.join(missing)}`).", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

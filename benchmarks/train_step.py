@@ -10,17 +10,19 @@ where weights or inputs need gradients; attention ``4 x tokens x keys x head_dim
 the GPU's dense bf16 peak (``--peak-tflops``, 989 for H100 SXM).
 
     python -m benchmarks.train_step                # on a CUDA machine; writes results/train_step.{json,md}
+    python -m benchmarks.train_step --stages sft   # one stage (a stage measured earlier stays in the JSON)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, write_json
+from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, report, write_json
 from lit.data.types import PackedBatch, Sample
 from lit.modules import SFT, DistillLayerwise
 from models.config import HybridConfig
@@ -96,16 +98,17 @@ def time_steps(stage, batch: PackedBatch, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    parser.add_argument("--out", type=Path, default=RESULTS / "train_step")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/hybridvl-train-step"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks.train_step needs a CUDA device")
+STAGES = {"distill": "Stage I layer-wise distillation", "sft": "Stage II SFT"}
+
+
+def build_stage(name: str, workdir: Path) -> SFT | DistillLayerwise:
+    if name == "distill":
+        return DistillLayerwise(str(workdir / "student"), str(workdir / "teacher"), gradient_checkpointing=True)
+    return SFT(str(workdir / "student"), gradient_checkpointing=True)
+
+
+def run(args: argparse.Namespace, out: Path) -> dict:
+    """Measure the chosen stages; ``out`` is rewritten after each, keeping stages measured by an earlier call."""
     torch.manual_seed(0)
     teacher_config = HybridConfig(layout="A x36", vision_config=VISION_3B)
     student_config = HybridConfig(layout="S,D,D,D x9", vision_config=VISION_3B)
@@ -116,14 +119,11 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
     batch = make_batch(student_config, args.tokens, "cuda")
-    results = {"environment": environment(), "tokens": args.tokens, "peak_tflops": args.peak_tflops, "stages": []}
-    for label, stage in (
-        (
-            "Stage I layer-wise distillation",
-            DistillLayerwise(str(args.workdir / "student"), str(args.workdir / "teacher"), gradient_checkpointing=True),
-        ),
-        ("Stage II SFT", SFT(str(args.workdir / "student"), gradient_checkpointing=True)),
-    ):
+    earlier = json.loads(out.read_text())["stages"] if out.exists() else []
+    results = {"environment": environment(), "tokens": args.tokens, "steps": args.steps, "stages": earlier}
+    results["peak_tflops"] = args.peak_tflops
+    for key in args.stages.split(","):
+        stage = build_stage(key, args.workdir)
         stage.configure_model()
         stage.to("cuda")
         seconds, peak = time_steps(stage, batch, args.steps)
@@ -133,47 +133,70 @@ def main() -> None:
             total = sum(teacher.values()) - teacher["head"] + 3 * flops["linear"]
         else:  # forward everything, backward through the trainable layers and the activations below them
             total = 3 * (flops["linear"] + flops["attention"] + flops["head"]) + flops["vision"]
-        results["stages"].append(
-            {
-                "stage": label,
-                "seconds_per_step": seconds,
-                "tokens_per_second": args.tokens / seconds,
-                "tflops": total / seconds / 1e12,
-                "mfu": total / seconds / (args.peak_tflops * 1e12),
-                "peak_gib": peak,
-                "trainable_parameters": sum(p.numel() for p in stage.student.parameters() if p.requires_grad),
-            }
-        )
-        print(results["stages"][-1], flush=True)
-        write_json(args.out.with_suffix(".json"), results)
+        measured = {
+            "stage": STAGES[key],
+            "device": torch.cuda.get_device_name(),
+            "seconds_per_step": seconds,
+            "tokens_per_second": args.tokens / seconds,
+            "tflops": total / seconds / 1e12,
+            "mfu": total / seconds / (args.peak_tflops * 1e12),
+            "peak_gib": peak,
+            "trainable_parameters": sum(p.numel() for p in stage.student.parameters() if p.requires_grad),
+        }
+        results["stages"] = [s for s in results["stages"] if s["stage"] != measured["stage"]] + [measured]
+        print(measured, flush=True)
+        write_json(out, results)
         del stage
         torch.cuda.empty_cache()
+    return results
+
+
+def markdown(results: dict) -> str:
+    measured = {s["stage"]: s for s in results["stages"]}
     rows = [
         [
             s["stage"],
+            s.get("device", results["environment"]["device"]),
             f"{s['tokens_per_second']:,.0f}",
             f"{s['tflops']:.0f}",
             f"{s['mfu']:.1%}",
             f"{s['peak_gib']:.1f}",
             f"{s['trainable_parameters'] / 1e6:.0f}M",
         ]
-        for s in results["stages"]
+        for s in measured.values()
     ]
-    text = "\n".join(
+    missing = [label for label in STAGES.values() if label not in measured]
+    return "\n".join(
         [
             "# Training step at the InfiniteVL shape",
             "",
             environment_lines(results["environment"]),
             "",
             f"Qwen2.5-VL-3B dimensions, layout `S,D,D,D x9`, random bf16 weights (autocast), one packed sample of "
-            f"{args.tokens:,} tokens with a 448x448 image, gradient checkpointing, AdamW. Mean of {args.steps} steps "
-            "after 2 warm-ups. Regenerate with `python -m benchmarks.train_step` on a CUDA machine.",
+            f"{results['tokens']:,} tokens with a 448x448 image, gradient checkpointing, AdamW. Mean of "
+            f"{results.get('steps', 5)} steps after 2 warm-ups; MFU against {results['peak_tflops']:.0f} dense bf16 "
+            "TFLOP/s. Regenerate with `python -m benchmarks.train_step` on a CUDA machine.",
             "",
-            markdown_table(["stage", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "trainable"], rows),
+            markdown_table(["stage", "device", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "trainable"], rows),
+            *(["", "Not measured yet: " + ", ".join(missing) + "."] if missing else []),
+            "",
         ]
     )
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--stages", default="distill,sft", help="comma-separated, of: " + ", ".join(STAGES))
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_step")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/hybridvl-train-step"))
+    parser.add_argument("--plot-only", action="store_true", help="rewrite the markdown from the JSON")
+    args = parser.parse_args()
+    if unknown := set(args.stages.split(",")) - set(STAGES):
+        raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {list(STAGES)}")
+    report("train_step", args.out, args.plot_only, lambda path: run(args, path), markdown, None)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from lit.losses import distillation_kl, next_token_cross_entropy, next_token_hit
 from lit.metrics import ANLS, ExactMatch, RelaxedAccuracy, TokenAccuracy, VQAAccuracy
 from lit.params import DISTILL_DEFAULT, SFT_DEFAULT, freeze_all_but, select_parameters
 from models.chat import load_processor
-from models.checkpoint import load_weights_strict
+from models.checkpoint import check_weights, load_weights_strict, model_to_load, save_weights
 from models.config import HybridConfig
 from models.convert import copy_processor_files, load_teacher
 from models.hybrid import HybridVLM
@@ -58,7 +58,7 @@ def load_student(source: str | Path) -> HybridVLM:
     checkpoint_data = torch.load(source, map_location="cpu", weights_only=False)
     if "hybrid_config" not in checkpoint_data:
         raise ValueError(f"{source} is not a hybridvl stage checkpoint (no hybrid_config in it)")
-    model = HybridVLM(HybridConfig.from_dict(checkpoint_data["hybrid_config"]))
+    model = model_to_load(HybridConfig.from_dict(checkpoint_data["hybrid_config"]))
     weights = {k[len("student.") :]: v for k, v in checkpoint_data["state_dict"].items() if k.startswith("student.")}
     load_weights_strict(model, weights, str(source))
     return model
@@ -289,22 +289,24 @@ class HybridStage(L.LightningModule):
         if isinstance(self.trainer.strategy, FSDPStrategy):
             state = self.trainer.strategy.lightning_module_state_dict()  # every rank: gathers the shards on rank 0
             if self.trainer.is_global_zero:
-                self.export(directory, self.unsharded_student(state))
+                weights = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
+                self.export(directory, weights)
         elif self.trainer.is_global_zero:
             self.export(directory)
 
-    def unsharded_student(self, state_dict: dict[str, torch.Tensor]) -> HybridVLM:
-        """A whole student on CPU from this module's gathered (FSDP full) state dict."""
-        model = HybridVLM(self.student.config)
-        weights = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
-        load_weights_strict(model, weights, "the gathered FSDP state")
-        return model
+    def export(self, directory: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the student as a model directory, with the processor files next to the source model.
 
-    def export(self, directory: str | Path, student: HybridVLM | None = None) -> Path:
-        """Write the student (default: :meth:`exportable_student`) and the processor files next to the source
-        model as a model directory."""
+        ``weights``: the student's full state dict, where this process holds only shards of it (FSDP); they
+        are checked against the student's config and written without building a second model.
+        """
         directory = Path(directory)
-        (student or self.exportable_student()).save_pretrained(directory)
+        if weights is None:
+            self.exportable_student().save_pretrained(directory)
+        else:
+            with torch.device("meta"):
+                shapes = HybridVLM(self.student.config)
+            save_weights(self.student.config, check_weights(shapes, weights, "the gathered state"), directory)
         source = self.hparams.tokenizer_dir or self.hparams.model
         if Path(source).is_dir():
             copy_processor_files(source, directory)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers.initialization import no_init_weights
 
 from models.config import HybridConfig, read_config_json
 from models.hybrid import HybridVLM
@@ -26,12 +27,18 @@ class CheckpointMismatchError(ValueError):
 
 def save_model(model: HybridVLM, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (tied head stored once) into ``directory``."""
+    return save_weights(model.config, model.state_dict(), directory)
+
+
+def save_weights(config: HybridConfig, state_dict: dict[str, torch.Tensor], directory: str | Path) -> Path:
+    """:func:`save_model` from a config and a state dict, for weights gathered without a model object (e.g.
+    from FSDP shards); check them first with :func:`check_weights`."""
     directory = Path(directory)
-    model.config.save(directory)
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "layout": model.config.layout})
+    config.save(directory)
+    state = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "layout": config.layout})
     return directory
 
 
@@ -52,8 +59,21 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def model_to_load(config: HybridConfig) -> HybridVLM:
+    """A model whose weights are left uninitialised (allocated, not randomised), to be filled by
+    :func:`load_weights_strict`: a 3B model builds in well under a second instead of half a minute on CPU."""
+    with no_init_weights():
+        return HybridVLM(config)
+
+
 def load_weights_strict(model: HybridVLM, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` into ``model``; raise :class:`CheckpointMismatchError` unless names and shapes match."""
+    model.load_state_dict(check_weights(model, tensors, source), strict=False)
+
+
+def check_weights(model: HybridVLM, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Raise :class:`CheckpointMismatchError` unless ``tensors`` has exactly ``model``'s names and shapes (a
+    model on the meta device will do); return them without a tied LM head."""
     expected = model.state_dict()
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -73,7 +93,7 @@ def load_weights_strict(model: HybridVLM, tensors: dict[str, torch.Tensor], sour
             + _listing("unexpected", unexpected)
             + _listing("shape mismatch", mismatched)
         )
-    model.load_state_dict(tensors, strict=False)
+    return tensors
 
 
 def _listing(title: str, names: list[str], limit: int = 12) -> str:
@@ -94,6 +114,6 @@ def load_model(
 
         model = load_infinitevl(directory)
     else:
-        model = HybridVLM(HybridConfig.from_dict(config))
+        model = model_to_load(HybridConfig.from_dict(config))
         load_weights_strict(model, read_weights(directory), str(directory))
     return model.to(device=device, dtype=dtype)

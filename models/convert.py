@@ -28,7 +28,7 @@ from torch import nn
 
 import mixers
 from mixers.gated_deltanet import inverse_softplus
-from models.checkpoint import load_weights_strict, read_weights
+from models.checkpoint import load_weights_strict, model_to_load, read_weights
 from models.config import HybridConfig, read_config_json
 from models.hybrid import HybridVLM
 from models.qwen import ConversionError, canonical_name, hybrid_config_from_qwen, read_qwen_config
@@ -82,7 +82,7 @@ def load_qwen2_5_vl(directory: str | Path) -> HybridVLM:
     ``Qwen2_5_VLForConditionalGeneration`` computes (names and shapes checked)."""
     qwen = read_qwen_config(directory)
     num_layers = {**qwen, **qwen.get("text_config", {})}["num_hidden_layers"]
-    model = HybridVLM(hybrid_config_from_qwen(qwen, f"A x{num_layers}"))
+    model = model_to_load(hybrid_config_from_qwen(qwen, f"A x{num_layers}"))
     weights = {canonical_name(name): tensor for name, tensor in read_weights(directory).items()}
     load_weights_strict(model, weights, f"{directory} (Qwen2.5-VL)")
     return model

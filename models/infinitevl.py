@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import load_weights_strict, read_weights
+from models.checkpoint import load_weights_strict, model_to_load, read_weights
 from models.config import HybridConfig, read_config_json
 from models.hybrid import HybridVLM
 from models.qwen import canonical_name, hybrid_config_from_qwen
@@ -85,6 +85,6 @@ def load_infinitevl(directory: str | Path) -> HybridVLM:
     """Load an InfiniteVL checkpoint directory into a :class:`HybridVLM` (names and shapes checked)."""
     config = read_config_json(directory)
     tensors = {canonical_name(name): tensor for name, tensor in read_weights(directory).items()}
-    model = HybridVLM(infinitevl_config(config, set(tensors)))
+    model = model_to_load(infinitevl_config(config, set(tensors)))
     load_weights_strict(model, tensors, f"{directory} (InfiniteVL format)")
     return model

@@ -108,6 +108,22 @@ def test_distillation_checkpoints_leave_the_teacher_out_and_load_strictly(dirs):
     assert wrapped.missing_keys == ["_fsdp_wrapped_module.student.lm_head.weight"]
 
 
+def test_export_from_gathered_weights_equals_the_student_and_checks_them(dirs, tmp_path):
+    """The FSDP export path: a full state dict is checked against the config and written without a model."""
+    from models.checkpoint import CheckpointMismatchError
+
+    stage = SFT(model=dirs["student"], generation_max_new_tokens=0)
+    stage.configure_model()
+    weights = {name: tensor.clone() for name, tensor in stage.student.state_dict().items()}
+    exported = HybridVLM.from_pretrained(stage.export(tmp_path / "gathered", weights))
+    for name, tensor in stage.student.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+    assert (tmp_path / "gathered" / "tokenizer_config.json").is_file()
+    weights.pop(next(iter(weights)))
+    with pytest.raises(CheckpointMismatchError, match="missing"):
+        stage.export(tmp_path / "incomplete", weights)
+
+
 def test_step_timer_writes_throughput_memory_and_losses(dirs, tmp_path):
     timer = StepTimer(str(tmp_path / "steps.json"), warmup=1)
     fit(SFT(model=dirs["student"], generation_max_new_tokens=0), dirs, tmp_path, max_steps=3, callbacks=[timer])
