@@ -91,7 +91,7 @@ def test_gated_delta_rule_gradients_agree_between_forms():
 
 
 def test_gated_delta_rule_varlen_equals_separate():
-    lengths = [9, 30, 1, 17]
+    lengths = [9, 30, 1, 17, 9, 1]  # repeated lengths run batched together
     q, k, v, g, beta, _ = gdn_inputs(B=1, T=sum(lengths))
     h0 = torch.randn(len(lengths), 3, 8, 16, dtype=F64)
     cu = seqlens_to_cu_seqlens(lengths)

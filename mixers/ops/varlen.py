@@ -58,16 +58,26 @@ def map_sequences(
     tensors: Sequence[torch.Tensor | None],
     initial_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``fn(*tensors_of_one_sequence, initial_state=state_n)`` on each packed sequence.
+    """Run ``fn(*tensors, initial_state=states)`` over the packed sequences, one call per sequence length.
 
-    ``tensors`` have batch size 1 and time on dim 1 (``None`` entries pass through). ``fn`` returns
-    ``(output [1, t, ...], final_state [1, ...])``; outputs are concatenated along time, states along dim 0.
+    ``tensors`` have batch size 1 and time on dim 1 (``None`` entries pass through). Sequences of equal length
+    are stacked along the batch dimension and run together, so ``fn`` must treat batch rows independently;
+    it returns ``(output [n, t, ...], final_state [n, ...])``. Outputs come back concatenated along time in
+    packing order, states along dim 0 in sequence order.
     """
-    outputs, states = [], []
-    for n, (start, end) in enumerate(sequence_bounds(cu_seqlens)):
-        pieces = [None if t is None else t[:, start:end] for t in tensors]
-        state_n = None if initial_state is None else initial_state[n : n + 1]
-        out, state = fn(*pieces, initial_state=state_n)
-        outputs.append(out)
-        states.append(state)
+    bounds = sequence_bounds(cu_seqlens)
+    groups: dict[int, list[int]] = {}
+    for n, (start, end) in enumerate(bounds):
+        groups.setdefault(end - start, []).append(n)
+    outputs: list[torch.Tensor | None] = [None] * len(bounds)
+    states: list[torch.Tensor | None] = [None] * len(bounds)
+    for members in groups.values():
+        pieces = [
+            None if t is None else torch.cat([t[:, bounds[n][0] : bounds[n][1]] for n in members]) for t in tensors
+        ]
+        state = None if initial_state is None else initial_state[members]
+        out, final = fn(*pieces, initial_state=state)
+        for row, n in enumerate(members):
+            outputs[n] = out[row : row + 1]
+            states[n] = final[row : row + 1]
     return torch.cat(outputs, dim=1), torch.cat(states, dim=0)
