@@ -23,6 +23,7 @@ import functools
 import importlib
 import importlib.util
 import logging
+import os
 from collections.abc import Sequence
 
 import torch
@@ -134,6 +135,11 @@ def triton_version() -> tuple[int, ...] | None:
     return tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:3] if part.isdigit())
 
 
+def tilelang_enabled() -> bool:
+    """Whether fla may route kernels through tilelang: installed, and not switched off with ``FLA_TILELANG=0``."""
+    return importlib.util.find_spec("tilelang") is not None and os.environ.get("FLA_TILELANG", "1") != "0"
+
+
 def fla_gated_backward_issue(device: torch.device, kernel: str = "gated_delta_rule") -> str | None:
     """Why fla cannot run the backward pass of its gated chunk ``kernel`` here, or ``None``.
 
@@ -149,7 +155,7 @@ def fla_gated_backward_issue(device: torch.device, kernel: str = "gated_delta_ru
     version = triton_version()
     if version is None:
         return None
-    if kernel == "gated_delta_rule" and importlib.util.find_spec("tilelang") is not None:
+    if kernel == "gated_delta_rule" and tilelang_enabled():
         return None
     if (3, 4, 0) <= version < (3, 7, 1):
         remedy = "install tilelang or Triton >= 3.7.1" if kernel == "gated_delta_rule" else "install Triton >= 3.7.1"

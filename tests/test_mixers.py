@@ -263,3 +263,38 @@ def test_auto_backend_logs_its_choice_once(caplog):
     lines = [r.getMessage() for r in caplog.records if "uses backend" in r.getMessage()]
     expected = "mixer D (gdn) on cpu uses backend 'torch' (fla skipped: its kernels need a CUDA device"
     assert len(lines) == 1 and lines[0].startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "tilelang", "switch", "triton", "refused"),
+    [
+        ("gated_delta_rule", False, None, (3, 6, 0), True),
+        ("gated_delta_rule", True, None, (3, 6, 0), False),  # fla swaps in tilelang's backward
+        ("gated_delta_rule", True, "0", (3, 6, 0), True),  # FLA_TILELANG=0 switches that off
+        ("simple_gla", True, None, (3, 6, 0), True),  # tilelang does not cover the simple gated form
+        ("simple_gla", False, None, (3, 7, 1), False),
+        ("gated_delta_rule", False, None, (3, 3, 0), False),
+    ],
+)
+def test_fla_gated_backward_issue_on_hopper(monkeypatch, kernel, tilelang, switch, triton, refused):
+    """Which Hopper + Triton combinations fla refuses to differentiate (fla issue #640), decided without a GPU."""
+    import importlib.util
+
+    from mixers import backends
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(backends, "triton_version", lambda: triton)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if tilelang else None) if name == "tilelang" else real_find_spec(name, *a),
+    )
+    if switch is None:
+        monkeypatch.delenv("FLA_TILELANG", raising=False)
+    else:
+        monkeypatch.setenv("FLA_TILELANG", switch)
+    issue = backends.fla_gated_backward_issue(torch.device("cuda"), kernel)
+    assert (issue is not None) == refused
+    if refused:
+        assert "#640" in issue and "Triton >= 3.7.1" in issue
