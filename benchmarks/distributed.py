@@ -196,6 +196,9 @@ def main() -> None:
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
     if torch.cuda.device_count() < args.gpus:
         raise SystemExit(f"benchmarks.distributed needs {args.gpus} CUDA devices; found {torch.cuda.device_count()}")
+    checkpoint = args.workdir / "runs" / "fsdp" / "checkpoints" / f"step{args.save_at}.ckpt"
+    if "fsdp_resumed" in chosen and "fsdp" not in chosen and not checkpoint.exists():
+        raise SystemExit(f"--runs fsdp_resumed resumes from {checkpoint}, which an earlier --runs fsdp writes")
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not (args.workdir / "student" / "config.json").exists():
         prepare_models(args.workdir)
@@ -203,7 +206,6 @@ def main() -> None:
     state = args.workdir / "results.json"
     results = json.loads(state.read_text()) if state.exists() else {"runs": {}}
     results.update(environment=environment(), tokens_per_sample=args.tokens, steps=args.steps)
-    checkpoint = args.workdir / "runs" / "fsdp" / "checkpoints" / f"step{args.save_at}.ckpt"
     plan = {
         "single": (1, None, None),
         "fsdp": (args.gpus, args.save_at, None),
