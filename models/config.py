@@ -70,6 +70,21 @@ class HybridConfig:
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; "
                 "set head_dim"
             )
+        for name in self._token_fields():
+            value = getattr(self, name)
+            for token in value if isinstance(value, list) else [value]:
+                if token is not None and not 0 <= token < self.vocab_size:
+                    raise ValueError(
+                        f"{name}={value} lies outside the vocabulary (vocab_size {self.vocab_size}); set it to a "
+                        f"token id below {self.vocab_size} (or None)"
+                    )
+
+    def _token_fields(self) -> list[str]:
+        """The special-token ids the model looks up: the vision placeholders only with a vision tower."""
+        fields = ["bos_token_id", "eos_token_id", "pad_token_id"]
+        if self.vision_config is not None:
+            fields += ["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"]
+        return fields
 
     @property
     def kinds(self) -> list[str]:

@@ -167,7 +167,11 @@ def _tiny_config_fields(teacher) -> dict:
         },
         image_token_id=teacher.config.image_token_id,
         video_token_id=teacher.config.video_token_id,
+        vision_start_token_id=teacher.config.vision_start_token_id,
+        vision_end_token_id=teacher.config.vision_end_token_id,
         pad_token_id=text.pad_token_id,
+        bos_token_id=getattr(text, "bos_token_id", None),
+        eos_token_id=getattr(text, "eos_token_id", None),
         mixer_options={},
     )
 
@@ -426,3 +430,21 @@ def test_loads_infinitevl_format(teacher_dir, tmp_path, processor, declared, cap
     with torch.no_grad():  # layer 0 may load as A when the config lost the layout: same as S below the window
         expected = student(inputs["input_ids"], **hybrid_inputs(inputs)).logits
         assert torch.equal(loaded(inputs["input_ids"], **hybrid_inputs(inputs)).logits, expected)
+
+
+def test_config_rejects_special_tokens_outside_the_vocabulary():
+    with pytest.raises(ValueError, match=r"pad_token_id=600 lies outside the vocabulary \(vocab_size 512\)"):
+        HybridConfig(
+            layout="D x2", num_hidden_layers=2, vocab_size=512, bos_token_id=None, eos_token_id=1, pad_token_id=600
+        )
+    with pytest.raises(ValueError, match=r"eos_token_id=\[1, 512\]"):
+        HybridConfig(
+            layout="D x2", num_hidden_layers=2, vocab_size=512, bos_token_id=None, eos_token_id=[1, 512], pad_token_id=0
+        )
+    # a text-only model ignores the vision placeholders; a vision model checks them
+    text_only = dict(
+        layout="D x2", num_hidden_layers=2, vocab_size=512, bos_token_id=None, eos_token_id=1, pad_token_id=0
+    )
+    HybridConfig(**text_only)
+    with pytest.raises(ValueError, match="image_token_id=151655"):
+        HybridConfig(**text_only, vision_config={"depth": 1})
