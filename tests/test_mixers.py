@@ -89,7 +89,7 @@ def test_split_at_random_points_continues_exactly(kind, seed):
 @pytest.mark.parametrize("kind", KINDS)
 def test_packed_varlen_equals_separate(kind):
     mixer = make(kind)
-    lengths = [7, 1, 19, 10, 7]  # sequences of one length run batched together
+    lengths = [7, 7, 1, 19, 10, 7]  # equal lengths run batched, neighbours as one view
     xs = [x_of(1, n) for n in lengths]
     cu = seqlens_to_cu_seqlens(lengths)
     y, state = mixer(torch.cat(xs, 1), cu_seqlens=cu)
@@ -98,7 +98,7 @@ def test_packed_varlen_equals_separate(kind):
     for n, (_, state_n) in enumerate(separate):
         assert states_equal(_select(state, n), state_n)
     # continuing packed sequences from their states equals continuing each alone
-    more = [3, 8, 1, 2, 8]
+    more = [3, 3, 8, 1, 2, 8]
     xs2 = [x_of(1, n) for n in more]
     y2, _ = mixer(torch.cat(xs2, 1), state, cu_seqlens=seqlens_to_cu_seqlens(more))
     expected = [mixer(x, st.clone())[0] for x, (_, st) in zip(xs2, separate)]

@@ -91,7 +91,7 @@ def test_gated_delta_rule_gradients_agree_between_forms():
 
 
 def test_gated_delta_rule_varlen_equals_separate():
-    lengths = [9, 30, 1, 17, 9, 1]  # repeated lengths run batched together
+    lengths = [9, 9, 30, 1, 17, 9, 1]  # equal lengths run batched, neighbours as one view
     q, k, v, g, beta, _ = gdn_inputs(B=1, T=sum(lengths))
     h0 = torch.randn(len(lengths), 3, 8, 16, dtype=F64)
     cu = seqlens_to_cu_seqlens(lengths)
@@ -170,12 +170,12 @@ def test_causal_attention_matches_naive(window):
 
 
 def test_causal_attention_varlen_keeps_sequences_apart():
-    lengths = [4, 11, 6]
+    lengths = [4, 11, 6, 11, 4]  # equal lengths run batched together
     cu = seqlens_to_cu_seqlens(lengths)
     q, k, v = (
-        torch.randn(1, 21, 2, 8, dtype=F64),
-        torch.randn(1, 21, 1, 8, dtype=F64),
-        torch.randn(1, 21, 1, 8, dtype=F64),
+        torch.randn(1, sum(lengths), 2, 8, dtype=F64),
+        torch.randn(1, sum(lengths), 1, 8, dtype=F64),
+        torch.randn(1, sum(lengths), 1, 8, dtype=F64),
     )
     out = causal_attention(q, k, v, window=5, cu_seqlens=cu, backend="torch")
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):

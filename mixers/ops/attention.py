@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mixers.backends import select_backend
 from mixers.ops.utils import compute_dtype
-from mixers.ops.varlen import check_cu_seqlens, sequence_bounds
+from mixers.ops.varlen import check_cu_seqlens, map_sequence_outputs
 
 # Measured on H100 (benchmarks/results/mixers.md): for full causal attention PyTorch SDPA (flash kernel)
 # beats fla's parallel_attn; with a window shorter than the sequence fla skips the masked blocks and wins.
@@ -63,8 +63,7 @@ def causal_attention(
         return _flash_attn(q, k, v, window, scale, cu_seqlens)
     if cu_seqlens is None:
         return _sdpa_causal(q, k, v, window, scale)
-    pieces = [_sdpa_causal(q[:, s:e], k[:, s:e], v[:, s:e], window, scale) for s, e in sequence_bounds(cu_seqlens)]
-    return torch.cat(pieces, dim=1)
+    return map_sequence_outputs(lambda *qkv: _sdpa_causal(*qkv, window, scale), cu_seqlens, (q, k, v))
 
 
 def attention_over_positions(

@@ -6,7 +6,7 @@ A packed batch concatenates ``N`` sequences along time into one row: tensors hav
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
 
 import torch
@@ -65,19 +65,53 @@ def map_sequences(
     it returns ``(output [n, t, ...], final_state [n, ...])``. Outputs come back concatenated along time in
     packing order, states along dim 0 in sequence order.
     """
-    bounds = sequence_bounds(cu_seqlens)
+    outputs, states = {}, {}
+    for members, pieces in _equal_length_batches(sequence_bounds(cu_seqlens), tensors):
+        out, final = fn(*pieces, initial_state=None if initial_state is None else initial_state[members])
+        for first, rows in _blocks(members):
+            outputs[first] = out[rows].flatten(0, 1).unsqueeze(0)
+            states[first] = final[rows]
+    return torch.cat([outputs[n] for n in sorted(outputs)], dim=1), torch.cat([states[n] for n in sorted(states)])
+
+
+def map_sequence_outputs(
+    fn: Callable[..., torch.Tensor], cu_seqlens: torch.Tensor, tensors: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """:func:`map_sequences` for a stateless ``fn(*tensors) -> output [n, t, ...]``."""
+    outputs = {}
+    for members, pieces in _equal_length_batches(sequence_bounds(cu_seqlens), tensors):
+        out = fn(*pieces)
+        for first, rows in _blocks(members):
+            outputs[first] = out[rows].flatten(0, 1).unsqueeze(0)
+    return torch.cat([outputs[n] for n in sorted(outputs)], dim=1)
+
+
+def _equal_length_batches(
+    bounds: list[tuple[int, int]], tensors: Sequence[torch.Tensor | None]
+) -> Iterator[tuple[list[int], list[torch.Tensor | None]]]:
+    """For each sequence length: the indices of the sequences that long and ``tensors`` cut to them, stacked.
+    Neighbouring sequences of one length are one view (a reshape), not a copy per sequence."""
     groups: dict[int, list[int]] = {}
     for n, (start, end) in enumerate(bounds):
         groups.setdefault(end - start, []).append(n)
-    outputs: list[torch.Tensor | None] = [None] * len(bounds)
-    states: list[torch.Tensor | None] = [None] * len(bounds)
-    for members in groups.values():
-        pieces = [
-            None if t is None else torch.cat([t[:, bounds[n][0] : bounds[n][1]] for n in members]) for t in tensors
+    for length, members in groups.items():
+        spans = [
+            (bounds[first][0], bounds[first][0] + length * (rows.stop - rows.start)) for first, rows in _blocks(members)
         ]
-        state = None if initial_state is None else initial_state[members]
-        out, final = fn(*pieces, initial_state=state)
-        for row, n in enumerate(members):
-            outputs[n] = out[row : row + 1]
-            states[n] = final[row : row + 1]
-    return torch.cat(outputs, dim=1), torch.cat(states, dim=0)
+        yield members, [None if t is None else _stack(t, spans, len(members), length) for t in tensors]
+
+
+def _stack(t: torch.Tensor, spans: list[tuple[int, int]], count: int, length: int) -> torch.Tensor:
+    """``t[:, start:end]`` of every span, joined and split into ``count`` rows of ``length`` steps."""
+    joined = t[:, spans[0][0] : spans[0][1]] if len(spans) == 1 else torch.cat([t[:, a:b] for a, b in spans], dim=1)
+    return joined.reshape(count, length, *t.shape[2:])
+
+
+def _blocks(members: list[int]) -> list[tuple[int, slice]]:
+    """Split ascending sequence indices into runs of neighbours: ``(first index, slice of rows in members)``."""
+    blocks, start = [], 0
+    for row in range(1, len(members) + 1):
+        if row == len(members) or members[row] != members[row - 1] + 1:
+            blocks.append((members[start], slice(start, row)))
+            start = row
+    return blocks
