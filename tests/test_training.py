@@ -124,6 +124,58 @@ def test_export_from_gathered_weights_equals_the_student_and_checks_them(dirs, t
         stage.export(tmp_path / "incomplete", weights)
 
 
+class _ShardedModel:
+    """Stands in for FSDP's root module: records the clipping calls made on it."""
+
+    def __init__(self) -> None:
+        self.clipped: list[float] = []
+
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        self.clipped.append(max_norm)
+
+
+class _FSDPTrainer:
+    """The parts of a Trainer under FSDP that the stages use (no process group needed)."""
+
+    def __init__(self, module: HybridStage, log_dir: Path) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        whole = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+
+        class GatheringFSDP(FSDPStrategy):
+            def lightning_module_state_dict(self) -> dict:  # FSDP gathers the full state on rank 0
+                return whole
+
+        self.strategy = GatheringFSDP()
+        self.strategy.model = _ShardedModel()
+        self.log_dir = str(log_dir)
+        self.default_root_dir = str(log_dir)
+        self.is_global_zero = True
+
+
+def test_fsdp_clipping_and_export_go_through_the_sharded_model(dirs, tmp_path):
+    """Under FSDP the stage clips with FSDP's own norm and exports the gathered weights (checked, loadable)."""
+    stage = DistillLayerwise(model=dirs["student"], teacher=dirs["teacher"], generation_max_new_tokens=0)
+    stage.configure_model()
+    stage._trainer = _FSDPTrainer(stage, tmp_path)
+    stage.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    assert stage.trainer.strategy.model.clipped == [0.5]
+    with pytest.raises(ValueError, match="not supported with FSDP"):
+        stage.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="value")
+    whole = {name: tensor.clone() for name, tensor in stage.student.state_dict().items()}
+    with torch.no_grad():  # this rank's own parameters are only shards: they must not be what gets exported
+        for parameter in stage.student.parameters():
+            parameter.zero_()
+    stage.on_train_end()
+    exported = HybridVLM.from_pretrained(tmp_path / "model")
+    for name, tensor in whole.items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="LongSFT trains LoRA adapters"):
+        long_sft = LongSFT(model=dirs["student"], generation_max_new_tokens=0)
+        long_sft._trainer = _FSDPTrainer(long_sft, tmp_path)
+        long_sft.configure_model()
+
+
 def test_step_timer_writes_throughput_memory_and_losses(dirs, tmp_path):
     timer = StepTimer(str(tmp_path / "steps.json"), warmup=1)
     fit(SFT(model=dirs["student"], generation_max_new_tokens=0), dirs, tmp_path, max_steps=3, callbacks=[timer])
