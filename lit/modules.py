@@ -64,6 +64,11 @@ def load_student(source: str | Path) -> HybridVLM:
     return model
 
 
+def _decays(parameter: nn.Parameter) -> bool:
+    """Whether AdamW decays ``parameter``: matrices do; biases, norms and decay rates (``_no_weight_decay``) not."""
+    return parameter.ndim >= 2 and not getattr(parameter, "_no_weight_decay", False)
+
+
 class HybridStage(L.LightningModule):
     """Behaviour every stage shares: the student, which parameters train, AdamW with warm-up and cosine decay,
     validation (loss, token accuracy and generation-based accuracy per task), export.
@@ -114,6 +119,8 @@ class HybridStage(L.LightningModule):
             return
         self.student = load_student(self.hparams.model)
         self.student.language_model.gradient_checkpointing = self.hparams.gradient_checkpointing
+        for parameter in self.student.parameters():  # decided on whole shapes: FSDP later flattens them into shards
+            parameter._weight_decay = _decays(parameter)
         self._select_trainable()
 
     def _select_trainable(self) -> None:
@@ -145,9 +152,7 @@ class HybridStage(L.LightningModule):
         for _, parameter in self.student.named_parameters():
             if not parameter.requires_grad:
                 continue
-            (no_decay if parameter.ndim < 2 or getattr(parameter, "_no_weight_decay", False) else decay).append(
-                parameter
-            )
+            (decay if getattr(parameter, "_weight_decay", _decays(parameter)) else no_decay).append(parameter)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.learning_rate,

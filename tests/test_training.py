@@ -151,6 +151,7 @@ class _FSDPTrainer:
         self.log_dir = str(log_dir)
         self.default_root_dir = str(log_dir)
         self.is_global_zero = True
+        self.max_steps, self.max_epochs, self.datamodule, self.estimated_stepping_batches = 10, None, None, 10
 
 
 def test_fsdp_clipping_and_export_go_through_the_sharded_model(dirs, tmp_path):
@@ -174,6 +175,24 @@ def test_fsdp_clipping_and_export_go_through_the_sharded_model(dirs, tmp_path):
         long_sft = LongSFT(model=dirs["student"], generation_max_new_tokens=0)
         long_sft._trainer = _FSDPTrainer(long_sft, tmp_path)
         long_sft.configure_model()
+
+
+def test_weight_decay_groups_survive_fsdp_flattening(dirs, tmp_path):
+    """FSDP turns every parameter into a flat 1-D shard before the optimizer is built: the decay groups are
+    still those of the whole shapes (matrices decay; biases, norms, A_log, dt_bias do not)."""
+    stage = SFT(model=dirs["student"], weight_decay=0.1, generation_max_new_tokens=0)
+    stage.configure_model()
+    trainable = {name: p for name, p in stage.student.named_parameters() if p.requires_grad}
+    expected = {name for name, p in trainable.items() if p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)}
+    assert expected and expected != set(trainable)
+    with torch.no_grad():
+        for parameter in stage.student.parameters():
+            parameter.data = parameter.data.flatten()
+    stage._trainer = _FSDPTrainer(stage, tmp_path)
+    decay, no_decay = stage.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): name for name, p in trainable.items()}
+    assert {names[id(p)] for p in decay["params"]} == expected and decay["weight_decay"] == 0.1
+    assert {names[id(p)] for p in no_decay["params"]} == set(trainable) - expected
 
 
 def test_step_timer_writes_throughput_memory_and_losses(dirs, tmp_path):
