@@ -112,7 +112,9 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     torch.manual_seed(0)
     teacher_config = HybridConfig(layout="A x36", vision_config=VISION_3B)
     student_config = HybridConfig(layout="S,D,D,D x9", vision_config=VISION_3B)
-    for name, config in (("teacher", teacher_config), ("student", student_config)):
+    stages = args.stages.split(",")
+    models = [("teacher", teacher_config)] if "distill" in stages else []
+    for name, config in [*models, ("student", student_config)]:
         with torch.device("cuda"):  # random initialisation of 4B parameters is quick on the GPU
             model = HybridVLM(config)
         model.to(torch.bfloat16).save_pretrained(args.workdir / name)
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     earlier = json.loads(out.read_text())["stages"] if out.exists() else []
     results = {"environment": environment(), "tokens": args.tokens, "steps": args.steps, "stages": earlier}
     results["peak_tflops"] = args.peak_tflops
-    for key in args.stages.split(","):
+    for key in stages:
         stage = build_stage(key, args.workdir)
         stage.configure_model()
         stage.to("cuda")
