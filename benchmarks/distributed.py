@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, write_json
+from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, report, write_json
 from benchmarks.train_step import VISION_3B
 from models.config import HybridConfig
 from models.hybrid import HybridVLM
@@ -186,11 +186,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "distributed")
     parser.add_argument("--plot-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args()
-    if args.plot_only:
-        text = markdown(json.loads(args.out.with_suffix(".json").read_text()))
-        args.out.with_suffix(".md").write_text(text)
-        print(text)
-        return
+    report("distributed", args.out, args.plot_only, lambda path: run(args, path), markdown, None)
+
+
+def run(args: argparse.Namespace, out: Path) -> dict:
+    """The chosen runs; results so far are kept in ``--workdir`` and written to ``out`` with the derived figures."""
     chosen = args.runs.split(",")
     if unknown := set(chosen) - set(RUNS):
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
@@ -239,9 +239,8 @@ def main() -> None:
             if shared
             else None,
         }
-    write_json(args.out.with_suffix(".json"), results)
-    args.out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    write_json(out, results)
+    return results
 
 
 def markdown(results: dict) -> str:
