@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -42,6 +41,8 @@ def _frame_arrays(frames: torch.Tensor | Sequence[Image.Image]) -> list[np.ndarr
 
 
 def _codec_name() -> str:
+    import av
+
     return "h264" if "h264" in av.codecs_available else "mpeg4"
 
 
@@ -55,6 +56,8 @@ def write_video(path: str | Path, frames: torch.Tensor | Sequence[Image.Image], 
         raise ValueError("write_video needs at least one frame")
     height, width = arrays[0].shape[:2]
     path = Path(path)
+    import av  # here, so that test modules using only the images import where PyAV is not installed
+
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(_codec_name(), rate=Fraction(fps).limit_denominator(100_000))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

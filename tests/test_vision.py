@@ -8,7 +8,6 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -26,6 +25,8 @@ from vision import (
     probe_video,
     read_video,
 )
+
+av = pytest.importorskip("av", reason="PyAV (a dependency of hybridvl) is not installed")
 
 NUM_FRAMES, NATIVE_FPS, SIZE = 40, 10, (64, 48)
 
