@@ -47,6 +47,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 import mixers
+from lit.callbacks import StepTimer
 from lit.data.mqar import MQARDataset
 from lit.data.packing import pack
 from lit.datamodule import HybridDataModule
@@ -56,6 +57,8 @@ from models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.ablation")
 
+STEP_TIMER_WARMUP = 10
+"""Steps of a cell left out of its ``seconds_per_step`` (kernel compilation and autotuning happen in them)."""
 GRID_KEYS = ("layout", "d_model", "seed", "learning_rate")
 STUDY_KEYS = {"name", "description", "grid", "tasks", "train", "match_parameters", "smoke"}
 TRAIN_DEFAULTS = {
@@ -335,7 +338,7 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path) -> dict[st
             "seed": cell.seed,
             "learning_rate": cell.learning_rate,
         }
-        return _write_cell(out, cell, {**identity, **run_distillation_cell(cell, study, out)})
+        return _write_cell(out, cell, study, {**identity, **run_distillation_cell(cell, study, out)})
     L.seed_everything(cell.seed, verbose=False)
     data, vocab, vision = _data(cell, study, processor_dir)
     config = model_config(cell, study, vocab, vision, matched_intermediate_size(cell, study, vocab, vision))
@@ -362,6 +365,8 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path) -> dict[st
         generation_max_new_tokens=0 if vision is None else 4,
         export_dir=str(cell_dir / "model"),
     )
+    # steady-state step time (after compilation and autotuning) is what sizes a study's grid to a time budget
+    timer = StepTimer(str(cell_dir / "steps.json"), warmup=min(STEP_TIMER_WARMUP, train["max_steps"] - 1))
     trainer = L.Trainer(
         max_steps=train["max_steps"],
         precision=train["precision"],
@@ -375,9 +380,11 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path) -> dict[st
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
+        callbacks=[timer],
     )
     start = time.perf_counter()
     trainer.fit(stage, data)
+    timing = json.loads(timer.path.read_text())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     key = "val/token_accuracy" if vision is None else "val/accuracy"
     student = stage.student
@@ -399,10 +406,12 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path) -> dict[st
         ),
         "train_seconds": time.perf_counter() - start,
         "steps": train["max_steps"],
+        "seconds_per_step": timing["seconds_per_step"],
+        "first_steps_seconds": sum(step["seconds"] for step in timing["steps"][: timing["warmup_steps"]]),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": _versions(),
     }
-    return _write_cell(out, cell, result)
+    return _write_cell(out, cell, study, result)
 
 
 def _versions() -> dict[str, str]:
@@ -417,8 +426,10 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _write_cell(out: Path, cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
-    """Write the cell's JSON atomically: a study killed mid-write leaves no truncated cell behind."""
+def _write_cell(out: Path, cell: Cell, study: dict, result: dict[str, Any]) -> dict[str, Any]:
+    """Write the cell's JSON, with the study's training settings, atomically: a study killed mid-write leaves no
+    truncated cell behind."""
+    result = {**result, "train": study["train"]}
     (out / "cells").mkdir(parents=True, exist_ok=True)
     path = out / "cells" / f"{cell.id}.json"
     partial = path.with_suffix(".json.partial")
@@ -471,7 +482,7 @@ def run_study(
         from models.tiny_qwen import make_tiny_qwen2_5_vl
 
         make_tiny_qwen2_5_vl(processor_dir)
-    pending = [cell for cell in cells if not (out / "cells" / f"{cell.id}.json").is_file()]
+    pending = [cell for cell in cells if not _finished(out, cell, study)]
     logger.info(
         "%s: %d cells, %d done before (skipped), %d to run",
         study["name"],
@@ -489,7 +500,7 @@ def run_study(
                 break
             logger.info("[%d/%d] %s", number, len(pending), cell.id)
             run_cell(cell, study, out, processor_dir)
-    done = [cell for cell in cells if (out / "cells" / f"{cell.id}.json").is_file()]
+    done = [cell for cell in cells if _finished(out, cell, study, quiet=True)]
     results = [json.loads((out / "cells" / f"{cell.id}.json").read_text()) for cell in done]
     summary = {
         "study": study["name"],
@@ -502,6 +513,25 @@ def run_study(
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary) + "\n")
     return summary
+
+
+def _finished(out: Path, cell: Cell, study: dict, quiet: bool = False) -> bool:
+    """Whether ``cells/<id>.json`` holds this cell trained with the study's current training settings; a cell
+    trained with other settings (the YAML's ``train`` changed since) is run again."""
+    path = out / "cells" / f"{cell.id}.json"
+    if not path.is_file():
+        return False
+    trained_with = json.loads(path.read_text()).get("train")
+    if trained_with != study["train"]:
+        if not quiet:
+            changed = sorted(
+                key
+                for key in set(study["train"]) | set(trained_with or {})
+                if (trained_with or {}).get(key) != study["train"].get(key)
+            )
+            logger.warning("%s was trained with other settings (%s differ): running it again", cell.id, changed)
+        return False
+    return True
 
 
 def _run_parallel(

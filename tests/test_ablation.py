@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_mqar_sequences_ask_for_stored_values():
         MQARDataset(seq_len=32, num_kv_pairs=16)
 
 
-def test_smoke_study_writes_cells_and_summary_then_resumes(tmp_path, monkeypatch, capsys):
+def test_smoke_study_writes_cells_and_summary_then_resumes(tmp_path, monkeypatch, capsys, caplog):
     assert ablate(["--config", str(MIXER_TYPE), "--smoke", "--out", str(tmp_path)]) == 0
     cells = sorted((tmp_path / "cells").glob("*.json"))
     assert len(cells) == 2
@@ -41,6 +42,7 @@ def test_smoke_study_writes_cells_and_summary_then_resumes(tmp_path, monkeypatch
     assert summary["smoke"] and {row["layout"] for row in summary["rows"]} == {"S,D", "M x2"}
     result = json.loads(cells[0].read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["parameters"] > 0
+    assert result["seconds_per_step"] > 0 and result["first_steps_seconds"] > 0
     assert "| mqar_T32_kv4 |" in capsys.readouterr().out
 
     def must_not_run(*args, **kwargs):
@@ -52,6 +54,13 @@ def test_smoke_study_writes_cells_and_summary_then_resumes(tmp_path, monkeypatch
     monkeypatch.undo()
     assert ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path)["cells"] == 2
     assert (tmp_path / "cells" / cells[0].name).is_file()
+    stale = json.loads(cells[1].read_text())  # trained before the YAML's training settings changed
+    stale["train"]["max_steps"] += 1
+    cells[1].write_text(json.dumps(stale))
+    with caplog.at_level(logging.WARNING, logger="hybridvl.ablation"):
+        ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path)
+    assert "trained with other settings (['max_steps'] differ)" in caplog.text
+    assert json.loads(cells[1].read_text())["train"] == ablation.load_study(MIXER_TYPE, smoke=True)["train"]
 
     from lit.ablation_report import write_report
 
