@@ -445,6 +445,26 @@ def test_sampler_resumes_mid_epoch_with_the_same_batches():
         resumed.load_state_dict({"epoch": 0, "batches_yielded": len(uninterrupted[0]) + 1})
 
 
+@pytest.mark.parametrize("num_workers, persistent", [(0, False), (2, False), (2, True)])
+def test_sampler_resumes_mid_epoch_under_a_dataloader_with_workers(num_workers, persistent):
+    """A DataLoader with workers starts its sampler twice before its first batch; the position must survive."""
+
+    def sampler() -> LengthGroupedBatchSampler:
+        return LengthGroupedBatchSampler(SIZES, max_tokens=1024, seed=7, num_replicas=2, rank=0)
+
+    every = list(sampler())
+    resumed = sampler()
+    resumed.load_state_dict({"epoch": 0, "batches_yielded": 3})
+    loader = DataLoader(
+        range(len(SIZES)),
+        batch_sampler=resumed,
+        num_workers=num_workers,
+        persistent_workers=persistent,
+        collate_fn=list,
+    )
+    assert list(loader) == every[3:]
+
+
 def test_dataloader_yields_packed_batches(tmp_path, processor, media):
     dataset = ConversationDataset(write(tmp_path, RECORDS), media)
     samples = [encode(conversation, processor) for conversation in dataset]

@@ -40,7 +40,9 @@ class LossRecorder(Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def fit(module: HybridStage, dirs, tmp_path, max_steps=4, ckpt_path=None, callbacks=(), val=None) -> L.Trainer:
+def fit(
+    module: HybridStage, dirs, tmp_path, max_steps=4, ckpt_path=None, callbacks=(), val=None, num_workers=0
+) -> L.Trainer:
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=1,  # as the recipes: the schedule length then depends on the loader, counted before resuming
@@ -55,7 +57,9 @@ def fit(module: HybridStage, dirs, tmp_path, max_steps=4, ckpt_path=None, callba
         callbacks=list(callbacks),
         default_root_dir=tmp_path,
     )
-    data = HybridDataModule(processor=dirs["student"], train=TRAIN, val=val, max_tokens=256, seed=0)
+    data = HybridDataModule(
+        processor=dirs["student"], train=TRAIN, val=val, max_tokens=256, seed=0, num_workers=num_workers
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
 
@@ -71,7 +75,10 @@ def test_resume_mid_epoch_reproduces_the_loss_curve(dirs, tmp_path):
             auto_insert_metric_name=False,
         )
         module = SFT(model=dirs["student"], learning_rate=1e-3, generation_max_new_tokens=0)
-        trainer = fit(module, dirs, tmp_path, max_steps=8, ckpt_path=ckpt_path, callbacks=[recorder, checkpoints])
+        # with loader workers, as the recipes: a DataLoader with workers starts its sampler twice before a batch
+        trainer = fit(
+            module, dirs, tmp_path, max_steps=8, ckpt_path=ckpt_path, callbacks=[recorder, checkpoints], num_workers=2
+        )
         return recorder.losses, trainer
 
     uninterrupted, trainer = run()

@@ -237,13 +237,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return len(self._rank_batches(self._epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
+        # a generator: the resume position is taken when the first batch is asked for, not at iter(). A DataLoader
+        # with workers calls iter() on its sampler twice before its first batch (in _BaseDataLoaderIter.__init__
+        # and again in _MultiProcessingDataLoaderIter._reset): taken at the first call, the position would be
+        # gone by the second, and the resumed epoch would start over
         batches = self._rank_batches(self._epoch)
         start, self._resume_from = self._resume_from, 0
         self._yielded = start
-        return self._iterate(batches[start:])
-
-    def _iterate(self, batches: list[list[int]]) -> Iterator[list[int]]:
-        for batch in batches:
+        for batch in batches[start:]:
             self._yielded += 1
             yield list(batch)
 
