@@ -243,5 +243,6 @@ def _token_positions(start: torch.Tensor, batch: int, seq_len: int, cu_seqlens: 
     if cu_seqlens is None:
         return start[:, None] + torch.arange(seq_len, device=start.device)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    offsets = torch.repeat_interleave(start - cu_seqlens[:-1], lengths)
+    # output_size: the packed row's length is known, so CUDA need not read the lengths' sum back to the host
+    offsets = torch.repeat_interleave(start - cu_seqlens[:-1], lengths, output_size=seq_len)
     return (torch.arange(seq_len, device=start.device) + offsets)[None]

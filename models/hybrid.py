@@ -267,16 +267,17 @@ class HybridVLM(nn.Module):
             else []
         )
         pieces, next_positions = [], []
+        ids, starts = input_ids[0].cpu(), start.tolist()  # one copy to the host each, not one per sequence
         for n, (s, e) in enumerate(sequence_bounds(cu_seqlens)):
             positions, next_position = sequence_positions(
-                input_ids[0, s:e].cpu(),
+                ids[s:e],
                 image_token_id=self.config.image_token_id,
                 video_token_id=self.config.video_token_id,
                 merge_size=vision.get("spatial_merge_size", 2),
                 tokens_per_second=vision.get("tokens_per_second", 2),
                 image_grids=images,
                 video_grids=videos,
-                start=int(start[n]),
+                start=starts[n],
             )
             pieces.append(positions)
             next_positions.append(next_position)
@@ -336,7 +337,9 @@ class HybridVLM(nn.Module):
             packed_cu = cu_seqlens if cu_seqlens is not None else seqlens_to_cu_seqlens([seq_len] * batch)
             if input_ids is None or (image_grid_thw is None and video_grid_thw is None):
                 # without vision inputs every token is text (generated placeholder ids included), as in transformers
-                position_ids, next_position = _text_positions(packed_cu.to(start.device), start)
+                position_ids, next_position = _text_positions(
+                    packed_cu.to(start.device), start, inputs_embeds.shape[:2].numel()
+                )
             else:
                 position_ids, next_position = self.positions(
                     input_ids.reshape(1, -1), packed_cu, start, image_grid_thw, video_grid_thw, second_per_grid_ts
@@ -449,11 +452,12 @@ def _pad(packed: torch.Tensor, index: torch.Tensor, batch: int, seq_len: int) ->
     return out.reshape(batch, seq_len, *packed.shape[2:])
 
 
-def _text_positions(cu_seqlens: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text positions ``[3, 1, T]`` of a packed batch counting on from ``start`` ``[N]``."""
+def _text_positions(cu_seqlens: torch.Tensor, start: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text positions ``[3, 1, T]`` of a packed batch of ``tokens`` tokens counting on from ``start`` ``[N]``
+    (computed on the device without reading anything back to the host)."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    offsets = torch.repeat_interleave(start - cu_seqlens[:-1], lengths)
-    positions = torch.arange(int(cu_seqlens[-1]), device=start.device) + offsets
+    offsets = torch.repeat_interleave(start - cu_seqlens[:-1], lengths, output_size=tokens)
+    positions = torch.arange(tokens, device=start.device) + offsets
     return positions.expand(3, 1, -1), start + lengths
 
 
