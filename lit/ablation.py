@@ -327,8 +327,11 @@ def run_distillation_cell(cell: Cell, study: dict, out: Path) -> dict[str, Any]:
     }
 
 
-def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path) -> dict[str, Any]:
-    """Train one cell from scratch and return its result (also written to ``cells/<id>.json``)."""
+def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent_cells: int = 1) -> dict[str, Any]:
+    """Train one cell from scratch and return its result (also written to ``cells/<id>.json``).
+
+    ``concurrent_cells`` (how many cells share the device, recorded with the step time) does not change training.
+    """
     if cell.task_dict["type"] == "distill":
         identity = {
             "cell": cell.id,
@@ -407,6 +410,7 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path) -> dict[st
         "train_seconds": time.perf_counter() - start,
         "steps": train["max_steps"],
         "seconds_per_step": timing["seconds_per_step"],
+        "concurrent_cells": concurrent_cells,
         "first_steps_seconds": sum(step["seconds"] for step in timing["steps"][: timing["warmup_steps"]]),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": _versions(),
@@ -439,14 +443,17 @@ def _write_cell(out: Path, cell: Cell, study: dict, result: dict[str, Any]) -> d
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (layout, task, d_model): best learning rate by mean accuracy over seeds; mean and std at it."""
-    groups: dict[tuple, dict[float, list[float]]] = {}
+    """Per (layout, task, d_model): best learning rate by mean accuracy over seeds; mean and std at it, and the
+    mean steady-state step time of those cells (with how many cells shared the device at most)."""
+    groups: dict[tuple, dict[float, list[dict]]] = {}
     for result in results:
         key = (result["layout"], result["task"], result["d_model"])
-        groups.setdefault(key, {}).setdefault(result["learning_rate"], []).append(result["accuracy"])
+        groups.setdefault(key, {}).setdefault(result["learning_rate"], []).append(result)
     rows = []
     for (layout, task, d_model), by_lr in sorted(groups.items()):
-        lr, accuracies = max(by_lr.items(), key=lambda item: statistics.fmean(item[1]))
+        lr, cells = max(by_lr.items(), key=lambda item: statistics.fmean(c["accuracy"] for c in item[1]))
+        accuracies = [c["accuracy"] for c in cells]
+        step_times = [c["seconds_per_step"] for c in cells if c.get("seconds_per_step")]
         rows.append(
             {
                 "layout": layout,
@@ -456,6 +463,8 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "mean": statistics.fmean(accuracies),
                 "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                 "seeds": len(accuracies),
+                "seconds_per_step": statistics.fmean(step_times) if step_times else None,
+                "concurrent_cells": max((c.get("concurrent_cells", 1) for c in cells), default=1),
             }
         )
     return rows
@@ -545,7 +554,7 @@ def _run_parallel(
         running: set[concurrent.futures.Future] = set()
         while queue or running:
             while queue and len(running) < workers and time.monotonic() < deadline:
-                running.add(pool.submit(run_cell, queue.pop(), study, out, processor_dir))
+                running.add(pool.submit(run_cell, queue.pop(), study, out, processor_dir, workers))
             if not running:
                 logger.info("time budget spent: %d cells left for the next run", len(queue))
                 break
@@ -559,15 +568,20 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     progress = (
         "" if summary.get("complete", True) else f" ({summary['cells']} of {summary['total_cells']} cells so far)"
     )
+    return f"# {summary['study']}{' (smoke)' if summary['smoke'] else ''}{progress}\n\n" + rows_table(summary["rows"])
+
+
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of :func:`summarize` rows."""
     lines = [
-        f"# {summary['study']}{' (smoke)' if summary['smoke'] else ''}{progress}",
-        "",
-        "| task | layout | d_model | accuracy (mean ± std over seeds) | best lr |",
-        "|---|---|---|---|---|",
+        "| task | layout | d_model | accuracy (mean ± std) | seeds | best lr | ms/step (cells sharing the device) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['task']} | `{r['layout']}` | {r['d_model']} | {r['mean']:.3f} ± {r['std']:.3f} "
-        f"({r['seeds']} seeds) | {r['best_learning_rate']:g} |"
-        for r in summary["rows"]
-    ]
+    for r in rows:
+        step = r.get("seconds_per_step")
+        timing = f"{1000 * step:.0f} ({r.get('concurrent_cells', 1)})" if step else "not recorded"
+        lines.append(
+            f"| {r['task']} | `{r['layout']}` | {r['d_model']} | {r['mean']:.3f} ± {r['std']:.3f} | {r['seeds']} | "
+            f"{r['best_learning_rate']:g} | {timing} |"
+        )
     return "\n".join(lines)

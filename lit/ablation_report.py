@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mixers
-from lit.ablation import summarize
+from lit.ablation import rows_table, summarize
 
 TEXT_TASKS = ("ocr", "chart")
 
@@ -43,16 +43,6 @@ def per_task_accuracy(cells: list[dict], layout: str, tasks: tuple[str, ...]) ->
                 by_seed[cell["seed"]].append(statistics.fmean(scores))
     values = [max(scores) for scores in by_seed.values()]
     return _mean_std(values) if values else None
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| task | layout | d_model | accuracy (mean ± std) | seeds | best lr |", "|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r['task']} | `{r['layout']}` | {r['d_model']} | {r['mean']:.3f} ± {r['std']:.3f} | {r['seeds']} | "
-        f"{r['best_learning_rate']:g} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
 
 
 def plot_lines(path: Path, title: str, xlabel: str, series: dict[str, list[tuple[float, float, float]]]) -> None:
@@ -184,7 +174,7 @@ def write_report(results: Path, out: Path) -> Path:
     ]
     parts += [f"- {paragraph}" for paragraph in claims(studies)]
     for name, cells in studies.items():
-        parts += ["", f"## {name}", "", table(summarize(cells))]
+        parts += ["", f"## {name}", "", rows_table(summarize(cells))]
         series: dict[str, list] = defaultdict(list)
         for row in summarize(cells):
             if name == "mixer_type":

@@ -136,3 +136,9 @@ def test_time_budget_stops_starting_cells_and_the_next_run_finishes(tmp_path, wo
     summary = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path, workers=workers)
     assert summary["cells"] == 2 and summary["complete"]
     assert not list((tmp_path / "cells").glob("*.partial"))
+    assert {row["concurrent_cells"] for row in summary["rows"]} == {workers}  # recorded with the step times
+    assert all(row["seconds_per_step"] > 0 for row in summary["rows"])
+    assert (
+        f"| 0.001 | {1000 * summary['rows'][0]['seconds_per_step']:.0f} ({workers}) |"
+        in (tmp_path / "summary.md").read_text()
+    )
