@@ -464,7 +464,9 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                 "seeds": len(accuracies),
                 "seconds_per_step": statistics.fmean(step_times) if step_times else None,
-                "concurrent_cells": max((c.get("concurrent_cells", 1) for c in cells), default=1),
+                "concurrent_cells": max(
+                    (c["concurrent_cells"] for c in cells if "concurrent_cells" in c), default=None
+                ),
             }
         )
     return rows
@@ -579,7 +581,8 @@ def rows_table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         step = r.get("seconds_per_step")
-        timing = f"{1000 * step:.0f} ({r.get('concurrent_cells', 1)})" if step else "not recorded"
+        sharing = r.get("concurrent_cells") or "not recorded"
+        timing = f"{1000 * step:.0f} ({sharing})" if step else "not recorded"
         lines.append(
             f"| {r['task']} | `{r['layout']}` | {r['d_model']} | {r['mean']:.3f} ± {r['std']:.3f} | {r['seeds']} | "
             f"{r['best_learning_rate']:g} | {timing} |"
