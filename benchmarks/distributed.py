@@ -168,6 +168,11 @@ def fit(config: Path, gpus: int, log: Path, ckpt_path: Path | None = None) -> fl
 
 
 RUNS = ("single", "fsdp", "fsdp_resumed")
+RESUME_DATA_VERDICT = {
+    True: "rank 0 trained on the same samples at those steps.",
+    False: "rank 0 trained on DIFFERENT samples at those steps: the resume lost its place in the data.",
+    None: "the samples were not recorded.",
+}
 
 
 def main() -> None:
@@ -230,14 +235,18 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     if {"fsdp", "single"} <= set(runs):
         results["speedup"] = runs["fsdp"]["tokens_per_second"] / runs["single"]["tokens_per_second"]
     if {"fsdp", "fsdp_resumed"} <= set(runs):
-        before = {s["step"]: s["loss"] for s in runs["fsdp"]["steps"]}
-        after = {s["step"]: s["loss"] for s in runs["fsdp_resumed"]["steps"]}
+        before = {s["step"]: s for s in runs["fsdp"]["steps"]}
+        after = {s["step"]: s for s in runs["fsdp_resumed"]["steps"]}
         shared = sorted(set(before) & set(after))
         results["resume"] = {
             "steps_compared": shared,
-            "max_relative_loss_difference": max(abs(after[s] - before[s]) / abs(before[s]) for s in shared)
+            "max_relative_loss_difference": max(
+                abs(after[s]["loss"] - before[s]["loss"]) / abs(before[s]["loss"]) for s in shared
+            )
             if shared
             else None,
+            # the data too: near-identical samples can give near-equal losses after a resume that lost its place
+            "same_samples": all(after[s].get("samples") == before[s].get("samples") for s in shared),
         }
     write_json(out, results)
     return results
@@ -279,11 +288,12 @@ def markdown(results: dict) -> str:
         ]
     if "resume" in results:
         resume = results["resume"]
+        data = RESUME_DATA_VERDICT[resume.get("same_samples")]
         lines += [
             f"Checkpoint after step {min(resume['steps_compared'], default=0) - 1} "
             f"({runs['fsdp'].get('checkpoint_gib', 0):.1f} GiB, gathered full state dict); the resumed run's losses "
             f"at steps {resume['steps_compared']} differ from the uninterrupted run's by at most "
-            f"{resume['max_relative_loss_difference']:.2e} (relative).",
+            f"{resume['max_relative_loss_difference']:.2e} (relative); {data}",
             "",
         ]
     if missing := [name for name in RUNS if name not in runs]:

@@ -16,8 +16,9 @@ class StepTimer(L.Callback):
     Each step is timed on the host after synchronising the device, so the time is the step's whole cost
     (forward, backward, optimiser, communication). Tokens are the packed batch's tokens summed over ranks.
 
-    The file holds per-step seconds and global tokens, tokens per second over the steps after ``warmup``,
-    and every rank's peak allocated GPU memory. Add it from YAML::
+    The file holds per-step seconds, global tokens, rank 0's loss and the sources of rank 0's samples (so two
+    runs can be checked to have trained on the same data step by step), tokens per second over the steps after
+    ``warmup``, and every rank's peak allocated GPU memory. Add it from YAML::
 
         trainer:
           callbacks:
@@ -61,6 +62,7 @@ class StepTimer(L.Callback):
                 "seconds": seconds,
                 "tokens": tokens,
                 "loss": None if loss is None else float(loss.detach()),
+                "samples": [sample.source for sample in getattr(batch, "samples", ())],
             }
         )
 
