@@ -245,7 +245,8 @@ def run(args: argparse.Namespace, out: Path) -> dict:
             )
             if shared
             else None,
-            # the data too: near-identical samples can give near-equal losses after a resume that lost its place
+            # the data too (digests of rank 0's samples): near-identical samples give near-equal losses even after a
+            # resume that lost its place
             "same_samples": all(after[s].get("samples") == before[s].get("samples") for s in shared),
         }
     write_json(out, results)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import lightning as L
@@ -16,9 +18,9 @@ class StepTimer(L.Callback):
     Each step is timed on the host after synchronising the device, so the time is the step's whole cost
     (forward, backward, optimiser, communication). Tokens are the packed batch's tokens summed over ranks.
 
-    The file holds per-step seconds, global tokens, rank 0's loss and the sources of rank 0's samples (so two
-    runs can be checked to have trained on the same data step by step), tokens per second over the steps after
-    ``warmup``, and every rank's peak allocated GPU memory. Add it from YAML::
+    The file holds per-step seconds, global tokens, rank 0's loss and a digest of rank 0's samples' sources (so
+    two runs can be checked to have trained on the same data step by step), tokens per second over the steps
+    after ``warmup``, and every rank's peak allocated GPU memory. Add it from YAML::
 
         trainer:
           callbacks:
@@ -62,7 +64,7 @@ class StepTimer(L.Callback):
                 "seconds": seconds,
                 "tokens": tokens,
                 "loss": None if loss is None else float(loss.detach()),
-                "samples": [sample.source for sample in getattr(batch, "samples", ())],
+                "samples": _digest(sample.source for sample in getattr(batch, "samples", ())),
             }
         )
 
@@ -85,3 +87,8 @@ class StepTimer(L.Callback):
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _digest(sources: Iterable[str]) -> str:
+    """A short fingerprint of a batch's sample sources, in order."""
+    return hashlib.sha1("\n".join(sources).encode()).hexdigest()[:16]
