@@ -57,6 +57,8 @@ from models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.ablation")
 
+SYNTHETIC_LOADER_WORKERS = 2
+"""DataLoader worker processes per cell for the synthetic multimodal tasks (MQAR sets are drawn up front)."""
 STEP_TIMER_WARMUP = 10
 """Steps of a cell left out of its ``seconds_per_step`` (kernel compilation and autotuning happen in them)."""
 GRID_KEYS = ("layout", "d_model", "seed", "learning_rate")
@@ -170,9 +172,15 @@ def expand(study: dict[str, Any]) -> list[Cell]:
 
 
 def model_config(
-    cell: Cell, study: dict[str, Any], vocab_size: int, vision: dict | None, intermediate_size: int | None = None
+    cell: Cell,
+    study: dict[str, Any],
+    vocab_size: int,
+    vision: dict | None,
+    intermediate_size: int | None = None,
+    token_ids: dict[str, int] | None = None,
 ) -> HybridConfig:
-    """The cell's model: ``d_model`` wide, one layer per layout letter, heads of 64 (or ``d_model``) channels."""
+    """The cell's model: ``d_model`` wide, one layer per layout letter, heads of 64 (or ``d_model``) channels;
+    ``token_ids``: the vision placeholder ids of the tokenizer (with ``vision``)."""
     d = cell.d_model
     heads = max(1, d // 64)
     head_dim = d // heads
@@ -200,6 +208,7 @@ def model_config(
         pad_token_id=0,
         bos_token_id=None,
         eos_token_id=None,
+        **(token_ids or {}),
     )
 
 
@@ -213,13 +222,16 @@ def count_parameters(config: HybridConfig) -> int:
         return sum(p.numel() for p in HybridVLM(config).parameters())
 
 
-def matched_intermediate_size(cell: Cell, study: dict, vocab_size: int, vision: dict | None) -> int | None:
+def matched_intermediate_size(
+    cell: Cell, study: dict, vocab_size: int, vision: dict | None, token_ids: dict[str, int] | None = None
+) -> int | None:
     """The MLP width that gives the cell's layout the parameter count of ``match_parameters``' layout."""
     reference = study.get("match_parameters")
     if not reference:
         return None
-    target = count_parameters(model_config(dataclasses.replace(cell, layout=reference), study, vocab_size, vision))
-    base_config = model_config(cell, study, vocab_size, vision, intermediate_size=8)
+    reference_cell = dataclasses.replace(cell, layout=reference)
+    target = count_parameters(model_config(reference_cell, study, vocab_size, vision, token_ids=token_ids))
+    base_config = model_config(cell, study, vocab_size, vision, intermediate_size=8, token_ids=token_ids)
     per_unit = 3 * cell.d_model * base_config.num_hidden_layers  # gate, up, down per MLP channel
     width = round((target - count_parameters(base_config)) / per_unit) + 8
     return max(8, width)
@@ -246,14 +258,25 @@ class SampleBatches(L.LightningDataModule):
         return DataLoader(self.val, batch_size=self.batch_size, collate_fn=pack)
 
 
-def _data(cell: Cell, study: dict, processor_dir: Path) -> tuple[L.LightningDataModule, int, dict | None]:
-    """The cell's data module, vocabulary size and vision config."""
+VISION_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+def _data(
+    cell: Cell, study: dict, processor_dir: Path
+) -> tuple[L.LightningDataModule, int, dict | None, dict[str, int] | None]:
+    """The cell's data module, vocabulary size, vision config and vision placeholder token ids."""
     task, train = cell.task_dict, study["train"]
     if task["type"] == "mqar":
         options = {k: v for k, v in task.items() if k in ("vocab_size", "seq_len", "num_kv_pairs", "power_a")}
         train_set = MQARDataset(num_examples=train["train_examples"], seed=cell.seed, **options)
         val_set = MQARDataset(num_examples=train["test_examples"], seed=10_000 + cell.seed, **options)
-        return SampleBatches(train_set, val_set, train["max_tokens"], train_set.seq_len), train_set.vocab_size, None
+        batches = SampleBatches(train_set, val_set, train["max_tokens"], train_set.seq_len)
+        return batches, train_set.vocab_size, None, None
     from models.tiny_qwen import TinyQwenDims
 
     options = {k: v for k, v in task.items() if k != "type"}
@@ -264,6 +287,9 @@ def _data(cell: Cell, study: dict, processor_dir: Path) -> tuple[L.LightningData
         max_tokens=train["max_tokens"],
         length_grouping=0,
         seed=cell.seed,
+        # rendering and processing a batch of about 200 synthetic samples takes ~0.35 s of CPU, an order of
+        # magnitude more than a small model's step: prepare batches beside the training loop
+        num_workers=SYNTHETIC_LOADER_WORKERS,
     )
     dims = TinyQwenDims()
     vision = dict(
@@ -279,8 +305,9 @@ def _data(cell: Cell, study: dict, processor_dir: Path) -> tuple[L.LightningData
         fullatt_block_indexes=[1],
         tokens_per_second=2,
     )
-    vocab = len(_processor(processor_dir).tokenizer)
-    return data, vocab, vision
+    tokenizer = _processor(processor_dir).tokenizer
+    token_ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in VISION_TOKENS.items()}
+    return data, len(tokenizer), vision, token_ids
 
 
 @functools.cache
@@ -343,12 +370,9 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         }
         return _write_cell(out, cell, study, {**identity, **run_distillation_cell(cell, study, out)})
     L.seed_everything(cell.seed, verbose=False)
-    data, vocab, vision = _data(cell, study, processor_dir)
-    config = model_config(cell, study, vocab, vision, matched_intermediate_size(cell, study, vocab, vision))
-    if vision is not None:
-        config.image_token_id, config.video_token_id = (
-            _processor(processor_dir).tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")
-        )
+    data, vocab, vision, token_ids = _data(cell, study, processor_dir)
+    width = matched_intermediate_size(cell, study, vocab, vision, token_ids)
+    config = model_config(cell, study, vocab, vision, width, token_ids)
     cell_dir = out / "runs" / cell.id
     model = HybridVLM(config)
     if vision is not None:

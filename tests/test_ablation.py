@@ -83,6 +83,13 @@ def test_smoke_study_writes_cells_and_summary_then_resumes(tmp_path, monkeypatch
     assert (tmp_path / "report" / "figures" / "mixer_type.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("study", ["swa_ratio", "init"])  # synthetic multimodal cells; distillation cells
+def test_every_kind_of_cell_runs_at_smoke_size(study, tmp_path):
+    summary = ablation.run_study(MIXER_TYPE.parent / f"{study}.yaml", smoke=True, out=tmp_path)
+    assert summary["complete"] and summary["cells"] == summary["total_cells"] > 0
+    assert all(0.0 <= row["mean"] <= 1.0 for row in summary["rows"])
+
+
 def test_parameter_matching_equalises_model_sizes():
     study = ablation.load_study(MIXER_TYPE)
     counts = {}
