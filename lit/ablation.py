@@ -551,22 +551,19 @@ def run_study(
 
 
 def _finished(out: Path, cell: Cell, study: dict, quiet: bool = False) -> bool:
-    """Whether ``cells/<id>.json`` holds this cell trained with the study's current training settings; a cell
-    trained with other settings (the YAML's ``train`` changed since) is run again."""
+    """Whether ``cells/<id>.json`` holds this cell trained with the study's current settings: its ``train``
+    section and the cell's task (a task option the cell's name leaves out, such as ``size_per_task``, may have
+    changed). A cell trained with other settings is run again."""
     path = out / "cells" / f"{cell.id}.json"
     if not path.is_file():
         return False
-    trained_with = json.loads(path.read_text()).get("train")
-    if trained_with != study["train"]:
-        if not quiet:
-            changed = sorted(
-                key
-                for key in set(study["train"]) | set(trained_with or {})
-                if (trained_with or {}).get(key) != study["train"].get(key)
-            )
-            logger.warning("%s was trained with other settings (%s differ): running it again", cell.id, changed)
-        return False
-    return True
+    recorded = json.loads(path.read_text())
+    current = {**study["train"], **{f"task.{k}": v for k, v in cell.task_dict.items()}}
+    trained = {**(recorded.get("train") or {}), **{f"task.{k}": v for k, v in recorded["task_config"].items()}}
+    changed = sorted(key for key in set(current) | set(trained) if current.get(key) != trained.get(key))
+    if changed and not quiet:
+        logger.warning("%s was trained with other settings (%s differ): running it again", cell.id, changed)
+    return not changed
 
 
 def _run_parallel(

@@ -71,6 +71,15 @@ def test_smoke_study_writes_cells_and_summary_then_resumes(tmp_path, monkeypatch
     with caplog.at_level(logging.WARNING, logger="hybridvl.ablation"):
         ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path)
     assert "trained with other settings (['max_steps'] differ)" in caplog.text
+    stale = json.loads(cells[1].read_text())  # a task option the cell's name does not show
+    stale["task_config"]["power_a"] = 0.5
+    cells[1].write_text(json.dumps(stale))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hybridvl.ablation"):
+        ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path)
+    assert (
+        "(['task.power_a'] differ)" in caplog.text and "power_a" not in json.loads(cells[1].read_text())["task_config"]
+    )
     assert json.loads(cells[1].read_text())["train"] == ablation.load_study(MIXER_TYPE, smoke=True)["train"]
 
     from lit.ablation_report import write_report
