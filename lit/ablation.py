@@ -288,8 +288,10 @@ def _data(
         length_grouping=0,
         seed=cell.seed,
         # rendering and processing a batch of about 200 synthetic samples takes ~0.35 s of CPU, an order of
-        # magnitude more than a small model's step: prepare batches beside the training loop
+        # magnitude more than a small model's step: every (task, seed) is encoded once for all the study's cells
+        # (out/data, memory-mapped) and batches are collated beside the training loop
         num_workers=SYNTHETIC_LOADER_WORKERS,
+        cache_dir=str(processor_dir.parent / "data"),
     )
     dims = TinyQwenDims()
     vision = dict(

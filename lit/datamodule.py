@@ -15,14 +15,20 @@ A source is a dict in YAML:
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
 import math
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from lit.data.conversations import ConversationDataset
 from lit.data.encoding import count_tokens, encode
@@ -108,6 +114,37 @@ class EncodedConversations(Dataset):
         return self._lengths
 
 
+class CachedSamples(Dataset):
+    """Encoded samples kept in a file: encoded once (under a lock, so processes sharing the file encode it once),
+    then read back memory-mapped, so runs and loader workers share the pages instead of encoding again."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = samples
+
+    @classmethod
+    def load_or_encode(cls, dataset: EncodedConversations, path: Path) -> CachedSamples:
+        """The samples of ``dataset`` from ``path``, encoding and writing them first if the file is missing."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                samples = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"encoding {path.name}")]
+                partial = path.with_name(path.name + ".partial")
+                torch.save(samples, partial)
+                partial.replace(path)
+                logger.info("encoded %d samples into %s", len(samples), path)
+        return cls(torch.load(path, mmap=True, weights_only=False))  # a file this class wrote
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+    def lengths(self) -> list[int]:
+        return [len(sample) for sample in self.samples]
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a :class:`LengthGroupedBatchSampler` whose position survives checkpoints.
 
@@ -163,6 +200,10 @@ class HybridDataModule(L.LightningDataModule):
         length_grouping: samples are sorted by length within groups of this many batches' worth of tokens
             (fuller batches, but batches of similar samples); 0 packs samples in order, each batch a run of
             neighbours.
+        cache_dir: encode each split once into a file here and memory-map it afterwards (for data read over
+            many epochs or by many runs, such as the synthetic suite in ablations). The file is named by a
+            fingerprint of the split's sources, the processor directory, the length settings and the seed; it
+            does not cover the contents of the files a JSON source points to: clear the folder after editing them.
     """
 
     def __init__(
@@ -178,23 +219,33 @@ class HybridDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         length_grouping: int = 50,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.datasets: dict[str, EncodedConversations] = {}
+        self.datasets: dict[str, EncodedConversations | CachedSamples] = {}
 
-    def _dataset(self, split: str) -> EncodedConversations:
+    def _dataset(self, split: str) -> EncodedConversations | CachedSamples:
         if split not in self.datasets:
             specs = getattr(self.hparams, split)
             if not specs:
                 raise ValueError(f"the data config has no {split!r} sources")
             sources = [build_source(spec) for spec in specs]
             mixed = MixedConversations(sources, [float(spec.get("weight", 1.0)) for spec in specs], self.hparams.seed)
-            self.datasets[split] = EncodedConversations(
+            encoded = EncodedConversations(
                 mixed, self.hparams.processor, self.hparams.max_length, self.hparams.truncate
             )
             logger.info("%s data: %d conversations from %d sources", split, len(mixed), len(sources))
+            if self.hparams.cache_dir:
+                encoded = CachedSamples.load_or_encode(encoded, Path(self.hparams.cache_dir) / self._cache_name(split))
+            self.datasets[split] = encoded
         return self.datasets[split]
+
+    def _cache_name(self, split: str) -> str:
+        keys = ("processor", "max_length", "truncate", "seed")
+        settings = {"sources": getattr(self.hparams, split), **{key: self.hparams[key] for key in keys}}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return f"{split}-{digest}.pt"
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self._dataset(split)

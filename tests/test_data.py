@@ -24,6 +24,7 @@ from lit.data.conversations import ConversationDataset, DataError
 from lit.data.encoding import IGNORE_INDEX, count_tokens, encode
 from lit.data.packing import LengthGroupedBatchSampler, collate, greedy_pack, lengths, pack
 from lit.data.types import Conversation
+from lit.datamodule import CachedSamples, EncodedConversations, HybridDataModule
 from models.chat import VISION_KEYS, load_processor
 from models.tiny_qwen import make_tiny_qwen2_5_vl
 
@@ -474,3 +475,38 @@ def test_dataloader_yields_packed_batches(tmp_path, processor, media):
     assert len(batches) == len(sampler)
     assert sorted(sample.source for batch in batches for sample in batch.samples) == sorted(s.source for s in samples)
     assert all(batch.num_tokens <= budget for batch in batches)
+
+
+@pytest.fixture(scope="module")
+def processor_dir(tmp_path_factory) -> Path:
+    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen_dir"), seed=0)
+
+
+def test_cached_samples_equal_fresh_ones_and_are_encoded_once(processor_dir, tmp_path, monkeypatch):
+    spec = [{"type": "synthetic", "tasks": ["ocr", "video_memory"], "size_per_task": 3, "split": "train"}]
+
+    def dataset(**options):
+        return HybridDataModule(processor=str(processor_dir), train=spec, **options)._dataset("train")
+
+    fresh, cached = dataset(), dataset(cache_dir=str(tmp_path))
+    assert isinstance(cached, CachedSamples) and len(cached) == len(fresh) == 6
+    assert cached.lengths() == fresh.lengths()
+    for ours, theirs in zip(cached, fresh, strict=True):
+        assert ours.input_ids.equal(theirs.input_ids) and ours.labels.equal(theirs.labels)
+        assert (ours.prompt_length, ours.task, ours.answer, ours.source) == (
+            theirs.prompt_length,
+            theirs.task,
+            theirs.answer,
+            theirs.source,
+        )
+        assert ours.vision.keys() == theirs.vision.keys() and ours.vision  # images and videos
+        assert all(ours.vision[key].equal(theirs.vision[key]) for key in ours.vision)
+
+    def must_not_encode(self, index):
+        raise AssertionError("a cached split was encoded again")
+
+    monkeypatch.setattr(EncodedConversations, "__getitem__", must_not_encode)
+    assert len(dataset(cache_dir=str(tmp_path))) == 6  # read back, not encoded
+    with pytest.raises(AssertionError, match="encoded again"):  # other settings: another file
+        dataset(cache_dir=str(tmp_path), seed=1)
+    assert len(list(tmp_path.glob("train-*.pt"))) == 1
