@@ -133,7 +133,10 @@ class CachedSamples(Dataset):
                 torch.save(samples, partial)
                 partial.replace(path)
                 logger.info("encoded %d samples into %s", len(samples), path)
-        return cls(torch.load(path, mmap=True, weights_only=False))  # a file this class wrote
+        try:
+            return cls(torch.load(path, mmap=True, weights_only=False))  # a file this class wrote
+        except Exception as error:
+            raise RuntimeError(f"the data cache {path} cannot be read ({error}); delete it to encode again") from error
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -509,4 +509,8 @@ def test_cached_samples_equal_fresh_ones_and_are_encoded_once(processor_dir, tmp
     assert len(dataset(cache_dir=str(tmp_path))) == 6  # read back, not encoded
     with pytest.raises(AssertionError, match="encoded again"):  # other settings: another file
         dataset(cache_dir=str(tmp_path), seed=1)
+    cache = next(tmp_path.glob("train-*.pt"))
     assert len(list(tmp_path.glob("train-*.pt"))) == 1
+    cache.write_bytes(cache.read_bytes()[:1000])  # a cut-off file
+    with pytest.raises(RuntimeError, match=r"cannot be read .*delete it to encode again"):
+        dataset(cache_dir=str(tmp_path))
