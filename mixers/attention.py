@@ -23,7 +23,7 @@ from mixers.ops.attention import (
     decode_attention,
 )
 from mixers.ops.rotary import apply_rotary, rotary_cos_sin
-from mixers.ops.varlen import sequence_bounds
+from mixers.ops.varlen import packed_positions, sequence_bounds
 from mixers.registry import register_mixer
 from mixers.state import KVCache
 
@@ -242,7 +242,4 @@ def _token_positions(start: torch.Tensor, batch: int, seq_len: int, cu_seqlens: 
     """Absolute token index ``[B, T]`` of every new token, counting on from ``start`` ``[N]``."""
     if cu_seqlens is None:
         return start[:, None] + torch.arange(seq_len, device=start.device)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    # output_size: the packed row's length is known, so CUDA need not read the lengths' sum back to the host
-    offsets = torch.repeat_interleave(start - cu_seqlens[:-1], lengths, output_size=seq_len)
-    return (torch.arange(seq_len, device=start.device) + offsets)[None]
+    return packed_positions(start, cu_seqlens, seq_len)

@@ -25,7 +25,7 @@ from torch import nn
 
 import mixers
 from mixers.modules import RMSNorm
-from mixers.ops.varlen import seqlens_to_cu_seqlens, sequence_bounds
+from mixers.ops.varlen import packed_positions, seqlens_to_cu_seqlens, sequence_bounds
 from mixers.state import MixerState
 from models.config import HybridConfig
 from models.positions import sequence_positions
@@ -455,10 +455,7 @@ def _pad(packed: torch.Tensor, index: torch.Tensor, batch: int, seq_len: int) ->
 def _text_positions(cu_seqlens: torch.Tensor, start: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Text positions ``[3, 1, T]`` of a packed batch of ``tokens`` tokens counting on from ``start`` ``[N]``
     (computed on the device without reading anything back to the host)."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    offsets = torch.repeat_interleave(start - cu_seqlens[:-1], lengths, output_size=tokens)
-    positions = torch.arange(tokens, device=start.device) + offsets
-    return positions.expand(3, 1, -1), start + lengths
+    return packed_positions(start, cu_seqlens, tokens).expand(3, 1, -1), start + cu_seqlens[1:] - cu_seqlens[:-1]
 
 
 def _next_positions(position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:

@@ -45,11 +45,12 @@ def seqlens_to_cu_seqlens(lengths: Sequence[int] | torch.Tensor, device: torch.d
     return torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
 
 
-def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Positions ``[1, T]`` restarting at 0 at each packed sequence."""
+def packed_positions(start: torch.Tensor, cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The position ``[1, T]`` of every token of a packed row of ``tokens`` tokens, sequence ``n`` counting on
+    from ``start[n]``. The row's length is given, so CUDA reads nothing back to the host."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths)
-    return (torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts).unsqueeze(0)
+    offsets = torch.repeat_interleave(start - cu_seqlens[:-1], lengths, output_size=tokens)
+    return (torch.arange(tokens, device=start.device) + offsets)[None]
 
 
 def map_sequences(
