@@ -529,14 +529,17 @@ def run_study(
     )
     deadline = math.inf if time_budget is None else time.monotonic() + time_budget
     if workers > 1 and len(pending) > 1:
-        _run_parallel(pending, study, out, processor_dir, workers, deadline)
+        failed = _run_parallel(pending, study, out, processor_dir, workers, deadline)
     else:
+        failed = {}
         for number, cell in enumerate(pending, 1):
             if time.monotonic() >= deadline:
                 logger.info("time budget spent: %d cells left for the next run", len(pending) - number + 1)
                 break
             logger.info("[%d/%d] %s", number, len(pending), cell.id)
-            run_cell(cell, study, out, processor_dir)
+            error = _attempt(cell, study, out, processor_dir)
+            if error:
+                failed[cell.id] = error
     done = [cell for cell in cells if _finished(out, cell, study, quiet=True)]
     results = [json.loads((out / "cells" / f"{cell.id}.json").read_text()) for cell in done]
     summary = {
@@ -545,6 +548,7 @@ def run_study(
         "cells": len(results),
         "total_cells": len(cells),
         "complete": len(results) == len(cells),
+        "failed": failed,
         "rows": summarize(results),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -568,32 +572,51 @@ def _finished(out: Path, cell: Cell, study: dict, quiet: bool = False) -> bool:
     return not changed
 
 
+def _attempt(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent_cells: int = 1) -> str | None:
+    """Run one cell; a cell that fails is logged with its traceback and its error returned, so that one broken
+    cell does not stop the study's other cells (the study reports it and exits with an error)."""
+    try:
+        run_cell(cell, study, out, processor_dir, concurrent_cells)
+    except Exception as error:  # any failure of one cell is reported; the others go on
+        logger.exception("%s failed", cell.id)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def _run_parallel(
     pending: list[Cell], study: dict, out: Path, processor_dir: Path, workers: int, deadline: float
-) -> None:
-    """Keep ``workers`` cells in flight until the cells or the time run out."""
+) -> dict[str, str]:
+    """Keep ``workers`` cells in flight until the cells or the time run out; return the failed cells' errors."""
     context = multiprocessing.get_context("spawn")
     queue = list(reversed(pending))
-    finished = 0
+    finished, failed = 0, {}
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        running: set[concurrent.futures.Future] = set()
+        running: dict[concurrent.futures.Future, Cell] = {}
         while queue or running:
             while queue and len(running) < workers and time.monotonic() < deadline:
-                running.add(pool.submit(run_cell, queue.pop(), study, out, processor_dir, workers))
+                cell = queue.pop()
+                running[pool.submit(_attempt, cell, study, out, processor_dir, workers)] = cell
             if not running:
                 logger.info("time budget spent: %d cells left for the next run", len(queue))
                 break
-            completed, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            completed, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in completed:
-                finished += 1
-                logger.info("[%d/%d] %s", finished, len(pending), future.result()["cell"])
+                cell, finished = running.pop(future), finished + 1
+                error = future.result()
+                if error:
+                    failed[cell.id] = error
+                logger.info("[%d/%d] %s%s", finished, len(pending), cell.id, " FAILED" if error else "")
+    return failed
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     progress = (
         "" if summary.get("complete", True) else f" ({summary['cells']} of {summary['total_cells']} cells so far)"
     )
-    return f"# {summary['study']}{' (smoke)' if summary['smoke'] else ''}{progress}\n\n" + rows_table(summary["rows"])
+    failed = "".join(f"\n- `{cell}` failed: {error}" for cell, error in summary.get("failed", {}).items())
+    failed = f"\n\nFailed this run (run the study again to retry them):{failed}" if failed else ""
+    title = f"# {summary['study']}{' (smoke)' if summary['smoke'] else ''}{progress}"
+    return f"{title}\n\n{rows_table(summary['rows'])}{failed}"
 
 
 def rows_table(rows: list[dict[str, Any]]) -> str:

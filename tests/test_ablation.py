@@ -169,3 +169,23 @@ def test_time_budget_stops_starting_cells_and_the_next_run_finishes(tmp_path, wo
         f"| 0.001 | {1000 * summary['rows'][0]['seconds_per_step']:.0f} ({workers}) |"
         in (tmp_path / "summary.md").read_text()
     )
+
+
+def test_a_failing_cell_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    real_run_cell = ablation.run_cell
+
+    def first_layout_breaks(cell, *args, **kwargs):
+        if cell.layout == "S,D":
+            raise RuntimeError("CUDA error: out of memory")
+        return real_run_cell(cell, *args, **kwargs)
+
+    monkeypatch.setattr(ablation, "run_cell", first_layout_breaks)
+    assert ablate(["--config", str(MIXER_TYPE), "--smoke", "--out", str(tmp_path)]) == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cells"] == 1 and not summary["complete"]
+    (failed,) = summary["failed"]
+    assert failed.startswith("SD__") and summary["failed"][failed] == "RuntimeError: CUDA error: out of memory"
+    assert f"`{failed}` failed: RuntimeError" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert ablate(["--config", str(MIXER_TYPE), "--smoke", "--out", str(tmp_path)]) == 0  # retried, then complete
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == {}

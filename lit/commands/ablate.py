@@ -35,4 +35,4 @@ def main(argv: list[str]) -> int:
         print(f"hybridvl ablate: {error}", file=sys.stderr)
         return 2
     print(summary_markdown(summary))
-    return 0
+    return 1 if summary["failed"] else 0
