@@ -141,6 +141,18 @@ def load_study(path: str | Path, smoke: bool = False) -> dict[str, Any]:
             raise ValueError(f"{path}: task type must be 'mqar', 'synthetic' or 'distill', got {task}")
         if task["type"] == "distill" and task.get("init") not in ("mimic", "transfer"):
             raise ValueError(f"{path}: a distill task needs init: mimic or transfer, got {task}")
+        distances = task.get("eval_distances")
+        if distances is not None and (
+            task["type"] != "synthetic"
+            or "video_memory" not in task.get("tasks", [])
+            or not isinstance(distances, list)
+            or not distances
+            or not all(isinstance(d, int) and d >= 0 and d % 2 == 0 for d in distances)
+        ):
+            raise ValueError(
+                f"{path}: eval_distances belongs to a synthetic task with video_memory and is a non-empty list of "
+                f"even frame counts >= 0 (a cue takes two frames), got {task}"
+            )
         task_grid = task.get("grid", {})
         if not isinstance(task_grid, dict) or set(task_grid) - set(GRID_KEYS) or not all(task_grid.values()):
             raise ValueError(
@@ -279,7 +291,7 @@ def _data(
         return batches, train_set.vocab_size, None, None
     from models.tiny_qwen import TinyQwenDims
 
-    options = {k: v for k, v in task.items() if k != "type"}
+    options = {k: v for k, v in task.items() if k not in ("type", "eval_distances")}
     data = HybridDataModule(
         processor=str(processor_dir),
         train=[{"type": "synthetic", "split": "train", "seed": cell.seed, **options}],
@@ -438,10 +450,45 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         "seconds_per_step": timing["seconds_per_step"],
         "concurrent_cells": concurrent_cells,
         "first_steps_seconds": sum(step["seconds"] for step in timing["steps"][: timing["warmup_steps"]]),
+        **_distance_accuracy(cell, study, cell_dir / "model", processor_dir),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": _versions(),
     }
     return _write_cell(out, cell, study, result)
+
+
+def _distance_accuracy(cell: Cell, study: dict, model_dir: Path, processor_dir: Path) -> dict[str, Any]:
+    """Video-memory accuracy of the trained model at each of the task's ``eval_distances``: held-out videos of
+    ``d + 2`` frames whose cue opens the video, so exactly ``d`` frames lie between the cue and the question.
+    ``window_frames`` is the sliding window in frames, to read the distances against."""
+    task = cell.task_dict
+    if not task.get("eval_distances"):
+        return {}
+    from lit.evaluate import evaluate
+
+    size = task.get("video_size", 56)
+    accuracy = {}
+    for distance in task["eval_distances"]:
+        source = {"type": "synthetic", "split": "val", "size_per_task": study["train"]["val_size"]}
+        source |= {
+            "tasks": ["video_memory"],
+            "video_frames": distance + 2,
+            "min_distance": distance,
+            "video_size": size,
+        }
+        accuracy[str(distance)] = evaluate(model_dir, [source])["video_memory"]
+    return {
+        "distance_accuracy": accuracy,
+        "window_frames": study["train"]["window"] / _video_tokens_per_frame(processor_dir, size),
+    }
+
+
+def _video_tokens_per_frame(processor_dir: Path, size: int, frames: int = 8) -> float:
+    """Language-model tokens per video frame of ``size`` x ``size`` pixels, from the processor's own grid."""
+    video_processor = _processor(processor_dir).video_processor
+    video = torch.zeros(frames, 3, size, size, dtype=torch.uint8)
+    grid = video_processor(videos=[video], return_tensors="pt")["video_grid_thw"][0]
+    return int(grid.prod()) / video_processor.merge_size**2 / frames
 
 
 def _versions() -> dict[str, str]:

@@ -24,6 +24,15 @@ def load_cells(study_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(path.read_text()) for path in sorted((study_dir / "cells").glob("*.json"))]
 
 
+def progress(study_dir: Path) -> str:
+    """`` (N of M cells)`` for a study the runner has not finished, from its ``summary.json``."""
+    summary_path = study_dir / "summary.json"
+    if not summary_path.is_file():
+        return ""
+    summary = json.loads(summary_path.read_text())
+    return "" if summary.get("complete", True) else f" ({summary['cells']} of {summary['total_cells']} cells)"
+
+
 def swa_share(layout: str) -> float:
     kinds = mixers.parse_layout(layout)
     return sum(kind == "S" for kind in kinds) / len(kinds)
@@ -45,7 +54,27 @@ def per_task_accuracy(cells: list[dict], layout: str, tasks: tuple[str, ...]) ->
     return _mean_std(values) if values else None
 
 
-def plot_lines(path: Path, title: str, xlabel: str, series: dict[str, list[tuple[float, float, float]]]) -> None:
+def distance_table(curves: dict[str, list[tuple[float, float, float]]]) -> str:
+    """A markdown table of :func:`distance_curves`: one row per layout, one column per distance."""
+    distances = sorted({point[0] for points in curves.values() for point in points})
+    lines = [
+        "| layout | " + " | ".join(f"{d:g} frames" for d in distances) + " |",
+        "|---|" + "---|" * len(distances),
+    ]
+    for layout, points in sorted(curves.items(), key=lambda item: swa_share(item[0])):
+        found = {d: (m, s) for d, m, s in points}
+        cells = [f"{found[d][0]:.3f} ± {found[d][1]:.3f}" if d in found else "" for d in distances]
+        lines.append(f"| `{layout}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_lines(
+    path: Path,
+    title: str,
+    xlabel: str,
+    series: dict[str, list[tuple[float, float, float]]],
+    vertical: tuple[float, str] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,6 +91,8 @@ def plot_lines(path: Path, title: str, xlabel: str, series: dict[str, list[tuple
             capsize=3,
             label=label,
         )
+    if vertical is not None:
+        ax.axvline(vertical[0], color="grey", linestyle="--", linewidth=1, label=vertical[1])
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
@@ -71,6 +102,46 @@ def plot_lines(path: Path, title: str, xlabel: str, series: dict[str, list[tuple
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def distance_curves(cells: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
+    """Per layout: (frames between cue and question, mean, std over seeds) of the held-out video-memory
+    accuracy (cells' ``distance_accuracy``)."""
+    by_layout: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for cell in cells:
+        for distance, accuracy in cell.get("distance_accuracy", {}).items():
+            by_layout[cell["layout"]][int(distance)].append(accuracy)
+    return {
+        layout: [(distance, *_mean_std(values)) for distance, values in sorted(points.items())]
+        for layout, points in by_layout.items()
+    }
+
+
+def window_memory(cells: list[dict]) -> str | None:
+    """The window claim from the distance curves: window-only models answer inside the window and lose the answer
+    beyond it, where models with Gated DeltaNet layers keep it."""
+    curves = distance_curves(cells)
+    windows = {cell["window_frames"] for cell in cells if "window_frames" in cell}
+    only = [layout for layout in curves if swa_share(layout) == 1.0]
+    others = [layout for layout in curves if swa_share(layout) < 1.0]
+    if not curves or len(windows) != 1 or not only or not others:
+        return None
+    window = windows.pop()
+
+    def mean(layouts: list[str], inside: bool) -> float | None:
+        values = [m for layout in layouts for d, m, _ in curves[layout] if (d < window) == inside]
+        return statistics.fmean(values) if values else None
+
+    only_in, only_out, others_out = mean(only, True), mean(only, False), mean(others, False)
+    if None in (only_in, only_out, others_out):
+        return None
+    holds = only_out < only_in and only_out < others_out
+    return verdict(
+        holds,
+        f"Window-only models lose answers beyond the window ({window:g} frames): held-out video-memory accuracy "
+        f"of {', '.join(f'`{layout}`' for layout in only)} is {only_in:.3f} within it and {only_out:.3f} beyond "
+        f"it, where the layouts with Gated DeltaNet layers score {others_out:.3f}.",
+    )
 
 
 def verdict(holds: bool | None, text: str) -> str:
@@ -96,6 +167,25 @@ def claims(studies: dict[str, list[dict]]) -> list[str]:
         )
     else:
         paragraphs.append(verdict(None, "Gated DeltaNet vs Mamba2 and GLA on text-rich tasks: cells missing."))
+    by_setting: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    for row in summarize(mixer):
+        for x in "DMG":
+            if row["task"].startswith("mqar") and row["layout"] == f"S,{x},{x},{x}":
+                by_setting[(row["task"], row["d_model"])][x] = row["mean"]
+    recall = {key: found for key, found in by_setting.items() if len(found) == 3}
+    if recall:
+        wins = [key for key, found in recall.items() if found["D"] >= max(found["M"], found["G"])]
+        listing = "; ".join(
+            f"{task} d{width}: D {found['D']:.3f}, M {found['M']:.3f}, G {found['G']:.3f}"
+            for (task, width), found in sorted(recall.items())
+        )
+        paragraphs.append(
+            verdict(
+                len(wins) == len(recall),
+                f"Gated DeltaNet recalls at least as well as Mamba2 and GLA on MQAR (S,X,X,X layouts), in "
+                f"{len(wins)} of {len(recall)} (task, width) settings: {listing}.",
+            )
+        )
     linear = [r for r in summarize(mixer) if r["layout"] in ("L x4", "S,L,L,L")]
     gdn = {(r["task"], r["d_model"]): r["mean"] for r in summarize(mixer) if r["layout"] == "D x4"}
     if linear:
@@ -120,27 +210,16 @@ def claims(studies: dict[str, list[dict]]) -> list[str]:
             )
     if len(by_share) >= 3:
         means = {share: statistics.fmean(v) for share, v in sorted(by_share.items())}
-        shares = [s for s in sorted(means) if 0 < s < 1]
+        shares = [s for s in sorted(means) if s < 1]  # window-only models are the window claim's
         gains = [means[b] - means[a] for a, b in itertools.pairwise(shares)]
-        holds = bool(gains) and all(g >= 0 for g in gains) and gains[-1] <= gains[0]
+        holds = gains[0] > 0 and all(gain <= gains[0] for gain in gains[1:]) if len(gains) >= 2 else None
         listing = ", ".join(f"{share:.3g}: {value:.3f}" for share, value in means.items())
         paragraphs.append(
             verdict(holds, f"More SWA helps text-rich tasks with diminishing returns (share: accuracy) {listing}.")
         )
-    memory = [c for c in ratio if c["task"].startswith("synthetic_video_memory")]
-    window_only = [c for c in memory if swa_share(c["layout"]) == 1.0]
-    hybrid = [c for c in memory if 0 < swa_share(c["layout"]) < 1]
-    if window_only and hybrid:
-        far = max(c["task_config"].get("min_distance", 0) for c in memory)
-        w = statistics.fmean(c["accuracy"] for c in window_only if c["task_config"].get("min_distance") == far)
-        h = statistics.fmean(c["accuracy"] for c in hybrid if c["task_config"].get("min_distance") == far)
-        paragraphs.append(
-            verdict(
-                w < h,
-                f"Window-only models lose answers beyond the window: at the farthest "
-                f"distance ({far} frames) window-only {w:.3f}, hybrids {h:.3f}.",
-            )
-        )
+    window = window_memory(ratio)
+    if window:
+        paragraphs.append(window)
     init = studies.get("init", [])
     if init:
         mimic = [c["accuracy"] for c in init if c.get("init") == "mimic"]
@@ -174,28 +253,35 @@ def write_report(results: Path, out: Path) -> Path:
     ]
     parts += [f"- {paragraph}" for paragraph in claims(studies)]
     for name, cells in studies.items():
-        parts += ["", f"## {name}", "", rows_table(summarize(cells))]
+        parts += ["", f"## {name}{progress(results / name)}", "", rows_table(summarize(cells))]
         series: dict[str, list] = defaultdict(list)
-        for row in summarize(cells):
-            if name == "mixer_type":
+        if name == "mixer_type":
+            for row in summarize(cells):
                 series[f"{row['layout']} / {row['task']}"].append((row["d_model"], row["mean"], row["std"]))
-            elif name == "swa_ratio":
-                series[row["task"]].append((swa_share(row["layout"]), row["mean"], row["std"]))
+        elif name == "swa_ratio":
+            subtasks = sorted({task for cell in cells for task in cell.get("per_task", {})})
+            for task in subtasks:
+                for layout in sorted({cell["layout"] for cell in cells}):
+                    score = per_task_accuracy(cells, layout, (task,))
+                    if score:
+                        series[task].append((swa_share(layout), *score))
         if series:
             xlabel = "d_model" if name == "mixer_type" else "share of SWA layers"
             figure = figures / f"{name}.png"
             plot_lines(figure, name, xlabel, series)
             parts += ["", f"![{name}](figures/{figure.name})"]
-        distance: dict[str, list] = defaultdict(list)
-        for cell in cells:
-            if cell["task"].startswith("synthetic_video_memory"):
-                distance[cell["layout"]].append((cell["task_config"].get("min_distance", 0), cell["accuracy"], 0.0))
-        if name == "swa_ratio" and distance:
-            figure = figures / "video_memory_distance.png"
+        curves = distance_curves(cells)
+        if curves:
+            windows = sorted({cell["window_frames"] for cell in cells if "window_frames" in cell})
+            figure = figures / f"{name}_video_memory_distance.png"
             plot_lines(
-                figure, "video memory: answer distance vs accuracy", "frames between the cue and the question", distance
+                figure,
+                f"{name}: held-out video memory by distance",
+                "frames between the cue and the question",
+                curves,
+                vertical=(windows[0], "SWA window") if len(windows) == 1 else None,
             )
-            parts += ["", f"![video memory]({'figures/' + figure.name})"]
+            parts += ["", distance_table(curves), "", f"![video memory by distance](figures/{figure.name})"]
     out.write_text("\n".join(parts) + "\n")
     return out
 
