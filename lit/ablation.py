@@ -36,6 +36,7 @@ import logging
 import math
 import multiprocessing
 import re
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -44,13 +45,14 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 import mixers
 from lit.callbacks import StepTimer
 from lit.data.mqar import MQARDataset
-from lit.data.packing import pack
-from lit.datamodule import HybridDataModule
+from lit.data.packing import LengthGroupedBatchSampler, pack
+from lit.datamodule import HybridDataModule, ResumableDataLoader, batches_trained
 from lit.modules import SFT
 from models.config import HybridConfig
 from models.hybrid import HybridVLM
@@ -61,6 +63,9 @@ SYNTHETIC_LOADER_WORKERS = 2
 """DataLoader worker processes per cell for the synthetic multimodal tasks (MQAR sets are drawn up front)."""
 STEP_TIMER_WARMUP = 10
 """Steps of a cell left out of its ``seconds_per_step`` (kernel compilation and autotuning happen in them)."""
+CHECKPOINT_EVERY = 200
+"""Steps between a cell's checkpoints: a cell stopped part-way (a command's time limit, a lost machine) resumes
+from its last checkpoint when the study runs again."""
 GRID_KEYS = ("layout", "d_model", "seed", "learning_rate")
 STUDY_KEYS = {"name", "description", "grid", "tasks", "train", "match_parameters", "smoke"}
 TRAIN_DEFAULTS = {
@@ -253,17 +258,22 @@ def matched_intermediate_size(
 
 
 class SampleBatches(L.LightningDataModule):
-    """Fixed token-budget packed batches of ready :class:`Sample` datasets (MQAR)."""
+    """Packed batches of ``max_tokens`` of ready :class:`Sample` datasets of one length (MQAR). The training
+    order is shuffled each epoch by ``seed`` and its position is saved with checkpoints, so an interrupted cell
+    resumes with the batches it had left."""
 
-    def __init__(self, train: Dataset, val: Dataset, max_tokens: int, seq_len: int) -> None:
+    def __init__(self, train: Dataset, val: Dataset, max_tokens: int, seq_len: int, seed: int) -> None:
         super().__init__()
         self.train, self.val = train, val
+        self.max_tokens, self.seq_len, self.seed = max_tokens, seq_len, seed
         self.batch_size = max(1, max_tokens // seq_len)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(0)
-        return DataLoader(
-            self.train, batch_size=self.batch_size, shuffle=True, collate_fn=pack, generator=generator, drop_last=True
+        sampler = LengthGroupedBatchSampler(
+            [self.seq_len] * len(self.train), self.max_tokens, seed=self.seed, mega_batch_factor=0
+        )
+        return ResumableDataLoader(
+            self.train, consumed=lambda: batches_trained(self.trainer), batch_sampler=sampler, collate_fn=pack
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -287,7 +297,7 @@ def _data(
         options = {k: v for k, v in task.items() if k in ("vocab_size", "seq_len", "num_kv_pairs", "power_a")}
         train_set = MQARDataset(num_examples=train["train_examples"], seed=cell.seed, **options)
         val_set = MQARDataset(num_examples=train["test_examples"], seed=10_000 + cell.seed, **options)
-        batches = SampleBatches(train_set, val_set, train["max_tokens"], train_set.seq_len)
+        batches = SampleBatches(train_set, val_set, train["max_tokens"], train_set.seq_len, cell.seed)
         return batches, train_set.vocab_size, None, None
     from models.tiny_qwen import TinyQwenDims
 
@@ -388,14 +398,17 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
     width = matched_intermediate_size(cell, study, vocab, vision, token_ids)
     config = model_config(cell, study, vocab, vision, width, token_ids)
     cell_dir = out / "runs" / cell.id
-    model = HybridVLM(config)
-    if vision is not None:
-        from models.tiny_qwen import init_tiny_vision_tower
+    checkpoint = _resume_point(cell, study, cell_dir)
+    if checkpoint is None:
+        model = HybridVLM(config)
+        if vision is not None:
+            from models.tiny_qwen import init_tiny_vision_tower
 
-        init_tiny_vision_tower(model.visual)
-    model.save_pretrained(cell_dir / "init")
-    if vision is not None:
-        _processor(processor_dir).save_pretrained(cell_dir / "init")
+            init_tiny_vision_tower(model.visual)
+        model.save_pretrained(cell_dir / "init")
+        if vision is not None:
+            _processor(processor_dir).save_pretrained(cell_dir / "init")
+    resumed_from = 0 if checkpoint is None else torch.load(checkpoint, mmap=True, weights_only=False)["global_step"]
     train = study["train"]
     stage = SFT(
         model=str(cell_dir / "init"),
@@ -407,7 +420,11 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         export_dir=str(cell_dir / "model"),
     )
     # steady-state step time (after compilation and autotuning) is what sizes a study's grid to a time budget
-    timer = StepTimer(str(cell_dir / "steps.json"), warmup=min(STEP_TIMER_WARMUP, train["max_steps"] - 1))
+    steps_left = train["max_steps"] - resumed_from
+    timer = StepTimer(str(cell_dir / "steps.json"), warmup=max(0, min(STEP_TIMER_WARMUP, steps_left - 1)))
+    checkpoints = ModelCheckpoint(
+        dirpath=cell_dir / "checkpoints", every_n_train_steps=CHECKPOINT_EVERY, save_top_k=0, save_last=True
+    )
     trainer = L.Trainer(
         max_steps=train["max_steps"],
         precision=train["precision"],
@@ -420,14 +437,15 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         num_sanity_val_steps=0,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[timer],
+        callbacks=[timer, checkpoints],
     )
     start = time.perf_counter()
-    trainer.fit(stage, data)
+    trainer.fit(stage, data, ckpt_path=checkpoint)
     timing = json.loads(timer.path.read_text())
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     key = "val/token_accuracy" if vision is None else "val/accuracy"
+    if key not in trainer.callback_metrics:  # resumed from a checkpoint of the last step: validate it here
+        trainer.validate(stage, data, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     student = stage.student
     result = {
         "cell": cell.id,
@@ -447,6 +465,7 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         ),
         "train_seconds": time.perf_counter() - start,
         "steps": train["max_steps"],
+        "resumed_from_step": resumed_from,
         "seconds_per_step": timing["seconds_per_step"],
         "concurrent_cells": concurrent_cells,
         "first_steps_seconds": sum(step["seconds"] for step in timing["steps"][: timing["warmup_steps"]]),
@@ -454,7 +473,26 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": _versions(),
     }
-    return _write_cell(out, cell, study, result)
+    result = _write_cell(out, cell, study, result)
+    shutil.rmtree(checkpoints.dirpath)  # the cell is done: its JSON and exported model are what stay
+    return result
+
+
+def _resume_point(cell: Cell, study: dict, cell_dir: Path) -> Path | None:
+    """The last checkpoint of an earlier run of this cell with the same settings, to resume from; otherwise
+    ``None``, with the cell's run folder emptied (an earlier run with other settings leaves nothing behind)."""
+    settings = {"train": study["train"], "task": cell.task_dict, "match_parameters": study.get("match_parameters")}
+    settings = json.loads(json.dumps(settings, sort_keys=True))
+    recorded, last = cell_dir / "settings.json", cell_dir / "checkpoints" / "last.ckpt"
+    if last.is_file() and recorded.is_file() and json.loads(recorded.read_text()) == settings:
+        logger.info("%s: resuming from %s", cell.id, last)
+        return last
+    if cell_dir.exists():
+        logger.info("%s: starting afresh (no checkpoint of a run with these settings in %s)", cell.id, cell_dir)
+        shutil.rmtree(cell_dir)
+    cell_dir.mkdir(parents=True)
+    recorded.write_text(json.dumps(settings))
+    return None
 
 
 def _distance_accuracy(cell: Cell, study: dict, model_dir: Path, processor_dir: Path) -> dict[str, Any]:

@@ -148,6 +148,11 @@ class CachedSamples(Dataset):
         return [len(sample) for sample in self.samples]
 
 
+def batches_trained(trainer: L.Trainer) -> int:
+    """Batches of the current epoch this rank has trained on (the position a :class:`ResumableDataLoader` saves)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a :class:`LengthGroupedBatchSampler` whose position survives checkpoints.
 
@@ -273,7 +278,7 @@ class HybridDataModule(L.LightningDataModule):
         return DataLoader(dataset, **options)
 
     def _trained_batches(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return batches_trained(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=self.hparams.shuffle)

@@ -6,8 +6,11 @@ import json
 import logging
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import mixers
 from lit import ablation
@@ -258,3 +261,53 @@ def test_report_gives_each_claim_a_verdict_from_the_cells(tmp_path):
     assert "| `S x4` | 0.900 ± 0.000 | 0.110 ± 0.010 |" in report and "## swa_ratio (12 of 15 cells)" in report
     for figure in ("mixer_type.png", "swa_ratio.png", "swa_ratio_video_memory_distance.png"):
         assert (tmp_path / "figures" / figure).stat().st_size > 1000
+
+
+def test_a_cell_stopped_part_way_resumes_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(ablation, "CHECKPOINT_EVERY", 2)  # smoke cells train 4 steps
+    whole = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "whole")
+
+    class MachineLost(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                raise RuntimeError("machine lost")
+
+    real_trainer = L.Trainer
+
+    def trainer_losing_its_machine(**kwargs):
+        return real_trainer(**{**kwargs, "callbacks": [*kwargs["callbacks"], MachineLost()]})
+
+    with monkeypatch.context() as patch:
+        patch.setattr(L, "Trainer", trainer_losing_its_machine)
+        stopped = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "resumed")
+    assert stopped["cells"] == 0 and len(stopped["failed"]) == 2
+    with caplog.at_level(logging.INFO, logger="hybridvl.ablation"):
+        resumed = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "resumed")
+    assert resumed["complete"] and caplog.text.count("resuming from") == 2
+    for path in sorted((tmp_path / "whole" / "cells").glob("*.json")):
+        first, again = (
+            json.loads(path.read_text()),
+            json.loads((tmp_path / "resumed" / "cells" / path.name).read_text()),
+        )
+        assert (first["resumed_from_step"], again["resumed_from_step"]) == (0, 2)
+        assert (again["accuracy"], again["val_loss"]) == (first["accuracy"], first["val_loss"])
+        runs = [tmp_path / name / "runs" / first["cell"] for name in ("whole", "resumed")]
+        weights = [load_file(run / "model" / "model.safetensors") for run in runs]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+        assert not (runs[1] / "checkpoints").exists()  # a finished cell keeps its JSON and model only
+    assert [row["mean"] for row in resumed["rows"]] == [row["mean"] for row in whole["rows"]]
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, caplog):
+    study = ablation.load_study(MIXER_TYPE, smoke=True)
+    cell = ablation.expand(study)[0]
+    cell_dir = tmp_path / "runs" / cell.id
+    assert ablation._resume_point(cell, study, cell_dir) is None
+    (cell_dir / "checkpoints").mkdir()
+    (cell_dir / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint")
+    assert ablation._resume_point(cell, study, cell_dir) == cell_dir / "checkpoints" / "last.ckpt"
+    study["train"]["max_steps"] += 1
+    with caplog.at_level(logging.INFO, logger="hybridvl.ablation"):
+        assert ablation._resume_point(cell, study, cell_dir) is None
+    assert "starting afresh" in caplog.text and not (cell_dir / "checkpoints").exists()
