@@ -45,6 +45,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from filelock import FileLock
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
@@ -355,9 +356,11 @@ def run_distillation_cell(cell: Cell, study: dict, out: Path) -> dict[str, Any]:
     teacher_root = out / "teachers" / f"seed{cell.seed}"
     teacher = teacher_root / "teacher"
     start = time.perf_counter()
-    if not (teacher / "config.json").is_file():
-        L.seed_everything(cell.seed, verbose=False)
-        train_teacher(teacher_root, train["pipeline_scale"], cell.seed)
+    teacher_root.mkdir(parents=True, exist_ok=True)
+    with FileLock(teacher_root / "teacher.lock"):  # the cells of a seed share its teacher: one trains it
+        if not (teacher / "config.json").is_file():
+            L.seed_everything(cell.seed, verbose=False)
+            train_teacher(teacher_root, train["pipeline_scale"], cell.seed)
     L.seed_everything(cell.seed, verbose=False)
     student, report = distill_student(
         teacher, out / "runs" / cell.id, cell.layout, init, train["window"], train["pipeline_scale"]

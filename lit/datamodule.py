@@ -15,7 +15,6 @@ A source is a dict in YAML:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -125,8 +125,7 @@ class CachedSamples(Dataset):
     def load_or_encode(cls, dataset: EncodedConversations, path: Path) -> CachedSamples:
         """The samples of ``dataset`` from ``path``, encoding and writing them first if the file is missing."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with FileLock(path.with_name(path.name + ".lock")):
             if not path.is_file():
                 samples = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"encoding {path.name}")]
                 partial = path.with_name(path.name + ".partial")
