@@ -306,7 +306,7 @@ def _data(
     data = HybridDataModule(
         processor=str(processor_dir),
         train=[{"type": "synthetic", "split": "train", "seed": cell.seed, **options}],
-        val=[{"type": "synthetic", "split": "val", "size_per_task": train["val_size"], **options}],
+        val=[{**options, "type": "synthetic", "split": "val", "size_per_task": train["val_size"]}],
         max_tokens=train["max_tokens"],
         length_grouping=0,
         seed=cell.seed,

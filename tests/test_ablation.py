@@ -314,3 +314,16 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="hybridvl.ablation"):
         assert ablation._resume_point(cell, study, cell_dir) is None
     assert "starting afresh" in caplog.text and not (cell_dir / "checkpoints").exists()
+
+
+def test_a_synthetic_cell_validates_on_val_size_samples_per_task(tmp_path):
+    study = ablation.load_study(MIXER_TYPE.parent / "swa_ratio.yaml")
+    cell = next(cell for cell in ablation.expand(study) if cell.task_dict["type"] == "synthetic")
+    from models.tiny_qwen import make_tiny_qwen2_5_vl
+
+    make_tiny_qwen2_5_vl(tmp_path / "processor")
+    data, *_ = ablation._data(cell, study, tmp_path / "processor")
+    (train,), (val,) = data.hparams.train, data.hparams.val
+    assert train["size_per_task"] == cell.task_dict["size_per_task"] and train["seed"] == cell.seed
+    assert val["size_per_task"] == study["train"]["val_size"] and val["split"] == "val"
+    assert val["video_frames"] == train["video_frames"] and "eval_distances" not in val
