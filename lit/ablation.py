@@ -1,6 +1,7 @@
 """Ablation studies: a grid of layouts x tasks x model sizes x seeds x learning rates, each cell trained from
 scratch through the normal Lightning stage (:class:`lit.modules.SFT`) and written as one JSON; cells already
-written are skipped, so an interrupted study resumes where it stopped.
+written are skipped and a cell stopped part-way resumes from its last checkpoint, so an interrupted study
+resumes where it stopped.
 
 A study is a YAML file:
 
