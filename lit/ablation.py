@@ -485,8 +485,8 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
 def _resume_point(cell: Cell, study: dict, cell_dir: Path) -> Path | None:
     """The last checkpoint of an earlier run of this cell with the same settings, to resume from; otherwise
     ``None``, with the cell's run folder emptied (an earlier run with other settings leaves nothing behind)."""
-    settings = {"train": study["train"], "task": cell.task_dict, "match_parameters": study.get("match_parameters")}
-    settings = json.loads(json.dumps(settings, sort_keys=True))
+    settings = {**_settings(study["train"], cell.task_dict), "match_parameters": study.get("match_parameters")}
+    settings = json.loads(json.dumps(settings, sort_keys=True))  # as read back from settings.json
     recorded, last = cell_dir / "settings.json", cell_dir / "checkpoints" / "last.ckpt"
     if last.is_file() and recorded.is_file() and json.loads(recorded.read_text()) == settings:
         logger.info("%s: resuming from %s", cell.id, last)
@@ -645,6 +645,12 @@ def run_study(
     return summary
 
 
+def _settings(train: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    """A cell's settings as one flat dict, to compare two runs of it: the study's ``train`` keys and the task's
+    options as ``task.<option>``."""
+    return {**train, **{f"task.{key}": value for key, value in task.items()}}
+
+
 def _finished(out: Path, cell: Cell, study: dict, quiet: bool = False) -> bool:
     """Whether ``cells/<id>.json`` holds this cell trained with the study's current settings: its ``train``
     section and the cell's task (a task option the cell's name leaves out, such as ``size_per_task``, may have
@@ -653,8 +659,8 @@ def _finished(out: Path, cell: Cell, study: dict, quiet: bool = False) -> bool:
     if not path.is_file():
         return False
     recorded = json.loads(path.read_text())
-    current = {**study["train"], **{f"task.{k}": v for k, v in cell.task_dict.items()}}
-    trained = {**(recorded.get("train") or {}), **{f"task.{k}": v for k, v in recorded["task_config"].items()}}
+    current = _settings(study["train"], cell.task_dict)
+    trained = _settings(recorded.get("train") or {}, recorded["task_config"])
     changed = sorted(key for key in set(current) | set(trained) if current.get(key) != trained.get(key))
     if changed and not quiet:
         logger.warning("%s was trained with other settings (%s differ): running it again", cell.id, changed)
