@@ -104,6 +104,65 @@ def plot_lines(
     plt.close(fig)
 
 
+def layout_style(layout: str) -> dict[str, Any]:
+    """Matplotlib style of a layout in the mixer plots: one colour per linear mixer, solid for the hybrid
+    (``S,X,X,X``) and dashed for the pure (``X x4``) stack; all-S and all-A in grey and black."""
+    kinds = mixers.parse_layout(layout)
+    others = sorted(set(kinds) - {"S"})
+    if not others:
+        return {"color": "grey", "linestyle": ":", "marker": "v"}
+    if others == ["A"]:
+        return {"color": "black", "linestyle": ":", "marker": "^"}
+    colours = {"D": "tab:red", "M": "tab:blue", "G": "tab:green", "L": "tab:purple"}
+    hybrid = "S" in kinds
+    return {
+        "color": colours.get(others[0], "tab:brown"),
+        "linestyle": "-" if hybrid else "--",
+        "marker": "o" if hybrid else "s",
+    }
+
+
+def plot_widths(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Accuracy vs ``d_model`` per layout, one panel per task (the mixer-type study's figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({row["task"] for row in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks) + 1.5, 4), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        by_layout: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            if row["task"] == task:
+                by_layout[row["layout"]].append(row)
+        for number, (layout, points) in enumerate(sorted(by_layout.items())):
+            points.sort(key=lambda row: row["d_model"])
+            dodge = 2 ** (0.04 * (number - (len(by_layout) - 1) / 2))  # side by side, so error bars stay apart
+            ax.errorbar(
+                [row["d_model"] * dodge for row in points],
+                [row["mean"] for row in points],
+                yerr=[row["std"] for row in points],
+                capsize=3,
+                label=layout,
+                **layout_style(layout),
+            )
+        widths = sorted({row["d_model"] for row in rows if row["task"] == task})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [str(width) for width in widths])
+        ax.set_xlim(widths[0] / 1.5, widths[-1] * 1.5)
+        ax.set_title(task)
+        ax.set_xlabel("d_model")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (mean ± std over seeds)")
+    axes[0][0].set_ylim(0, 1.05)
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def distance_curves(cells: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     """Per layout: (frames between cue and question, mean, std over seeds) of the held-out video-memory
     accuracy (cells' ``distance_accuracy``)."""
@@ -254,22 +313,20 @@ def write_report(results: Path, out: Path) -> Path:
     parts += [f"- {paragraph}" for paragraph in claims(studies)]
     for name, cells in studies.items():
         parts += ["", f"## {name}{progress(results / name)}", "", rows_table(summarize(cells))]
-        series: dict[str, list] = defaultdict(list)
+        figure = figures / f"{name}.png"
         if name == "mixer_type":
-            for row in summarize(cells):
-                series[f"{row['layout']} / {row['task']}"].append((row["d_model"], row["mean"], row["std"]))
+            plot_widths(figure, summarize(cells))
+            parts += ["", f"![{name}](figures/{figure.name})"]
         elif name == "swa_ratio":
-            subtasks = sorted({task for cell in cells for task in cell.get("per_task", {})})
-            for task in subtasks:
+            series: dict[str, list] = defaultdict(list)
+            for task in sorted({task for cell in cells for task in cell.get("per_task", {})}):
                 for layout in sorted({cell["layout"] for cell in cells}):
                     score = per_task_accuracy(cells, layout, (task,))
                     if score:
                         series[task].append((swa_share(layout), *score))
-        if series:
-            xlabel = "d_model" if name == "mixer_type" else "share of SWA layers"
-            figure = figures / f"{name}.png"
-            plot_lines(figure, name, xlabel, series)
-            parts += ["", f"![{name}](figures/{figure.name})"]
+            if series:
+                plot_lines(figure, name, "share of SWA layers", series)
+                parts += ["", f"![{name}](figures/{figure.name})"]
         curves = distance_curves(cells)
         if curves:
             windows = sorted({cell["window_frames"] for cell in cells if "window_frames" in cell})

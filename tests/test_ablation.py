@@ -266,6 +266,18 @@ def test_report_gives_each_claim_a_verdict_from_the_cells(tmp_path):
         assert (tmp_path / "figures" / figure).stat().st_size > 1000
 
 
+def test_mixer_plot_gives_a_mixer_one_colour_and_tells_hybrid_from_pure_stacks():
+    from lit.ablation_report import layout_style
+
+    hybrid = {x: layout_style(f"S,{x},{x},{x}") for x in "DMGL"}
+    pure = {x: layout_style(f"{x} x4") for x in "DMGL"}
+    assert len({style["color"] for style in hybrid.values()}) == 4
+    for x in "DMGL":
+        assert hybrid[x]["color"] == pure[x]["color"] and hybrid[x]["linestyle"] != pure[x]["linestyle"]
+    references = {layout_style("S x4")["color"], layout_style("A x4")["color"]}
+    assert len(references) == 2 and not references & {style["color"] for style in hybrid.values()}
+
+
 def test_a_cell_stopped_part_way_resumes_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(ablation, "CHECKPOINT_EVERY", 2)  # smoke cells train 4 steps
     whole = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "whole")
