@@ -61,8 +61,8 @@ from models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.ablation")
 
-SYNTHETIC_LOADER_WORKERS = 2
-"""DataLoader worker processes per cell for the synthetic multimodal tasks (MQAR sets are drawn up front)."""
+SYNTHETIC_ENCODE_WORKERS = 4
+"""Processes that encode a synthetic split into the study's data cache (MQAR sets are drawn up front)."""
 STEP_TIMER_WARMUP = 10
 """Steps of a cell left out of its ``seconds_per_step`` (kernel compilation and autotuning happen in them)."""
 CHECKPOINT_EVERY = 200
@@ -313,9 +313,9 @@ def _data(
         seed=cell.seed,
         # rendering and processing a batch of about 200 synthetic samples takes ~0.35 s of CPU, an order of
         # magnitude more than a small model's step: every (task, seed) is encoded once for all the study's cells
-        # (out/data, memory-mapped) and batches are collated beside the training loop
-        num_workers=SYNTHETIC_LOADER_WORKERS,
+        # (out/data, memory-mapped), by several processes; the cells collate batches of it in milliseconds
         cache_dir=str(processor_dir.parent / "data"),
+        num_workers=SYNTHETIC_ENCODE_WORKERS,
     )
     dims = TinyQwenDims()
     vision = dict(

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,27 +116,45 @@ class EncodedConversations(Dataset):
 
 
 class CachedSamples(Dataset):
-    """Encoded samples kept in a file: encoded once (under a lock, so processes sharing the file encode it once),
-    then read back memory-mapped, so runs and loader workers share the pages instead of encoding again."""
+    """Encoded samples kept in a folder of shard files: encoded once (under a lock, so processes sharing the folder
+    encode it once), then read back memory-mapped, so runs and processes share the pages instead of encoding
+    again."""
+
+    SHARD_SIZE = 256
+    """Samples per shard file: the unit of work of each encoding process."""
 
     def __init__(self, samples: list[Sample]) -> None:
         self.samples = samples
 
     @classmethod
-    def load_or_encode(cls, dataset: EncodedConversations, path: Path) -> CachedSamples:
-        """The samples of ``dataset`` from ``path``, encoding and writing them first if the file is missing."""
+    def load_or_encode(cls, dataset: EncodedConversations, path: Path, workers: int = 0) -> CachedSamples:
+        """The samples of ``dataset`` from the folder ``path``, encoding them first (``workers`` processes side by
+        side, or this one with 0) if the folder is missing."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(path.with_name(path.name + ".lock")):
-            if not path.is_file():
-                samples = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"encoding {path.name}")]
+            if not path.is_dir():
                 partial = path.with_name(path.name + ".partial")
-                torch.save(samples, partial)
+                shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+                partial.mkdir()
+                shards = _ShardEncoder(dataset, partial, cls.SHARD_SIZE)
+                with tqdm(total=len(dataset), desc=f"encoding {path.name}") as progress:
+                    for count in DataLoader(shards, batch_size=None, num_workers=workers):
+                        progress.update(count)
+                (partial / "manifest.json").write_text(json.dumps({"samples": len(dataset), "shards": len(shards)}))
                 partial.replace(path)
-                logger.info("encoded %d samples into %s", len(samples), path)
+                logger.info("encoded %d samples into %s", len(dataset), path)
         try:
-            return cls(torch.load(path, mmap=True, weights_only=False))  # a file this class wrote
-        except Exception as error:
+            manifest = json.loads((path / "manifest.json").read_text())
+            files = sorted(path.glob("shard-*.pt"))
+            samples = [sample for file in files for sample in torch.load(file, mmap=True, weights_only=False)]
+            if (len(files), len(samples)) != (manifest["shards"], manifest["samples"]):
+                raise ValueError(
+                    f"{len(samples)} samples in {len(files)} shards, where {manifest['samples']} samples in "
+                    f"{manifest['shards']} shards were written"
+                )
+        except Exception as error:  # a folder this class wrote, damaged since
             raise RuntimeError(f"the data cache {path} cannot be read ({error}); delete it to encode again") from error
+        return cls(samples)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -145,6 +164,23 @@ class CachedSamples(Dataset):
 
     def lengths(self) -> list[int]:
         return [len(sample) for sample in self.samples]
+
+
+class _ShardEncoder(Dataset):
+    """Item ``k`` encodes the ``k``-th run of ``shard_size`` samples of ``dataset`` into ``shard-<k>.pt`` in
+    ``folder`` and returns how many it wrote: loader workers encode shards side by side, and only counts travel
+    back between processes."""
+
+    def __init__(self, dataset: EncodedConversations, folder: Path, shard_size: int) -> None:
+        self.dataset, self.folder, self.shard_size = dataset, folder, shard_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.shard_size)
+
+    def __getitem__(self, shard: int) -> int:
+        indices = range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.dataset)))
+        torch.save([self.dataset[i] for i in indices], self.folder / f"shard-{shard:06d}.pt")
+        return len(indices)
 
 
 def batches_trained(trainer: L.Trainer) -> int:
@@ -200,17 +236,21 @@ class HybridDataModule(L.LightningDataModule):
         max_tokens: tokens per packed batch (per device).
         max_length: longest sample; longer ones raise, or with ``truncate`` lose the end of their last reply.
         truncate: shorten over-long samples instead of raising.
-        num_workers: DataLoader worker processes.
+        num_workers: processes that encode samples: DataLoader workers beside training, or with ``cache_dir``
+            the processes that encode the cache. Batches of cached samples are collated in the training process,
+            in milliseconds, where a worker would hand each over tensor by tensor through shared memory at many
+            times the cost (``python -m benchmarks.data_loading`` times both).
         seed: shuffling and mixing seed.
         shuffle: shuffle the training samples each epoch. Without it batches follow the dataset order, which
             for the synthetic suite is already random and balanced across tasks and answers.
         length_grouping: samples are sorted by length within groups of this many batches' worth of tokens
             (fuller batches, but batches of similar samples); 0 packs samples in order, each batch a run of
             neighbours.
-        cache_dir: encode each split once into a file here and memory-map it afterwards (for data read over
-            many epochs or by many runs, such as the synthetic suite in ablations). The file is named by a
-            fingerprint of the split's sources, the processor directory, the length settings and the seed; it
-            does not cover the contents of the files a JSON source points to: clear the folder after editing them.
+        cache_dir: encode each split once into a folder of shard files here and memory-map them afterwards
+            (for data read over many epochs or by many runs, such as the synthetic suite in ablations). The folder
+            is named by a fingerprint of the split's sources, the processor directory, the length settings and the
+            seed; it does not cover the contents of the files a JSON source points to: clear ``cache_dir`` after
+            editing them.
     """
 
     def __init__(
@@ -244,7 +284,8 @@ class HybridDataModule(L.LightningDataModule):
             )
             logger.info("%s data: %d conversations from %d sources", split, len(mixed), len(sources))
             if self.hparams.cache_dir:
-                encoded = CachedSamples.load_or_encode(encoded, Path(self.hparams.cache_dir) / self._cache_name(split))
+                path = Path(self.hparams.cache_dir) / self._cache_name(split)
+                encoded = CachedSamples.load_or_encode(encoded, path, self.hparams.num_workers)
             self.datasets[split] = encoded
         return self.datasets[split]
 
@@ -252,7 +293,7 @@ class HybridDataModule(L.LightningDataModule):
         keys = ("processor", "max_length", "truncate", "seed")
         settings = {"sources": getattr(self.hparams, split), **{key: self.hparams[key] for key in keys}}
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return f"{split}-{digest}.pt"
+        return f"{split}-{digest}"
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self._dataset(split)
@@ -266,12 +307,8 @@ class HybridDataModule(L.LightningDataModule):
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
         )
-        options = dict(
-            batch_sampler=sampler,
-            collate_fn=pack,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        workers = 0 if isinstance(dataset, CachedSamples) else self.hparams.num_workers  # see num_workers
+        options = dict(batch_sampler=sampler, collate_fn=pack, num_workers=workers, persistent_workers=workers > 0)
         if split == "train":
             return ResumableDataLoader(dataset, consumed=self._trained_batches, **options)
         return DataLoader(dataset, **options)

@@ -482,13 +482,15 @@ def processor_dir(tmp_path_factory) -> Path:
     return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen_dir"), seed=0)
 
 
-def test_cached_samples_equal_fresh_ones_and_are_encoded_once(processor_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cached_samples_equal_fresh_ones_and_are_encoded_once(processor_dir, tmp_path, monkeypatch, workers):
     spec = [{"type": "synthetic", "tasks": ["ocr", "video_memory"], "size_per_task": 3, "split": "train"}]
+    monkeypatch.setattr(CachedSamples, "SHARD_SIZE", 4)  # two shards, one of them short
 
-    def dataset(**options):
-        return HybridDataModule(processor=str(processor_dir), train=spec, **options)._dataset("train")
+    def data(**options):
+        return HybridDataModule(processor=str(processor_dir), train=spec, max_tokens=4096, **options)
 
-    fresh, cached = dataset(), dataset(cache_dir=str(tmp_path))
+    fresh, cached = data()._dataset("train"), data(cache_dir=str(tmp_path), num_workers=workers)._dataset("train")
     assert isinstance(cached, CachedSamples) and len(cached) == len(fresh) == 6
     assert cached.lengths() == fresh.lengths()
     for ours, theirs in zip(cached, fresh, strict=True):
@@ -501,16 +503,21 @@ def test_cached_samples_equal_fresh_ones_and_are_encoded_once(processor_dir, tmp
         )
         assert ours.vision.keys() == theirs.vision.keys() and ours.vision  # images and videos
         assert all(ours.vision[key].equal(theirs.vision[key]) for key in ours.vision)
+    # workers encoded the cache; its batches are collated in the training process
+    assert data(cache_dir=str(tmp_path), num_workers=workers).train_dataloader().num_workers == 0
 
     def must_not_encode(self, index):
         raise AssertionError("a cached split was encoded again")
 
     monkeypatch.setattr(EncodedConversations, "__getitem__", must_not_encode)
-    assert len(dataset(cache_dir=str(tmp_path))) == 6  # read back, not encoded
-    with pytest.raises(AssertionError, match="encoded again"):  # other settings: another file
-        dataset(cache_dir=str(tmp_path), seed=1)
-    cache = next(tmp_path.glob("train-*.pt"))
-    assert len(list(tmp_path.glob("train-*.pt"))) == 1
-    cache.write_bytes(cache.read_bytes()[:1000])  # a cut-off file
+    assert len(data(cache_dir=str(tmp_path))._dataset("train")) == 6  # read back, not encoded
+    with pytest.raises(AssertionError, match="encoded again"):  # other settings: another folder
+        data(cache_dir=str(tmp_path), seed=1)._dataset("train")
+    (cache,) = [path for path in tmp_path.glob("train-*") if (path / "manifest.json").is_file()]
+    _, second = sorted(cache.glob("shard-*.pt"))
+    second.write_bytes(second.read_bytes()[:1000])  # a cut-off file
     with pytest.raises(RuntimeError, match=r"cannot be read .*delete it to encode again"):
-        dataset(cache_dir=str(tmp_path))
+        data(cache_dir=str(tmp_path))._dataset("train")
+    second.unlink()  # a lost file
+    with pytest.raises(RuntimeError, match=r"4 samples in 1 shards, where 6 samples in 2 shards were written"):
+        data(cache_dir=str(tmp_path))._dataset("train")
