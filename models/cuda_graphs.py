@@ -28,6 +28,7 @@ import torch
 from mixers.ops.attention import DECODE_BLOCK
 from mixers.state import KVCache
 from models.hybrid import HybridVLM, ModelState
+from vision.tower import vision_inputs
 
 
 def _check_cuda(model: HybridVLM) -> torch.device:
@@ -179,23 +180,20 @@ class GraphedFramePrefill(_StaticGraph):
             self.input_ids, torch.tensor([0, len(ids)]), torch.zeros(1, dtype=torch.long), image_grid_thw=grid
         )
         self.position_offsets = offsets
-        self.vision_inputs = _vision_tables(model.visual, grid, device)
+        self.grid = grid
+        self.vision_inputs = vision_inputs(model.visual, grid, device)
         patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         self.pixel_values = torch.zeros(t * h * w, patch_dim, device=device, dtype=model.visual.dtype)
         self.logits = self._capture(self._body)
 
     def _body(self) -> torch.Tensor:
-        features = self.model.visual(self.pixel_values, grid_thw=self.vision_inputs["grid_thw"], **self._tables())
+        features = self.model.visual(self.pixel_values, grid_thw=self.grid, **self.vision_inputs)
         embeds = self.model.language_model.embed_tokens(self.input_ids)
         embeds = torch.cat([embeds[:, :1], features.pooler_output[None].to(embeds.dtype), embeds[:, -1:]], 1)
         positions = self.position_offsets + self.state.next_position.view(1, 1, 1)
         out = self.model(inputs_embeds=embeds, position_ids=positions, state=self.state, logits_to_keep=1)
         self.state.copy_(out.state)
         return out.logits[:, -1]
-
-    def _tables(self) -> dict:
-        # the vision tower pops these from its keyword arguments, so hand it a fresh dict each call
-        return {k: v for k, v in self.vision_inputs.items() if k != "grid_thw"}
 
     def feed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Advance the state by one frame given its processed patches ``[t*h*w, C*T*P*P]``; return the logits
@@ -209,21 +207,3 @@ class GraphedFramePrefill(_StaticGraph):
         self.pixel_values.copy_(pixel_values)
         self.graph.replay()
         return self.logits
-
-
-def _vision_tables(visual: torch.nn.Module, grid_thw: torch.Tensor, device: torch.device) -> dict:
-    """The vision tower's size-dependent inputs, precomputed (transformers' ``vision_utils``): rotary positions
-    and window order on the GPU, attention boundaries on the CPU (the SDPA path splits by them on the host)."""
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
-
-    config = visual.config
-    window_index, cu_window_seqlens = get_vision_window_index(
-        grid_thw, config.spatial_merge_size, config.window_size, config.patch_size
-    )
-    return {
-        "grid_thw": grid_thw,
-        "position_ids": get_vision_position_ids(grid_thw, config.spatial_merge_size).to(device),
-        "cu_seqlens": get_vision_cu_seqlens(grid_thw),
-        "window_index": window_index.to(device),
-        "cu_window_seqlens": cu_window_seqlens,
-    }

@@ -29,6 +29,7 @@ from mixers.ops.varlen import packed_positions, seqlens_to_cu_seqlens, sequence_
 from mixers.state import MixerState
 from models.config import HybridConfig
 from models.positions import sequence_positions
+from vision.tower import build_vision_tower, vision_inputs
 
 
 @dataclasses.dataclass
@@ -238,7 +239,8 @@ class HybridVLM(nn.Module):
                 raise ValueError(f"this model has no vision tower (vision_config is None) but {kind}s were given")
             if grid is None:
                 raise ValueError(f"{kind} pixels need their {kind}_grid_thw")
-            features = self.visual(pixels.to(self.visual.dtype), grid_thw=grid).pooler_output
+            tables = vision_inputs(self.visual, grid.cpu(), pixels.device)
+            features = self.visual(pixels.to(self.visual.dtype), grid_thw=grid, **tables).pooler_output
             mask = input_ids == token_id
             if int(mask.sum()) != features.shape[0]:
                 raise ValueError(
@@ -433,16 +435,6 @@ class HybridVLM(nn.Module):
         from models.generation import generate
 
         return generate(self, input_ids, **kwargs)
-
-
-def build_vision_tower(vision_config: dict[str, Any]) -> nn.Module:
-    """transformers' Qwen2.5-VL vision transformer from a config dict."""
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-    config = Qwen2_5_VLVisionConfig(**vision_config)
-    config._attn_implementation = "sdpa"
-    return Qwen2_5_VisionTransformerPretrainedModel._from_config(config)
 
 
 def _pad(packed: torch.Tensor, index: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
