@@ -103,6 +103,34 @@ def test_gated_delta_rule_varlen_equals_separate():
         assert torch.allclose(o[:, s:e], o_n) and torch.allclose(states[n : n + 1], st_n)
 
 
+@pytest.mark.parametrize("lengths", [[9, 9, 30, 1, 17, 9, 1], [5, 5, 5], [3, 3, 8, 8, 8, 2]])
+def test_sequences_grouped_by_length_give_each_sequence_its_own_result_and_gradient(lengths):
+    from mixers.ops.varlen import _LengthGroups, map_sequences
+
+    cu = seqlens_to_cu_seqlens(lengths)
+    x = torch.randn(1, sum(lengths), 3, dtype=F64, requires_grad=True)
+    h0 = torch.randn(len(lengths), 3, dtype=F64, requires_grad=True)
+
+    def run(x, initial_state):  # rows independent; the state carries into every step
+        return (x.cumsum(1) + initial_state[:, None]).sin(), x.sum(1) * initial_state
+
+    out, states = map_sequences(run, cu, (x,), h0)
+    weights = torch.randn_like(out), torch.randn_like(states)
+    grads = torch.autograd.grad((out * weights[0]).sum() + (states * weights[1]).sum(), (x, h0))
+    expected_out, expected_states = zip(
+        *(run(x[:, s:e], h0[n : n + 1]) for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())))
+    )
+    expected_out, expected_states = torch.cat(expected_out, 1), torch.cat(expected_states)
+    expected_grads = torch.autograd.grad(
+        (expected_out * weights[0]).sum() + (expected_states * weights[1]).sum(), (x, h0)
+    )
+    assert torch.equal(out, expected_out) and torch.equal(states, expected_states)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        assert rel_err(grad, expected) < 1e-14
+    in_runs = lengths == sorted(lengths, key=lengths.index)  # each length's sequences side by side
+    assert (_LengthGroups(list(zip(cu[:-1].tolist(), cu[1:].tolist())), x.device).gather is None) == in_runs
+
+
 def naive_linear(q, k, v, log_decay, h0, scale):
     """``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = scale * S_t^T q_t``, one token at a time."""
     B, T, H, K = q.shape

@@ -66,53 +66,71 @@ def map_sequences(
     it returns ``(output [n, t, ...], final_state [n, ...])``. Outputs come back concatenated along time in
     packing order, states along dim 0 in sequence order.
     """
-    outputs, states = {}, {}
-    for members, pieces in _equal_length_batches(sequence_bounds(cu_seqlens), tensors):
+    grouping = _LengthGroups(sequence_bounds(cu_seqlens), _device(tensors))
+    outputs, states = [], []
+    for members, pieces in grouping.split(tensors):
         out, final = fn(*pieces, initial_state=None if initial_state is None else initial_state[members])
-        for first, rows in _blocks(members):
-            outputs[first] = out[rows].flatten(0, 1).unsqueeze(0)
-            states[first] = final[rows]
-    return torch.cat([outputs[n] for n in sorted(outputs)], dim=1), torch.cat([states[n] for n in sorted(states)])
+        outputs.append(out)
+        states.append(final)
+    return grouping.merge(outputs), grouping.sequence_order(torch.cat(states))
 
 
 def map_sequence_outputs(
     fn: Callable[..., torch.Tensor], cu_seqlens: torch.Tensor, tensors: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     """:func:`map_sequences` for a stateless ``fn(*tensors) -> output [n, t, ...]``."""
-    outputs = {}
-    for members, pieces in _equal_length_batches(sequence_bounds(cu_seqlens), tensors):
-        out = fn(*pieces)
-        for first, rows in _blocks(members):
-            outputs[first] = out[rows].flatten(0, 1).unsqueeze(0)
-    return torch.cat([outputs[n] for n in sorted(outputs)], dim=1)
+    grouping = _LengthGroups(sequence_bounds(cu_seqlens), _device(tensors))
+    return grouping.merge([fn(*pieces) for _, pieces in grouping.split(tensors)])
 
 
-def _equal_length_batches(
-    bounds: list[tuple[int, int]], tensors: Sequence[torch.Tensor | None]
-) -> Iterator[tuple[list[int], list[torch.Tensor | None]]]:
-    """For each sequence length: the indices of the sequences that long and ``tensors`` cut to them, stacked.
-    Neighbouring sequences of one length are one view (a reshape), not a copy per sequence."""
-    groups: dict[int, list[int]] = {}
-    for n, (start, end) in enumerate(bounds):
-        groups.setdefault(end - start, []).append(n)
-    for length, members in groups.items():
-        spans = [
-            (bounds[first][0], bounds[first][0] + length * (rows.stop - rows.start)) for first, rows in _blocks(members)
-        ]
-        yield members, [None if t is None else _stack(t, spans, len(members), length) for t in tensors]
+def _device(tensors: Sequence[torch.Tensor | None]) -> torch.device:
+    return next(t.device for t in tensors if t is not None)
 
 
-def _stack(t: torch.Tensor, spans: list[tuple[int, int]], count: int, length: int) -> torch.Tensor:
-    """``t[:, start:end]`` of every span, joined and split into ``count`` rows of ``length`` steps."""
-    joined = t[:, spans[0][0] : spans[0][1]] if len(spans) == 1 else torch.cat([t[:, a:b] for a, b in spans], dim=1)
-    return joined.reshape(count, length, *t.shape[2:])
+class _LengthGroups:
+    """The packed sequences grouped by length, and the moves between packing order and group order.
 
+    In group order the tokens of each length's sequences lie together, sequence after sequence, so each group is
+    one view ``[n, length, ...]``. Going there and back is one gather (``index_select``) each way, whatever the
+    interleaving; when packing order already is group order (one length, or lengths in runs) both are views.
+    """
 
-def _blocks(members: list[int]) -> list[tuple[int, slice]]:
-    """Split ascending sequence indices into runs of neighbours: ``(first index, slice of rows in members)``."""
-    blocks, start = [], 0
-    for row in range(1, len(members) + 1):
-        if row == len(members) or members[row] != members[row - 1] + 1:
-            blocks.append((members[start], slice(start, row)))
-            start = row
-    return blocks
+    def __init__(self, bounds: list[tuple[int, int]], device: torch.device) -> None:
+        by_length: dict[int, list[int]] = {}
+        for n, (start, end) in enumerate(bounds):
+            by_length.setdefault(end - start, []).append(n)
+        self.groups = list(by_length.items())
+        members = [n for _, group in self.groups for n in group]
+        self.sizes = [length * len(group) for length, group in self.groups]
+        if members == sorted(members):
+            self.gather = self.scatter = self.sequence_gather = None
+            return
+        starts = torch.tensor([bounds[n][0] for n in members])
+        lengths = torch.tensor([bounds[n][1] - bounds[n][0] for n in members])
+        # token j of group order is packed token j + (its sequence's start - where the sequence begins here)
+        shifts = torch.repeat_interleave(starts - (lengths.cumsum(0) - lengths), lengths)
+        tokens = torch.arange(len(shifts)) + shifts
+        self.gather = tokens.to(device)
+        self.scatter = torch.empty_like(tokens).index_put_((tokens,), torch.arange(len(tokens))).to(device)
+        self.sequence_gather = torch.tensor(members).argsort().to(device)
+
+    def split(self, tensors: Sequence[torch.Tensor | None]) -> Iterator[tuple[list[int], list[torch.Tensor | None]]]:
+        """Per length: the members' sequence indices and each tensor's ``[n, length, ...]`` rows of them."""
+        grouped = [None if t is None else self._to_group_order(t).split(self.sizes, dim=1) for t in tensors]
+        for number, (length, members) in enumerate(self.groups):
+            pieces = [
+                None if g is None else g[number].reshape(len(members), length, *g[number].shape[2:]) for g in grouped
+            ]
+            yield members, pieces
+
+    def merge(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Per-length outputs ``[n, length, ...]`` (in :meth:`split`'s order) as one packed ``[1, T, ...]`` row."""
+        joined = torch.cat([out.flatten(0, 1) for out in outputs]).unsqueeze(0)
+        return joined if self.scatter is None else joined.index_select(1, self.scatter)
+
+    def sequence_order(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """Rows given per member in group order (dim 0), put back in sequence order."""
+        return per_sequence if self.sequence_gather is None else per_sequence.index_select(0, self.sequence_gather)
+
+    def _to_group_order(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.gather is None else t.index_select(1, self.gather)
