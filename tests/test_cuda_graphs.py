@@ -156,6 +156,23 @@ def test_graph_frame_prefill_equals_eager_and_one_pass_over_1000_frames():
 
 
 @torch.no_grad()
+def test_graph_frame_prefill_with_windows_of_several_sizes():
+    """224x168 frames: 16x12 patches in vision windows of 8x8 and 8x4 patches, alternating, whose attention
+    gathers the windows of each size together; the graph captures that with the index tensors of its warm-up."""
+    model = tiny_model("S,D", vision=True)
+    grid = (1, 16, 12)
+    graph = GraphedFramePrefill(model, grid)
+    ids = frame_tokens(model, graph.num_features)
+    pixels = torch.randn(3, 16 * 12, 3 * 2 * 14 * 14, device="cuda")
+    state = model.init_state(1, "cuda")
+    for frame in pixels:
+        logits = graph.feed(frame).clone()
+        eager = model(ids, pixel_values=frame, image_grid_thw=torch.tensor([grid], device="cuda"), state=state)
+        state = eager.state
+        assert rel_err(logits, eager.logits[:, -1]) < 1e-5
+
+
+@torch.no_grad()
 def test_graph_frame_prefill_checks_its_inputs():
     model = tiny_model("S,D", vision=True)
     with pytest.raises(ValueError, match="divisible by the merge size"):

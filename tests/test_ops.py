@@ -105,7 +105,7 @@ def test_gated_delta_rule_varlen_equals_separate():
 
 @pytest.mark.parametrize("lengths", [[9, 9, 30, 1, 17, 9, 1], [5, 5, 5], [3, 3, 8, 8, 8, 2]])
 def test_sequences_grouped_by_length_give_each_sequence_its_own_result_and_gradient(lengths):
-    from mixers.ops.varlen import _LengthGroups, map_sequences
+    from mixers.ops.varlen import _length_groups, _LengthGroups, map_sequences
 
     cu = seqlens_to_cu_seqlens(lengths)
     x = torch.randn(1, sum(lengths), 3, dtype=F64, requires_grad=True)
@@ -128,7 +128,9 @@ def test_sequences_grouped_by_length_give_each_sequence_its_own_result_and_gradi
     for grad, expected in zip(grads, expected_grads, strict=True):
         assert rel_err(grad, expected) < 1e-14
     in_runs = lengths == sorted(lengths, key=lengths.index)  # each length's sequences side by side
-    assert (_LengthGroups(list(zip(cu[:-1].tolist(), cu[1:].tolist())), x.device).gather is None) == in_runs
+    bounds = tuple(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    assert (_LengthGroups(bounds, x.device).gather is None) == in_runs
+    assert _length_groups(bounds, x.device) is _length_groups(bounds, x.device)  # kept for the next layer
 
 
 def naive_linear(q, k, v, log_decay, h0, scale):

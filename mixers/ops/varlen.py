@@ -6,6 +6,7 @@ A packed batch concatenates ``N`` sequences along time into one row: tensors hav
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
 
@@ -66,7 +67,7 @@ def map_sequences(
     it returns ``(output [n, t, ...], final_state [n, ...])``. Outputs come back concatenated along time in
     packing order, states along dim 0 in sequence order.
     """
-    grouping = _LengthGroups(sequence_bounds(cu_seqlens), _device(tensors))
+    grouping = _length_groups(tuple(sequence_bounds(cu_seqlens)), _device(tensors))
     outputs, states = [], []
     for members, pieces in grouping.split(tensors):
         out, final = fn(*pieces, initial_state=None if initial_state is None else initial_state[members])
@@ -79,12 +80,20 @@ def map_sequence_outputs(
     fn: Callable[..., torch.Tensor], cu_seqlens: torch.Tensor, tensors: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     """:func:`map_sequences` for a stateless ``fn(*tensors) -> output [n, t, ...]``."""
-    grouping = _LengthGroups(sequence_bounds(cu_seqlens), _device(tensors))
+    grouping = _length_groups(tuple(sequence_bounds(cu_seqlens)), _device(tensors))
     return grouping.merge([fn(*pieces) for _, pieces in grouping.split(tensors)])
 
 
 def _device(tensors: Sequence[torch.Tensor | None]) -> torch.device:
     return next(t.device for t in tensors if t is not None)
+
+
+@functools.lru_cache(maxsize=16)
+def _length_groups(bounds: tuple[tuple[int, int], ...], device: torch.device) -> _LengthGroups:
+    """:class:`_LengthGroups` of ``bounds``, kept for the next call with the same ones: layers of one batch share
+    them, and a CUDA graph captures with the index tensors its warm-up made (copies to the GPU cannot be
+    captured)."""
+    return _LengthGroups(bounds, device)
 
 
 class _LengthGroups:
@@ -95,7 +104,7 @@ class _LengthGroups:
     interleaving; when packing order already is group order (one length, or lengths in runs) both are views.
     """
 
-    def __init__(self, bounds: list[tuple[int, int]], device: torch.device) -> None:
+    def __init__(self, bounds: tuple[tuple[int, int], ...], device: torch.device) -> None:
         by_length: dict[int, list[int]] = {}
         for n, (start, end) in enumerate(bounds):
             by_length.setdefault(end - start, []).append(n)
