@@ -314,7 +314,7 @@ def write_report(results: Path, out: Path) -> Path:
     for name, cells in studies.items():
         parts += ["", f"## {name}{progress(results / name)}", "", rows_table(summarize(cells))]
         figure = figures / f"{name}.png"
-        if name == "mixer_type":
+        if name == "mixer_type" and cells:
             plot_widths(figure, summarize(cells))
             parts += ["", f"![{name}](figures/{figure.name})"]
         elif name == "swa_ratio":
