@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_json
+from benchmarks.common import RESULTS, environment, markdown_table, report, write_json
+from lit.ablation import vision_tower_config
 from lit.data.packing import LengthGroupedBatchSampler, pack
 from lit.datamodule import HybridDataModule
-from models.tiny_qwen import TinyQwenDims, init_tiny_vision_tower, make_tiny_qwen2_5_vl
+from models.tiny_qwen import init_tiny_vision_tower, make_tiny_qwen2_5_vl
 from vision.tower import build_vision_tower, vision_inputs
 
 SUITE = {"tasks": ["ocr", "chart", "counting", "video_memory"], "image_size": 84, "video_frames": 32}
@@ -45,20 +46,7 @@ def synthetic_batch(max_tokens: int) -> dict[str, torch.Tensor]:
 
 def towers() -> tuple[torch.nn.Module, torch.nn.Module]:
     """The ablations' tower (``vision.tower``) and the same weights under transformers' plain SDPA attention."""
-    dims = TinyQwenDims()
-    config = dict(
-        depth=2,
-        hidden_size=64,
-        num_heads=2,
-        intermediate_size=128,
-        out_hidden_size=128,
-        patch_size=dims.patch_size,
-        spatial_merge_size=dims.spatial_merge_size,
-        temporal_patch_size=dims.temporal_patch_size,
-        window_size=112,
-        fullatt_block_indexes=[1],
-        tokens_per_second=2,
-    )
+    config = vision_tower_config(d_model=128)
     torch.manual_seed(0)
     packed = build_vision_tower(config)
     init_tiny_vision_tower(packed)
@@ -142,28 +130,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS / "vision_tower")
     args = parser.parse_args()
-    vision = synthetic_batch(args.max_tokens)
-    packed, plain = towers()
-    runs = {}
-    for media, (pixels_key, grid_key) in MEDIA.items():
-        pixels, grid = vision[pixels_key], vision[grid_key]
-        expected, expected_grads = forward_backward(plain, pixels, grid, None)
-        actual, grads = forward_backward(packed, pixels, grid, vision_inputs(packed, grid, "cpu"))
-        differences = [
-            float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-            for a, b in zip([actual, *grads], [expected, *expected_grads], strict=True)
-        ]
-        runs[media] = {
-            "items": len(grid),
-            "plain": measure(plain, pixels, grid, False, args.repeats),
-            "packed": measure(packed, pixels, grid, True, args.repeats),
-            "max_relative_difference": max(differences),
-        }
-    results = {"environment": environment(), "cpu_count": os.cpu_count(), "max_tokens": args.max_tokens, "runs": runs}
-    write_json(args.out.with_suffix(".json"), results)
-    text = markdown(results)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+
+    def run(path: Path) -> dict:
+        vision = synthetic_batch(args.max_tokens)
+        packed, plain = towers()
+        runs = {}
+        for media, (pixels_key, grid_key) in MEDIA.items():
+            pixels, grid = vision[pixels_key], vision[grid_key]
+            expected, expected_grads = forward_backward(plain, pixels, grid, None)
+            actual, grads = forward_backward(packed, pixels, grid, vision_inputs(packed, grid, "cpu"))
+            differences = [
+                float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                for a, b in zip([actual, *grads], [expected, *expected_grads], strict=True)
+            ]
+            runs[media] = {
+                "items": len(grid),
+                "plain": measure(plain, pixels, grid, False, args.repeats),
+                "packed": measure(packed, pixels, grid, True, args.repeats),
+                "max_relative_difference": max(differences),
+            }
+        results = {"environment": environment(), "cpu_count": os.cpu_count(), "max_tokens": args.max_tokens}
+        results["runs"] = runs
+        write_json(path, results)
+        return results
+
+    report("vision_tower", args.out, False, run, markdown, plot=None, needs_cuda=False)
 
 
 if __name__ == "__main__":

@@ -301,8 +301,6 @@ def _data(
         val_set = MQARDataset(num_examples=train["test_examples"], seed=10_000 + cell.seed, **options)
         batches = SampleBatches(train_set, val_set, train["max_tokens"], train_set.seq_len, cell.seed)
         return batches, train_set.vocab_size, None, None
-    from models.tiny_qwen import TinyQwenDims
-
     options = {k: v for k, v in task.items() if k not in ("type", "eval_distances")}
     data = HybridDataModule(
         processor=str(processor_dir),
@@ -317,13 +315,23 @@ def _data(
         cache_dir=str(processor_dir.parent / "data"),
         num_workers=SYNTHETIC_ENCODE_WORKERS,
     )
+    tokenizer = _processor(processor_dir).tokenizer
+    token_ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in VISION_TOKENS.items()}
+    return data, len(tokenizer), vision_tower_config(cell.d_model), token_ids
+
+
+def vision_tower_config(d_model: int) -> dict[str, Any]:
+    """The vision tower of synthetic cells: 2 blocks of width 64 on the tiny processor's patches, its merged
+    features ``d_model`` wide."""
+    from models.tiny_qwen import TinyQwenDims
+
     dims = TinyQwenDims()
-    vision = dict(
+    return dict(
         depth=2,
         hidden_size=64,
         num_heads=2,
         intermediate_size=128,
-        out_hidden_size=cell.d_model,
+        out_hidden_size=d_model,
         patch_size=dims.patch_size,
         spatial_merge_size=dims.spatial_merge_size,
         temporal_patch_size=dims.temporal_patch_size,
@@ -331,9 +339,6 @@ def _data(
         fullatt_block_indexes=[1],
         tokens_per_second=2,
     )
-    tokenizer = _processor(processor_dir).tokenizer
-    token_ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in VISION_TOKENS.items()}
-    return data, len(tokenizer), vision, token_ids
 
 
 @functools.cache
