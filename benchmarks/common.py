@@ -70,13 +70,15 @@ def report(
     run: Callable[[Path], dict],
     markdown: Callable[[dict], str],
     plot: Callable[[dict, Path], None] | None,
+    needs_cuda: bool = True,
 ) -> None:
     """The end of a benchmark script: measure (``run`` writes ``out.json`` as it goes) or, with ``plot_only``,
-    reload that JSON; then write ``out.md`` and ``out.png`` (when there is a ``plot``) and print the markdown."""
+    reload that JSON; then write ``out.md`` and ``out.png`` (when there is a ``plot``) and print the markdown.
+    ``needs_cuda``: measuring refuses to start without a CUDA device (false for benchmarks of CPU work)."""
     if plot_only:
         results = json.loads(out.with_suffix(".json").read_text())
     else:
-        if not torch.cuda.is_available():
+        if needs_cuda and not torch.cuda.is_available():
             raise SystemExit(f"benchmarks.{name} needs a CUDA device")
         results = run(out.with_suffix(".json"))
     text = markdown(results)

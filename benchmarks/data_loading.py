@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_json
+from benchmarks.common import RESULTS, environment, markdown_table, report, write_json
 from lit.data.packing import LengthGroupedBatchSampler, pack
 from lit.datamodule import CachedSamples, HybridDataModule
 from models.tiny_qwen import make_tiny_qwen2_5_vl
@@ -118,26 +118,29 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "data_loading")
     args = parser.parse_args()
-    encoding = []
-    with tempfile.TemporaryDirectory() as scratch:
-        processor = Path(scratch) / "processor"
-        make_tiny_qwen2_5_vl(processor)
-        for workers in args.encode_workers:
-            record, samples = time_encoding(processor, Path(scratch) / f"cache-{workers}", workers, args.size_per_task)
-            encoding.append(record)
-        collation = [time_collation(samples, workers, args.max_tokens, args.epochs) for workers in args.workers]
-    results = {
-        "environment": environment(),
-        "cpu_count": os.cpu_count(),
-        "size_per_task": args.size_per_task,
-        "max_tokens": args.max_tokens,
-        "encoding": encoding,
-        "collation": collation,
-    }
-    write_json(args.out.with_suffix(".json"), results)
-    text = markdown(results)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+
+    def run(path: Path) -> dict:
+        encoding = []
+        with tempfile.TemporaryDirectory() as scratch:
+            processor = Path(scratch) / "processor"
+            make_tiny_qwen2_5_vl(processor)
+            for workers in args.encode_workers:
+                cache = Path(scratch) / f"cache-{workers}"
+                record, samples = time_encoding(processor, cache, workers, args.size_per_task)
+                encoding.append(record)
+            collation = [time_collation(samples, workers, args.max_tokens, args.epochs) for workers in args.workers]
+        results = {
+            "environment": environment(),
+            "cpu_count": os.cpu_count(),
+            "size_per_task": args.size_per_task,
+            "max_tokens": args.max_tokens,
+            "encoding": encoding,
+            "collation": collation,
+        }
+        write_json(path, results)
+        return results
+
+    report("data_loading", args.out, False, run, markdown, plot=None, needs_cuda=False)
 
 
 if __name__ == "__main__":
