@@ -16,7 +16,8 @@ A study is a YAML file:
     tasks:                                 # each cell runs one task
       - {type: mqar, seq_len: 64, num_kv_pairs: 4}
       - {type: synthetic, tasks: [ocr, counting], image_size: 56,
-         grid: {d_model: [128], learning_rate: [1.0e-3]}}          # this task's own grid entries
+         grid: {d_model: [128], learning_rate: [1.0e-3]},          # this task's own grid entries
+         train: {max_steps: 600}}                                  # and its own training settings
     match_parameters: "A,A"                # scale MLP widths so every layout has this layout's parameter count
     train: {max_steps: 2000, max_tokens: 8192, window: 32, backends: {G: torch}}   # backends: per mixer letter
     smoke: {grid: {d_model: [32], seed: [0]}, train: {max_steps: 3}}   # merged in with --smoke (CPU)
@@ -36,6 +37,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import re
 import shutil
 import statistics
@@ -67,7 +69,7 @@ STEP_TIMER_WARMUP = 10
 """Steps of a cell left out of its ``seconds_per_step`` (kernel compilation and autotuning happen in them)."""
 CHECKPOINT_EVERY = 200
 """Steps between a cell's checkpoints: a cell stopped part-way (a command's time limit, a lost machine) resumes
-from its last checkpoint when the study runs again."""
+from its last checkpoint when the study runs again. A cell also logs its progress at each checkpoint."""
 GRID_KEYS = ("layout", "d_model", "seed", "learning_rate")
 STUDY_KEYS = {"name", "description", "grid", "tasks", "train", "match_parameters", "smoke"}
 TRAIN_DEFAULTS = {
@@ -113,6 +115,27 @@ class Cell:
     def id(self) -> str:
         layout = re.sub(r"[^A-Za-z0-9]+", "", mixers.format_layout(mixers.parse_layout(self.layout)))
         return f"{layout}__{self.task_name}__d{self.d_model}__s{self.seed}__lr{self.learning_rate:g}"
+
+
+class _CellProgress(L.Callback):
+    """Log a cell's step and its seconds per step since the last line: after the warm-up steps, every ``every``
+    steps and at the end (cells trained in parallel have no progress bar)."""
+
+    def __init__(self, cell_id: str, max_steps: int, every: int) -> None:
+        self.cell_id, self.max_steps, self.every = cell_id, max_steps, every
+        self._since: tuple[int, float] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since = (trainer.global_step, time.perf_counter())
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every and step not in (STEP_TIMER_WARMUP, self.max_steps):
+            return
+        start_step, start = self._since
+        pace = (time.perf_counter() - start) / max(1, step - start_step)
+        logger.info("%s: step %d/%d, %.3f s/step since step %d", self.cell_id, step, self.max_steps, pace, start_step)
+        self._since = (step, time.perf_counter())
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -167,13 +190,28 @@ def load_study(path: str | Path, smoke: bool = False) -> dict[str, Any]:
             )
         for layout in task_grid.get("layout", []):
             mixers.parse_layout(layout)
+        task_train = task.get("train", {})
+        if not isinstance(task_train, dict) or set(task_train) - set(TRAIN_DEFAULTS):
+            raise ValueError(
+                f"{path}: a task's train must map some of {', '.join(TRAIN_DEFAULTS)} to values, got {task_train}"
+            )
+    unknown = set(study.get("train", {})) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{path}: unknown train keys {sorted(unknown)}; known: {', '.join(TRAIN_DEFAULTS)}")
     study["train"] = {**TRAIN_DEFAULTS, **study.get("train", {})}
     return study
 
 
+def cell_train(cell: Cell, study: dict[str, Any]) -> dict[str, Any]:
+    """The cell's training settings: the study's ``train`` with its task's own ``train`` entries in their place
+    (e.g. fewer, larger steps for the expensive multimodal task)."""
+    return {**study["train"], **cell.task_dict.get("train", {})}
+
+
 def expand(study: dict[str, Any]) -> list[Cell]:
     """Every cell of the study's grid, in a stable order (task by task). A task's own ``grid`` entries
-    replace the study's for that task (e.g. one model size for the expensive multimodal task)."""
+    replace the study's for that task (e.g. one model size for the expensive multimodal task); its own
+    ``train`` entries stay in the cell's task (see :func:`cell_train`)."""
     cells = []
     for task in study["tasks"]:
         grid = {**study["grid"], **task.get("grid", {})}
@@ -200,7 +238,7 @@ def model_config(
 ) -> HybridConfig:
     """The cell's model: ``d_model`` wide, one layer per layout letter, heads of 64 (or ``d_model``) channels;
     ``token_ids``: the vision placeholder ids of the tokenizer (with ``vision``)."""
-    d = cell.d_model
+    d, train = cell.d_model, cell_train(cell, study)
     heads = max(1, d // 64)
     head_dim = d // heads
     kinds = mixers.parse_layout(cell.layout)
@@ -210,18 +248,18 @@ def model_config(
         "G": {"num_heads": heads},
         "M": {"d_state": min(64, d), "headdim": min(64, d)},
     }
-    for kind, backend in study["train"]["backends"].items():
+    for kind, backend in train["backends"].items():
         mixer_options.setdefault(kind, {})["backend"] = backend
     return HybridConfig(
         layout=cell.layout,
         vocab_size=vocab_size,
         hidden_size=d,
-        intermediate_size=intermediate_size or study["train"]["mlp_ratio"] * d,
+        intermediate_size=intermediate_size or train["mlp_ratio"] * d,
         num_hidden_layers=len(kinds),
         num_attention_heads=heads,
         num_key_value_heads=heads,
         mrope_section=None if vision is None else _mrope(head_dim),
-        sliding_window=study["train"]["window"],
+        sliding_window=train["window"],
         mixer_options=mixer_options,
         vision_config=vision,
         pad_token_id=0,
@@ -294,14 +332,14 @@ def _data(
     cell: Cell, study: dict, processor_dir: Path
 ) -> tuple[L.LightningDataModule, int, dict | None, dict[str, int] | None]:
     """The cell's data module, vocabulary size, vision config and vision placeholder token ids."""
-    task, train = cell.task_dict, study["train"]
+    task, train = cell.task_dict, cell_train(cell, study)
     if task["type"] == "mqar":
         options = {k: v for k, v in task.items() if k in ("vocab_size", "seq_len", "num_kv_pairs", "power_a")}
         train_set = MQARDataset(num_examples=train["train_examples"], seed=cell.seed, **options)
         val_set = MQARDataset(num_examples=train["test_examples"], seed=10_000 + cell.seed, **options)
         batches = SampleBatches(train_set, val_set, train["max_tokens"], train_set.seq_len, cell.seed)
         return batches, train_set.vocab_size, None, None
-    options = {k: v for k, v in task.items() if k not in ("type", "eval_distances")}
+    options = {k: v for k, v in task.items() if k not in ("type", "eval_distances", "train")}
     data = HybridDataModule(
         processor=str(processor_dir),
         train=[{"type": "synthetic", "split": "train", "seed": cell.seed, **options}],
@@ -358,7 +396,7 @@ def run_distillation_cell(cell: Cell, study: dict, out: Path) -> dict[str, Any]:
     from lit.evaluate import evaluate
     from lit.pipeline import distill_student, train_teacher
 
-    train, init = study["train"], cell.task_dict["init"]
+    train, init = cell_train(cell, study), cell.task_dict["init"]
     teacher_root = out / "teachers" / f"seed{cell.seed}"
     teacher = teacher_root / "teacher"
     start = time.perf_counter()
@@ -418,7 +456,7 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         if vision is not None:
             _processor(processor_dir).save_pretrained(cell_dir / "init")
     resumed_from = 0 if checkpoint is None else torch.load(checkpoint, mmap=True, weights_only=False)["global_step"]
-    train = study["train"]
+    train = cell_train(cell, study)
     stage = SFT(
         model=str(cell_dir / "init"),
         trainable=["*"],
@@ -446,7 +484,7 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         num_sanity_val_steps=0,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, checkpoints],
+        callbacks=[timer, checkpoints, _CellProgress(cell.id, train["max_steps"], CHECKPOINT_EVERY)],
     )
     start = time.perf_counter()
     trainer.fit(stage, data, ckpt_path=checkpoint)
@@ -490,7 +528,7 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
 def _resume_point(cell: Cell, study: dict, cell_dir: Path) -> Path | None:
     """The last checkpoint of an earlier run of this cell with the same settings, to resume from; otherwise
     ``None``, with the cell's run folder emptied (an earlier run with other settings leaves nothing behind)."""
-    settings = {**_settings(study["train"], cell.task_dict), "match_parameters": study.get("match_parameters")}
+    settings = _settings(cell_train(cell, study), cell.task_dict) | {"match_parameters": study.get("match_parameters")}
     settings = json.loads(json.dumps(settings, sort_keys=True))  # as read back from settings.json
     recorded, last = cell_dir / "settings.json", cell_dir / "checkpoints" / "last.ckpt"
     if last.is_file() and recorded.is_file() and json.loads(recorded.read_text()) == settings:
@@ -516,7 +554,7 @@ def _distance_accuracy(cell: Cell, study: dict, model_dir: Path, processor_dir: 
     size = task.get("video_size", 56)
     accuracy = {}
     for distance in task["eval_distances"]:
-        source = {"type": "synthetic", "split": "val", "size_per_task": study["train"]["val_size"]}
+        source = {"type": "synthetic", "split": "val", "size_per_task": cell_train(cell, study)["val_size"]}
         source |= {
             "tasks": ["video_memory"],
             "video_frames": distance + 2,
@@ -526,7 +564,7 @@ def _distance_accuracy(cell: Cell, study: dict, model_dir: Path, processor_dir: 
         accuracy[str(distance)] = evaluate(model_dir, [source])["video_memory"]
     return {
         "distance_accuracy": accuracy,
-        "window_frames": study["train"]["window"] / _video_tokens_per_frame(processor_dir, size),
+        "window_frames": cell_train(cell, study)["window"] / _video_tokens_per_frame(processor_dir, size),
     }
 
 
@@ -553,7 +591,7 @@ def _versions() -> dict[str, str]:
 def _write_cell(out: Path, cell: Cell, study: dict, result: dict[str, Any]) -> dict[str, Any]:
     """Write the cell's JSON, with the study's training settings, atomically: a study killed mid-write leaves no
     truncated cell behind."""
-    result = {**result, "train": study["train"]}
+    result = {**result, "train": cell_train(cell, study)}
     (out / "cells").mkdir(parents=True, exist_ok=True)
     path = out / "cells" / f"{cell.id}.json"
     partial = path.with_suffix(".json.partial")
@@ -653,7 +691,7 @@ def run_study(
 def _settings(train: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     """A cell's settings as one flat dict, to compare two runs of it: the study's ``train`` keys and the task's
     options as ``task.<option>``."""
-    return {**train, **{f"task.{key}": value for key, value in task.items()}}
+    return {**train, **{f"task.{key}": value for key, value in task.items() if key != "train"}}
 
 
 def _finished(out: Path, cell: Cell, study: dict, quiet: bool = False) -> bool:
@@ -664,7 +702,7 @@ def _finished(out: Path, cell: Cell, study: dict, quiet: bool = False) -> bool:
     if not path.is_file():
         return False
     recorded = json.loads(path.read_text())
-    current = _settings(study["train"], cell.task_dict)
+    current = _settings(cell_train(cell, study), cell.task_dict)
     trained = _settings(recorded.get("train") or {}, recorded["task_config"])
     changed = sorted(key for key in set(current) | set(trained) if current.get(key) != trained.get(key))
     if changed and not quiet:
@@ -683,6 +721,19 @@ def _attempt(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
     return None
 
 
+def _start_worker(log_level: int, threads: int) -> None:
+    """Set up a process that trains cells: the study's log lines (a spawned process starts without the parent's
+    logging setup) and its share of the CPU threads (each process would otherwise start a thread per core, and
+    many processes' threads contending for the cores slow the CPU work of every step)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    project = logging.getLogger("hybridvl")
+    if not project.handlers:
+        project.addHandler(handler)
+    project.setLevel(log_level)
+    torch.set_num_threads(threads)
+
+
 def _run_parallel(
     pending: list[Cell], study: dict, out: Path, processor_dir: Path, workers: int, deadline: float
 ) -> dict[str, str]:
@@ -690,7 +741,12 @@ def _run_parallel(
     context = multiprocessing.get_context("spawn")
     queue = list(reversed(pending))
     finished, failed = 0, {}
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    logger.info("%d cells at once, %d CPU threads each", workers, threads)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(logger.getEffectiveLevel(), threads)
+    )
+    with pool:
         running: dict[concurrent.futures.Future, Cell] = {}
         while queue or running:
             while queue and len(running) < workers and time.monotonic() < deadline:

@@ -137,6 +137,8 @@ def test_every_study_expands_and_bad_studies_name_the_problem(tmp_path):
         "name: x\n" + grid + "tasks: [{type: mqar, grid: {layout: ['S,X']}}]": "unknown",
         "name: x\n" + grid + "tasks: [{type: mqar, eval_distances: [4]}]": "eval_distances belongs",
         "name: x\n" + grid + "tasks: [{type: synthetic, tasks: [video_memory], eval_distances: [3]}]": "even",
+        "name: x\n" + grid + "tasks: [{type: mqar, train: {steps: 2}}]": "a task's train must map",
+        "name: x\n" + grid + "tasks: [{type: mqar}]\ntrain: {steps: 2}": "unknown train keys",
     }
     for text, message in cases.items():
         path = tmp_path / "study.yaml"
@@ -159,6 +161,29 @@ def test_a_task_grid_replaces_the_study_grid_for_that_task(tmp_path):
     assert all("grid" not in cell.task_dict for cell in cells)
 
 
+def test_a_task_train_section_replaces_the_study_settings_for_that_task(tmp_path):
+    path = tmp_path / "study.yaml"
+    study_text = (
+        "name: x\ngrid: {layout: ['S,D'], d_model: [16], seed: [0], learning_rate: [1.0e-3]}\n"
+        "tasks: [{type: mqar, vocab_size: 64, seq_len: 16, num_kv_pairs: 2},"
+        " {type: mqar, vocab_size: 64, seq_len: 32, num_kv_pairs: 2, train: {max_steps: 2}}]\n"
+        "train: {max_steps: 3, max_tokens: 64, train_examples: 16, test_examples: 8}\n"
+    )
+    path.write_text(study_text)
+    assert ablation.run_study(path, out=tmp_path / "out")["complete"]
+    cells = [json.loads(cell.read_text()) for cell in (tmp_path / "out" / "cells").glob("*.json")]
+    assert {cell["task"]: (cell["steps"], cell["train"]["max_steps"]) for cell in cells} == {
+        "mqar_T16_kv2": (3, 3),
+        "mqar_T32_kv2": (2, 2),
+    }
+    path.write_text(study_text.replace("max_steps: 2}", "max_steps: 1}"))
+    study = ablation.load_study(path)
+    assert [ablation._finished(tmp_path / "out", cell, study, quiet=True) for cell in ablation.expand(study)] == [
+        True,
+        False,
+    ]
+
+
 def test_study_backends_reach_every_cell_model():
     study = ablation.load_study(ROOT / "experiments" / "ablations" / "mixer_type.yaml")
     cell = next(cell for cell in ablation.expand(study) if cell.layout == "S,G,G,G")
@@ -170,12 +195,15 @@ def test_study_backends_reach_every_cell_model():
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_time_budget_stops_starting_cells_and_the_next_run_finishes(tmp_path, workers):
+def test_time_budget_stops_starting_cells_and_the_next_run_finishes(tmp_path, workers, capfd, caplog):
     summary = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path, workers=workers, time_budget=0)
     assert summary["cells"] == 0 and summary["total_cells"] == 2 and not summary["complete"]
     assert "(0 of 2 cells so far)" in (tmp_path / "summary.md").read_text()
+    caplog.set_level(logging.INFO, logger="hybridvl")  # the cells' processes take the study's log level
     summary = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path, workers=workers)
     assert summary["cells"] == 2 and summary["complete"]
+    if workers > 1:  # the cells' processes log their progress too
+        assert capfd.readouterr().err.count(": step 4/4, ") == 2
     assert not list((tmp_path / "cells").glob("*.partial"))
     assert {row["concurrent_cells"] for row in summary["rows"]} == {workers}  # recorded with the step times
     assert all(row["seconds_per_step"] > 0 for row in summary["rows"])
@@ -183,6 +211,18 @@ def test_time_budget_stops_starting_cells_and_the_next_run_finishes(tmp_path, wo
         f"| 0.001 | {1000 * summary['rows'][0]['seconds_per_step']:.0f} ({workers}) |"
         in (tmp_path / "summary.md").read_text()
     )
+
+
+def test_a_cell_process_takes_its_share_of_cpu_threads_and_the_study_log_level():
+    project, threads = logging.getLogger("hybridvl"), torch.get_num_threads()
+    handlers, level = list(project.handlers), project.level
+    try:
+        ablation._start_worker(logging.DEBUG, 1)
+        assert torch.get_num_threads() == 1 and project.level == logging.DEBUG and project.handlers
+    finally:
+        torch.set_num_threads(threads)
+        project.handlers[:] = handlers
+        project.setLevel(level)
 
 
 def test_a_failing_cell_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
@@ -299,6 +339,7 @@ def test_a_cell_stopped_part_way_resumes_from_its_checkpoint_to_the_same_result(
     with caplog.at_level(logging.INFO, logger="hybridvl.ablation"):
         resumed = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "resumed")
     assert resumed["complete"] and caplog.text.count("resuming from") == 2
+    assert caplog.text.count("step 4/4") == 2 and "since step 2" in caplog.text  # progress lines
     for path in sorted((tmp_path / "whole" / "cells").glob("*.json")):
         first, again = (
             json.loads(path.read_text()),
