@@ -683,6 +683,7 @@ def run_study(
         "failed": failed,
         "rows": summarize(results),
     }
+    out.mkdir(parents=True, exist_ok=True)  # a study stopped before its first cell still gets a summary
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary) + "\n")
     return summary

@@ -194,6 +194,11 @@ def test_study_backends_reach_every_cell_model():
     assert {layer.self_attn.backend for layer in model.language_model.layers[1:]} == {"torch"}
 
 
+def test_a_study_stopped_before_its_first_cell_still_writes_its_summary(tmp_path):
+    summary = ablation.run_study(MIXER_TYPE.parent / "init.yaml", smoke=True, out=tmp_path / "init", time_budget=0)
+    assert summary["cells"] == 0 and "(0 of 2 cells so far)" in (tmp_path / "init" / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_time_budget_stops_starting_cells_and_the_next_run_finishes(tmp_path, workers, capfd, caplog):
     summary = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path, workers=workers, time_budget=0)
@@ -304,6 +309,19 @@ def test_report_gives_each_claim_a_verdict_from_the_cells(tmp_path):
     assert "| `S x4` | 0.900 ± 0.000 | 0.110 ± 0.010 |" in report and "## swa_ratio (12 of 15 cells)" in report
     for figure in ("mixer_type.png", "swa_ratio.png", "swa_ratio_video_memory_distance.png"):
         assert (tmp_path / "figures" / figure).stat().st_size > 1000
+    assert "init cells missing" in report
+    (results / "mixer_type" / "cells").rename(tmp_path / "mixer_cells")
+    for path in (results / "swa_ratio" / "cells").glob("*.json"):
+        path.unlink()
+    (results / "mixer_type" / "cells").mkdir()
+    for path in (tmp_path / "mixer_cells").glob("*.json"):
+        if "mqar" in path.read_text():
+            path.rename(results / "mixer_type" / "cells" / path.name)
+    partial = write_report(results, tmp_path / "partial.md").read_text()  # every claim still gets a paragraph
+    assert "**Not measured.** Gated DeltaNet vs Mamba2 and GLA on text-rich tasks: cells missing." in partial
+    assert "**Not measured.** More SWA helps text-rich tasks with diminishing returns: needs cells at 3" in partial
+    assert "**Not measured.** Window-only models lose answers beyond the window: needs" in partial
+    assert "**Not reproduced.** Gated DeltaNet recalls at least as well" in partial
 
 
 def test_mixer_plot_gives_a_mixer_one_colour_and_tells_hybrid_from_pure_stacks():
