@@ -551,10 +551,10 @@ def _distance_accuracy(cell: Cell, study: dict, model_dir: Path, processor_dir: 
         return {}
     from lit.evaluate import evaluate
 
-    size = task.get("video_size", 56)
+    size, train = task.get("video_size", 56), cell_train(cell, study)
     accuracy = {}
     for distance in task["eval_distances"]:
-        source = {"type": "synthetic", "split": "val", "size_per_task": cell_train(cell, study)["val_size"]}
+        source = {"type": "synthetic", "split": "val", "size_per_task": train["val_size"]}
         source |= {
             "tasks": ["video_memory"],
             "video_frames": distance + 2,
@@ -564,7 +564,7 @@ def _distance_accuracy(cell: Cell, study: dict, model_dir: Path, processor_dir: 
         accuracy[str(distance)] = evaluate(model_dir, [source])["video_memory"]
     return {
         "distance_accuracy": accuracy,
-        "window_frames": cell_train(cell, study)["window"] / _video_tokens_per_frame(processor_dir, size),
+        "window_frames": train["window"] / _video_tokens_per_frame(processor_dir, size),
     }
 
 
