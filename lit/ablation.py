@@ -726,12 +726,9 @@ def _start_worker(log_level: int, threads: int) -> None:
     """Set up a process that trains cells: the study's log lines (a spawned process starts without the parent's
     logging setup) and its share of the CPU threads (each process would otherwise start a thread per core, and
     many processes' threads contending for the cores slow the CPU work of every step)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    project = logging.getLogger("hybridvl")
-    if not project.handlers:
-        project.addHandler(handler)
-    project.setLevel(log_level)
+    from lit.cli import show_project_logs
+
+    show_project_logs(log_level)
     torch.set_num_threads(threads)
 
 

@@ -41,6 +41,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def show_project_logs(level: int) -> None:
+    """Print the project's log lines (loggers under ``hybridvl``) from ``level`` up to stderr; a process that
+    calls this again keeps its one handler."""
+    project = logging.getLogger("hybridvl")
+    if not project.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        project.addHandler(handler)
+    project.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hybridvl`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -51,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"hybridvl: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    project_logger = logging.getLogger("hybridvl")
-    project_logger.addHandler(handler)
-    project_logger.setLevel(logging.INFO)
+    show_project_logs(logging.INFO)
     module = importlib.import_module(COMMANDS[command][0])
     return module.main([command, *rest] if command in PASS_COMMAND else rest)
 
