@@ -166,6 +166,24 @@ def fla_gated_backward_issue(device: torch.device, kernel: str = "gated_delta_ru
     return None
 
 
+def fla_float32_attention_issue(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why fla's ``parallel_attn`` cannot take inputs of ``dtype`` here, or ``None``.
+
+    On Hopper GPUs with Triton 3.4 or newer fla runs its attention forward through tilelang when tilelang is
+    installed, and that kernel does not compile for float32 inputs (tilelang's layout inference rejects the
+    float32 probability tile: "Layout infer conflict between b_s and b_p"). bf16 and fp16 inputs run.
+    """
+    if dtype != torch.float32 or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return None
+    version = triton_version()
+    if version is None or version < (3, 4, 0) or not tilelang_enabled():
+        return None
+    return (
+        "fla's attention forward on Hopper is tilelang's kernel, which does not compile for float32 inputs; "
+        "pass bfloat16/float16 inputs (e.g. bf16-mixed precision) or backend='torch'"
+    )
+
+
 def gated_backward_limitations(
     device: torch.device, *tensors: torch.Tensor | None, kernel: str = "gated_delta_rule"
 ) -> dict[str, str] | None:

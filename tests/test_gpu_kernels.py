@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from helpers import rel_err
 
 import mixers
-from mixers.backends import fla_gated_backward_issue, triton_version
+from mixers.backends import (
+    BackendUnavailableError,
+    fla_float32_attention_issue,
+    fla_gated_backward_issue,
+    triton_version,
+)
 from mixers.ops import (
     causal_attention,
     gated_delta_rule,
@@ -156,6 +161,19 @@ def test_causal_attention_fla_matches_torch(window, T):
     assert out_err < OUT_TOL and grad_err < GRAD_TOL, (out_err, grad_err)
 
 
+def test_causal_attention_float32_on_fla():
+    """float32 attention: fla where it can take it; where it cannot (tilelang's kernel on Hopper), ``auto``
+    runs PyTorch's and an explicit ``backend="fla"`` names the problem."""
+    q, k, v = (torch.randn(1, 300, h, 64, device=CUDA) for h in (4, 2, 2))
+    ref = causal_attention(q, k, v, window=32, backend="torch")
+    assert rel_err(causal_attention(q, k, v, window=32), ref) < 1e-4
+    if fla_float32_attention_issue(q.device, q.dtype):
+        with pytest.raises(BackendUnavailableError, match="float32"):
+            causal_attention(q, k, v, window=32, backend="fla")
+    else:
+        assert rel_err(causal_attention(q, k, v, window=32, backend="fla"), ref) < 5e-3  # Triton dots in TF32
+
+
 def test_causal_attention_fla_varlen():
     lengths = [300, 5, 1200]
     cu = seqlens_to_cu_seqlens(lengths, device=CUDA)
@@ -184,6 +202,20 @@ MIXER_OPTIONS = {
     "G": dict(num_heads=4),
     "L": dict(num_heads=4, head_dim=64),
 }
+
+
+@pytest.mark.parametrize("kind", ["S", "A"])
+def test_attention_mixers_run_float32_on_cuda(kind):
+    """An fp32 model on CUDA (e.g. evaluated at full precision) runs its attention layers under ``auto`` wherever
+    fla's kernel cannot take float32, packed, matching the PyTorch backend."""
+    hidden = 256
+    module = mixers.build_mixer(kind, hidden, **MIXER_OPTIONS[kind]).to(CUDA)
+    reference = mixers.build_mixer(kind, hidden, backend="torch", **MIXER_OPTIONS[kind]).to(CUDA)
+    reference.load_state_dict(module.state_dict())
+    cu = seqlens_to_cu_seqlens([300, 700], device=CUDA)
+    x = torch.randn(1, 1000, hidden, device=CUDA)
+    with torch.no_grad():
+        assert rel_err(module(x, cu_seqlens=cu)[0], reference(x, cu_seqlens=cu)[0]) < 5e-3  # TF32 dots
 
 
 @pytest.mark.parametrize("kind", list(MIXER_OPTIONS))

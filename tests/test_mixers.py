@@ -298,3 +298,35 @@ def test_fla_gated_backward_issue_on_hopper(monkeypatch, kernel, tilelang, switc
     assert (issue is not None) == refused
     if refused:
         assert "#640" in issue and "Triton >= 3.7.1" in issue
+
+
+@pytest.mark.parametrize(
+    ("dtype", "capability", "tilelang", "triton", "refused"),
+    [
+        (torch.float32, (9, 0), True, (3, 6, 0), True),  # tilelang's attention forward: no float32
+        (torch.bfloat16, (9, 0), True, (3, 6, 0), False),
+        (torch.float32, (9, 0), False, (3, 6, 0), False),  # fla's Triton kernel takes float32
+        (torch.float32, (8, 0), True, (3, 6, 0), False),  # tilelang's attention is Hopper only
+        (torch.float32, (9, 0), True, (3, 3, 0), False),
+    ],
+)
+def test_fla_float32_attention_issue_on_hopper(monkeypatch, dtype, capability, tilelang, triton, refused):
+    """fla's attention on Hopper runs tilelang's kernel, which does not compile for float32: decided without a GPU."""
+    import importlib.util
+
+    from mixers import backends
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(backends, "triton_version", lambda: triton)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if tilelang else None) if name == "tilelang" else real_find_spec(name, *a),
+    )
+    monkeypatch.delenv("FLA_TILELANG", raising=False)
+    issue = backends.fla_float32_attention_issue(torch.device("cuda"), dtype)
+    assert (issue is not None) == refused
+    if refused:
+        assert "float32" in issue and "backend='torch'" in issue
+    assert backends.fla_float32_attention_issue(torch.device("cpu"), dtype) is None
