@@ -1,12 +1,20 @@
 """The toy-size InfiniteVL pipeline the quickstart and the initialisation ablation share: a tiny Transformer
 teacher trained from scratch on the synthetic suite, then a converted student distilled layer-wise, end to end
-and fine-tuned, each stage through ``hybridvl fit`` with ``experiments/tiny/<stage>.yaml``."""
+and fine-tuned, each stage through ``hybridvl fit`` with ``experiments/tiny/<stage>.yaml``.
+
+A stage that finished writes ``runs/<stage>/done.json``: its arguments and a digest of the weights it started
+from. Run again with the same arguments on the same weights, the stage is skipped, so a pipeline stopped part-way
+(a time limit, a lost machine) resumes at the stage it was in."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
 from pathlib import Path
+
+import torch
 
 from lit.commands.train import main as train
 from models.convert import ConversionReport, convert_directory
@@ -47,8 +55,31 @@ def run_stage(name: str, out: Path, scale: float, **paths: Path) -> None:
         argv += ["--trainer.val_check_interval", str(max(2, round(steps * scale)))]
     for key, value in paths.items():
         argv += [f"--{key}", str(value)]
+    done = out / "runs" / name / "done.json"
+    inputs = {key: Path(value) for key, value in paths.items() if not key.endswith("export_dir")}
+    record = {"argv": argv, "inputs": _weights_digests(inputs)}
+    exported = all((Path(v) / "model.safetensors").is_file() for k, v in paths.items() if k.endswith("export_dir"))
+    if exported and done.is_file() and json.loads(done.read_text()) == record:
+        logger.info("stage %s: done before with these arguments and input weights (%s), skipped", name, done)
+        return
     logger.info("stage %s: hybridvl %s", name, " ".join(argv))
     train(argv)
+    done.write_text(json.dumps(record))
+
+
+def _weights_digests(directories: dict[str, Path]) -> dict[str, str]:
+    """SHA-256 over the tensors (names and values) of each model directory a stage reads."""
+    from safetensors.torch import load_file
+
+    digests = {}
+    for key, directory in directories.items():
+        if (directory / "model.safetensors").is_file():
+            digest = hashlib.sha256()
+            for name, tensor in sorted(load_file(directory / "model.safetensors").items()):
+                digest.update(name.encode())
+                digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digests[key] = digest.hexdigest()
+    return digests
 
 
 def train_teacher(out: Path, scale: float = 1.0, seed: int = 0) -> Path:

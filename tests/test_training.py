@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -318,3 +319,51 @@ def test_quickstart_runs_the_whole_pipeline_at_reduced_size(tmp_path, capsys):
         assert list((tmp_path / "runs" / stage).rglob("events.out.tfevents.*")), stage
         assert list((tmp_path / "runs" / stage).rglob("config.yaml")), stage  # the resolved config of the run
     assert HybridVLM.from_pretrained(tmp_path / "student").kinds == ["S", "D", "D", "D"]
+
+
+def test_pipeline_stage_is_skipped_when_done_with_the_same_arguments_and_weights(tmp_path, monkeypatch, caplog):
+    """A finished stage is not trained again for the same arguments and input weights; new input weights or a
+    missing export train it again."""
+    from safetensors.torch import save_file
+
+    from lit import pipeline
+
+    runs = []
+
+    def fake_train(argv):
+        runs.append(argv)
+        export = Path(argv[argv.index("--model.init_args.export_dir") + 1])
+        export.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.ones(2)}, export / "model.safetensors")
+        (tmp_path / "runs" / "sft").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(pipeline, "train", fake_train)
+    source, export = tmp_path / "source", tmp_path / "student"
+    source.mkdir()
+    save_file({"w": torch.zeros(2)}, source / "model.safetensors")
+    paths = {"model.init_args.model": source, "model.init_args.export_dir": export}
+    with caplog.at_level(logging.INFO, logger="hybridvl.pipeline"):
+        for _ in range(2):
+            pipeline.run_stage("sft", tmp_path, 0.01, **paths)
+    assert len(runs) == 1 and "skipped" in caplog.text
+    save_file({"w": torch.full((2,), 3.0)}, source / "model.safetensors")
+    pipeline.run_stage("sft", tmp_path, 0.01, **paths)
+    assert len(runs) == 2
+    (export / "model.safetensors").unlink()
+    pipeline.run_stage("sft", tmp_path, 0.01, **paths)
+    assert len(runs) == 3
+    pipeline.run_stage("sft", tmp_path, 0.02, **paths)  # other arguments
+    assert len(runs) == 4
+
+
+def test_conversion_is_reproducible_under_a_seed(tmp_path):
+    """A stopped distillation cell resumes its stages only if re-converting the teacher gives the same student."""
+    from lit import pipeline
+
+    make_tiny_qwen2_5_vl(tmp_path / "qwen", seed=0, num_hidden_layers=4, vision_depth=1)
+    digests = []
+    for attempt in range(2):
+        L.seed_everything(1, verbose=False)
+        convert_directory(tmp_path / "qwen", tmp_path / f"student{attempt}", "S,D,D,D", init="mimic", sliding_window=8)
+        digests.append(pipeline._weights_digests({"model": tmp_path / f"student{attempt}"}))
+    assert digests[0] == digests[1] and digests[0]["model"]
