@@ -426,9 +426,11 @@ def run_distillation_cell(cell: Cell, study: dict, out: Path) -> dict[str, Any]:
 
 
 def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent_cells: int = 1) -> dict[str, Any]:
-    """Train one cell from scratch and return its result (also written to ``cells/<id>.json``).
+    """Train one cell (from its last checkpoint, if an earlier run left one) and return its result (also written
+    to ``cells/<id>.json``).
 
-    ``concurrent_cells`` (how many cells share the device, recorded with the step time) does not change training.
+    ``concurrent_cells`` (how many cells share the device, recorded with the step time of the run that trained)
+    does not change training.
     """
     if cell.task_dict["type"] == "distill":
         identity = {
@@ -469,6 +471,9 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
     # steady-state step time (after compilation and autotuning) is what sizes a study's grid to a time budget
     steps_left = train["max_steps"] - resumed_from
     timer = StepTimer(str(cell_dir / "steps.json"), warmup=max(0, min(STEP_TIMER_WARMUP, steps_left - 1)))
+    sharing = cell_dir / "concurrent_cells.json"  # the cells that shared the device while the timed steps ran
+    if steps_left > 0:
+        sharing.write_text(json.dumps(concurrent_cells))
     checkpoints = ModelCheckpoint(
         dirpath=cell_dir / "checkpoints", every_n_train_steps=CHECKPOINT_EVERY, save_top_k=0, save_last=True
     )
@@ -514,7 +519,7 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         "steps": train["max_steps"],
         "resumed_from_step": resumed_from,
         "seconds_per_step": timing["seconds_per_step"],
-        "concurrent_cells": concurrent_cells,
+        "concurrent_cells": json.loads(sharing.read_text()) if sharing.is_file() else concurrent_cells,
         "first_steps_seconds": sum(step["seconds"] for step in timing["steps"][: timing["warmup_steps"]]),
         **_distance_accuracy(cell, study, cell_dir / "model", processor_dir),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -11,6 +11,7 @@ import itertools
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def plot_lines(
     title: str,
     xlabel: str,
     series: dict[str, list[tuple[float, float, float]]],
-    vertical: tuple[float, str] | None = None,
+    verticals: Sequence[tuple[float, str]] = (),
 ) -> None:
     import matplotlib
 
@@ -91,8 +92,8 @@ def plot_lines(
             capsize=3,
             label=label,
         )
-    if vertical is not None:
-        ax.axvline(vertical[0], color="grey", linestyle="--", linewidth=1, label=vertical[1])
+    for (x, label), style in zip(verticals, ("--", ":")):
+        ax.axvline(x, color="grey", linestyle=style, linewidth=1, label=label)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
@@ -178,11 +179,14 @@ def distance_curves(cells: list[dict]) -> dict[str, list[tuple[float, float, flo
 
 def window_memory(cells: list[dict]) -> str:
     """The window claim from the distance curves: window-only models answer inside the window and lose the answer
-    beyond it, where models with Gated DeltaNet layers keep it ("not measured" without the cells to tell)."""
+    once the cue lies beyond what their stacked windows reach (each SWA layer passes information one window further
+    back, so ``layers x window``), where models with Gated DeltaNet layers keep it ("not measured" without the
+    cells or distances to tell)."""
+    claim = "Window-only models lose answers beyond the window"
     missing = verdict(
         None,
-        "Window-only models lose answers beyond the window: needs video-memory accuracy by distance, inside and "
-        "beyond one window, of window-only and Gated DeltaNet layouts (swa_ratio cells missing).",
+        f"{claim}: needs video-memory accuracy by distance, inside one window and beyond the window-only stack's "
+        "reach, of window-only and Gated DeltaNet layouts (swa_ratio cells missing).",
     )
     curves = distance_curves(cells)
     windows = {cell["window_frames"] for cell in cells if "window_frames" in cell}
@@ -191,21 +195,39 @@ def window_memory(cells: list[dict]) -> str:
     if not curves or len(windows) != 1 or not only or not others:
         return missing
     window = windows.pop()
+    depth = max(len(mixers.parse_layout(layout)) for layout in only)
+    reach = depth * window
 
-    def mean(layouts: list[str], inside: bool) -> float | None:
-        values = [m for layout in layouts for d, m, _ in curves[layout] if (d < window) == inside]
+    def mean(layouts: list[str], keep) -> float | None:
+        values = [m for layout in layouts for d, m, _ in curves[layout] if keep(d)]
         return statistics.fmean(values) if values else None
 
-    only_in, only_out, others_out = mean(only, True), mean(only, False), mean(others, False)
-    if None in (only_in, only_out, others_out):
-        return missing
-    holds = only_out < only_in and only_out < others_out
+    only_in = mean(only, lambda d: d < window)
+    only_out, others_out = mean(only, lambda d: d >= reach), mean(others, lambda d: d >= reach)
+    if only_out is None or others_out is None:
+        farthest = max(d for points in curves.values() for d, *_ in points)
+        return verdict(
+            None,
+            f"{claim}: the farthest cue measured, {farthest} frames back, lies within what the {depth} stacked "
+            f"windows of `{only[0]}` reach ({depth} x {window:g} = {reach:g} frames), where it scores "
+            f"{mean(only, lambda d: d >= window):.3f} beyond one window; needs distances beyond {reach:g} frames.",
+        )
+    holds = only_in is not None and only_out < only_in and only_out < others_out
     return verdict(
         holds,
-        f"Window-only models lose answers beyond the window ({window:g} frames): held-out video-memory accuracy "
-        f"of {', '.join(f'`{layout}`' for layout in only)} is {only_in:.3f} within it and {only_out:.3f} beyond "
-        f"it, where the layouts with Gated DeltaNet layers score {others_out:.3f}.",
+        f"{claim} ({window:g} frames, reaching {reach:g} frames through {depth} layers): held-out video-memory "
+        f"accuracy of {', '.join(f'`{layout}`' for layout in only)} is {only_in:.3f} within one window and "
+        f"{only_out:.3f} beyond the reach, where the layouts with Gated DeltaNet layers score {others_out:.3f}.",
     )
+
+
+def _window_marks(windows: list[float], cells: list[dict]) -> list[tuple[float, str]]:
+    """The distance plot's marks: one SWA window, and what the deepest window-only stack reaches through it."""
+    if len(windows) != 1:
+        return []
+    depth = max((len(mixers.parse_layout(c["layout"])) for c in cells if swa_share(c["layout"]) == 1.0), default=0)
+    window = (windows[0], "SWA window")
+    return [window, (depth * windows[0], f"{depth} stacked windows")] if depth > 1 else [window]
 
 
 def verdict(holds: bool | None, text: str) -> str:
@@ -348,7 +370,7 @@ def write_report(results: Path, out: Path) -> Path:
                 f"{name}: held-out video memory by distance",
                 "frames between the cue and the question",
                 curves,
-                vertical=(windows[0], "SWA window") if len(windows) == 1 else None,
+                verticals=_window_marks(windows, cells),
             )
             parts += ["", distance_table(curves), "", f"![video memory by distance](figures/{figure.name})"]
     out.write_text("\n".join(parts) + "\n")

@@ -276,7 +276,7 @@ def test_report_gives_each_claim_a_verdict_from_the_cells(tmp_path):
                 0.5,
                 seed,
                 per_task={"ocr": ocr, "chart": 0.2, "video_memory": 0.5},
-                distance_accuracy={"6": 0.9, "22": far + 0.01 * seed},
+                distance_accuracy={"6": 0.9, "22": 0.9, "70": far + 0.01 * seed},
                 window_frames=16.0,
             )
             for layout, ocr, far in (
@@ -303,13 +303,24 @@ def test_report_gives_each_claim_a_verdict_from_the_cells(tmp_path):
         "0.25: 0.350, 0.5: 0.400, 1: 0.250." in report
     )
     assert (
-        "**Reproduced.** Window-only models lose answers beyond the window (16 frames): held-out video-memory "
-        "accuracy of `S x4` is 0.900 within it and 0.110 beyond it" in report
+        "**Reproduced.** Window-only models lose answers beyond the window (16 frames, reaching 64 frames through 4 "
+        "layers): held-out video-memory accuracy of `S x4` is 0.900 within one window and 0.110 beyond the reach"
+        in report
     )
-    assert "| `S x4` | 0.900 ± 0.000 | 0.110 ± 0.010 |" in report and "## swa_ratio (12 of 15 cells)" in report
+    assert "| `S x4` | 0.900 ± 0.000 | 0.900 ± 0.000 | 0.110 ± 0.010 |" in report
+    assert "## swa_ratio (12 of 15 cells)" in report
     for figure in ("mixer_type.png", "swa_ratio.png", "swa_ratio_video_memory_distance.png"):
         assert (tmp_path / "figures" / figure).stat().st_size > 1000
     assert "init cells missing" in report
+    for path in (results / "swa_ratio" / "cells").glob("*.json"):  # no cue beyond what 4 stacked windows reach
+        cell = json.loads(path.read_text())
+        del cell["distance_accuracy"]["70"]
+        path.write_text(json.dumps(cell))
+    near = write_report(results, tmp_path / "near.md").read_text()
+    assert (
+        "**Not measured.** Window-only models lose answers beyond the window: the farthest cue measured, 22 frames "
+        "back, lies within what the 4 stacked windows of `S x4` reach (4 x 16 = 64 frames)" in near
+    )
     (results / "mixer_type" / "cells").rename(tmp_path / "mixer_cells")
     for path in (results / "swa_ratio" / "cells").glob("*.json"):
         path.unlink()
@@ -398,3 +409,17 @@ def test_a_synthetic_cell_validates_on_val_size_samples_per_task(tmp_path):
     assert train["size_per_task"] == cell.task_dict["size_per_task"] and train["seed"] == cell.seed
     assert val["size_per_task"] == study["train"]["val_size"] and val["split"] == "val"
     assert val["video_frames"] == train["video_frames"] and "eval_distances" not in val
+
+
+def test_a_cell_trained_in_an_earlier_run_keeps_that_runs_device_sharing(tmp_path, monkeypatch):
+    """A cell whose training finished but whose evaluation failed is evaluated in a later run; its step time is
+    the earlier run's, and so is the number of cells that shared the device then."""
+    study = ablation.load_study(MIXER_TYPE, smoke=True)
+    cell = ablation.expand(study)[0]
+    monkeypatch.setattr(ablation, "CHECKPOINT_EVERY", 2)  # smoke cells train 4 steps
+    with monkeypatch.context() as patch:
+        patch.setattr(ablation, "_distance_accuracy", lambda *args: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            ablation.run_cell(cell, study, tmp_path, tmp_path / "processor", concurrent_cells=3)
+    result = ablation.run_cell(cell, study, tmp_path, tmp_path / "processor", concurrent_cells=1)
+    assert result["resumed_from_step"] == study["train"]["max_steps"] and result["concurrent_cells"] == 3
