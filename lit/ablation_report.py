@@ -11,7 +11,7 @@ import itertools
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +198,7 @@ def window_memory(cells: list[dict]) -> str:
     depth = max(len(mixers.parse_layout(layout)) for layout in only)
     reach = depth * window
 
-    def mean(layouts: list[str], keep) -> float | None:
+    def mean(layouts: list[str], keep: Callable[[float], bool]) -> float | None:
         values = [m for layout in layouts for d, m, _ in curves[layout] if keep(d)]
         return statistics.fmean(values) if values else None
 
@@ -206,11 +206,13 @@ def window_memory(cells: list[dict]) -> str:
     only_out, others_out = mean(only, lambda d: d >= reach), mean(others, lambda d: d >= reach)
     if only_out is None or others_out is None:
         farthest = max(d for points in curves.values() for d, *_ in points)
+        beyond_one = mean(only, lambda d: d >= window)
+        scores = "" if beyond_one is None else f", where it scores {beyond_one:.3f} beyond one window"
         return verdict(
             None,
             f"{claim}: the farthest cue measured, {farthest} frames back, lies within what the {depth} stacked "
-            f"windows of `{only[0]}` reach ({depth} x {window:g} = {reach:g} frames), where it scores "
-            f"{mean(only, lambda d: d >= window):.3f} beyond one window; needs distances beyond {reach:g} frames.",
+            f"windows of `{only[0]}` reach ({depth} x {window:g} = {reach:g} frames){scores}; needs distances "
+            f"beyond {reach:g} frames.",
         )
     holds = only_in is not None and only_out < only_in and only_out < others_out
     return verdict(

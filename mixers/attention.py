@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mixers.backends import fla_float32_attention_issue, log_once
+from mixers.backends import float32_attention_limitations, log_once
 from mixers.base import Mixer
 from mixers.ops.attention import (
     FULL_PREFERENCE,
@@ -114,8 +114,7 @@ class Attention(Mixer):
             o = decode_attention(q, state.key.to(k.dtype), state.value.to(v.dtype), state.slot_positions() >= 0)
             return self.o_proj(o.flatten(-2)), state
         if state is None:
-            issue = fla_float32_attention_issue(x.device, q.dtype)
-            backend = self._resolve_backend(x.device, {"fla": issue} if issue else None)
+            backend = self._resolve_backend(x.device, float32_attention_limitations(x.device, q.dtype))
             o = causal_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, backend=backend)
             state = self.init_state(n, x.device, k.dtype)
         else:

@@ -184,6 +184,13 @@ def fla_float32_attention_issue(device: torch.device, dtype: torch.dtype) -> str
     )
 
 
+def float32_attention_limitations(device: torch.device, dtype: torch.dtype) -> dict[str, str] | None:
+    """``{"fla": reason}`` when fla's attention cannot take inputs of ``dtype`` here
+    (:func:`fla_float32_attention_issue`), else ``None``."""
+    issue = fla_float32_attention_issue(device, dtype)
+    return {"fla": issue} if issue else None
+
+
 def gated_backward_limitations(
     device: torch.device, *tensors: torch.Tensor | None, kernel: str = "gated_delta_rule"
 ) -> dict[str, str] | None:

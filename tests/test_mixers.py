@@ -329,4 +329,5 @@ def test_fla_float32_attention_issue_on_hopper(monkeypatch, dtype, capability, t
     assert (issue is not None) == refused
     if refused:
         assert "float32" in issue and "backend='torch'" in issue
+    assert backends.float32_attention_limitations(torch.device("cuda"), dtype) == ({"fla": issue} if refused else None)
     assert backends.fla_float32_attention_issue(torch.device("cpu"), dtype) is None

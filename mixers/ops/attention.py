@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import fla_float32_attention_issue, select_backend
+from mixers.backends import float32_attention_limitations, select_backend
 from mixers.ops.utils import compute_dtype
 from mixers.ops.varlen import check_cu_seqlens, map_sequence_outputs
 
@@ -54,8 +54,8 @@ def causal_attention(
         check_cu_seqlens(cu_seqlens, B, T)
     scale = D**-0.5 if scale is None else scale
     preference = FULL_PREFERENCE if window is None else WINDOW_PREFERENCE
-    issue = fla_float32_attention_issue(q.device, q.dtype)
-    chosen = select_backend(backend, q.device, preference, "causal_attention", {"fla": issue} if issue else None)
+    limitations = float32_attention_limitations(q.device, q.dtype)
+    chosen = select_backend(backend, q.device, preference, "causal_attention", limitations)
     if chosen == "fla":
         from fla.ops.attn import parallel_attn
 
