@@ -149,8 +149,12 @@ def main() -> None:
                 "packed": measure(packed, pixels, grid, True, args.repeats),
                 "max_relative_difference": max(differences),
             }
-        results = {"environment": environment(), "cpu_count": os.cpu_count(), "max_tokens": args.max_tokens}
-        results["runs"] = runs
+        results = {
+            "environment": environment(),
+            "cpu_count": os.cpu_count(),
+            "max_tokens": args.max_tokens,
+            "runs": runs,
+        }
         write_json(path, results)
         return results
 

@@ -594,8 +594,8 @@ def _versions() -> dict[str, str]:
 
 
 def _write_cell(out: Path, cell: Cell, study: dict, result: dict[str, Any]) -> dict[str, Any]:
-    """Write the cell's JSON, with the study's training settings, atomically: a study killed mid-write leaves no
-    truncated cell behind."""
+    """Write the cell's JSON, with its training settings (:func:`cell_train`), atomically: a study killed
+    mid-write leaves no truncated cell behind."""
     result = {**result, "train": cell_train(cell, study)}
     (out / "cells").mkdir(parents=True, exist_ok=True)
     path = out / "cells" / f"{cell.id}.json"
