@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -18,3 +20,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _project_logging():
+    """Undo what a test's ``hybridvl`` command did to the project's logger (its level, and a handler on the
+    test's captured stderr, closed once the test ends), so that no test sees another's log setup."""
+    project = logging.getLogger("hybridvl")
+    level, handlers = project.level, list(project.handlers)
+    yield
+    project.setLevel(level)
+    project.handlers[:] = handlers
