@@ -317,11 +317,16 @@ def claims(studies: dict[str, list[dict]]) -> list[str]:
     init = studies.get("init", [])
     mimic = [c["accuracy"] for c in init if c.get("init") == "mimic"]
     transfer = [c["accuracy"] for c in init if c.get("init") == "transfer"]
+    teachers = {c["seed"]: c["teacher_accuracy"] for c in init if "teacher_accuracy" in c}  # one teacher a seed
     if mimic and transfer:
         (a, sa), (b, sb) = _mean_std(mimic), _mean_std(transfer)
+        teacher = ""
+        if teachers:
+            t, st = _mean_std(list(teachers.values()))
+            teacher = f"; their Transformer teachers score {t:.3f} ± {st:.3f}"
         paragraphs.append(
             f"Initialisation (no InfiniteVL claim; its code uses mimic): mimic {a:.3f} ± {sa:.3f}, "
-            f"transfer {b:.3f} ± {sb:.3f} after distillation."
+            f"transfer {b:.3f} ± {sb:.3f} after distillation and fine-tuning{teacher}."
         )
     else:
         paragraphs.append("Initialisation (no InfiniteVL claim; its code uses mimic): init cells missing.")

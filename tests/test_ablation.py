@@ -287,6 +287,11 @@ def test_report_gives_each_claim_a_verdict_from_the_cells(tmp_path):
             )
             for seed in (0, 1, 2)
         ],
+        "init": [
+            _cell("S,D,D,D", f"distill_{init}", score + 0.1 * seed, seed, init=init, teacher_accuracy=0.5 + 0.1 * seed)
+            for init, score in (("mimic", 0.4), ("transfer", 0.3))
+            for seed in (0, 1)
+        ],
     }
     results = tmp_path / "results"
     for name, cells in studies.items():
@@ -311,7 +316,10 @@ def test_report_gives_each_claim_a_verdict_from_the_cells(tmp_path):
     assert "## swa_ratio (12 of 15 cells)" in report
     for figure in ("mixer_type.png", "swa_ratio.png", "swa_ratio_video_memory_distance.png"):
         assert (tmp_path / "figures" / figure).stat().st_size > 1000
-    assert "init cells missing" in report
+    assert (
+        "mimic 0.450 ± 0.071, transfer 0.350 ± 0.071 after distillation and fine-tuning; their Transformer teachers "
+        "score 0.550 ± 0.071." in report
+    )
     for path in (results / "swa_ratio" / "cells").glob("*.json"):  # no cue beyond what 4 stacked windows reach
         cell = json.loads(path.read_text())
         del cell["distance_accuracy"]["70"]
@@ -333,6 +341,9 @@ def test_report_gives_each_claim_a_verdict_from_the_cells(tmp_path):
     assert "**Not measured.** More SWA helps text-rich tasks with diminishing returns: needs cells at 3" in partial
     assert "**Not measured.** Window-only models lose answers beyond the window: needs" in partial
     assert "**Not reproduced.** Gated DeltaNet recalls at least as well" in partial
+    for path in (results / "init" / "cells").glob("*.json"):
+        path.unlink()
+    assert "init cells missing" in write_report(results, tmp_path / "no_init.md").read_text()
 
 
 def test_mixer_plot_gives_a_mixer_one_colour_and_tells_hybrid_from_pure_stacks():
