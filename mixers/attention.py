@@ -151,39 +151,53 @@ class Attention(Mixer):
         return torch.cat(outputs, dim=1)
 
     def _write(self, cache: KVCache, k, v, tokens, cu_seqlens) -> None:
-        """Store new keys/values at their slots and advance ``cache.length``."""
-        if cu_seqlens is None:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None].expand(-1, k.shape[1])
-            self._put(cache, rows, tokens, k, v)
+        """Store new keys/values at their slots and advance ``cache.length``, for all sequences at once (no
+        per-sequence loop and, for windowed caches, no host synchronisation)."""
+        if cu_seqlens is None:  # B rows of T tokens: sequence n is row n
+            batch, length = tokens.shape
+            lengths = torch.full((batch,), length, dtype=torch.long, device=k.device)
+            ends = torch.arange(1, batch + 1, device=k.device) * length
         else:
-            for n, (s, e) in enumerate(sequence_bounds(cu_seqlens)):
-                self._put(cache, torch.full((1, e - s), n, device=k.device), tokens[:, s:e], k[:, s:e], v[:, s:e])
-        lengths = tokens.shape[1] if cu_seqlens is None else cu_seqlens[1:] - cu_seqlens[:-1]
+            lengths, ends = cu_seqlens[1:] - cu_seqlens[:-1], cu_seqlens[1:]
+        k, v, tokens = k.flatten(0, 1), v.flatten(0, 1), tokens.flatten()
+        if self.window is None:
+            self._put_all(cache, lengths, tokens, k, v)
+        else:
+            self._put_window(cache, lengths, ends, tokens, k, v)
         cache.length.add_(lengths)
 
-    def _put(self, cache: KVCache, rows, positions, k, v) -> None:
-        if self.window is not None:  # only the last `window` tokens survive; one write per slot
-            rows, positions, k, v = (
-                rows[:, -self.window :],
-                positions[:, -self.window :],
-                k[:, -self.window :],
-                v[:, -self.window :],
-            )
-            slots = positions % self.window
-        else:
-            slots = positions
-            # a CUDA graph cannot grow the cache (nor read positions on the host): its owner reserves the room
-            if not (cache.key.is_cuda and torch.cuda.is_current_stream_capturing()):
-                needed = int(positions.max()) + 1
-                if needed > cache.key.shape[1]:
-                    cache.reserve(max(needed, 2 * cache.key.shape[1]))
-        index = (rows.flatten(), slots.flatten())
-        k, v = k.flatten(0, 1).to(cache.key.dtype), v.flatten(0, 1).to(cache.value.dtype)
+    @staticmethod
+    def _put_all(cache: KVCache, lengths, tokens, k, v) -> None:
+        """A growing cache: token at position ``p`` of sequence ``n`` goes to slot ``(n, p)``."""
+        # a CUDA graph cannot grow the cache (nor read positions on the host): its owner reserves the room
+        if not (cache.key.is_cuda and torch.cuda.is_current_stream_capturing()):
+            needed = int(tokens.max()) + 1
+            if needed > cache.key.shape[1]:
+                cache.reserve(max(needed, 2 * cache.key.shape[1]))
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=k.device), lengths, output_size=len(tokens))
+        index = (rows, tokens)
+        k, v = k.to(cache.key.dtype), v.to(cache.value.dtype)
         if torch.is_grad_enabled() and (k.requires_grad or cache.key.requires_grad):
             cache.key, cache.value = cache.key.index_put(index, k), cache.value.index_put(index, v)
         else:
             cache.key.index_put_(index, k)
             cache.value.index_put_(index, v)
+
+    def _put_window(self, cache: KVCache, lengths, ends, tokens, k, v) -> None:
+        """A ring buffer: slot ``s`` of sequence ``n`` takes the sequence's newest token at a position ``p`` with
+        ``p % window == s``, gathered from the new tokens; slots no new token reaches keep what they held."""
+        slots = torch.arange(self.window, device=k.device)
+        last = tokens[ends - 1]  # each sequence's newest position
+        back = (last[:, None] - slots) % self.window  # [N, W] tokens between the sequence's newest and the slot's
+        fresh = (back < lengths[:, None])[..., None, None]
+        source = (ends[:, None] - 1 - back).clamp_min(0)  # where not fresh the gathered token is discarded
+        key = torch.where(fresh, k[source].to(cache.key.dtype), cache.key)
+        value = torch.where(fresh, v[source].to(cache.value.dtype), cache.value)
+        if torch.is_grad_enabled() and (k.requires_grad or cache.key.requires_grad):
+            cache.key, cache.value = key, value
+        else:
+            cache.key.copy_(key)
+            cache.value.copy_(value)
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -105,6 +105,30 @@ def test_packed_varlen_equals_separate(kind):
     assert rel_err(y2, torch.cat(expected, 1)) < 1e-12
 
 
+@pytest.mark.parametrize("kind", ["S", "A"])
+def test_a_packed_forward_costs_the_same_operations_for_any_number_of_sequences(kind):
+    """Training packs hundreds of short sequences a step: the attention mixers write their caches for all of
+    them at once, not in a loop of kernel launches per sequence."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    mixer, counts = make(kind), []
+    for sequences in (4, 32):
+        cu = seqlens_to_cu_seqlens([8] * sequences)
+        with CountOps() as ops:
+            mixer(x_of(1, 8 * sequences), cu_seqlens=cu)
+        counts.append(ops.count)
+    assert counts[0] == counts[1]
+
+
 def _select(state, n):
     if isinstance(state, mixers.KVCache):
         return mixers.KVCache(state.key[n : n + 1], state.value[n : n + 1], state.length[n : n + 1], state.window)
