@@ -333,6 +333,32 @@ def claims(studies: dict[str, list[dict]]) -> list[str]:
     return paragraphs
 
 
+REPEAT_TOLERANCE = 0.005
+
+
+def repeat_run(results: Path, name: str, cells: list[dict]) -> list[str]:
+    """Lines comparing a study's cells with a repeat run of it (same config, ``--out results/<study>/repeat``):
+    how many cells the repeat reached, how many reproduce their accuracy within ``REPEAT_TOLERANCE``, and a
+    table of those that do not. Nothing without a repeat."""
+    repeat = {c["cell"]: c for c in load_cells(results / name / "repeat")}
+    if not repeat:
+        return []
+    first = {c["cell"]: c for c in cells}
+    both = sorted(set(repeat) & set(first))
+    if not both:
+        return []
+    differ = [cell for cell in both if abs(repeat[cell]["accuracy"] - first[cell]["accuracy"]) > REPEAT_TOLERANCE]
+    lines = [
+        f"- `{name}`: a repeat run (`hybridvl ablate --config experiments/ablations/{name}.yaml --out "
+        f"{results / name / 'repeat'}`) reached {len(repeat)} of the {len(first)} cells; {len(both) - len(differ)} "
+        f"of {len(both)} reproduce their accuracy within {REPEAT_TOLERANCE}" + (", these do not:" if differ else ".")
+    ]
+    if differ:
+        lines += ["", "  | cell | accuracy | repeat |", "  |---|---|---|"]
+        lines += [f"  | {c} | {first[c]['accuracy']:.3f} | {repeat[c]['accuracy']:.3f} |" for c in differ]
+    return lines
+
+
 def write_report(results: Path, out: Path) -> Path:
     """Tables, plots and claim verdicts for every study under ``results`` into ``out`` (plots beside it)."""
     studies = {d.name: load_cells(d) for d in sorted(results.iterdir()) if (d / "cells").is_dir()}
@@ -352,6 +378,9 @@ def write_report(results: Path, out: Path) -> Path:
         "",
     ]
     parts += [f"- {paragraph}" for paragraph in claims(studies)]
+    repeats = [line for name, cells in studies.items() for line in repeat_run(results, name, cells)]
+    if repeats:
+        parts += ["", "## Repeat runs", "", *repeats]
     for name, cells in studies.items():
         parts += ["", f"## {name}{progress(results / name)}", "", rows_table(summarize(cells))]
         figure = figures / f"{name}.png"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -434,3 +435,28 @@ def test_a_cell_trained_in_an_earlier_run_keeps_that_runs_device_sharing(tmp_pat
             ablation.run_cell(cell, study, tmp_path, tmp_path / "processor", concurrent_cells=3)
     result = ablation.run_cell(cell, study, tmp_path, tmp_path / "processor", concurrent_cells=1)
     assert result["resumed_from_step"] == study["train"]["max_steps"] and result["concurrent_cells"] == 3
+
+
+def test_report_compares_a_repeat_run_cell_by_cell(tmp_path):
+    from lit.ablation_report import write_report
+
+    results = tmp_path / "results"
+    first = [
+        _cell("S,D,D,D", "mqar_T64_kv4", accuracy, seed, cell=f"c{seed}")
+        for seed, accuracy in enumerate((1.0, 0.9, 0.8))
+    ]
+    repeat = [
+        _cell("S,D,D,D", "mqar_T64_kv4", accuracy, seed, cell=f"c{seed}") for seed, accuracy in enumerate((1.0, 0.5))
+    ]
+    for folder, cells in ((results / "mixer_type", first), (results / "mixer_type" / "repeat", repeat)):
+        (folder / "cells").mkdir(parents=True)
+        for cell in cells:
+            (folder / "cells" / f"{cell['cell']}.json").write_text(json.dumps(cell))
+    report = write_report(results, tmp_path / "RESULTS.md").read_text()
+    assert "reached 2 of the 3 cells; 1 of 2 reproduce their accuracy within 0.005, these do not:" in report
+    assert "  | c1 | 0.900 | 0.500 |" in report and "| c0 |" not in report
+    (results / "mixer_type" / "repeat" / "cells" / "c1.json").unlink()
+    assert "## Repeat runs" in (again := write_report(results, tmp_path / "again.md").read_text())
+    assert "1 of 1 reproduce their accuracy within 0.005." in again
+    shutil.rmtree(results / "mixer_type" / "repeat")
+    assert "## Repeat runs" not in write_report(results, tmp_path / "none.md").read_text()
