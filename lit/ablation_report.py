@@ -11,7 +11,7 @@ import itertools
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,11 @@ def progress(study_dir: Path) -> str:
 def swa_share(layout: str) -> float:
     kinds = mixers.parse_layout(layout)
     return sum(kind == "S" for kind in kinds) / len(kinds)
+
+
+def window_only_depth(layouts: Iterable[str]) -> int:
+    """Layers of the deepest window-only layout (every layer ``S``) among ``layouts``; 0 without one."""
+    return max((len(mixers.parse_layout(layout)) for layout in layouts if swa_share(layout) == 1.0), default=0)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -195,7 +200,7 @@ def window_memory(cells: list[dict]) -> str:
     if not curves or len(windows) != 1 or not only or not others:
         return missing
     window = windows.pop()
-    depth = max(len(mixers.parse_layout(layout)) for layout in only)
+    depth = window_only_depth(only)
     reach = depth * window
 
     def mean(layouts: list[str], keep: Callable[[float], bool]) -> float | None:
@@ -227,7 +232,7 @@ def _window_marks(windows: list[float], cells: list[dict]) -> list[tuple[float, 
     """The distance plot's marks: one SWA window, and what the deepest window-only stack reaches through it."""
     if len(windows) != 1:
         return []
-    depth = max((len(mixers.parse_layout(c["layout"])) for c in cells if swa_share(c["layout"]) == 1.0), default=0)
+    depth = window_only_depth(cell["layout"] for cell in cells)
     window = (windows[0], "SWA window")
     return [window, (depth * windows[0], f"{depth} stacked windows")] if depth > 1 else [window]
 
