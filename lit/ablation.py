@@ -29,6 +29,7 @@ The summary reports, per (layout, task, d_model), the best learning rate's accur
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -40,8 +41,12 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import statistics
+import threading
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +72,8 @@ SYNTHETIC_ENCODE_WORKERS = 4
 """Processes that encode a synthetic split into the study's data cache (MQAR sets are drawn up front)."""
 STEP_TIMER_WARMUP = 10
 """Steps of a cell left out of its ``seconds_per_step`` (kernel compilation and autotuning happen in them)."""
+INVOCATIONS = "invocations.json"
+"""Each run of a study that trained cells appends its start, wall seconds and device here (:func:`run_study`)."""
 CHECKPOINT_EVERY = 200
 """Steps between a cell's checkpoints: a cell stopped part-way (a command's time limit, a lost machine) resumes
 from its last checkpoint when the study runs again. A cell also logs its progress at each checkpoint."""
@@ -392,7 +399,8 @@ def _processor(directory: Path):
 
 def run_distillation_cell(cell: Cell, study: dict, out: Path) -> dict[str, Any]:
     """The distillation track: a tiny Transformer teacher (one per seed, shared by the cells), converted to the
-    cell's layout with the task's initialisation, distilled and fine-tuned by :mod:`lit.pipeline`."""
+    cell's layout with the task's initialisation, distilled and fine-tuned by :mod:`lit.pipeline`, on the device
+    every cell trains on (the GPU when there is one; the stage configs alone would train on the CPU)."""
     from lit.evaluate import evaluate
     from lit.pipeline import distill_student, train_teacher
 
@@ -404,10 +412,10 @@ def run_distillation_cell(cell: Cell, study: dict, out: Path) -> dict[str, Any]:
     with FileLock(teacher_root / "teacher.lock"):  # the cells of a seed share its teacher: one trains it
         if not (teacher / "config.json").is_file():
             L.seed_everything(cell.seed, verbose=False)
-            train_teacher(teacher_root, train["pipeline_scale"], cell.seed)
+            train_teacher(teacher_root, train["pipeline_scale"], cell.seed, accelerator="auto")
     L.seed_everything(cell.seed, verbose=False)
     student, report = distill_student(
-        teacher, out / "runs" / cell.id, cell.layout, init, train["window"], train["pipeline_scale"]
+        teacher, out / "runs" / cell.id, cell.layout, init, train["window"], train["pipeline_scale"], "auto"
     )
     val = [{"type": "synthetic", "split": "val", "size_per_task": train["val_size"], "image_size": 84}]
     per_task, teacher_per_task = evaluate(student, val), evaluate(teacher, val)
@@ -665,18 +673,19 @@ def run_study(
         len(pending),
     )
     deadline = math.inf if time_budget is None else time.monotonic() + time_budget
-    if workers > 1 and len(pending) > 1:
-        failed = _run_parallel(pending, study, out, processor_dir, workers, deadline)
-    else:
-        failed = {}
-        for number, cell in enumerate(pending, 1):
-            if time.monotonic() >= deadline:
-                logger.info("time budget spent: %d cells left for the next run", len(pending) - number + 1)
-                break
-            logger.info("[%d/%d] %s", number, len(pending), cell.id)
-            error = _attempt(cell, study, out, processor_dir)
-            if error:
-                failed[cell.id] = error
+    failed: dict[str, str] = {}
+    with _logged_invocation(out, workers) if pending and time_budget != 0 else contextlib.nullcontext():
+        if workers > 1 and len(pending) > 1:
+            failed = _run_parallel(pending, study, out, processor_dir, workers, deadline)
+        else:
+            for number, cell in enumerate(pending, 1):
+                if time.monotonic() >= deadline:
+                    logger.info("time budget spent: %d cells left for the next run", len(pending) - number + 1)
+                    break
+                logger.info("[%d/%d] %s", number, len(pending), cell.id)
+                error = _attempt(cell, study, out, processor_dir)
+                if error:
+                    failed[cell.id] = error
     done = [cell for cell in cells if _finished(out, cell, study, quiet=True)]
     results = [json.loads((out / "cells" / f"{cell.id}.json").read_text()) for cell in done]
     summary = {
@@ -692,6 +701,46 @@ def run_study(
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def _logged_invocation(out: Path, workers: int) -> Iterator[None]:
+    """Append this run's start (UTC), wall seconds, device, workers and cells done to ``out/invocations.json``
+    when it ends, also when a time limit stops it with SIGTERM, so that the device time a study took adds up over
+    the runs that resumed it (``hybridvl ablate-report`` sums it)."""
+    started, start = datetime.now(UTC), time.monotonic()
+
+    def record(ended_by: str) -> None:
+        path = out / INVOCATIONS
+        records = json.loads(path.read_text()) if path.is_file() else []
+        records.append(
+            {
+                "started": started.isoformat(timespec="seconds"),
+                "seconds": round(time.monotonic() - start, 1),
+                "ended_by": ended_by,
+                "workers": workers,
+                "cells_done": len(list((out / "cells").glob("*.json"))),
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            }
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records, indent=2) + "\n")
+
+    def on_terminate(signum: int, frame: Any) -> None:
+        record("SIGTERM")
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # end as SIGTERM ends a process, now that the run is recorded
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, on_terminate) if in_main_thread else None
+    ended_by = "raised"
+    try:
+        yield
+        ended_by = "returned"
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        record(ended_by)
 
 
 def _settings(train: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:

@@ -12,11 +12,12 @@ import json
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import mixers
-from lit.ablation import rows_table, summarize
+from lit.ablation import INVOCATIONS, rows_table, summarize
 
 TEXT_TASKS = ("ocr", "chart")
 
@@ -364,6 +365,41 @@ def repeat_run(results: Path, name: str, cells: list[dict]) -> list[str]:
     return lines
 
 
+def device_time(results: Path, names: Iterable[str]) -> list[str]:
+    """Lines on the wall time of the runs that trained the studies' cells (each study's ``invocations.json``):
+    in all, with the times that runs of several studies overlapped (sharing the device) counted once, and per
+    study. Nothing when no study recorded its runs."""
+    spans: dict[str, list[tuple[float, float, str]]] = {}
+    for name in names:
+        path = results / name / INVOCATIONS
+        if path.is_file():
+            spans[name] = [
+                (start := datetime.fromisoformat(run["started"]).timestamp(), start + run["seconds"], run["device"])
+                for run in json.loads(path.read_text())
+            ]
+    if not spans:
+        return []
+    total, reach = 0.0, -float("inf")
+    for start, end, _ in sorted(span for runs in spans.values() for span in runs):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    devices = sorted({device for runs in spans.values() for *_, device in runs})
+    lines = [
+        f"The runs that trained these cells took {total / 60:.1f} minutes of wall time on {', '.join(devices)} "
+        "(`invocations.json` of each study; where runs of several studies overlapped, sharing the device, the "
+        "time counts once):",
+        "",
+    ]
+    for name in names:
+        runs = spans.get(name)
+        if not runs:
+            lines.append(f"- `{name}`: not recorded")
+            continue
+        minutes = sum(end - start for start, end, _ in runs) / 60
+        lines.append(f"- `{name}`: {minutes:.1f} minutes in {len(runs)} run{'s' if len(runs) > 1 else ''}")
+    return lines
+
+
 def write_report(results: Path, out: Path) -> Path:
     """Tables, plots and claim verdicts for every study under ``results`` into ``out`` (plots beside it)."""
     studies = {d.name: load_cells(d) for d in sorted(results.iterdir()) if (d / "cells").is_dir()}
@@ -386,6 +422,8 @@ def write_report(results: Path, out: Path) -> Path:
     repeats = [line for name, cells in studies.items() for line in repeat_run(results, name, cells)]
     if repeats:
         parts += ["", "## Repeat runs", "", *repeats]
+    if timing := device_time(results, studies):
+        parts += ["", "## Device time", "", *timing]
     for name, cells in studies.items():
         parts += ["", f"## {name}{progress(results / name)}", "", rows_table(summarize(cells))]
         figure = figures / f"{name}.png"

@@ -36,8 +36,9 @@ STEPS = {"teacher": 2000, "distill_layerwise": 300, "distill_e2e": 300, "sft": 3
 STAGES = tuple(STEPS)
 
 
-def run_stage(name: str, out: Path, scale: float, **paths: Path) -> None:
-    """``hybridvl fit --config experiments/tiny/<name>.yaml`` with this run's paths and step count."""
+def run_stage(name: str, out: Path, scale: float, accelerator: str | None = None, **paths: Path) -> None:
+    """``hybridvl fit --config experiments/tiny/<name>.yaml`` with this run's paths and step count, on
+    ``accelerator`` (a Lightning accelerator name; ``None`` keeps the config's, the CPU)."""
     config = EXPERIMENTS / f"{name}.yaml"
     steps = STEPS[name]
     argv = [
@@ -53,6 +54,8 @@ def run_stage(name: str, out: Path, scale: float, **paths: Path) -> None:
     ]
     if name in ("teacher", "sft"):
         argv += ["--trainer.val_check_interval", str(max(2, round(steps * scale)))]
+    if accelerator is not None:
+        argv += ["--trainer.accelerator", accelerator]
     for key, value in paths.items():
         argv += [f"--{key}", str(value)]
     done = out / "runs" / name / "done.json"
@@ -82,8 +85,9 @@ def _weights_digests(directories: dict[str, Path]) -> dict[str, str]:
     return digests
 
 
-def train_teacher(out: Path, scale: float = 1.0, seed: int = 0) -> Path:
-    """A tiny Qwen2.5-VL built from random weights and trained on the synthetic suite; returns its directory."""
+def train_teacher(out: Path, scale: float = 1.0, seed: int = 0, accelerator: str | None = None) -> Path:
+    """A tiny Qwen2.5-VL built from random weights and trained on the synthetic suite (on ``accelerator``, as in
+    :func:`run_stage`); returns its directory."""
     # the stages run LightningCLI in this process with their own argument lists, as intended
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     make_tiny_qwen2_5_vl(out / "qwen", seed=seed, **TEACHER_DIMS)
@@ -92,6 +96,7 @@ def train_teacher(out: Path, scale: float = 1.0, seed: int = 0) -> Path:
         "teacher",
         out,
         scale,
+        accelerator,
         **{
             "model.init_args.model": out / "teacher_init",
             "model.init_args.export_dir": out / "teacher",
@@ -102,9 +107,16 @@ def train_teacher(out: Path, scale: float = 1.0, seed: int = 0) -> Path:
 
 
 def distill_student(
-    teacher: Path, out: Path, layout: str, init: str = "mimic", window: int = 64, scale: float = 1.0
+    teacher: Path,
+    out: Path,
+    layout: str,
+    init: str = "mimic",
+    window: int = 64,
+    scale: float = 1.0,
+    accelerator: str | None = None,
 ) -> tuple[Path, ConversionReport]:
-    """Convert ``teacher`` to ``layout``, distil layer-wise and end to end, fine-tune; return the student."""
+    """Convert ``teacher`` to ``layout``, distil layer-wise and end to end, fine-tune (on ``accelerator``, as in
+    :func:`run_stage`); return the student."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     report = convert_directory(teacher, out / "student_init", layout, init=init, sliding_window=window)
     shared = {"model.init_args.teacher": teacher, "data.processor": teacher}
@@ -112,6 +124,7 @@ def distill_student(
         "distill_layerwise",
         out,
         scale,
+        accelerator,
         **shared,
         **{"model.init_args.model": out / "student_init", "model.init_args.export_dir": out / "stage1_layerwise"},
     )
@@ -119,6 +132,7 @@ def distill_student(
         "distill_e2e",
         out,
         scale,
+        accelerator,
         **shared,
         **{"model.init_args.model": out / "stage1_layerwise", "model.init_args.export_dir": out / "stage1"},
     )
@@ -126,6 +140,7 @@ def distill_student(
         "sft",
         out,
         scale,
+        accelerator,
         **{
             "model.init_args.model": out / "stage1",
             "model.init_args.export_dir": out / "student",

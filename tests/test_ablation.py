@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -205,9 +208,13 @@ def test_time_budget_stops_starting_cells_and_the_next_run_finishes(tmp_path, wo
     summary = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path, workers=workers, time_budget=0)
     assert summary["cells"] == 0 and summary["total_cells"] == 2 and not summary["complete"]
     assert "(0 of 2 cells so far)" in (tmp_path / "summary.md").read_text()
+    assert not (tmp_path / ablation.INVOCATIONS).exists()  # a run that trains nothing takes no device time
     caplog.set_level(logging.INFO, logger="hybridvl")  # the cells' processes take the study's log level
     summary = ablation.run_study(MIXER_TYPE, smoke=True, out=tmp_path, workers=workers)
     assert summary["cells"] == 2 and summary["complete"]
+    (run,) = json.loads((tmp_path / ablation.INVOCATIONS).read_text())
+    assert run["ended_by"] == "returned" and run["cells_done"] == 2 and run["workers"] == workers
+    assert run["seconds"] > 0 and run["device"] == "cpu"
     if workers > 1:  # the cells' processes log their progress too
         assert capfd.readouterr().err.count(": step 4/4, ") == 2
     assert not list((tmp_path / "cells").glob("*.partial"))
@@ -217,6 +224,19 @@ def test_time_budget_stops_starting_cells_and_the_next_run_finishes(tmp_path, wo
         f"| 0.001 | {1000 * summary['rows'][0]['seconds_per_step']:.0f} ({workers}) |"
         in (tmp_path / "summary.md").read_text()
     )
+
+
+def test_a_run_stopped_by_sigterm_still_records_its_wall_time(tmp_path):
+    script = (
+        "import os, signal, sys; from pathlib import Path; from lit.ablation import _logged_invocation\n"
+        "with _logged_invocation(Path(sys.argv[1]), 3):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('not stopped')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == -signal.SIGTERM and "not stopped" not in run.stdout, run.stderr
+    (record,) = json.loads((tmp_path / ablation.INVOCATIONS).read_text())
+    assert record["ended_by"] == "SIGTERM" and record["workers"] == 3 and record["seconds"] >= 0
 
 
 def test_a_cell_process_takes_its_share_of_cpu_threads_and_the_study_log_level():
@@ -460,3 +480,24 @@ def test_report_compares_a_repeat_run_cell_by_cell(tmp_path):
     assert "1 of 1 reproduce their accuracy within 0.005." in again
     shutil.rmtree(results / "mixer_type" / "repeat")
     assert "## Repeat runs" not in write_report(results, tmp_path / "none.md").read_text()
+
+
+def test_report_adds_up_the_device_time_of_the_studies_runs(tmp_path):
+    from lit.ablation_report import write_report
+
+    results = tmp_path / "results"
+    runs = {  # mixer_type's second run overlaps swa_ratio's run by 60 s; init recorded nothing
+        "mixer_type": [("2026-01-01T10:00:00+00:00", 300.0), ("2026-01-01T10:10:00+00:00", 240.0)],
+        "swa_ratio": [("2026-01-01T10:13:00+00:00", 120.0)],
+        "init": [],
+    }
+    for name, spans in runs.items():
+        (results / name / "cells").mkdir(parents=True)
+        (results / name / "cells" / "c.json").write_text(json.dumps(_cell("S,D,D,D", "t", 0.5, 0, cell="c")))
+        if spans:
+            records = [{"started": start, "seconds": seconds, "device": "H100"} for start, seconds in spans]
+            (results / name / ablation.INVOCATIONS).write_text(json.dumps(records))
+    report = write_report(results, tmp_path / "RESULTS.md").read_text()
+    assert "took 10.0 minutes of wall time on H100" in report  # 300 + 240 + 120 - 60 seconds
+    assert "- `mixer_type`: 9.0 minutes in 2 runs" in report and "- `swa_ratio`: 2.0 minutes in 1 run\n" in report
+    assert "- `init`: not recorded" in report

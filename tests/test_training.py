@@ -353,7 +353,9 @@ def test_pipeline_stage_is_skipped_when_done_with_the_same_arguments_and_weights
     pipeline.run_stage("sft", tmp_path, 0.01, **paths)
     assert len(runs) == 3
     pipeline.run_stage("sft", tmp_path, 0.02, **paths)  # other arguments
-    assert len(runs) == 4
+    assert len(runs) == 4 and "--trainer.accelerator" not in runs[-1]  # the stage config's accelerator
+    pipeline.run_stage("sft", tmp_path, 0.02, accelerator="auto", **paths)  # another accelerator trains again
+    assert len(runs) == 5 and runs[-1][runs[-1].index("--trainer.accelerator") + 1] == "auto"
 
 
 def test_conversion_is_reproducible_under_a_seed(tmp_path):
