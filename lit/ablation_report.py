@@ -340,28 +340,33 @@ def claims(studies: dict[str, list[dict]]) -> list[str]:
 
 
 REPEAT_TOLERANCE = 0.005
+OTHER_RUNS = "other_runs"
+"""``<results>/<study>/other_runs/<name>/cells``: other runs of a study's config (``hybridvl ablate --out``), which
+the report compares with the study's cells."""
 
 
-def repeat_run(results: Path, name: str, cells: list[dict]) -> list[str]:
-    """Lines comparing a study's cells with a repeat run of it (same config, ``--out results/<study>/repeat``):
-    how many cells the repeat reached, how many reproduce their accuracy within ``REPEAT_TOLERANCE``, and a
-    table of those that do not. Nothing without a repeat."""
-    repeat = {c["cell"]: c for c in load_cells(results / name / "repeat")}
-    if not repeat:
-        return []
-    first = {c["cell"]: c for c in cells}
-    both = sorted(set(repeat) & set(first))
-    if not both:
-        return []
-    differ = [cell for cell in both if abs(repeat[cell]["accuracy"] - first[cell]["accuracy"]) > REPEAT_TOLERANCE]
-    lines = [
-        f"- `{name}`: a repeat run (`hybridvl ablate --config experiments/ablations/{name}.yaml --out "
-        f"{results / name / 'repeat'}`) reached {len(repeat)} of the {len(first)} cells; {len(both) - len(differ)} "
-        f"of {len(both)} reproduce their accuracy within {REPEAT_TOLERANCE}" + (", these do not:" if differ else ".")
-    ]
-    if differ:
-        lines += ["", "  | cell | accuracy | repeat |", "  |---|---|---|"]
-        lines += [f"  | {c} | {first[c]['accuracy']:.3f} | {repeat[c]['accuracy']:.3f} |" for c in differ]
+def other_runs(results: Path, name: str, cells: list[dict]) -> list[str]:
+    """Lines comparing a study's cells with each other run of it under ``<study>/other_runs/``: how many cells
+    that run reached, how many reproduce their accuracy within ``REPEAT_TOLERANCE``, and a table of those that
+    do not. Nothing without other runs."""
+    folders = sorted(path.parent for path in (results / name / OTHER_RUNS).glob("*/cells"))
+    these = {c["cell"]: c for c in cells} if folders else {}
+    lines = []
+    for folder in folders:
+        other = {c["cell"]: c for c in load_cells(folder)}
+        both = sorted(set(other) & set(these))
+        if not both:
+            continue
+        differ = [c for c in both if abs(other[c]["accuracy"] - these[c]["accuracy"]) > REPEAT_TOLERANCE]
+        lines.append(
+            f"- `{name}/{OTHER_RUNS}/{folder.name}` reached {len(other)} of the {len(these)} cells; "
+            f"{len(both) - len(differ)} of {len(both)} reproduce their accuracy within {REPEAT_TOLERANCE}"
+            + (", these do not:" if differ else ".")
+        )
+        if differ:
+            lines += ["", f"  | cell | accuracy | {folder.name} |", "  |---|---|---|"]
+            lines += [f"  | {c} | {these[c]['accuracy']:.3f} | {other[c]['accuracy']:.3f} |" for c in differ]
+            lines.append("")
     return lines
 
 
@@ -419,9 +424,17 @@ def write_report(results: Path, out: Path) -> Path:
         "",
     ]
     parts += [f"- {paragraph}" for paragraph in claims(studies)]
-    repeats = [line for name, cells in studies.items() for line in repeat_run(results, name, cells)]
-    if repeats:
-        parts += ["", "## Repeat runs", "", *repeats]
+    compared = [line for name, cells in studies.items() for line in other_runs(results, name, cells)]
+    if compared:
+        parts += [
+            "",
+            "## Other runs",
+            "",
+            f"Other runs of the same configs, kept under `<study>/{OTHER_RUNS}/`, compared cell by cell with the "
+            "cells above:",
+            "",
+            *compared,
+        ]
     if timing := device_time(results, studies):
         parts += ["", "## Device time", "", *timing]
     for name, cells in studies.items():

@@ -457,29 +457,28 @@ def test_a_cell_trained_in_an_earlier_run_keeps_that_runs_device_sharing(tmp_pat
     assert result["resumed_from_step"] == study["train"]["max_steps"] and result["concurrent_cells"] == 3
 
 
-def test_report_compares_a_repeat_run_cell_by_cell(tmp_path):
+def test_report_compares_other_runs_cell_by_cell(tmp_path):
     from lit.ablation_report import write_report
 
     results = tmp_path / "results"
-    first = [
-        _cell("S,D,D,D", "mqar_T64_kv4", accuracy, seed, cell=f"c{seed}")
-        for seed, accuracy in enumerate((1.0, 0.9, 0.8))
-    ]
-    repeat = [
-        _cell("S,D,D,D", "mqar_T64_kv4", accuracy, seed, cell=f"c{seed}") for seed, accuracy in enumerate((1.0, 0.5))
-    ]
-    for folder, cells in ((results / "mixer_type", first), (results / "mixer_type" / "repeat", repeat)):
+    runs = {
+        results / "mixer_type": (1.0, 0.9, 0.8),
+        results / "mixer_type" / "other_runs" / "a": (1.0, 0.5),
+        results / "mixer_type" / "other_runs" / "b": (1.0, 0.9, 0.803),
+    }
+    for folder, accuracies in runs.items():
         (folder / "cells").mkdir(parents=True)
-        for cell in cells:
-            (folder / "cells" / f"{cell['cell']}.json").write_text(json.dumps(cell))
+        for seed, accuracy in enumerate(accuracies):
+            cell = _cell("S,D,D,D", "mqar_T64_kv4", accuracy, seed, cell=f"c{seed}")
+            (folder / "cells" / f"c{seed}.json").write_text(json.dumps(cell))
     report = write_report(results, tmp_path / "RESULTS.md").read_text()
-    assert "reached 2 of the 3 cells; 1 of 2 reproduce their accuracy within 0.005, these do not:" in report
-    assert "  | c1 | 0.900 | 0.500 |" in report and "| c0 |" not in report
-    (results / "mixer_type" / "repeat" / "cells" / "c1.json").unlink()
-    assert "## Repeat runs" in (again := write_report(results, tmp_path / "again.md").read_text())
-    assert "1 of 1 reproduce their accuracy within 0.005." in again
-    shutil.rmtree(results / "mixer_type" / "repeat")
-    assert "## Repeat runs" not in write_report(results, tmp_path / "none.md").read_text()
+    assert "`mixer_type/other_runs/a` reached 2 of the 3 cells; 1 of 2 reproduce their accuracy within 0.005" in report
+    table = "  | cell | accuracy | a |\n  |---|---|---|\n  | c1 | 0.900 | 0.500 |\n"
+    assert table + "\n- `mixer_type/other_runs/b` reached 3 of the 3 cells; 3 of 3 reproduce" in report
+    assert "3 of 3 reproduce their accuracy within 0.005.\n" in report
+    assert "| c0 |" not in report
+    shutil.rmtree(results / "mixer_type" / "other_runs")
+    assert "## Other runs" not in write_report(results, tmp_path / "none.md").read_text()
 
 
 def test_report_adds_up_the_device_time_of_the_studies_runs(tmp_path):
