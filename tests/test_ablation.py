@@ -500,3 +500,35 @@ def test_report_adds_up_the_device_time_of_the_studies_runs(tmp_path):
     assert "took 10.0 minutes of wall time on H100" in report  # 300 + 240 + 120 - 60 seconds
     assert "- `mixer_type`: 9.0 minutes in 2 runs" in report and "- `swa_ratio`: 2.0 minutes in 1 run\n" in report
     assert "- `init`: not recorded" in report
+
+
+@pytest.mark.gpu
+def test_an_mqar_training_step_is_bitwise_repeatable_on_cuda(tmp_path):
+    """One bf16 training step of each S,X,X,X layout, built and batched as the study's cells are (kernels and
+    per-mixer backends included), gives the same gradients bit for bit when repeated: cells whose accuracy
+    differs between runs do not get that from the step itself."""
+    from lit.modules import SFT
+
+    study = ablation.load_study(MIXER_TYPE)
+    study["train"]["train_examples"] = 512
+    for cell in ablation.expand(study):
+        if cell.task_dict["type"] != "mqar" or cell.seed or cell.d_model != 64 or cell.learning_rate != 3e-3:
+            continue
+        data, vocab, vision, token_ids = ablation._data(cell, study, tmp_path / "processor")
+        width = ablation.matched_intermediate_size(cell, study, vocab, vision, token_ids)
+        config = ablation.model_config(cell, study, vocab, vision, width, token_ids)
+        torch.manual_seed(0)
+        HybridVLM(config).save_pretrained(tmp_path / cell.id)
+        stage = SFT(model=str(tmp_path / cell.id), trainable=["*"])
+        stage.configure_model()
+        stage.cuda()
+        batch = next(iter(data.train_dataloader())).to("cuda")
+        grads = []
+        for _ in range(2):
+            stage.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = stage.compute_loss(batch)
+            loss.backward()
+            grads.append({name: p.grad.clone() for name, p in stage.named_parameters() if p.grad is not None})
+        differ = [name for name, grad in grads[0].items() if not torch.equal(grad, grads[1][name])]
+        assert len(grads[0]) > 10 and not differ, f"{cell.layout}: {differ}"
