@@ -674,7 +674,8 @@ def run_study(
     )
     deadline = math.inf if time_budget is None else time.monotonic() + time_budget
     failed: dict[str, str] = {}
-    with _logged_invocation(out, workers) if pending and time_budget != 0 else contextlib.nullcontext():
+    trains = pending and (time_budget is None or time_budget > 0)  # a run that trains nothing is not recorded
+    with _logged_invocation(out, workers) if trains else contextlib.nullcontext():
         if workers > 1 and len(pending) > 1:
             failed = _run_parallel(pending, study, out, processor_dir, workers, deadline)
         else:
