@@ -428,7 +428,7 @@ def run_distillation_cell(cell: Cell, study: dict, out: Path) -> dict[str, Any]:
         "teacher_per_task": teacher_per_task,
         "transferred_tensors": len(report.transferred),
         "train_seconds": time.perf_counter() - start,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": _device(),
         "versions": _versions(),
     }
 
@@ -530,7 +530,7 @@ def run_cell(cell: Cell, study: dict, out: Path, processor_dir: Path, concurrent
         "concurrent_cells": json.loads(sharing.read_text()) if sharing.is_file() else concurrent_cells,
         "first_steps_seconds": sum(step["seconds"] for step in timing["steps"][: timing["warmup_steps"]]),
         **_distance_accuracy(cell, study, cell_dir / "model", processor_dir),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": _device(),
         "versions": _versions(),
     }
     result = _write_cell(out, cell, study, result)
@@ -587,6 +587,11 @@ def _video_tokens_per_frame(processor_dir: Path, size: int, frames: int = 8) -> 
     video = torch.zeros(frames, 3, size, size, dtype=torch.uint8)
     grid = video_processor(videos=[video], return_tensors="pt")["video_grid_thw"][0]
     return int(grid.prod()) / video_processor.merge_size**2 / frames
+
+
+def _device() -> str:
+    """The device cells train on here, as recorded in their JSON and in ``invocations.json``."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _versions() -> dict[str, str]:
@@ -721,7 +726,7 @@ def _logged_invocation(out: Path, workers: int) -> Iterator[None]:
                 "ended_by": ended_by,
                 "workers": workers,
                 "cells_done": len(list((out / "cells").glob("*.json"))),
-                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "device": _device(),
             }
         )
         out.mkdir(parents=True, exist_ok=True)

@@ -350,7 +350,9 @@ def other_runs(results: Path, name: str, cells: list[dict]) -> list[str]:
     that run reached, how many reproduce their accuracy within ``REPEAT_TOLERANCE``, and a table of those that
     do not. Nothing without other runs."""
     folders = sorted(path.parent for path in (results / name / OTHER_RUNS).glob("*/cells"))
-    these = {c["cell"]: c for c in cells} if folders else {}
+    if not folders:
+        return []
+    these = {c["cell"]: c for c in cells}
     lines = []
     for folder in folders:
         other = {c["cell"]: c for c in load_cells(folder)}

@@ -241,14 +241,11 @@ def test_a_run_stopped_by_sigterm_still_records_its_wall_time(tmp_path):
 
 def test_a_cell_process_takes_its_share_of_cpu_threads_and_the_study_log_level():
     project, threads = logging.getLogger("hybridvl"), torch.get_num_threads()
-    handlers, level = list(project.handlers), project.level
-    try:
+    try:  # the project logger's level and handlers are put back by conftest's _project_logging
         ablation._start_worker(logging.DEBUG, 1)
         assert torch.get_num_threads() == 1 and project.level == logging.DEBUG and project.handlers
     finally:
         torch.set_num_threads(threads)
-        project.handlers[:] = handlers
-        project.setLevel(level)
 
 
 def test_a_failing_cell_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
