@@ -33,6 +33,12 @@ class Mixer(nn.Module):
 
     Subclasses set ``letter``, ``name`` and ``backends`` (supported backends, fastest first, ``"torch"``
     last) and implement ``forward`` and ``init_state``.
+
+    Attributes:
+        last_backend: the backend the latest call chose for its computation (``"fla"``, ``"torch"``, ...), so a
+            training script can record which one each layer really ran (e.g. fla or the PyTorch fallback);
+            ``None`` before the first call. Attention mixers continuing from a KV cache compute over it with
+            PyTorch operations without choosing a backend and leave it as it was.
     """
 
     letter: ClassVar[str] = ""
@@ -50,6 +56,7 @@ class Mixer(nn.Module):
             )
         self.hidden_size = hidden_size
         self.backend = backend
+        self.last_backend: str | None = None
 
     @property
     def _owner(self) -> str:
@@ -81,7 +88,9 @@ class Mixer(nn.Module):
     # helpers for subclasses
 
     def _resolve_backend(self, device: torch.device, limitations: dict[str, str] | None = None) -> str:
-        return select_backend(self.backend, device, self.backends, self._owner, limitations)
+        """The backend to run on ``device``, also kept in :attr:`last_backend`."""
+        self.last_backend = select_backend(self.backend, device, self.backends, self._owner, limitations)
+        return self.last_backend
 
     def _dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         return dtype if dtype is not None else next(self.parameters()).dtype
@@ -125,7 +134,61 @@ class RecurrentMixer(Mixer):
         return self.mode
 
 
-class ConvQKVMixer(RecurrentMixer):
+class ShortConvQKV:
+    """Optional causal depthwise short convolutions with SiLU on the ``q``, ``k``, ``v`` projections, shared by
+    the mixers that have them (``D``, ``L`` and ``G``): modules ``q_conv1d``, ``k_conv1d``, ``v_conv1d``
+    (fla's names) and the state's conv tails under ``"q"``, ``"k"``, ``"v"``. ``conv_size == 0``: no
+    convolution (no modules, nothing in the state, no SiLU either); the projections pass through unchanged.
+
+    A mixin for :class:`Mixer` subclasses that set ``key_dim`` and ``value_dim`` (flat widths of ``q``/``k``
+    and ``v``) before calling :meth:`_init_short_convs`.
+    """
+
+    conv_size: int
+    key_dim: int
+    value_dim: int
+
+    def _init_short_convs(self, conv_size: int) -> None:
+        if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
+            raise ValueError(
+                f"{self._owner}: conv_size must be a non-negative integer (0: no short convolution), got "
+                f"conv_size={conv_size!r}"
+            )
+        self.conv_size = conv_size
+        if conv_size:
+            self.q_conv1d = ShortConv(self.key_dim, conv_size)
+            self.k_conv1d = ShortConv(self.key_dim, conv_size)
+            self.v_conv1d = ShortConv(self.value_dim, conv_size)
+
+    def _short_convs(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: RecurrentState | None,
+        cu_seqlens: torch.Tensor | None,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Convolve the flat projections ``[B, T, C]``; return them and the new conv tails (``{}`` without)."""
+        if not self.conv_size:
+            return q, k, v, {}
+        conv = {} if state is None else state.conv
+        q, conv_q = self.q_conv1d(q, conv.get("q"), cu_seqlens, backend)
+        k, conv_k = self.k_conv1d(k, conv.get("k"), cu_seqlens, backend)
+        v, conv_v = self.v_conv1d(v, conv.get("v"), cu_seqlens, backend)
+        return q, k, v, {"q": conv_q, "k": conv_k, "v": conv_v}
+
+    def _empty_conv_tails(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Zero conv tails ``name -> [N, C, conv_size]`` for :meth:`init_state` (``{}`` without convolutions)."""
+        if not self.conv_size:
+            return {}
+        return {
+            name: torch.zeros(batch_size, channels, self.conv_size, device=device, dtype=dtype)
+            for name, channels in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim))
+        }
+
+
+class ConvQKVMixer(ShortConvQKV, RecurrentMixer):
     """Base of the linear mixers whose ``q``, ``k``, ``v`` are projections passed through short causal
     convolutions (``D`` and ``L``): heads, dimensions, projections, convolutions and the state layout.
 
@@ -134,7 +197,7 @@ class ConvQKVMixer(RecurrentMixer):
         num_heads: heads (default ``hidden_size // head_dim``, at least 1).
         head_dim: key (and query) dimension per head.
         expand_v: value dimension per head = ``head_dim * expand_v``.
-        conv_size: short convolution kernel size.
+        conv_size: short convolution kernel size; ``0``: no short convolution (see :class:`ShortConvQKV`).
         mode: ``"auto"`` (token loop for single tokens, chunked otherwise), ``"chunk"`` or ``"recurrent"``.
         backend: ``"auto"`` or one of the subclass's ``backends``.
     """
@@ -158,26 +221,25 @@ class ConvQKVMixer(RecurrentMixer):
                 f"{self._owner}: head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}"
             )
         self.expand_v = expand_v
-        self.conv_size = conv_size
         self.key_dim, self.value_dim = self.num_heads * head_dim, self.num_heads * self.head_v_dim
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        self.q_conv1d = ShortConv(self.key_dim, conv_size)
-        self.k_conv1d = ShortConv(self.key_dim, conv_size)
-        self.v_conv1d = ShortConv(self.value_dim, conv_size)
+        self._init_short_convs(conv_size)
+
+    @property
+    def state_v_dim(self) -> int:
+        """Columns per head of the recurrent state (``head_v_dim``; a subclass may carry more)."""
+        return self.head_v_dim
 
     def _conv_qkv(
         self, x: torch.Tensor, state: RecurrentState | None, cu_seqlens: torch.Tensor | None, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``q``, ``k`` ``[B, T, H, head_dim]``, ``v`` ``[B, T, H, head_v_dim]`` and the new conv states."""
-        conv = {} if state is None else state.conv
-        q, conv_q = self.q_conv1d(self.q_proj(x), conv.get("q"), cu_seqlens, backend)
-        k, conv_k = self.k_conv1d(self.k_proj(x), conv.get("k"), cu_seqlens, backend)
-        v, conv_v = self.v_conv1d(self.v_proj(x), conv.get("v"), cu_seqlens, backend)
+        q, k, v, conv = self._short_convs(self.q_proj(x), self.k_proj(x), self.v_proj(x), state, cu_seqlens, backend)
         q, k = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in (q, k))
         v = v.unflatten(-1, (self.num_heads, self.head_v_dim))
-        return q, k, v, {"q": conv_q, "k": conv_k, "v": conv_v}
+        return q, k, v, conv
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -185,12 +247,9 @@ class ConvQKVMixer(RecurrentMixer):
         device, dtype = self._device(device), self._dtype(dtype)
         return RecurrentState(
             torch.zeros(
-                batch_size, self.num_heads, self.head_dim, self.head_v_dim, device=device, dtype=compute_dtype(dtype)
+                batch_size, self.num_heads, self.head_dim, self.state_v_dim, device=device, dtype=compute_dtype(dtype)
             ),
-            {
-                name: torch.zeros(batch_size, channels, self.conv_size, device=device, dtype=dtype)
-                for name, channels in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim))
-            },
+            self._empty_conv_tails(batch_size, device, dtype),
         )
 
     def extra_repr(self) -> str:

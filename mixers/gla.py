@@ -3,7 +3,8 @@ key dimension.
 
 ``gk = logsigmoid(gk_proj(x)) / gate_logit_normalizer`` (``gk_proj`` low-rank), the recurrence of
 :func:`mixers.ops.gated_linear_attention`, a per-head RMSNorm gated by ``silu(g_proj(x))``, ``o_proj``.
-Parameter names follow fla's ``GatedLinearAttention``.
+Optionally (``conv_size > 0``, fla's ``use_short_conv``) ``q``, ``k``, ``v`` first pass causal depthwise short
+convolutions with SiLU, as in ``D``. Parameter names follow fla's ``GatedLinearAttention``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixers.base import RecurrentMixer
+from mixers.base import RecurrentMixer, ShortConvQKV
 from mixers.modules import GatedRMSNorm
 from mixers.ops.linear_attention import gated_linear_attention
 from mixers.ops.utils import compute_dtype
@@ -21,7 +22,7 @@ from mixers.state import RecurrentState
 
 
 @register_mixer("G", "gla")
-class GatedLinearAttention(RecurrentMixer):
+class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
     """GLA mixer.
 
     Args:
@@ -32,6 +33,8 @@ class GatedLinearAttention(RecurrentMixer):
         gate_low_rank_dim: rank of the decay projection.
         gate_logit_normalizer: divides the log decay (slower forgetting).
         norm_eps: epsilon of the gated output RMSNorm.
+        conv_size: kernel size of short convolutions with SiLU on ``q``, ``k``, ``v`` (fla's
+            ``use_short_conv=True, conv_size=4``); ``0`` (default): none.
         mode: ``"auto"``, ``"chunk"`` or ``"recurrent"``.
         backend: ``"auto"``, ``"fla"`` or ``"torch"``.
     """
@@ -48,6 +51,7 @@ class GatedLinearAttention(RecurrentMixer):
         gate_low_rank_dim: int = 16,
         gate_logit_normalizer: float = 16.0,
         norm_eps: float = 1e-6,
+        conv_size: int = 0,
         mode: str = "auto",
         backend: str = "auto",
     ) -> None:
@@ -65,6 +69,7 @@ class GatedLinearAttention(RecurrentMixer):
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self._init_short_convs(conv_size)
         self.gk_proj = nn.Sequential(
             nn.Linear(hidden_size, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, self.key_dim, bias=True)
         )
@@ -81,9 +86,9 @@ class GatedLinearAttention(RecurrentMixer):
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
         backend = self._resolve_backend(x.device)
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_k_dim))
-        k = self.k_proj(x).unflatten(-1, (self.num_heads, self.head_k_dim))
-        v = self.v_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        q, k, v, conv = self._short_convs(self.q_proj(x), self.k_proj(x), self.v_proj(x), state, cu_seqlens, backend)
+        q, k = (t.unflatten(-1, (self.num_heads, self.head_k_dim)) for t in (q, k))
+        v = v.unflatten(-1, (self.num_heads, self.head_v_dim))
         gk = F.logsigmoid(self.gk_proj(x).to(compute_dtype(x))) / self.gate_logit_normalizer
         o, recurrent = gated_linear_attention(
             q,
@@ -96,24 +101,21 @@ class GatedLinearAttention(RecurrentMixer):
             backend=backend,
         )
         gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
-        return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent)
+        return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent, conv)
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> RecurrentState:
+        device, dtype = self._device(device), self._dtype(dtype)
         return RecurrentState(
             torch.zeros(
-                batch_size,
-                self.num_heads,
-                self.head_k_dim,
-                self.head_v_dim,
-                device=self._device(device),
-                dtype=compute_dtype(self._dtype(dtype)),
-            )
+                batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=compute_dtype(dtype)
+            ),
+            self._empty_conv_tails(batch_size, device, dtype),
         )
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "
-            f"head_v_dim={self.head_v_dim}, mode={self.mode!r}"
+            f"head_v_dim={self.head_v_dim}, conv_size={self.conv_size}, mode={self.mode!r}"
         )

@@ -21,7 +21,8 @@ class HybridConfig:
     Attributes:
         layout: one mixer per layer, e.g. ``"S,D,D,D x9"`` (see :mod:`mixers.layout`).
         vocab_size, hidden_size, intermediate_size, num_hidden_layers, rms_norm_eps, tie_word_embeddings:
-            the Qwen2.5-VL text dimensions.
+            the Qwen2.5-VL text dimensions. ``intermediate_size=0``: decoder layers without an MLP (and without
+            its norm), each only ``x + mixer(norm(x))``, as Zoology's recall models.
         num_attention_heads, num_key_value_heads, head_dim, attention_bias, rope_theta, mrope_section:
             attention layers (``A`` and ``S``): GQA heads, q/k/v biases, RoPE base and M-RoPE split
             (``None``: 1-D RoPE).
@@ -65,6 +66,10 @@ class HybridConfig:
     def __post_init__(self) -> None:
         self.mixer_options = {mixers.resolve_kind(kind): dict(opts) for kind, opts in self.mixer_options.items()}
         self.kinds  # noqa: B018  (validates the layout against num_hidden_layers)
+        if self.intermediate_size < 0:
+            raise ValueError(
+                f"intermediate_size must be positive (the MLP width) or 0 (no MLP), got {self.intermediate_size}"
+            )
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import mixers
+from mixers.base import ShortConvQKV
 from mixers.gated_deltanet import inverse_softplus
 from models.checkpoint import load_weights_strict, model_to_load, read_weights
 from models.config import HybridConfig, read_config_json
@@ -201,7 +202,7 @@ def mimic_init_(mixer: nn.Module) -> None:
         full.weight.zero_()
         # logsigmoid(b) / normalizer = log(0.999)  ->  b = logit(0.999 ** normalizer)
         full.bias.fill_(torch.logit(torch.tensor(0.999**mixer.gate_logit_normalizer)).item())
-    if isinstance(mixer, mixers.ConvQKVMixer):
+    if isinstance(mixer, ShortConvQKV) and mixer.conv_size:  # D, L and G, unless built without convolutions
         for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):
             conv.set_identity()
 

@@ -1,7 +1,8 @@
 """The hybrid model: a decoder whose layers mix tokens with the mixers a layout names, on the Qwen2.5-VL
 vision front end.
 
-Each decoder layer is ``x + mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``. Parameter names follow
+Each decoder layer is ``x + mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))`` (without the second step when
+``intermediate_size`` is 0, as in Zoology's recall models). Parameter names follow
 transformers' Qwen2.5-VL (``language_model.layers.N.self_attn.q_proj``, ``visual.blocks...``), so the
 weights of attention layers, MLPs, norms, embeddings and the vision tower carry over by name.
 
@@ -127,15 +128,22 @@ class SwiGLU(nn.Module):
 
 
 class HybridDecoderLayer(nn.Module):
-    """Pre-norm residual block around one mixer (``self_attn``, whatever its kind) and a SwiGLU MLP."""
+    """Pre-norm residual block around one mixer (``self_attn``, whatever its kind) and a SwiGLU MLP.
+
+    With ``config.intermediate_size == 0`` the layer has no MLP and no ``post_attention_layernorm``: it is
+    ``x + mixer(input_layernorm(x))`` (``mlp`` is ``None``).
+    """
 
     def __init__(self, config: HybridConfig, kind: str) -> None:
         super().__init__()
         self.kind = kind
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = mixers.build_mixer(kind, config.hidden_size, **config.mixer_kwargs(kind))
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.post_attention_layernorm: RMSNorm | None = None
+        self.mlp: SwiGLU | None = None
+        if config.intermediate_size:
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(
         self,
@@ -146,6 +154,8 @@ class HybridDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, MixerState]:
         mixed, state = self.self_attn(self.input_layernorm(x), state, position_ids=position_ids, cu_seqlens=cu_seqlens)
         x = x + mixed
+        if self.mlp is None:
+            return x, state
         return x + self.mlp(self.post_attention_layernorm(x)), state
 
 

@@ -147,6 +147,34 @@ def test_linear_attention_family_fla_matches_torch(variant, T):
     assert out_err < OUT_TOL and grad_err < GRAD_TOL, (out_err, grad_err)
 
 
+@pytest.mark.parametrize(("variant", "form"), [("linear", "chunk"), ("linear", "recurrent"), ("gla", "chunk")])
+def test_linear_attention_fla_odd_widths(variant, form):
+    """Odd key and value widths (L's normaliser column makes its value width odd), packed, with a state: fla's
+    chunked backward takes only even widths in bf16, so they run padded with a zero column."""
+    if variant == "gla":
+        skip_gla_where_its_compilation_stalls()
+    lengths = [300, 1, 700]
+    cu = seqlens_to_cu_seqlens(lengths, device=CUDA)
+    T, H, K, V = sum(lengths), 4, 63, 129
+    q, k = (
+        F.normalize(torch.randn(1, T, H, K, device=CUDA), dim=-1),
+        F.normalize(torch.randn(1, T, H, K, device=CUDA), dim=-1) * 0.1,
+    )
+    v = torch.randn(1, T, H, V, device=CUDA) * 0.5
+    h0 = torch.randn(len(lengths), H, K, V, device=CUDA) * 0.1
+    g = F.logsigmoid(torch.randn(1, T, H, K, device=CUDA)) / 16
+    low, high = leaves(q, k, v)
+
+    def fn(q, k, v, backend):
+        common = dict(initial_state=h0, cu_seqlens=cu, form=form, backend=backend)
+        if variant == "gla":
+            return gated_linear_attention(q, k, v, g, **common)
+        return linear_attention(q, k, v, **common)
+
+    out_err, grad_err = compare(fn, low, high, "fla")
+    assert out_err < OUT_TOL and grad_err < GRAD_TOL, (out_err, grad_err)
+
+
 @pytest.mark.parametrize("window", [None, 256])
 @pytest.mark.parametrize("T", [128, 4096])
 def test_causal_attention_fla_matches_torch(window, T):
@@ -201,7 +229,15 @@ MIXER_OPTIONS = {
     "M": dict(d_state=64, headdim=64),
     "G": dict(num_heads=4),
     "L": dict(num_heads=4, head_dim=64),
+    # option variants, "<letter>-<variant>" (as in test_mixers.py)
+    "L-textbook": dict(num_heads=4, head_dim=64, **mixers.LinearAttention.TEXTBOOK),
+    "G-conv": dict(num_heads=4, conv_size=4),
 }
+
+
+def build(kind: str, hidden: int, **options) -> torch.nn.Module:
+    """The mixer of a ``MIXER_OPTIONS`` key (``"L-textbook"`` builds ``L`` with its options)."""
+    return mixers.build_mixer(kind.split("-")[0], hidden, **MIXER_OPTIONS[kind], **options)
 
 
 @pytest.mark.parametrize("kind", ["S", "A"])
@@ -209,8 +245,8 @@ def test_attention_mixers_run_float32_on_cuda(kind):
     """An fp32 model on CUDA (e.g. evaluated at full precision) runs its attention layers under ``auto`` wherever
     fla's kernel cannot take float32, packed, matching the PyTorch backend."""
     hidden = 256
-    module = mixers.build_mixer(kind, hidden, **MIXER_OPTIONS[kind]).to(CUDA)
-    reference = mixers.build_mixer(kind, hidden, backend="torch", **MIXER_OPTIONS[kind]).to(CUDA)
+    module = build(kind, hidden).to(CUDA)
+    reference = build(kind, hidden, backend="torch").to(CUDA)
     reference.load_state_dict(module.state_dict())
     cu = seqlens_to_cu_seqlens([300, 700], device=CUDA)
     x = torch.randn(1, 1000, hidden, device=CUDA)
@@ -222,11 +258,12 @@ def test_attention_mixers_run_float32_on_cuda(kind):
 def test_mixer_kernel_path_matches_torch(kind):
     """The whole module with the default (auto) backend in bf16 against the PyTorch backend in fp32 on the
     same weights: packed forward and states, training gradients, then continuing token by token."""
-    if kind == "G":
+    letter = kind.split("-")[0]
+    if letter == "G":
         skip_gla_where_its_compilation_stalls()
     hidden = 512
-    kernel = mixers.build_mixer(kind, hidden, **MIXER_OPTIONS[kind]).to(CUDA)
-    reference = mixers.build_mixer(kind, hidden, backend="torch", **MIXER_OPTIONS[kind]).to(CUDA)
+    kernel = build(kind, hidden).to(CUDA)
+    reference = build(kind, hidden, backend="torch").to(CUDA)
     reference.load_state_dict(kernel.state_dict())
     kernel.to(BF16)
     lengths = [700, 33, 1500]
@@ -236,8 +273,9 @@ def test_mixer_kernel_path_matches_torch(kind):
         y_k, state_k = kernel(x, cu_seqlens=cu)
         y_r, state_r = reference(x.float(), cu_seqlens=cu)
     assert rel_err(y_k, y_r) < OUT_TOL
-    tensors_k = [state_k.key, state_k.value] if kind in "SA" else [state_k.recurrent, *state_k.conv.values()]
-    tensors_r = [state_r.key, state_r.value] if kind in "SA" else [state_r.recurrent, *state_r.conv.values()]
+    assert kernel.last_backend in kernel.backends and reference.last_backend == "torch"
+    tensors_k = [state_k.key, state_k.value] if letter in "SA" else [state_k.recurrent, *state_k.conv.values()]
+    tensors_r = [state_r.key, state_r.value] if letter in "SA" else [state_r.recurrent, *state_r.conv.values()]
     for a, b in zip(tensors_k, tensors_r):
         assert rel_err(a, b) < OUT_TOL
 

@@ -9,6 +9,7 @@ import torch
 from helpers import rel_err
 
 import mixers
+from mixers.modules import ShortConv
 from mixers.ops.varlen import seqlens_to_cu_seqlens
 
 HIDDEN = 32
@@ -19,12 +20,23 @@ OPTIONS = {
     "M": dict(d_state=8, headdim=16),
     "G": dict(num_heads=2),
     "L": dict(num_heads=2, head_dim=8),
+    # option variants, "<letter>-<variant>": the letter's mixer built with these options
+    "L-textbook": dict(num_heads=2, head_dim=8, **mixers.LinearAttention.TEXTBOOK),
+    "L-noconv": dict(num_heads=2, head_dim=8, conv_size=0),
+    "L-normalized": dict(num_heads=2, head_dim=8, feature_map="elu1", normalize=True),  # with convs and L2 q/k
+    "D-noconv": dict(num_heads=2, head_dim=8, conv_size=0),
+    "G-conv": dict(num_heads=2, conv_size=4),
 }
 KINDS = list(OPTIONS)
 
 
+def letter(kind: str) -> str:
+    """The mixer letter of an ``OPTIONS`` key (``"L-textbook"`` -> ``"L"``)."""
+    return kind.split("-")[0]
+
+
 def make(kind: str, **overrides) -> torch.nn.Module:
-    return mixers.build_mixer(kind, HIDDEN, **{**OPTIONS[kind], **overrides}).double()
+    return mixers.build_mixer(letter(kind), HIDDEN, **{**OPTIONS[kind], **overrides}).double()
 
 
 def x_of(*shape) -> torch.Tensor:
@@ -200,6 +212,136 @@ def test_state_bytes_reports_growth_for_full_attention():
     assert mixer.state_bytes(1, seq_len=2000) > mixer.state_bytes(1, seq_len=1000)
 
 
+def elu1(t: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.elu(t) + 1
+
+
+def test_textbook_linear_attention_is_katharopoulos():
+    """``y_t = o_proj(sum_s phi(q_t).phi(k_s) v_s / sum_s phi(q_t).phi(k_s))`` with ``phi(x) = elu(x) + 1``
+    (Katharopoulos et al., 2020), written as causal quadratic attention."""
+    mixer, x = make("L-textbook"), x_of(2, 13)
+    q, k = (elu1(proj(x).unflatten(-1, (2, 8))) for proj in (mixer.q_proj, mixer.k_proj))
+    v = mixer.v_proj(x).unflatten(-1, (2, 16))
+    scores = torch.einsum("bihd,bjhd->bhij", q, k).tril()
+    o = torch.einsum("bhij,bjhv->bihv", scores / scores.sum(-1, keepdim=True), v)
+    assert rel_err(mixer(x)[0], mixer.o_proj(o.flatten(-2))) < 1e-12
+
+
+def test_textbook_linear_attention_state_has_no_conv_tails_and_a_key_sum_column():
+    mixer = make("L-textbook")
+    assert not any(isinstance(m, ShortConv) for m in mixer.modules())
+    assert not hasattr(mixer, "o_norm")
+    state = mixer.init_state(3, dtype=torch.float64)
+    assert state.conv == {} and state.recurrent.shape == (3, 2, 8, 16 + 1)  # head_v_dim 16 and the key sum
+    assert mixer.state_bytes(3, dtype=torch.float64) == 3 * 2 * 8 * 17 * 8
+    x = x_of(3, 11)
+    with torch.no_grad():
+        _, state = mixer(x)
+        key_sum = elu1(mixer.k_proj(x).unflatten(-1, (2, 8))).sum(1)
+    assert state.conv == {} and torch.allclose(state.recurrent[..., -1], key_sum, atol=1e-12, rtol=0)
+
+
+def test_no_short_convolution_leaves_no_conv_modules_or_tails():
+    for with_conv, without in (("L", "L-noconv"), ("D", "D-noconv"), ("G-conv", "G")):
+        a, b = make(with_conv), make(without)
+        assert isinstance(a.q_conv1d, ShortConv) and a.q_conv1d.kernel_size == (4,)
+        assert not any(hasattr(b, name) for name in ("q_conv1d", "k_conv1d", "v_conv1d"))
+        tails = a.init_state(2, dtype=torch.float64).conv
+        assert b.init_state(2, dtype=torch.float64).conv == {} and set(tails) == {"q", "k", "v"}
+        tail_bytes = sum(t.nbytes for t in tails.values())
+        assert a.state_bytes(2, dtype=torch.float64) == b.state_bytes(2, dtype=torch.float64) + tail_bytes
+
+
+def test_gla_short_convolutions_use_fla_names_and_state_layout():
+    plain, conv = make("G"), make("G-conv")
+    shapes = {name: tuple(t.shape) for name, t in conv.init_state(2, dtype=torch.float64).conv.items()}
+    assert shapes == {"q": (2, 16, 4), "k": (2, 16, 4), "v": (2, 32, 4)}  # key dim 16, value dim 32
+    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["k_conv1d.weight", "q_conv1d.weight", "v_conv1d.weight"] and not unexpected
+    x = x_of(2, 9)
+    _, state = conv(x)
+    assert torch.equal(state.conv["v"], conv.v_proj(x).transpose(1, 2)[..., -4:])  # the last 4 inputs
+    assert not torch.allclose(conv(x)[0], plain(x)[0])
+
+
+@pytest.mark.parametrize(
+    ("kind", "option", "value", "message"),
+    [
+        ("L", "feature_map", "relu", "feature_map must be one of 'identity', 'elu1', got feature_map='relu'"),
+        ("L", "qk_norm", "rms", "qk_norm must be one of 'l2', 'none', got qk_norm='rms'"),
+        ("L", "normalize", 1, "normalize must be one of False, True, got normalize=1"),
+        ("L", "output_norm", "no", "output_norm must be one of True, False, got output_norm='no'"),
+        (
+            "L",
+            "conv_size",
+            -1,
+            r"conv_size must be a non-negative integer \(0: no short convolution\), got conv_size=-1",
+        ),
+        ("D", "conv_size", -1, "conv_size must be a non-negative integer"),
+        ("G", "conv_size", -4, "conv_size must be a non-negative integer"),
+        ("G", "conv_size", 2.0, "got conv_size=2.0"),
+    ],
+)
+def test_bad_mixer_options_name_the_option_the_value_and_the_choices(kind, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        make(kind, **{option: value})
+
+
+def test_normalized_linear_attention_needs_positive_features():
+    with pytest.raises(ValueError, match="normalize=True needs positive features, feature_map='elu1'"):
+        make("L", normalize=True)
+
+
+@pytest.mark.parametrize("variant", ["linear", "gla"])
+def test_odd_widths_reach_fla_padded_to_even(monkeypatch, variant):
+    """fla's chunked backward takes only even K and V for 16-bit inputs, and L's normaliser column makes its value
+    width odd: the fla path pads odd widths with a zero column and cuts it off again. Checked on CPU with
+    stand-ins for fla's kernels that refuse odd widths and compute the PyTorch form."""
+    import importlib
+
+    import fla.ops.gla
+    import fla.ops.simple_gla
+
+    ops = importlib.import_module("mixers.ops.linear_attention")  # the module (mixers.ops exports the function)
+
+    def stand_in(q, k, v, g=None, gk=None, *, scale, initial_state, output_final_state, cu_seqlens):
+        assert q.shape[-1] % 2 == 0 and v.shape[-1] % 2 == 0 and initial_state.shape[-2:] == (8, 18)
+        g = gk if g is None else g
+        return ops._dispatch(variant, q, k, v, g, scale, initial_state, cu_seqlens, "chunk", 16, "torch")
+
+    for module, names in (
+        (fla.ops.simple_gla, ("chunk_simple_gla", "fused_recurrent_simple_gla")),
+        (fla.ops.gla, ("chunk_gla", "fused_recurrent_gla")),
+    ):
+        for name in names:
+            monkeypatch.setattr(module, name, stand_in)
+    monkeypatch.setattr(ops, "select_backend", lambda backend, *args: backend if backend == "fla" else "torch")
+    lengths = [5, 9, 1]
+    cu = seqlens_to_cu_seqlens(lengths)
+    q, k = (torch.randn(1, 15, 2, 7, dtype=torch.float64) for _ in range(2))
+    v, h0 = torch.randn(1, 15, 2, 17, dtype=torch.float64), torch.randn(3, 2, 7, 17, dtype=torch.float64)
+    gk = torch.nn.functional.logsigmoid(torch.randn(1, 15, 2, 7, dtype=torch.float64))
+    fn = ops.linear_attention if variant == "linear" else lambda *a, **kw: ops.gated_linear_attention(*a, gk, **kw)
+    for form in ("chunk", "recurrent"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, h0)]
+        results = []
+        for backend in ("fla", "torch"):
+            o, state = fn(*leaves[:3], initial_state=leaves[3], cu_seqlens=cu, form=form, backend=backend)
+            assert o.shape == v.shape and state.shape == h0.shape and state.is_contiguous()
+            grads = torch.autograd.grad((o.square().sum() + state.square().sum()), leaves)
+            results.append([o, state, *grads])
+        for a, b in zip(*results):
+            assert rel_err(a, b) < 1e-6  # the fla path hands fla its state in float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixers_record_the_backend_they_ran(kind):
+    mixer = make(kind)
+    assert mixer.last_backend is None
+    mixer(x_of(1, 5))
+    assert mixer.last_backend == "torch"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_clone_forks_a_state(kind):
     mixer = make(kind)
@@ -264,7 +406,7 @@ def test_bad_inputs_raise_clear_errors(kind):
     with pytest.raises(ValueError, match="batch size 1"):
         mixer(x_of(2, 4), cu_seqlens=torch.tensor([0, 2, 4]))
     with pytest.raises(ValueError, match="supports backends"):
-        mixers.build_mixer(kind, HIDDEN, backend="nonexistent", **OPTIONS[kind])
+        mixers.build_mixer(letter(kind), HIDDEN, backend="nonexistent", **OPTIONS[kind])
 
 
 @pytest.mark.parametrize("kind", ["D", "S"])

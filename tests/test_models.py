@@ -362,6 +362,70 @@ def test_state_is_constant_size_without_full_attention(teacher_dir):
     assert large > small
 
 
+def _no_mlp_model(layout: str = "S,L") -> HybridVLM:
+    """Zoology's recall-model shape: two layers, the sequence mixer alone (``intermediate_size=0``)."""
+    torch.manual_seed(0)
+    config = HybridConfig(
+        layout=layout,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=0,
+        num_hidden_layers=len(layout.split(",")),
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        mrope_section=None,
+        sliding_window=8,
+        mixer_options={"L": {"num_heads": 2, "head_dim": 32, **mixers.LinearAttention.TEXTBOOK}},
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return HybridVLM(config).eval()
+
+
+def test_layers_without_mlp_are_the_mixer_alone():
+    model = _no_mlp_model()
+    names = list(model.state_dict())
+    assert not any(".mlp." in n or ".post_attention_layernorm." in n for n in names)
+    assert "language_model.layers.1.input_layernorm.weight" in names
+    layer = model.language_model.layers[1]
+    assert layer.mlp is None and layer.post_attention_layernorm is None
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(x, None, None, None)[0], x + layer.self_attn(layer.input_layernorm(x))[0])
+    with pytest.raises(
+        ValueError, match=r"intermediate_size must be positive \(the MLP width\) or 0 \(no MLP\), got -1"
+    ):
+        HybridConfig(layout="D x2", num_hidden_layers=2, vocab_size=512, intermediate_size=-1, pad_token_id=0)
+
+
+def test_model_without_mlp_continues_from_its_state_exactly():
+    model = _no_mlp_model()
+    ids = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        parallel = model(ids).logits
+        out = model(ids[:, :10])
+        state, steps = out.state, [out.logits]
+        for t in range(10, 30):
+            out = model(ids[:, t : t + 1], state=state)
+            state = out.state
+            steps.append(out.logits)
+    assert torch.isfinite(parallel).all()
+    assert (torch.cat(steps, 1) - parallel).abs().max() <= ATOL
+
+
+def test_model_without_mlp_saves_and_loads(tmp_path):
+    model = _no_mlp_model()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["intermediate_size"] == 0
+    loaded = HybridVLM.from_pretrained(tmp_path).eval()
+    assert loaded.language_model.layers[0].mlp is None
+    assert loaded.language_model.layers[1].self_attn.normalize  # the textbook options came back
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
 def _infinitevl_checkpoint(student: HybridVLM, directory, layer_types: list[str]) -> None:
     """Write ``student`` in the public InfiniteVL format: legacy Qwen names, InfiniteVL config fields."""
     from safetensors.torch import save_file

@@ -204,6 +204,17 @@ def _chunk_torch(q, k, v, g, *, scale, initial_state=None, chunk_size=64):
 
 
 def _fla(variant, q, k, v, g, scale, initial_state, cu_seqlens, form, chunk_size=None):
+    K, V = q.shape[-1], v.shape[-1]
+    pad_k, pad_v = K % 2, V % 2
+    if pad_k or pad_v:
+        # fla's chunked backward asserts even K and V for 16-bit inputs (fla 0.6: Triton miscompiles the masked
+        # tail of an odd width into out-of-bounds shared-memory reads); zero columns add nothing to q.k or to
+        # the state, so odd widths run padded by one (e.g. L's value columns plus its normaliser column)
+        q, k, v = F.pad(q, (0, pad_k)), F.pad(k, (0, pad_k)), F.pad(v, (0, pad_v))
+        g = F.pad(g, (0, pad_k)) if variant == "gla" else g
+        initial_state = None if initial_state is None else F.pad(initial_state, (0, pad_v, 0, pad_k))
+        o, state = _fla(variant, q, k, v, g, scale, initial_state, cu_seqlens, form, chunk_size)
+        return o[..., :V], state[..., :K, :V].contiguous()
     h0 = None if initial_state is None else initial_state.float()
     common = dict(scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
     if variant == "gla":
