@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,37 +18,10 @@ from safetensors.torch import load_file
 import mixers
 from lit import ablation
 from lit.commands.ablate import main as ablate
-from lit.data.mqar import MQARDataset
 from models.hybrid import HybridVLM
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXER_TYPE = ROOT / "experiments" / "ablations" / "mixer_type.yaml"
-
-
-@pytest.mark.parametrize("vocab_size", [512, 32])  # keys drawn sparsely, and densely (8 of 15 candidates)
-def test_mqar_sequences_ask_for_stored_values(vocab_size):
-    data = MQARDataset(vocab_size=vocab_size, seq_len=64, num_kv_pairs=8, num_examples=20, seed=3)
-    for index in range(len(data)):
-        sample = data[index]
-        ids, labels = sample.input_ids.tolist(), sample.labels.tolist()
-        stored = {ids[i]: ids[i + 1] for i in range(0, 16, 2)}
-        assert all(key < vocab_size // 2 <= value for key, value in stored.items())
-        queries = [t for t, label in enumerate(labels) if label != -100]
-        assert len(queries) == 8 and len(stored) == 8 and len(set(stored.values())) == 8
-        assert {ids[t - 1] for t in queries} == set(stored)  # every pair asked once
-        for t in queries:
-            assert ids[t - 1] in stored and labels[t] == stored[ids[t - 1]] == ids[t]
-    assert data[5].input_ids.equal(MQARDataset(vocab_size, 64, 8, 20, seed=3)[5].input_ids)
-    assert not data[5].input_ids.equal(MQARDataset(vocab_size, 64, 8, 20, seed=4)[5].input_ids)
-    with pytest.raises(ValueError, match="need seq_len >= 64"):
-        MQARDataset(seq_len=32, num_kv_pairs=16)
-
-
-def test_mqar_queries_follow_a_power_law_over_the_gap():
-    data = MQARDataset(vocab_size=8192, seq_len=256, num_kv_pairs=16, num_examples=2000, seed=0)
-    gaps = (data.answer_positions.astype(int) - 1 - 32) // 2  # query slot index after the stored pairs
-    counts = np.bincount(gaps.ravel(), minlength=112)
-    assert counts[:10].sum() > 2 * counts[-10:].sum()  # short gaps likelier than long ones
 
 
 def test_smoke_study_writes_cells_and_summary_then_resumes(tmp_path, monkeypatch, capsys, caplog):
