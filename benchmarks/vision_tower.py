@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import RESULTS, environment, markdown_table, report, write_json
-from lit.ablation import vision_tower_config
+from lit.ablation.multimodal import vision_tower_config
 from lit.data.packing import LengthGroupedBatchSampler, pack
 from lit.datamodule import HybridDataModule
 from models.tiny_qwen import init_tiny_vision_tower, make_tiny_qwen2_5_vl

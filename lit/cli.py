@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("lit.commands.convert", "convert a Qwen2.5-VL checkpoint into a hybrid student"),
     "generate": ("lit.commands.generate", "answer a prompt about an image or a video with a saved model"),
     "ablate": ("lit.commands.ablate", "run or resume an ablation study: hybridvl ablate --config study.yaml [--smoke]"),
-    "ablate-report": ("lit.ablation_report", "RESULTS.md from ablation results: tables, plots, claim verdicts"),
+    "ablate-report": ("lit.ablation.report", "RESULTS.md from ablation results: tables, plots, claim verdicts"),
     "stream": ("lit.commands.stream", "feed a video frame by frame into the state and answer questions on the way"),
     "tiny-qwen": ("lit.commands.tiny_qwen", "write a tiny random-weight Qwen2.5-VL checkpoint (for trying things)"),
     "fit": ("lit.commands.train", "train a stage: hybridvl fit --config stage.yaml (LightningCLI)"),

@@ -64,7 +64,17 @@ def load_student(source: str | Path) -> HybridVLM:
     return model
 
 
-def _decays(parameter: nn.Parameter) -> bool:
+def warmup_cosine(step: int, total: int, warmup_ratio: float, min_lr_ratio: float) -> float:
+    """The learning-rate factor at ``step`` (from 0) of ``total``: a linear warm-up over ``warmup_ratio`` of the
+    steps (at least one), then a cosine decay to ``min_lr_ratio``."""
+    warmup = max(1, round(total * warmup_ratio))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def decays(parameter: nn.Parameter) -> bool:
     """Whether AdamW decays ``parameter``: matrices do; biases, norms and decay rates (``_no_weight_decay``) not."""
     return parameter.ndim >= 2 and not getattr(parameter, "_no_weight_decay", False)
 
@@ -120,7 +130,7 @@ class HybridStage(L.LightningModule):
         self.student = load_student(self.hparams.model)
         self.student.language_model.gradient_checkpointing = self.hparams.gradient_checkpointing
         for parameter in self.student.parameters():  # decided on whole shapes: FSDP later flattens them into shards
-            parameter._weight_decay = _decays(parameter)
+            parameter._weight_decay = decays(parameter)
         self._select_trainable()
 
     def _select_trainable(self) -> None:
@@ -152,23 +162,14 @@ class HybridStage(L.LightningModule):
         for _, parameter in self.student.named_parameters():
             if not parameter.requires_grad:
                 continue
-            (decay if getattr(parameter, "_weight_decay", _decays(parameter)) else no_decay).append(parameter)
+            (decay if getattr(parameter, "_weight_decay", decays(parameter)) else no_decay).append(parameter)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.learning_rate,
             betas=(0.9, 0.95),
         )
-        total = self._schedule_length()
-        warmup = max(1, round(total * self.hparams.warmup_ratio))
-        floor = self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        total, warmup, floor = self._schedule_length(), self.hparams.warmup_ratio, self.hparams.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _schedule_length(self) -> int:

@@ -1,9 +1,11 @@
 """``hybridvl ablate --config experiments/ablations/<study>.yaml [--smoke]``: run or resume an ablation study.
 
-Each cell (layout x task x size x seed x learning rate) trains through the normal Lightning stage and writes
+Each cell (an arm at one size x task x width x seed x learning rate) trains from scratch and writes
 ``cells/<id>.json`` under the study's results folder; cells already written are skipped, so an interrupted study
 resumes. ``--smoke`` merges the study's ``smoke`` section (tiny sizes, a few steps) for a CPU check;
-``--time-budget SECONDS`` starts no cell after that long (running cells finish), to fit a run into a time slot.
+``--time-budget SECONDS`` starts no cell after that long (running cells finish), to fit a run into a time slot;
+``--repeat GLOB`` trains finished cells again in fresh processes (into ``other_runs/repeat``), pinned to the kernel
+configurations they recorded, to show that their numbers reproduce.
 """
 
 from __future__ import annotations
@@ -12,26 +14,39 @@ import argparse
 import sys
 from pathlib import Path
 
-from lit.ablation import run_study, summary_markdown
+from lit.ablation.runner import run_study, summary_markdown
+from lit.ablation.schema import StudyError
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="hybridvl ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="hybridvl ablate",
+        description=__doc__,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
     )
     parser.add_argument("--config", required=True, type=Path, help="a study YAML")
     parser.add_argument("--smoke", action="store_true", help="the study's tiny CPU-sized version")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: next to the config)")
-    parser.add_argument("--workers", type=int, default=1, help="cells trained at once, each in its own process")
+    parser.add_argument("--workers", type=int, default=1, help="cells trained at once, each in its own process (1)")
     parser.add_argument(
-        "--time-budget", type=float, default=None, help="seconds after which no new cell starts (resume later)"
+        "--time-budget", type=float, default=None, help="seconds after which no new cell starts (default: none)"
     )
+    parser.add_argument("--repeat", default=None, metavar="GLOB", help="train these finished cells again")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.time_budget is not None and args.time_budget < 0:
+        parser.error(f"--time-budget must be at least 0 seconds, got {args.time_budget:g}")
     try:
         summary = run_study(
-            args.config, smoke=args.smoke, out=args.out, workers=args.workers, time_budget=args.time_budget
+            args.config,
+            smoke=args.smoke,
+            out=args.out,
+            workers=args.workers,
+            time_budget=args.time_budget,
+            repeat=args.repeat,
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, StudyError, ValueError) as error:
         print(f"hybridvl ablate: {error}", file=sys.stderr)
         return 2
     print(summary_markdown(summary))
