@@ -230,6 +230,16 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, axes, used: int, ylabel: str, path: Path, dpi: int = 110) -> None:
+    """Hide the unused panels of a grid, label the shared accuracy axis, save and close the figure."""
+    for ax in axes.flat[used:]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+
+
 def plot_state_size(path: Path, panels: dict[tuple[str, int, bool], list[ArmScore]]) -> bool:
     """Accuracy (mean and 95% interval over seeds) against state bytes per sequence, one line per arm, one panel
     per (task, depth, MLP); the no-recall guess dotted. Returns whether there was anything to plot."""
@@ -268,12 +278,7 @@ def plot_state_size(path: Path, panels: dict[tuple[str, int, bool], list[ArmScor
         ax.set_xlabel("state bytes per sequence (all layers)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    for ax in axes.flat[len(keys) :]:
-        ax.axis("off")
-    axes[0][0].set_ylabel("test accuracy (mean, 95% CI over seeds)")
-    axes[0][0].set_ylim(0, 1.05)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish(fig, axes, len(keys), "test accuracy (mean, 95% CI over seeds)", path)
     plt.close(fig)
     return True
 
@@ -326,10 +331,7 @@ def plot_distance(path: Path, panels: dict[tuple[str, int, bool], list[ArmScore]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
         tables.append("\n".join(lines))
-    axes[0][0].set_ylabel("test accuracy (mean, 95% CI over seeds)")
-    axes[0][0].set_ylim(0, 1.05)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish(fig, axes, len(keys), "test accuracy (mean, 95% CI over seeds)", path)
     plt.close(fig)
     return tables
 
@@ -356,13 +358,8 @@ def plot_curves(path: Path, panel_key: tuple[str, int, bool], arms: list[ArmScor
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    for ax in axes.flat[len(names) :]:
-        ax.axis("off")
-    axes[0][0].set_ylabel("validation accuracy")
-    axes[0][0].set_ylim(0, 1.05)
     fig.suptitle(f"learning curves: {panel_title(panel_key)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _finish(fig, axes, len(names), "validation accuracy", path, dpi=100)
     plt.close(fig)
 
 
