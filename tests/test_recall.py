@@ -134,6 +134,10 @@ def test_kernel_configurations_are_recorded_and_pinned(tmp_path, monkeypatch, ca
     assert kernels.pin_configs(record) == 1 and tuner.cache[(128, "torch.bfloat16")] is configs[1]
     other = {"fla.fake_kernels.kernel": [[64, "torch.float32", "BLOCK: 99, num_warps: 1"]], "fla.gone.k": [[1, "c"]]}
     assert kernels.pin_configs(other) == 0 and "not a candidate here" in caplog.text
+    ran = {"fla.fake_kernels.kernel": [[128, "torch.bfloat16", str(configs[0])]]}
+    assert kernels.departures(record, ran) == [f"fla.fake_kernels.kernel [128, 'torch.bfloat16']: {configs[1]} -> "
+                                               f"{configs[0]}"]  # fmt: skip
+    assert kernels.departures(record, record) == [] and kernels.departures(record, {}) == []
     path = tmp_path / kernels.KERNEL_CONFIGS
     kernels.merge_into(path, record)
     later = [[128, "torch.bfloat16", str(configs[0])], [256, "torch.bfloat16", str(configs[0])]]

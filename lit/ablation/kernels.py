@@ -85,6 +85,19 @@ def pin_configs(record: Record) -> int:
     return pinned
 
 
+def departures(pinned: Record, chosen: Record) -> list[str]:
+    """``kernel [key]: pinned -> ran`` for every key of ``pinned`` that the kernels met but ran with another
+    configuration (a pin that did not take, which the cell then reports instead of claiming a fixed kernel)."""
+    ran = {(name, repr(entry[:-1])): entry[-1] for name, entries in chosen.items() for entry in entries}
+    found = []
+    for name, entries in pinned.items():
+        for entry in entries:
+            config = ran.get((name, repr(entry[:-1])))
+            if config is not None and config != entry[-1]:
+                found.append(f"{name} {entry[:-1]}: {entry[-1]} -> {config}")
+    return found
+
+
 def merge_into(path: Path, record: Record) -> Record:
     """Add ``record``'s entries to the study's record at ``path`` (entries already there win) and return the
     merged record; safe against other processes doing the same."""

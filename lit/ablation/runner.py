@@ -151,6 +151,9 @@ def run_recall_cell(
     chosen = kernels.chosen_configs()
     if chosen:
         kernels.merge_into(out / kernels.KERNEL_CONFIGS, chosen)
+    departed = kernels.departures(kernel_record, chosen)
+    for line in departed:
+        logger.warning("%s: a pinned kernel ran another configuration: %s", cell_id, line)
     dtype = torch.bfloat16 if train.precision == "bf16-mixed" else torch.float32
     layers = [layer.self_attn for layer in model.language_model.layers]
     length, pairs = sets["train"].seq_len, sets["train"].num_kv_pairs
@@ -163,6 +166,7 @@ def run_recall_cell(
         "window": train.window if "S" in config.kinds else None,
         "backends": [getattr(mixer, "last_backend", None) or "not recorded" for mixer in layers],
         "kernel_configs": chosen,
+        "kernel_configs_not_pinned": departed,
         "concurrent_cells": concurrent_cells,
     }
     shutil.rmtree(run_dir)  # the cell is done: its JSON is what stays
@@ -188,7 +192,7 @@ def finished_results(study: Study, out: Path, cells: list[Cell], quiet: bool = F
         path = out / "cells" / f"{cell_id}.json"
         if not path.is_file():
             continue
-        result = json.loads(path.read_text())
+        result = _read_result(path)
         current, recorded = cell_settings(study, cell), result.get("settings", {})
         changed = sorted(key for key in set(current) | set(recorded) if current.get(key) != recorded.get(key))
         if changed:
@@ -197,6 +201,19 @@ def finished_results(study: Study, out: Path, cells: list[Cell], quiet: bool = F
             continue
         found[cell_id] = result
     return found
+
+
+_RESULTS: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    """A cell's JSON, parsed once per version of the file (the scheduler lists the cells after every cell)."""
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _RESULTS.get(path)
+    if cached is None or cached[0] != version:
+        cached = _RESULTS[path] = (version, json.loads(path.read_text()))
+    return cached[1]
 
 
 def _all_finished(study: Study, out: Path) -> dict[str, dict[str, Any]]:
