@@ -384,3 +384,12 @@ def test_the_repository_keeps_no_results_of_the_leaky_generator():
     """MQAR cells written before the generator stopped showing answers (no ``curve`` in them) are gone."""
     for path in (STUDIES / "results").rglob("cells/*mqar*.json"):
         assert "curve" in json.loads(path.read_text()), path
+
+
+def test_only_the_cells_asked_for_train_and_the_summary_covers_the_study(tmp_path, capsys):
+    path = _write(tmp_path, TINY)
+    summary = runner.run_study(path, out=tmp_path / "out", only="SD__*, nothing*")
+    assert [row["arm"] for row in summary["rows"]] == ["S,D"] and summary["total_cells"] == 2
+    assert not summary["complete"]
+    assert ablate(["--config", str(path), "--out", str(tmp_path / "out"), "--cells", "Q*"]) == 2
+    assert "no cell of study tiny matches 'Q*'" in capsys.readouterr().err

@@ -234,6 +234,7 @@ def run_study(
     workers: int = 1,
     time_budget: float | None = None,
     repeat: str | None = None,
+    only: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the cells of a study; write ``summary.json`` and ``summary.md`` and return the summary.
 
@@ -246,6 +247,8 @@ def run_study(
         time_budget: seconds after which no cell starts; running cells finish (run again to go on).
         repeat: a glob of cell ids: train those finished cells again into ``out``, each pinned to the kernel
             configurations its first run recorded.
+        only: globs of cell ids, comma-separated: train only the cells they match (e.g. one seed of each arm at
+            its largest size, to see step times and learning curves before the rest); the summary covers all.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -271,7 +274,14 @@ def run_study(
         cells = expand(study, {**_all_finished(study, out), **reference})
         return [cell for cell in cells if not repeat or cell.id(study) in reference]
 
-    cells = defined()
+    patterns = [pattern.strip() for pattern in (only or "*").split(",") if pattern.strip()]
+
+    def to_train() -> list[Cell]:
+        return [cell for cell in defined() if any(fnmatch.fnmatchcase(cell.id(study), p) for p in patterns)]
+
+    cells = to_train()
+    if not cells:
+        raise ValueError(f"no cell of study {study.name} matches {only!r}")
     finished = finished_results(study, out, cells)
     logger.info("%s: %d cells so far, %d done before (skipped)", study.name, len(cells), len(finished))
     deadline = math.inf if time_budget is None else time.monotonic() + time_budget
@@ -279,7 +289,7 @@ def run_study(
     trains = len(finished) < len(cells) and (time_budget is None or time_budget > 0)
     with _logged_invocation(out, workers) if trains else contextlib.nullcontext() as record:
         schedule = _Schedule(study, out, processor_dir, workers, deadline, record, reference)
-        failed = schedule.run(defined)
+        failed = schedule.run(to_train)
     cells = defined()
     results = finished_results(study, out, cells, quiet=True)
     summary = {

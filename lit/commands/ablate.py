@@ -5,7 +5,8 @@ Each cell (an arm at one size x task x width x seed x learning rate) trains from
 resumes. ``--smoke`` merges the study's ``smoke`` section (tiny sizes, a few steps) for a CPU check;
 ``--time-budget SECONDS`` starts no cell after that long (running cells finish), to fit a run into a time slot;
 ``--repeat GLOB`` trains finished cells again in fresh processes (into ``other_runs/repeat``), pinned to the kernel
-configurations they recorded, to show that their numbers reproduce.
+configurations they recorded, to show that their numbers reproduce; ``--cells GLOBS`` trains only the cells whose ids
+match (e.g. ``'*-z3__*__s0__*'``: the first seed of every arm at its largest size, to size the rest).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> int:
         "--time-budget", type=float, default=None, help="seconds after which no new cell starts (default: none)"
     )
     parser.add_argument("--repeat", default=None, metavar="GLOB", help="train these finished cells again")
+    parser.add_argument("--cells", default=None, metavar="GLOBS", help="train only these cells (comma-separated globs)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
@@ -45,6 +47,7 @@ def main(argv: list[str]) -> int:
             workers=args.workers,
             time_budget=args.time_budget,
             repeat=args.repeat,
+            only=args.cells,
         )
     except (FileNotFoundError, StudyError, ValueError) as error:
         print(f"hybridvl ablate: {error}", file=sys.stderr)
