@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import types
@@ -48,6 +49,19 @@ def test_a_gated_deltanet_model_learns_mqar_far_above_the_no_recall_guess(tmp_pa
     accuracies = [point["val_accuracy"] for point in result.curve]
     assert accuracies[0] < 0.25 and accuracies == sorted(accuracies) and result.accuracy > 0.5, result.curve
     assert [point["step"] for point in result.curve] == [100, 200, 300] and result.steps == 300
+
+
+def test_every_step_takes_its_learning_rate_from_the_schedule():
+    settings = _settings(max_steps=10, warmup_ratio=0.2, min_lr_ratio=0.1)
+    trainer = RecallTrainer(_model(), QuerySet.from_dataset(mqar_sets(TASK, settings, 0)["train"], "cpu"), settings,
+                            1e-2, 0)  # fmt: skip
+    seen = []
+    for step in range(10):
+        trainer.train_until(step + 1)
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+    assert seen[:2] == pytest.approx([5e-3, 1e-2]) and seen[-1] == pytest.approx(1e-3 + 9e-3 * 0.5 * (1 + math.cos(
+        math.pi * 7 / 8)))  # fmt: skip
+    assert seen == pytest.approx(trainer.rates.tolist())
 
 
 def test_evaluation_counts_every_query_by_distance():
@@ -199,6 +213,8 @@ def test_the_graphed_training_step_equals_the_eager_one_on_cuda(layout):
         trainer.capture()
         trainer.train_until(10)
         assert (trainer.graph is not None) == graphs
+        for group in trainer.optimizer.param_groups:  # the schedule reached the optimizer at every step
+            assert group["lr"] is trainer.rate and float(group["lr"]) == pytest.approx(float(trainer.rates[9]))
         weights.append({name: tensor.clone() for name, tensor in model.state_dict().items()})
     differ = [name for name in weights[0] if not torch.equal(weights[0][name], weights[1][name])]
     assert not differ, differ
