@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import mixers
-from lit.ablation.schema import Study, StudyError, Task, TrainSettings
+from lit.ablation.schema import Arm, Study, StudyError, Task, TrainSettings
 from models.config import HybridConfig
 from models.hybrid import HybridVLM
 
@@ -181,6 +181,10 @@ def count_parameters(config: HybridConfig) -> int:
         return sum(p.numel() for p in HybridVLM(config).parameters())
 
 
+_REFERENCE = "match_parameters"
+"""The name of the arm built from ``match_parameters`` to size the others against."""
+
+
 def matched_intermediate_size(
     study: Study, cell: Cell, vocab_size: int, vision: dict | None = None, token_ids: dict[str, int] | None = None
 ) -> int | None:
@@ -188,22 +192,13 @@ def matched_intermediate_size(
     (at the same width, with default options); ``None`` without ``match_parameters``."""
     if not study.match_parameters:
         return None
-    reference = dataclasses.replace(study, arms=(*study.arms, _reference_arm(study)))
+    reference = dataclasses.replace(study, arms=(Arm(_REFERENCE, study.match_parameters),))
     reference_cell = dataclasses.replace(cell, arm=_REFERENCE, size=0)
     target = count_parameters(model_config(reference, reference_cell, vocab_size, vision, token_ids=token_ids))
     base_config = model_config(study, cell, vocab_size, vision, intermediate_size=8, token_ids=token_ids)
     per_unit = 3 * cell.d_model * base_config.num_hidden_layers  # gate, up, down per MLP channel
     width = round((target - count_parameters(base_config)) / per_unit) + 8
     return max(8, width)
-
-
-_REFERENCE = "\0reference"
-
-
-def _reference_arm(study: Study):
-    from lit.ablation.schema import Arm
-
-    return Arm(_REFERENCE, study.match_parameters)
 
 
 def train_settings(study: Study, cell: Cell) -> TrainSettings:
