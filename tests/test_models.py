@@ -310,17 +310,22 @@ def test_chunked_prefill_equals_one_prefill(hybrid, processor):
         )
 
 
-def test_token_by_token_logits_equal_parallel_forward(hybrid):
-    ids = torch.randint(0, 400, (2, 30))
+def _parallel_and_stepped_logits(model: HybridVLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``ids`` in one pass, and of the first 10 tokens then one token at a time from the state."""
     with torch.no_grad():
-        parallel = hybrid(ids).logits
-        out = hybrid(ids[:, :10])
+        parallel = model(ids).logits
+        out = model(ids[:, :10])
         state, steps = out.state, [out.logits]
-        for t in range(10, 30):
-            out = hybrid(ids[:, t : t + 1], state=state)
+        for t in range(10, ids.shape[1]):
+            out = model(ids[:, t : t + 1], state=state)
             state = out.state
             steps.append(out.logits)
-    assert (torch.cat(steps, 1) - parallel).abs().max() <= ATOL
+    return parallel, torch.cat(steps, 1)
+
+
+def test_token_by_token_logits_equal_parallel_forward(hybrid):
+    parallel, stepped = _parallel_and_stepped_logits(hybrid, torch.randint(0, 400, (2, 30)))
+    assert (stepped - parallel).abs().max() <= ATOL
 
 
 def test_padded_generation_equals_separate_rows(hybrid):
@@ -400,18 +405,9 @@ def test_layers_without_mlp_are_the_mixer_alone():
 
 
 def test_model_without_mlp_continues_from_its_state_exactly():
-    model = _no_mlp_model()
-    ids = torch.randint(0, 512, (2, 30))
-    with torch.no_grad():
-        parallel = model(ids).logits
-        out = model(ids[:, :10])
-        state, steps = out.state, [out.logits]
-        for t in range(10, 30):
-            out = model(ids[:, t : t + 1], state=state)
-            state = out.state
-            steps.append(out.logits)
+    parallel, stepped = _parallel_and_stepped_logits(_no_mlp_model(), torch.randint(0, 512, (2, 30)))
     assert torch.isfinite(parallel).all()
-    assert (torch.cat(steps, 1) - parallel).abs().max() <= ATOL
+    assert (stepped - parallel).abs().max() <= ATOL
 
 
 def test_model_without_mlp_saves_and_loads(tmp_path):

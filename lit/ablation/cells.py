@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import mixers
-from lit.ablation.schema import Arm, Study, StudyError, Task, TrainSettings
+from lit.ablation.schema import Arm, Study, StudyError, Task
 from models.config import HybridConfig
 from models.hybrid import HybridVLM
 
@@ -201,11 +201,6 @@ def matched_intermediate_size(
     return max(8, width)
 
 
-def train_settings(study: Study, cell: Cell) -> TrainSettings:
-    """The cell's training settings (the study's, with its task's own entries in place)."""
-    return study.train_for(cell.task)
-
-
 def cell_settings(study: Study, cell: Cell) -> dict[str, Any]:
     """Everything a cell's result depends on besides its id, as JSON: the model (layout, mixer options at its
     size, MLP ratio), the task and the training settings. A cell recorded with other settings is trained again."""
@@ -216,7 +211,7 @@ def cell_settings(study: Study, cell: Cell) -> dict[str, Any]:
         "mlp_ratio": arm.mlp_ratio,
         "match_parameters": study.match_parameters,
         "task": cell.task.record(),
-        "train": dataclasses.asdict(train_settings(study, cell)),
+        "train": dataclasses.asdict(study.train_for(cell.task)),
     }
     return json.loads(json.dumps(settings, sort_keys=True))
 

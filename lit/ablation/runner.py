@@ -114,11 +114,12 @@ def run_cell(
         from lit.ablation.multimodal import run_distillation_cell
 
         measured = run_distillation_cell(study, cell, out)
+    settings = cell_settings(study, cell)
     result = {
         **identity,
         **measured,
-        "settings": cell_settings(study, cell),
-        "train": cell_settings(study, cell)["train"],
+        "settings": settings,
+        "train": settings["train"],
         "device": device_name(),
         "versions": versions(),
     }
@@ -343,7 +344,7 @@ class _Schedule:
         """Add a finished cell's steps of this run to the run's record."""
         path = self.out / "cells" / f"{cell_id}.json"
         if self.record is not None and path.is_file():
-            result = json.loads(path.read_text())
+            result = _read_result(path)
             self.record["cell_steps"] += result.get("steps", 0) - result.get("resumed_from_step", 0)
 
     def run(self, defined) -> dict[str, str]:
