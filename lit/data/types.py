@@ -9,6 +9,7 @@ runs as one packed row (``cu_seqlens``).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from PIL import Image
@@ -25,12 +26,16 @@ class Conversation:
         task: a name used to group metrics (``"ocr"``, ``"counting"``, ...).
         answer: the reference answer of the last assistant turn, for generation-based metrics.
         source: where it came from (``"data.json:17"``), quoted in errors.
+        meta: facts about the sample to group metrics by, such as the lines of a synthetic ``document`` page that
+            hold the answer or the frames between a ``video_memory`` cue and the question (see
+            :mod:`lit.data.synthetic`); empty when the source records none.
     """
 
     messages: list[dict]
     task: str = "conversation"
     answer: str | None = None
     source: str = ""
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def images(self) -> list[Image.Image]:
