@@ -174,10 +174,11 @@ class RecallTrainer:
 
     def _train_step(self) -> None:
         """One step: the batch at the cursor, its learning rate, forward, backward, update, cursor + 1."""
-        rows = self.order[self.cursor]
+        at = self.cursor.view(1)  # indexed on the device: a captured step may not read the cursor on the host
+        rows = self.order.index_select(0, at).squeeze(0)
         input_ids, positions = self.data.input_ids[rows], self.data.positions[rows]
         if self.device_rate:
-            self.rate.copy_(self.device_rates[self.cursor])
+            self.rate.copy_(self.device_rates.index_select(0, at).squeeze(0))
         with _autocast(self.device, self.settings.precision):
             logits = query_logits(self.model, input_ids, positions)
         loss = F.cross_entropy(logits.float().flatten(0, 1), self.data.targets[rows].flatten())
@@ -218,6 +219,7 @@ class RecallTrainer:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._train_step()
+        torch.cuda.empty_cache()  # hand the warm-up's cached blocks back: several cells share the GPU
 
     def take_loss(self) -> float:
         """Mean training loss since the last call (one device synchronisation)."""
