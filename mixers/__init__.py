@@ -16,7 +16,7 @@ from mixers.backends import BACKENDS, BackendUnavailableError
 from mixers.base import ConvQKVMixer, Mixer, RecurrentMixer
 from mixers.gated_deltanet import GatedDeltaNet
 from mixers.gla import GatedLinearAttention
-from mixers.layout import LayoutError, count_kinds, format_layout, parse_layout, spread_layout
+from mixers.layout import MAX_LAYERS, LayoutError, count_kinds, format_layout, parse_layout, spread_layout
 from mixers.linear import LinearAttention
 from mixers.mamba2 import Mamba2
 from mixers.registry import (
@@ -33,6 +33,7 @@ from mixers.state import KVCache, MixerState, RecurrentState
 
 __all__ = [
     "BACKENDS",
+    "MAX_LAYERS",
     "Attention",
     "BackendUnavailableError",
     "ConvQKVMixer",

@@ -9,12 +9,13 @@ Parameter names follow transformers' ``Qwen2_5_VLAttention``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from mixers.backends import float32_attention_limitations, log_once
-from mixers.base import Mixer
+from mixers.base import Mixer, check_int, check_positive
 from mixers.ops.attention import (
     FULL_PREFERENCE,
     WINDOW_PREFERENCE,
@@ -61,20 +62,23 @@ class Attention(Mixer):
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, backend)
-        self.num_heads = max(1, hidden_size // 128) if num_heads is None else num_heads
-        self.num_kv_heads = self.num_heads if num_kv_heads is None else num_kv_heads
+        owner = self._owner
+        self.num_heads = max(1, hidden_size // 128) if num_heads is None else check_int(owner, "num_heads", num_heads)
+        self.num_kv_heads = self.num_heads if num_kv_heads is None else check_int(owner, "num_kv_heads", num_kv_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"{self._owner}: num_kv_heads {self.num_kv_heads} must divide num_heads {self.num_heads}")
-        self.head_dim = hidden_size // self.num_heads if head_dim is None else head_dim
-        self.rope_theta = rope_theta
-        self.mrope_section = None if mrope_section is None else list(mrope_section)
-        if self.mrope_section is not None and (
-            len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim
-        ):
+            raise ValueError(f"{owner}: num_kv_heads {self.num_kv_heads} must divide num_heads {self.num_heads}")
+        if head_dim is None and hidden_size % self.num_heads:
             raise ValueError(
-                f"{self._owner}: mrope_section must be three sizes summing to head_dim / 2 = {self.head_dim // 2}, "
-                f"got {self.mrope_section}"
+                f"{owner}: hidden_size {hidden_size} is not divisible by num_heads {self.num_heads}; choose "
+                "num_heads that divides it or pass head_dim"
             )
+        self.head_dim = hidden_size // self.num_heads if head_dim is None else check_int(owner, "head_dim", head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"{owner}: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not isinstance(qkv_bias, bool):
+            raise ValueError(f"{owner}: qkv_bias must be True or False, got qkv_bias={qkv_bias!r}")
+        self.rope_theta = check_positive(owner, "rope_theta", rope_theta)
+        self.mrope_section = None if mrope_section is None else _mrope_section(owner, mrope_section, self.head_dim)
         self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
@@ -239,9 +243,7 @@ class SlidingWindowAttention(Attention):
 
     def __init__(self, hidden_size: int, window: int = 8192, **options) -> None:
         super().__init__(hidden_size, **options)
-        if window < 1:
-            raise ValueError(f"{self._owner}: window must be a positive number of tokens, got {window}")
-        self._window = window
+        self._window = check_int(self._owner, "window", window)
 
     @property
     def window(self) -> int:
@@ -250,6 +252,21 @@ class SlidingWindowAttention(Attention):
 
 register_mixer("S", "swa", aliases=("sliding_window_attention",))(SlidingWindowAttention)
 register_mixer("A", "attn", aliases=("attention", "full_attention"))(Attention)
+
+
+def _mrope_section(owner: str, section: Any, head_dim: int) -> list[int]:
+    """``section`` as a list if it is three non-negative sizes summing to ``head_dim / 2``."""
+    sizes = list(section) if isinstance(section, Sequence) and not isinstance(section, str) else None
+    if (
+        sizes is None
+        or len(sizes) != 3
+        or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in sizes)
+        or sum(sizes) * 2 != head_dim
+    ):
+        raise ValueError(
+            f"{owner}: mrope_section must be three sizes summing to head_dim / 2 = {head_dim / 2:g}, got {section!r}"
+        )
+    return sizes
 
 
 def _token_positions(start: torch.Tensor, batch: int, seq_len: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:

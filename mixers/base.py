@@ -17,7 +17,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+import numbers
+from functools import cached_property
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,7 +28,30 @@ from torch import nn
 from mixers.backends import select_backend
 from mixers.modules import ShortConv
 from mixers.ops.utils import compute_dtype
+from mixers.ops.varlen import check_cu_seqlens
 from mixers.state import MixerState, RecurrentState
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integer (not a bool) of at least ``minimum``.
+
+    Raises:
+        ValueError: naming ``owner`` and the option ``name`` otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {name}={value!r}")
+    return int(value)
+
+
+def check_positive(owner: str, name: str, value: Any) -> float:
+    """``value`` if it is a positive finite real number (not a bool).
+
+    Raises:
+        ValueError: naming ``owner`` and the option ``name`` otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{owner}: {name} must be a positive finite number, got {name}={value!r}")
+    return value
 
 
 class Mixer(nn.Module):
@@ -48,8 +74,7 @@ class Mixer(nn.Module):
 
     def __init__(self, hidden_size: int, backend: str = "auto") -> None:
         super().__init__()
-        if hidden_size < 1:
-            raise ValueError(f"{self._owner}: hidden_size must be positive, got {hidden_size}")
+        hidden_size = check_int(self._owner, "hidden_size", hidden_size)
         if backend != "auto" and backend not in self.backends:
             raise ValueError(
                 f"{self._owner} supports backends {', '.join(self.backends)} or 'auto', got backend={backend!r}"
@@ -99,17 +124,56 @@ class Mixer(nn.Module):
         return torch.device(device) if device is not None else next(self.parameters()).device
 
     def _check_input(self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None) -> int:
-        """Validate shapes; return the number of sequences ``N``."""
+        """Validate the input, the packing and the state; return the number of sequences ``N``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self._owner}: x must be a tensor [B, T, {self.hidden_size}], got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"{self._owner}: x must be [B, T, {self.hidden_size}], got {tuple(x.shape)}")
         if x.shape[1] == 0:
             raise ValueError(f"{self._owner}: x has no tokens (T = 0)")
-        if cu_seqlens is not None and x.shape[0] != 1:
-            raise ValueError(f"{self._owner}: packed input (cu_seqlens given) must have batch size 1, got {x.shape[0]}")
-        n = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-        if state is not None and state.batch_size != n:
-            raise ValueError(f"{self._owner}: the state holds {state.batch_size} sequences but the input has {n}")
+        n = x.shape[0]
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor):
+                raise TypeError(f"{self._owner}: cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+            try:
+                check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
+            except ValueError as error:
+                raise ValueError(f"{self._owner}: {error}") from None
+            n = cu_seqlens.numel() - 1
+        if state is not None:
+            self._check_state(state, n, x.device)
         return n
+
+    @cached_property
+    def _state_structure(self) -> dict[str, Any]:
+        """The :meth:`MixerState.structure` of this mixer's states (computed once, on the meta device)."""
+        return self.init_state(1, device="meta").structure()
+
+    def _check_state(self, state: MixerState, n: int, device: torch.device) -> None:
+        """Raise unless ``state`` is a state of this mixer (same kind and options) for ``n`` sequences on ``device``."""
+        expected = self._state_structure
+        if not isinstance(state, MixerState) or type(state).__name__ != expected["type"]:
+            raise TypeError(
+                f"{self._owner}: expects a {expected['type']} (from its init_state or an earlier call), got a "
+                f"{type(state).__name__}; every mixer needs a state of its own kind"
+            )
+        if state.batch_size != n:
+            raise ValueError(f"{self._owner}: the state holds {state.batch_size} sequences but the input has {n}")
+        structure = state.structure()
+        differences = [
+            f"{part} {structure.get(part, 'absent')} (this mixer: {expected.get(part, 'absent')})"
+            for part in [*expected, *(part for part in structure if part not in expected)]
+            if structure.get(part, "absent") != expected.get(part, "absent")
+        ]
+        if differences:
+            raise ValueError(
+                f"{self._owner}: the state comes from a mixer with other options: {', '.join(differences)}; pass a "
+                "state this mixer made (init_state or an earlier call)"
+            )
+        if state.device != device:
+            raise ValueError(
+                f"{self._owner}: the state is on {state.device} but the input on {device}; move it with state.to()"
+            )
 
 
 class RecurrentMixer(Mixer):
@@ -213,7 +277,11 @@ class ConvQKVMixer(ShortConvQKV, RecurrentMixer):
         backend: str,
     ) -> None:
         super().__init__(hidden_size, mode, backend)
-        self.num_heads = max(1, hidden_size // head_dim) if num_heads is None else num_heads
+        head_dim = check_int(self._owner, "head_dim", head_dim)
+        expand_v = check_positive(self._owner, "expand_v", expand_v)
+        self.num_heads = (
+            max(1, hidden_size // head_dim) if num_heads is None else check_int(self._owner, "num_heads", num_heads)
+        )
         self.head_dim = head_dim
         self.head_v_dim = int(head_dim * expand_v)
         if self.head_v_dim != head_dim * expand_v or self.head_v_dim < 1:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixers.backends import gated_backward_limitations
-from mixers.base import ConvQKVMixer
+from mixers.base import ConvQKVMixer, check_int, check_positive
 from mixers.modules import GatedRMSNorm
 from mixers.ops.gated_delta_rule import gated_delta_rule
 from mixers.ops.utils import compute_dtype
@@ -67,7 +67,8 @@ class GatedDeltaNet(ConvQKVMixer):
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, num_heads, head_dim, expand_v, conv_size, mode, backend)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_int(self._owner, "chunk_size", chunk_size)
+        check_positive(self._owner, "norm_eps", norm_eps)
         self.a_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)

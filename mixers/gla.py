@@ -13,12 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixers.base import RecurrentMixer, ShortConvQKV
+from mixers.base import RecurrentMixer, ShortConvQKV, check_int, check_positive
 from mixers.modules import GatedRMSNorm
 from mixers.ops.linear_attention import gated_linear_attention
 from mixers.ops.utils import compute_dtype
 from mixers.registry import register_mixer
 from mixers.state import RecurrentState
+
+
+def _width(owner: str, option: str, hidden_size: int, expand: float) -> int:
+    """``hidden_size * expand`` if ``expand`` is positive and the product a whole number."""
+    width = hidden_size * check_positive(owner, option, expand)
+    if width != int(width) or width < 1:
+        raise ValueError(
+            f"{owner}: hidden_size * {option} must be a positive whole number, got {hidden_size} * {expand} = {width:g}"
+        )
+    return int(width)
 
 
 @register_mixer("G", "gla")
@@ -56,15 +66,19 @@ class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, mode, backend)
-        self.num_heads = max(1, hidden_size // 128) if num_heads is None else num_heads
-        self.key_dim, self.value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+        owner = self._owner
+        self.num_heads = max(1, hidden_size // 128) if num_heads is None else check_int(owner, "num_heads", num_heads)
+        self.key_dim = _width(owner, "expand_k", hidden_size, expand_k)
+        self.value_dim = _width(owner, "expand_v", hidden_size, expand_v)
         if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
             raise ValueError(
-                f"{self._owner}: key dim {self.key_dim} and value dim {self.value_dim} must divide into "
+                f"{owner}: key dim {self.key_dim} and value dim {self.value_dim} must divide into "
                 f"{self.num_heads} heads"
             )
         self.head_k_dim, self.head_v_dim = self.key_dim // self.num_heads, self.value_dim // self.num_heads
-        self.gate_logit_normalizer = gate_logit_normalizer
+        check_int(owner, "gate_low_rank_dim", gate_low_rank_dim)
+        self.gate_logit_normalizer = check_positive(owner, "gate_logit_normalizer", gate_logit_normalizer)
+        check_positive(owner, "norm_eps", norm_eps)
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)

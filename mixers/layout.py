@@ -8,6 +8,8 @@ Grammar (whitespace is free, letters and names are case-insensitive)::
     repeat := ("x" | "*") count          # count >= 1
     kind := a registered letter ("D") or name ("gdn")
 
+A layout expands to at most :data:`MAX_LAYERS` layers.
+
 A repeat at the end of a sequence repeats the whole sequence, so ``"S,D,D,D x9"`` and ``"(S,D,D,D)x9"``
 both give 36 layers (9 ``S``, 27 ``D``), and ``"A,(S,D)x4,A"`` gives 10. :func:`format_layout` writes the
 canonical form (letters, the shortest repeating unit), and ``parse_layout(format_layout(kinds)) == kinds``.
@@ -23,6 +25,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from mixers.registry import UnknownMixerError, resolve_kind
+
+MAX_LAYERS = 1024
+"""The most layers a layout may expand to: far more than any model has, while a typo such as ``"S,D x999999999"``
+is refused at once instead of expanding until memory runs out."""
 
 
 class LayoutError(ValueError):
@@ -94,8 +100,10 @@ class _Parser:
             if self.token.kind in (",", "repeat"):
                 raise self.error(f"empty item: a mixer is missing before this {self.token.text.strip()!r}")
             kinds += self.item()
+            if len(kinds) > MAX_LAYERS:
+                raise self.error(f"the layout expands to more than MAX_LAYERS = {MAX_LAYERS} layers", comma)
         if self.token.kind == "repeat":
-            kinds = kinds * self.repeat()
+            kinds = kinds * self.repeat(len(kinds))
         return kinds
 
     def item(self) -> list[str]:
@@ -119,7 +127,7 @@ class _Parser:
                 raise self.error(f"expected ',' or ')', found {self.token.text!r}")
             self.index += 1
             if self.token.kind == "repeat":
-                kinds = kinds * self.repeat()
+                kinds = kinds * self.repeat(len(kinds))
             return kinds
         if token.kind == ",":
             raise self.error("empty item: a mixer is missing before this ','")
@@ -129,13 +137,19 @@ class _Parser:
             raise self.error("unbalanced parenthesis: ')' without a matching '('")
         raise self.error("a mixer is missing here")
 
-    def repeat(self) -> int:
+    def repeat(self, unit: int) -> int:
+        """The count of the repeat token, which repeats ``unit`` layers."""
         token = self.token
-        count = int(re.sub(r"\D", "", token.text))
-        if count < 1:
+        digits = re.sub(r"\D", "", token.text).lstrip("0")
+        if not digits:
             raise self.error(f"repeat count must be at least 1, got {token.text.strip()!r}", token)
+        # a count with more digits than MAX_LAYERS exceeds it (and is never converted: int() refuses huge strings)
+        if len(digits) > len(str(MAX_LAYERS)) or unit * int(digits) > MAX_LAYERS:
+            raise self.error(
+                f"repeat {token.text.strip()!r} expands the layout to more than MAX_LAYERS = {MAX_LAYERS} layers", token
+            )
         self.index += 1
-        return count
+        return int(digits)
 
 
 def parse_layout(layout: str, num_layers: int | None = None) -> list[str]:
@@ -146,7 +160,8 @@ def parse_layout(layout: str, num_layers: int | None = None) -> list[str]:
         num_layers: if given, the layer count the model declares; a different count raises.
 
     Raises:
-        LayoutError: the string is malformed or its layer count does not match ``num_layers``.
+        LayoutError: the string is malformed, expands to more than :data:`MAX_LAYERS` layers or its layer count
+            does not match ``num_layers``.
     """
     if not isinstance(layout, str):
         raise TypeError(f"a layout must be a string, got {type(layout).__name__}")
@@ -177,11 +192,14 @@ def spread_layout(num_layers: int, ratio: float | Fraction | str, attention: str
     >>> format_layout(spread_layout(36, "1/4"))
     'S,D,D,D x9'
     """
-    ratio = Fraction(ratio) if isinstance(ratio, str) else Fraction(ratio).limit_denominator(1000)
+    try:
+        ratio = Fraction(ratio) if isinstance(ratio, str) else Fraction(ratio).limit_denominator(1000)
+    except (ValueError, TypeError, OverflowError) as error:
+        raise ValueError(f"the attention ratio must be a number or a fraction like '1/4', got {ratio!r}") from error
     if not 0 <= ratio <= 1:
         raise ValueError(f"the attention ratio must lie in [0, 1], got {ratio}")
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be positive, got {num_layers}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= MAX_LAYERS:
+        raise ValueError(f"num_layers must be an integer in [1, MAX_LAYERS = {MAX_LAYERS}], got {num_layers!r}")
     attention, linear = resolve_kind(attention), resolve_kind(linear)
     count = math.floor(ratio * num_layers + Fraction(1, 2))
     kinds = [linear] * num_layers

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixers.base import ConvQKVMixer
+from mixers.base import ConvQKVMixer, check_positive
 from mixers.modules import RMSNorm
 from mixers.ops.linear_attention import linear_attention
 from mixers.ops.utils import compute_dtype, l2norm
@@ -100,6 +100,7 @@ class LinearAttention(ConvQKVMixer):
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, num_heads, head_dim, expand_v, conv_size, mode, backend)
+        check_positive(self._owner, "norm_eps", norm_eps)
         _check_choice(self._owner, "feature_map", feature_map, FEATURE_MAPS)
         _check_choice(self._owner, "qk_norm", qk_norm, QK_NORMS)
         _check_choice(self._owner, "normalize", normalize, (False, True))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixers.backends import gated_backward_limitations
-from mixers.base import RecurrentMixer
+from mixers.base import RecurrentMixer, check_int, check_positive
 from mixers.gated_deltanet import init_dt_bias
 from mixers.modules import GatedRMSNorm, ShortConv
 from mixers.ops.linear_attention import simple_gated_linear_attention
@@ -61,6 +61,11 @@ class Mamba2(RecurrentMixer):
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, mode, backend)
+        owner = self._owner
+        d_state, headdim = check_int(owner, "d_state", d_state), check_int(owner, "headdim", headdim)
+        expand, ngroups = check_int(owner, "expand", expand), check_int(owner, "ngroups", ngroups)
+        conv_size, chunk_size = check_int(owner, "conv_size", conv_size), check_int(owner, "chunk_size", chunk_size)
+        check_positive(owner, "norm_eps", norm_eps)
         self.d_inner = expand * hidden_size
         if self.d_inner % headdim:
             raise ValueError(f"{self._owner}: inner width {self.d_inner} must be a multiple of headdim {headdim}")

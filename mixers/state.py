@@ -76,6 +76,28 @@ class MixerState:
             t.numel() * t.element_size() for f in dataclasses.fields(self) for t in _tensors(getattr(self, f.name))
         )
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the state's tensors."""
+        return next(t for f in dataclasses.fields(self) for t in _tensors(getattr(self, f.name))).device
+
+    def structure(self) -> dict[str, Any]:
+        """What a mixer checks before continuing from this state: ``"type"`` (the class name), the shape of each
+        tensor with ``N`` for the sequence dimension (``"conv.q": "[N, 256, 4]"``) and every other field's value.
+        States of the same mixer kind and options have the same structure, whatever their batch or dtype."""
+        structure: dict[str, Any] = {"type": type(self).__name__}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            parts = value.items() if isinstance(value, dict) else [(None, value)]
+            for key, item in parts:
+                name = f.name if key is None else f"{f.name}.{key}"
+                structure[name] = self._shape(f.name, item) if isinstance(item, torch.Tensor) else item
+        return structure
+
+    def _shape(self, field: str, tensor: torch.Tensor) -> str:
+        """``tensor``'s shape as :meth:`structure` reports it."""
+        return "[" + ", ".join(["N", *map(str, tensor.shape[1:])]) + "]"
+
 
 @dataclasses.dataclass
 class RecurrentState(MixerState):
@@ -116,6 +138,12 @@ class KVCache(MixerState):
     @property
     def batch_size(self) -> int:
         return self.key.shape[0]
+
+    def _shape(self, field: str, tensor: torch.Tensor) -> str:
+        """As :meth:`MixerState._shape`; a growing cache's slot count is ``slots`` (it varies)."""
+        if self.window is not None or field not in ("key", "value"):
+            return super()._shape(field, tensor)
+        return "[" + ", ".join(["N", "slots", *map(str, tensor.shape[2:])]) + "]"
 
     def copy_(self, other: KVCache) -> Self:
         """As :meth:`MixerState.copy_`; a growing cache may take a shorter one (its other slots are emptied),
