@@ -14,7 +14,9 @@ backend        package (pip name)          used for
 
 ``backend="auto"`` takes the first backend of a mixer's preference list that can run on the input's
 device and logs the choice once per mixer kind. An explicitly requested backend that cannot run raises
-:class:`BackendUnavailableError` naming what is missing; nothing falls back silently.
+:class:`BackendUnavailableError` naming what is missing; nothing falls back silently. ``auto`` also passes
+over kernels that would miss the reference bound for the input's dtype (:func:`precision_auto_skips`: float32
+and float64 inputs run the PyTorch reference), while an explicit request still runs them.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def select_backend(
     preference: Sequence[str],
     owner: str,
     limitations: dict[str, str] | None = None,
+    auto_skips: dict[str, str] | None = None,
 ) -> str:
     """Resolve ``requested`` (a backend name or ``"auto"``) for an input on ``device``.
 
@@ -99,6 +102,9 @@ def select_backend(
         owner: a short name used in log lines and errors, e.g. ``"gated_delta_rule"``.
         limitations: backends that cannot serve this particular call, with the reason (e.g. a kernel
             whose backward pass is broken in the installed Triton).
+        auto_skips: backends ``"auto"`` passes over for this call, with the reason, though they can run
+            when asked for by name (e.g. a kernel less precise than the input's dtype,
+            :func:`precision_auto_skips`).
 
     Raises:
         BackendUnavailableError: ``requested`` is explicit and cannot run.
@@ -107,7 +113,11 @@ def select_backend(
     if requested == "auto":
         skipped = []
         for backend in preference:
-            reason = unavailable_reason(backend, device) or (limitations or {}).get(backend)
+            reason = (
+                unavailable_reason(backend, device)
+                or (limitations or {}).get(backend)
+                or (auto_skips or {}).get(backend)
+            )
             if reason is None:
                 why = "fastest available" if not skipped else "; ".join(skipped)
                 log_once(f"{owner} on {device.type} uses backend {backend!r} ({why})")
@@ -189,6 +199,32 @@ def float32_attention_limitations(device: torch.device, dtype: torch.dtype) -> d
     (:func:`fla_float32_attention_issue`), else ``None``."""
     issue = fla_float32_attention_issue(device, dtype)
     return {"fla": issue} if issue else None
+
+
+def precision_auto_skips(device: torch.device, dtype: torch.dtype, preference: Sequence[str]) -> dict[str, str] | None:
+    """The kernels of ``preference`` that ``backend="auto"`` passes over for ``dtype`` inputs on ``device``, because
+    they miss the reference bound for that dtype (float32: ~1e-5 relative; float64: ~1e-12), with the reason;
+    ``None`` when there are none.
+
+    With these skips ``auto`` gives kernels only 16-bit inputs. fla's Triton kernels compute a float32 input's dots in TF32, Triton's
+    default for a float32 dot (fla's ``parallel_attn`` lands at 1.1e-3 relative error against float32 SDPA,
+    where 1e-4 is the bound), and a float64 input in float32 at best; flash-attn takes only float16 and
+    bfloat16. No kernel here is known to meet the float32 bound, so float32 and float64 run the PyTorch
+    reference; asking for a kernel by name still runs it (fla: to TF32 accuracy).
+    """
+    if device.type != "cuda" or dtype not in (torch.float32, torch.float64):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    reasons = {
+        "fla": (
+            f"its Triton kernels compute {name} inputs "
+            + ("with TF32 dots" if dtype == torch.float32 else "in float32 at best")
+            + f", short of {name} accuracy; pass backend='fla' to accept that"
+        ),
+        "flash_attn": f"flash-attn takes only float16/bfloat16 inputs, not {name}",
+    }
+    skips = {backend: reasons[backend] for backend in preference if backend in reasons}
+    return skips or None
 
 
 def gated_backward_limitations(

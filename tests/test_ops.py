@@ -285,3 +285,165 @@ def test_decode_attention_equals_attention_over_the_visible_slots(slots):
     positions = torch.where(visible, torch.arange(slots), -1)  # hidden slots look empty
     expected = attention_over_positions(q, k, v, torch.full((2, 1), slots), positions)
     assert torch.allclose(decode_attention(q, k, v, visible), expected, rtol=1e-12, atol=1e-12)
+
+
+# The chunked forms against the recurrent form on fla's kind of hard cases. The reference is the recurrent form
+# in float64 on the same values (drawn float32-representable) under the same random cotangents; the quantities
+# are the output, the final state and the gradient of every input, each held to ``||x - ref|| / ||ref||``:
+# float64 1e-9, float32 1e-5 (float32 arithmetic lands near 2e-7 here, the recurrent form run in float32 too).
+BOUND = {torch.float64: 1e-9, torch.float32: 1e-5}
+HUGE_DECAY = -1e4  # a log decay that wipes the state, followed by weak ones in the same chunk
+HARD_CASES = ["strong_decay", "huge_then_weak", "beta_near_0", "beta_near_1", "one_token", "varlen"]
+
+
+def hard_case_inputs(case, *, decay_shape="head", delta=True, T=37, chunk_size=16, B=2, H=2, K=8, V=5):
+    """Inputs for ``case`` with K != V and (but for ``one_token``) T not a multiple of ``chunk_size``:
+    ``(leaves, cu_seqlens)``, ``leaves`` a dict of float64 tensors holding float32 values, named as the op's
+    arguments (``decay_shape``: ``"head"`` for ``g [B, T, H]``, ``"key"`` for GLA's ``gk [B, T, H, K]``)."""
+    lengths = [1, 20, 16] if case == "varlen" else None  # a length-1 sequence, a full chunk, a ragged one
+    B, T = (1, sum(lengths)) if lengths else (B, 1 if case == "one_token" else T)
+    n = len(lengths) if lengths else B
+    q, k = torch.randn(B, T, H, K, dtype=F64), F.normalize(torch.randn(B, T, H, K, dtype=F64), dim=-1)
+    v, h0 = torch.randn(B, T, H, V, dtype=F64), torch.randn(n, H, K, V, dtype=F64)
+    g = F.logsigmoid(torch.randn(B, T, H, *((K,) if decay_shape == "key" else ()), dtype=F64) + 2)
+    if case == "strong_decay":  # every log decay below -30
+        g = torch.empty_like(g).uniform_(-60.0, -30.0)
+    elif case in ("huge_then_weak", "varlen"):
+        g = F.logsigmoid(torch.randn_like(g) + 4)  # about -0.02
+        g[:, 1::chunk_size] = HUGE_DECAY
+    leaves = dict(q=q, k=k, v=v, **{"gk" if decay_shape == "key" else "g": g}, initial_state=h0)
+    if delta:
+        beta = torch.rand(B, T, H, dtype=F64)
+        leaves["beta"] = {"beta_near_0": 1e-6 * beta, "beta_near_1": 1 - 1e-6 * beta}.get(case, beta)
+    leaves = {name: t.float().double() for name, t in leaves.items()}
+    return leaves, None if lengths is None else seqlens_to_cu_seqlens(lengths)
+
+
+def chunk_errors(op, leaves, dtype, **kwargs):
+    """Relative errors of ``op``'s chunked form in ``dtype`` against its recurrent form in float64: output,
+    final state and the gradient of every leaf (``d<name>``), under the same random cotangents."""
+    results = {}
+    for form, dt in (("chunk", dtype), ("recurrent", F64)):
+        inputs = {name: t.to(dt).requires_grad_() for name, t in leaves.items()}
+        o, state = op(**inputs, form=form, backend="torch", **kwargs)
+        generator = torch.Generator().manual_seed(1)
+        do, dstate = (torch.randn(t.shape, generator=generator, dtype=F64).to(dt) for t in (o, state))
+        grads = torch.autograd.grad((o * do).sum() + (state * dstate).sum(), list(inputs.values()))
+        results[form] = dict(o=o, state=state, **{f"d{name}": grad for name, grad in zip(inputs, grads)})
+    return {name: rel_err(results["chunk"][name], results["recurrent"][name]) for name in results["chunk"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", HARD_CASES)
+def test_gated_delta_rule_chunk_matches_recurrent_on_hard_cases(case, dtype):
+    """Strong decay once left ``dg`` 5e-3 (float64) and 1.0 (float32) off, and a huge decay before weak ones
+    left every float32 quantity ~3e-4 off: the chunked form subtracted cumulative sums of the log decay."""
+    leaves, cu_seqlens = hard_case_inputs(case)
+    errors = chunk_errors(gated_delta_rule, leaves, dtype, cu_seqlens=cu_seqlens, chunk_size=16)
+    assert set(errors) == {"o", "state", "dq", "dk", "dv", "dg", "dbeta", "dinitial_state"}
+    assert max(errors.values()) < BOUND[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", ["strong_decay", "huge_then_weak", "one_token", "varlen"])
+@pytest.mark.parametrize("variant", ["gla", "simple_gla"])
+def test_gated_linear_attention_chunk_matches_recurrent_on_hard_cases(variant, case, dtype):
+    """GLA (decay per key) and the scalar-decay form (Mamba2's SSD) under the same hard decays."""
+    op, decay_shape = {
+        "gla": (gated_linear_attention, "key"),
+        "simple_gla": (simple_gated_linear_attention, "head"),
+    }[variant]
+    leaves, cu_seqlens = hard_case_inputs(case, decay_shape=decay_shape, delta=False)
+    errors = chunk_errors(op, leaves, dtype, cu_seqlens=cu_seqlens, chunk_size=16)
+    assert max(errors.values()) < BOUND[dtype], errors
+
+
+def test_segment_sums_are_direct_and_their_gradient_stays_finite():
+    from mixers.ops.utils import segment_sums
+
+    g = torch.tensor([-1e4, -0.3, -0.7, -2.1], dtype=F64, requires_grad=True)
+    sums = segment_sums(g)
+    expected = torch.full((4, 4), float("-inf"), dtype=F64)
+    for i in range(4):
+        for j in range(i + 1):
+            expected[i, j] = g[j + 1 : i + 1].sum()
+    assert torch.equal(sums, expected)  # the segments after the huge decay keep every bit
+    (grad,) = torch.autograd.grad((sums.exp() * torch.randn(4, 4, dtype=F64)).sum(), g)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.fixture
+def hopper_without_gpu(monkeypatch):
+    """A CUDA device that looks like a Hopper GPU with Triton 3.6 and fla and flash-attn installed; returns a
+    function that sets whether tilelang is installed."""
+    import importlib.util
+
+    from mixers import backends
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(backends, "triton_version", lambda: (3, 6, 0))
+    monkeypatch.setattr(backends, "package_error", lambda backend: None)
+    monkeypatch.setattr(backends, "_logged", set())
+    monkeypatch.delenv("FLA_TILELANG", raising=False)
+
+    def with_tilelang(installed):
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a: (object() if installed else None) if name == "tilelang" else real_find_spec(name, *a),
+        )
+
+    return with_tilelang
+
+
+@pytest.mark.parametrize(
+    ("dtype", "window", "tilelang", "chosen"),
+    [
+        (torch.float32, 32, False, "torch"),  # fla's float32 attention computes in TF32: 1.1e-3 against 1e-4
+        (torch.float32, 32, True, "torch"),  # tilelang's kernel does not compile for float32
+        (torch.float32, None, False, "torch"),  # flash-attn takes no float32
+        (torch.float64, 32, False, "torch"),
+        (torch.bfloat16, 32, False, "flash_attn"),
+        (torch.bfloat16, None, True, "flash_attn"),
+    ],
+)
+def test_auto_attention_backend_meets_the_dtype_bound(hopper_without_gpu, caplog, dtype, window, tilelang, chosen):
+    """``auto`` never hands float32 or float64 attention to a kernel short of their precision, and logs why;
+    a kernel asked for by name still runs where it can take the dtype (decided without a GPU)."""
+    from mixers.ops.attention import select_attention_backend
+
+    hopper_without_gpu(tilelang)
+    cuda = torch.device("cuda")
+    with caplog.at_level("INFO", logger="hybridvl.mixers"):
+        assert select_attention_backend("auto", cuda, dtype, window) == chosen
+    (line,) = [r.getMessage() for r in caplog.records if "uses backend" in r.getMessage()]
+    assert line.startswith(f"causal_attention on cuda uses backend {chosen!r}")
+    if chosen == "torch":
+        assert "flash_attn skipped: flash-attn takes only float16/bfloat16" in line
+        assert "fla skipped:" in line or window is None  # full attention prefers SDPA to fla anyway
+    if dtype == torch.float32 and window is not None:
+        assert ("TF32" in line) != tilelang  # with tilelang, the refusal names the kernel that cannot compile
+    if dtype == torch.float32 and tilelang:
+        with pytest.raises(BackendUnavailableError, match="float32"):
+            select_attention_backend("fla", cuda, dtype, window)
+    else:
+        assert select_attention_backend("fla", cuda, dtype, window) == "fla"
+    assert select_attention_backend("auto", torch.device("cpu"), dtype, window) == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_auto_linear_backend_meets_the_dtype_bound(hopper_without_gpu, dtype):
+    """The linear-attention family's ``auto``: fla only for 16-bit inputs; by name fla runs any dtype."""
+    from mixers.backends import precision_auto_skips, select_backend
+
+    hopper_without_gpu(True)
+    cuda = torch.device("cuda")
+    skips = precision_auto_skips(cuda, dtype, ("fla", "torch"))
+    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+    assert (skips is None) == sixteen_bit
+    assert select_backend("auto", cuda, ("fla", "torch"), "gated_delta_rule", None, skips) == (
+        "fla" if sixteen_bit else "torch"
+    )
+    assert select_backend("fla", cuda, ("fla", "torch"), "gated_delta_rule", None, skips) == "fla"
+    assert precision_auto_skips(torch.device("cpu"), dtype, ("fla", "torch")) is None

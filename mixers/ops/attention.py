@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import float32_attention_limitations, select_backend
+from mixers.backends import float32_attention_limitations, precision_auto_skips, select_backend
 from mixers.ops.utils import compute_dtype
 from mixers.ops.varlen import check_cu_seqlens, map_sequence_outputs
 
@@ -37,7 +37,8 @@ def causal_attention(
         window: keys per query including itself; ``None`` for full causal attention.
         scale: score scale, default ``D ** -0.5``.
         cu_seqlens: packed-batch boundaries (``B`` must be 1); sequences do not see each other.
-        backend: ``"auto"``, ``"torch"`` (SDPA), ``"fla"`` (``parallel_attn``) or ``"flash_attn"``.
+        backend: ``"auto"``, ``"torch"`` (SDPA), ``"fla"`` (``parallel_attn``) or ``"flash_attn"``;
+            ``"auto"`` runs float32 and float64 inputs with SDPA (:func:`select_attention_backend`).
 
     Returns:
         ``[B, T, Hq, D]`` in ``q``'s dtype.
@@ -53,9 +54,7 @@ def causal_attention(
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
     scale = D**-0.5 if scale is None else scale
-    preference = FULL_PREFERENCE if window is None else WINDOW_PREFERENCE
-    limitations = float32_attention_limitations(q.device, q.dtype)
-    chosen = select_backend(backend, q.device, preference, "causal_attention", limitations)
+    chosen = select_attention_backend(backend, q.device, q.dtype, window)
     if chosen == "fla":
         from fla.ops.attn import parallel_attn
 
@@ -65,6 +64,21 @@ def causal_attention(
     if cu_seqlens is None:
         return _sdpa_causal(q, k, v, window, scale)
     return map_sequence_outputs(lambda *qkv: _sdpa_causal(*qkv, window, scale), cu_seqlens, (q, k, v))
+
+
+def select_attention_backend(requested: str, device: torch.device, dtype: torch.dtype, window: int | None) -> str:
+    """The backend :func:`causal_attention` runs for ``requested`` on inputs of ``dtype`` on ``device``.
+
+    ``"auto"`` gives float32 and float64 inputs to PyTorch's SDPA, which meets their bounds, and passes over the
+    kernels that do not (:func:`~mixers.backends.precision_auto_skips`: fla's float32 attention computes in TF32,
+    1.1e-3 relative error where float32's bound is 1e-4; flash-attn takes only 16-bit inputs); a kernel asked
+    for by name still runs unless it cannot take the dtype here at all
+    (:func:`~mixers.backends.fla_float32_attention_issue`).
+    """
+    preference = FULL_PREFERENCE if window is None else WINDOW_PREFERENCE
+    limitations = float32_attention_limitations(device, dtype)
+    auto_skips = precision_auto_skips(device, dtype, preference)
+    return select_backend(requested, device, preference, "causal_attention", limitations, auto_skips)
 
 
 def attention_over_positions(

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import gated_backward_limitations, select_backend
-from mixers.ops.utils import compute_dtype, l2norm
+from mixers.backends import gated_backward_limitations, precision_auto_skips, select_backend
+from mixers.ops.utils import compute_dtype, l2norm, segment_sums
 from mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
@@ -55,7 +55,8 @@ def gated_delta_rule(
         use_qk_l2norm: L2-normalise ``q`` and ``k`` over ``K`` first (in float32, eps 1e-6).
         form: ``"chunk"`` or ``"recurrent"`` (the token loop; fla's fused recurrent kernel on CUDA).
         chunk_size: chunk length of the chunked PyTorch form.
-        backend: ``"auto"``, ``"torch"`` or ``"fla"``.
+        backend: ``"auto"``, ``"torch"`` or ``"fla"``; ``"auto"`` runs float32 and float64 inputs in
+            PyTorch (:func:`~mixers.backends.precision_auto_skips`).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
@@ -65,7 +66,8 @@ def gated_delta_rule(
         raise ValueError(f"form must be 'chunk' or 'recurrent', got {form!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     limitations = gated_backward_limitations(q.device, q, k, v, g, beta, initial_state)
-    chosen = select_backend(backend, q.device, _PREFERENCE, "gated_delta_rule", limitations)
+    auto_skips = precision_auto_skips(q.device, q.dtype, _PREFERENCE)
+    chosen = select_backend(backend, q.device, _PREFERENCE, "gated_delta_rule", limitations, auto_skips)
     if chosen == "fla":
         return _fla(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, form)
     if use_qk_l2norm:
@@ -120,7 +122,10 @@ def _chunk_torch(q, k, v, g, beta, *, scale, initial_state=None, chunk_size=64):
     lower-triangular system ``(I + M) U = beta*V - (beta*gamma*K) S0`` with
     ``M_ij = beta_i (gamma_i / gamma_j) k_i.k_j`` for ``j < i``; then
     ``O = (gamma*Q) S0 + ((Q K^T) * L) U`` with ``L_ij = gamma_i / gamma_j`` for ``j <= i``, and
-    ``S_end = gamma_C S0 + (K * gamma_C / gamma)^T U``. Every exponent is ``<= 0``.
+    ``S_end = gamma_C S0 + (K * gamma_C / gamma)^T U``. Every exponent is ``<= 0``, and every ratio
+    ``gamma_i / gamma_j`` is ``exp`` of the segment sum ``g_{j+1} + ... + g_i`` summed directly
+    (:func:`~mixers.ops.utils.segment_sums`), never ``exp(G_i - G_j)``: that difference loses the small
+    in-chunk decays to cancellation once ``|G|`` is large (strong decay).
     """
     out_dtype = v.dtype
     B, T, H, K = q.shape
@@ -136,21 +141,19 @@ def _chunk_torch(q, k, v, g, beta, *, scale, initial_state=None, chunk_size=64):
     g, beta = (t.reshape(B, H, n_chunks, C) for t in (g, beta))
     q = q * scale
 
-    G = g.cumsum(-1)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    strict = causal.clone().fill_diagonal_(False)
-    log_ratio = G[..., :, None] - G[..., None, :]  # log(gamma_i / gamma_j)
-    ratio = log_ratio.masked_fill(~causal, float("-inf")).exp()
+    log_ratio = segment_sums(g)  # log(gamma_i / gamma_j), -inf above the diagonal
+    ratio = log_ratio.exp()
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     kk = k @ k.transpose(-1, -2)
     M = (beta[..., :, None] * ratio * kk).masked_fill(~strict, 0.0)
     eye = torch.eye(C, device=q.device, dtype=dtype)
     A = eye + M
-    gamma = G.exp()
+    gamma = g.cumsum(-1).exp()  # a sum from the chunk's start: no cancellation
     U_values = torch.linalg.solve_triangular(A, beta[..., None] * v, upper=False, unitriangular=True)
     W_keys = torch.linalg.solve_triangular(A, (beta * gamma)[..., None] * k, upper=False, unitriangular=True)
     qk = (q @ k.transpose(-1, -2)) * ratio
     q_decayed = q * gamma[..., None]
-    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
+    k_to_end = k * ratio[..., -1, :, None]  # gamma_C / gamma_j: the last row
     gamma_end = gamma[..., -1]
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import gated_backward_limitations, select_backend
-from mixers.ops.utils import compute_dtype
+from mixers.backends import gated_backward_limitations, precision_auto_skips, select_backend
+from mixers.ops.utils import compute_dtype, segment_sums
 from mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
@@ -68,7 +68,8 @@ def simple_gated_linear_attention(
         cu_seqlens: packed-batch boundaries (``B`` must be 1).
         form: ``"chunk"`` or ``"recurrent"``.
         chunk_size: chunk length of the chunked PyTorch form.
-        backend: ``"auto"``, ``"torch"`` or ``"fla"``.
+        backend: ``"auto"``, ``"torch"`` or ``"fla"``; ``"auto"`` runs float32 and float64 inputs in
+            PyTorch (:func:`~mixers.backends.precision_auto_skips`).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
@@ -124,7 +125,8 @@ def _dispatch(variant, q, k, v, g, scale, initial_state, cu_seqlens, form, chunk
         if variant == "simple_gla"
         else None
     )
-    if select_backend(backend, q.device, _PREFERENCE, owner, limitations) == "fla":
+    auto_skips = precision_auto_skips(q.device, q.dtype, _PREFERENCE)
+    if select_backend(backend, q.device, _PREFERENCE, owner, limitations, auto_skips) == "fla":
         return _fla(variant, q, k, v, g, scale, initial_state, cu_seqlens, form)
     fn = _chunk_torch if form == "chunk" else _recurrent_torch
 
@@ -161,7 +163,9 @@ def _chunk_torch(q, k, v, g, *, scale, initial_state=None, chunk_size=64):
     """Chunked form. With ``G`` the in-chunk cumulative log decay, the intra-chunk scores are
     ``A_ij = sum_d q_id k_jd exp(G_id - G_jd)`` for ``j <= i`` (every exponent ``<= 0``), the output
     ``O = (Q * exp(G)) S0 + A V`` and the end state ``exp(G_C) * S0 + (K * exp(G_C - G))^T V``.
-    A per-key decay makes ``A`` a ``[C, C, K]`` contraction, so GLA uses short chunks."""
+    Each ``G_i - G_j`` is formed as the segment sum ``g_{j+1} + ... + g_i`` summed directly
+    (:func:`~mixers.ops.utils.segment_sums`), not as a difference, which cancels catastrophically once
+    ``|G|`` is large. A per-key decay makes ``A`` a ``[C, C, K]`` contraction, so GLA uses short chunks."""
     out_dtype, dtype = v.dtype, compute_dtype(v)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -172,23 +176,25 @@ def _chunk_torch(q, k, v, g, *, scale, initial_state=None, chunk_size=64):
         F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad)).transpose(1, 2).reshape(B, H, n_chunks, C, -1) for t in (q, k, v)
     )
     q = q * scale
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if g is None:
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
         q_decayed, k_to_end, decay_end = q, k, None
     else:
-        G = F.pad(g.to(dtype), (0, 0) * (g.dim() - 2) + (0, pad)).transpose(1, 2)
-        G = G.reshape(B, H, n_chunks, C, *G.shape[3:]).cumsum(3)
-        if g.dim() == 3:  # scalar decay: [B, H, N, C]
-            log_ratio = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf"))
-            scores = (q @ k.transpose(-1, -2)) * log_ratio.exp()
-            G = G[..., None]
+        g = F.pad(g.to(dtype), (0, 0) * (g.dim() - 2) + (0, pad)).transpose(1, 2)
+        g = g.reshape(B, H, n_chunks, C, *g.shape[3:])
+        if g.dim() == 4:  # scalar decay: [B, H, N, C]
+            ratio = segment_sums(g).exp()  # [B, H, N, C, C]: exp(G_i - G_j), 0 above the diagonal
+            scores = (q @ k.transpose(-1, -2)) * ratio
+            to_end = ratio[..., -1, :, None]  # exp(G_C - G_j): the last row
+            g = g[..., None]
         else:  # per-key decay: [B, H, N, C, K]
-            log_ratio = G[..., :, None, :] - G[..., None, :, :]
-            log_ratio = log_ratio.masked_fill(~causal[..., None], float("-inf"))
-            scores = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, log_ratio.exp())
+            ratio = segment_sums(g.transpose(-1, -2)).permute(0, 1, 2, 4, 5, 3).exp()  # [B, H, N, C, C, K]
+            scores = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, ratio)
+            to_end = ratio[..., -1, :, :]
+        G = g.cumsum(3)  # sums from the chunk's start: no cancellation
         q_decayed = q * G.exp()
-        k_to_end = k * (G[..., -1:, :] - G).exp()
+        k_to_end = k * to_end
         decay_end = G[..., -1, :].exp()  # [B, H, N, K or 1]
     intra = scores @ v
 

@@ -16,3 +16,23 @@ def compute_dtype(x: torch.Tensor | torch.dtype) -> torch.dtype:
     input, else float32."""
     dtype = x if isinstance(x, torch.dtype) else x.dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def segment_sums(g: torch.Tensor) -> torch.Tensor:
+    """Sums of log decays over every segment of the last dimension: ``out[..., i, j]`` is
+    ``g[j+1] + ... + g[i]`` for ``j <= i`` (``0`` on the diagonal) and ``-inf`` above it.
+
+    The segments are summed directly (a cumulative sum down each column of a ``[C, C]`` matrix that
+    holds ``g[i]`` below the diagonal and zeros elsewhere, as Mamba2's ``segsum``), not as differences
+    ``G[i] - G[j]`` of cumulative sums: those cancel catastrophically once ``|G|`` is large (strong decay,
+    or a huge decay early in a chunk followed by weak ones). ``exp`` of the result is the decay from step
+    ``j`` to step ``i``; above the diagonal it is exactly ``0`` and its gradient there is ``0`` (no
+    ``inf - inf``).
+    """
+    C = g.shape[-1]
+    ones = torch.ones(C, C, dtype=torch.bool, device=g.device)
+    below = ones.tril(-1)
+    sums = g[..., :, None].expand(*g.shape, C).masked_fill(~below, 0.0).cumsum(-2)
+    # the diagonal is the constant 0, so the gradient of exp there (O(1)) never reaches g, where it
+    # would swamp the true gradient of a strong decay in rounding
+    return sums.masked_fill(~below, 0.0).masked_fill(~ones.tril(), float("-inf"))
