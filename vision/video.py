@@ -8,8 +8,11 @@ therefore repeats frames, so the samples stay ``1 / fps`` apart as Qwen2.5-VL's 
 Frames are decoded in order and converted to tensors only when sampled; ``iter_video_frames`` holds one decoded
 frame at a time. Rotation metadata is not applied: frames come out as stored.
 
-Every file problem (missing, not a regular file, empty, not decodable, no video stream, no frames) raises
-``VisionInputError``, whose message starts with the file's path.
+Every file problem (missing, not a regular file, empty, not decodable, no video stream, no frames, fewer frames
+decoded than the container promises) raises ``VisionInputError``, whose message starts with the file's path. A
+truncated file often decodes without an FFmpeg error, only shorter: so after decoding, the frames are checked
+against the stream's frame count (MP4, MOV, AVI store one) or, where the container stores none (Matroska), against
+its duration, less one frame interval.
 """
 
 from __future__ import annotations
@@ -158,11 +161,47 @@ def _frame_tensor(frame: VideoFrame) -> torch.Tensor:
     return torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).contiguous()
 
 
-def _timed_frames(frames: Iterable[VideoFrame], interval: Fraction) -> Iterator[tuple[Fraction, VideoFrame]]:
-    """Pair each frame with its presentation time; frames without one are placed ``interval`` apart."""
+@dataclass
+class _Decoded:
+    """How far decoding got: frames decoded and the presentation times of the first and the latest."""
+
+    frames: int = 0
+    first: Fraction | None = None
+    last: Fraction | None = None
+
+
+def _timed_frames(
+    frames: Iterable[VideoFrame], interval: Fraction, decoded: _Decoded
+) -> Iterator[tuple[Fraction, VideoFrame]]:
+    """Pair each frame with its presentation time (frames without one are placed ``interval`` apart), counting
+    them in ``decoded``."""
     for index, frame in enumerate(frames):
         known = frame.pts is not None and frame.time_base is not None
-        yield (frame.pts * frame.time_base if known else index * interval), frame
+        time = frame.pts * frame.time_base if known else index * interval
+        decoded.frames += 1
+        decoded.first = time if decoded.first is None else min(decoded.first, time)
+        decoded.last = time if decoded.last is None else max(decoded.last, time)
+        yield time, frame
+
+
+def _check_complete(
+    path: Path, container: InputContainer, stream: VideoStream, decoded: _Decoded, interval: Fraction
+) -> None:
+    """Raise unless decoding gave every frame the container promises (see the module docstring)."""
+    if stream.frames:
+        if decoded.frames < stream.frames:
+            raise VisionInputError(
+                path,
+                f"truncated or corrupt: decoded {decoded.frames} of the {stream.frames} frames its header lists",
+            )
+        return
+    duration = _duration(container, stream) if stream.duration or len(container.streams) == 1 else None
+    if duration is not None and decoded.last + interval - decoded.first < duration - interval:
+        raise VisionInputError(
+            path,
+            f"truncated or corrupt: decoded {float(decoded.last + interval - decoded.first):.2f} s of the "
+            f"{duration:.2f} s its header promises",
+        )
 
 
 def _nearest_frames(
@@ -188,13 +227,12 @@ def _sampled_frames(path: Path, step: Fraction) -> Generator[tuple[float, torch.
     with _open_video(path) as (container, stream):
         stream.thread_type = "AUTO"
         interval = 1 / _frame_rate(stream, path)
-        decoded = _timed_frames(container.decode(stream), interval)
-        empty = True
-        for time, frame in _nearest_frames(decoded, step, interval):
-            empty = False
+        decoded = _Decoded()
+        for time, frame in _nearest_frames(_timed_frames(container.decode(stream), interval, decoded), step, interval):
             yield float(time), _frame_tensor(frame)
-    if empty:
-        raise VisionInputError(path, "contains no decodable video frames")
+        if not decoded.frames:
+            raise VisionInputError(path, "contains no decodable video frames")
+        _check_complete(path, container, stream, decoded, interval)
 
 
 def iter_video_frames(path: PathLike, fps: float = 2.0) -> Generator[tuple[float, torch.Tensor], None, None]:
@@ -207,7 +245,7 @@ def iter_video_frames(path: PathLike, fps: float = 2.0) -> Generator[tuple[float
     Raises:
         ValueError: ``fps`` is not a positive finite number.
         VisionInputError: at the call, the file is missing, empty or not a video; while iterating, its data is
-            corrupt or it contains no frames.
+            corrupt, it contains no frames or (after the last frame) fewer than its container promises.
     """
     step = _sample_step(fps)
     path = _existing_file(path)
@@ -229,7 +267,7 @@ def read_video(path: PathLike, fps: float = 2.0, max_frames: int | None = None) 
 
     Raises:
         ValueError: ``fps`` is not a positive finite number or ``max_frames`` is less than 1.
-        VisionInputError: the file is missing, empty, corrupt, not a video or has no frames.
+        VisionInputError: the file is missing, empty, corrupt, truncated, not a video or has no frames.
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1 or None, got {max_frames}")
