@@ -206,11 +206,11 @@ def precision_auto_skips(device: torch.device, dtype: torch.dtype, preference: S
     they miss the reference bound for that dtype (float32: ~1e-5 relative; float64: ~1e-12), with the reason;
     ``None`` when there are none.
 
-    With these skips ``auto`` gives kernels only 16-bit inputs. fla's Triton kernels compute a float32 input's dots in TF32, Triton's
-    default for a float32 dot (fla's ``parallel_attn`` lands at 1.1e-3 relative error against float32 SDPA,
-    where 1e-4 is the bound), and a float64 input in float32 at best; flash-attn takes only float16 and
-    bfloat16. No kernel here is known to meet the float32 bound, so float32 and float64 run the PyTorch
-    reference; asking for a kernel by name still runs it (fla: to TF32 accuracy).
+    With these skips ``auto`` gives kernels only 16-bit inputs. fla's Triton kernels compute a float32 input's
+    dots in TF32, Triton's default for a float32 dot (fla's ``parallel_attn`` lands at 1.1e-3 relative error
+    against float32 SDPA, where 1e-4 is the bound), and a float64 input in float32 at best; flash-attn takes
+    only float16 and bfloat16. No kernel here is known to meet the float32 bound, so float32 and float64 run
+    the PyTorch reference; asking for a kernel by name still runs it (fla: to TF32 accuracy).
     """
     if device.type != "cuda" or dtype not in (torch.float32, torch.float64):
         return None
