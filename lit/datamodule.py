@@ -10,15 +10,21 @@ A source is a dict in YAML:
       - {type: synthetic, tasks: [ocr, counting], size_per_task: 500, split: train}
       - {type: json, path: data/video.jsonl, media_root: data/media, weight: 4}
 
-``weight`` repeats a source (or, below 1, subsamples it deterministically) to set mixing ratios.
+``weight`` repeats a source (or, below 1, subsamples it deterministically) to set mixing ratios. The sources are
+checked when the DataModule is built, before any model loads: a source must be a mapping with a known ``type``,
+only that type's keys (and ``weight``), a positive ``weight``, and for ``json`` an existing ``path`` file and
+``media_root`` folder.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import json
 import logging
 import math
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -43,16 +49,46 @@ logger = logging.getLogger("hybridvl.data")
 SOURCES: dict[str, Callable[..., Dataset]] = {"json": ConversationDataset, "synthetic": SyntheticSuite}
 
 
-def build_source(spec: dict[str, Any]) -> Dataset:
-    """A conversation dataset from a source dict (``type`` plus the dataset's arguments; ``weight`` excluded)."""
-    options = {k: v for k, v in spec.items() if k not in ("type", "weight")}
+def check_source(spec: Any, where: str = "data source") -> None:
+    """Raise ``ValueError`` naming ``where`` and the key at fault unless ``spec`` is a well-formed source dict (see
+    the module docstring); the dataset's own arguments are checked when it is built."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: a source must be a mapping such as {{type: json, path: ...}}, got {spec!r}")
     kind = spec.get("type")
-    if kind not in SOURCES:
-        raise ValueError(f"unknown data source type {kind!r} in {spec}; choose one of {', '.join(SOURCES)}")
-    try:
-        return SOURCES[kind](**options)
-    except TypeError as error:
-        raise TypeError(f"data source {spec}: {error}") from error
+    if not isinstance(kind, str) or kind not in SOURCES:
+        raise ValueError(f"{where}: unknown source type {kind!r}; choose one of {', '.join(SOURCES)}")
+    parameters = inspect.signature(SOURCES[kind]).parameters
+    allowed = ["type", *parameters, "weight"]
+    for key in spec:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"{where}: unknown key {key!r} for a {kind!r} source{hint}; its keys are {', '.join(allowed)}"
+            )
+    for name, parameter in parameters.items():
+        if parameter.default is inspect.Parameter.empty and name not in spec:
+            raise ValueError(f"{where}: a {kind!r} source needs {name!r}")
+    weight = spec.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < math.inf:
+        raise ValueError(f"{where}: weight must be a positive number, got {weight!r}")
+    if kind == "json":
+        _check_path(where, "path", spec["path"], Path.is_file, "file")
+        _check_path(where, "media_root", spec["media_root"], Path.is_dir, "folder")
+
+
+def _check_path(where: str, key: str, value: Any, exists: Callable[[Path], bool], noun: str) -> None:
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value) or "\0" in str(value):
+        raise ValueError(f"{where}: {key} must be the path of a {noun}, got {value!r}")
+    if not exists(Path(value)):
+        raise ValueError(f"{where}: {key} {str(value)!r} is not an existing {noun} (relative to {Path.cwd()})")
+
+
+def build_source(spec: dict[str, Any], where: str = "data source") -> Dataset:
+    """A conversation dataset from a source dict (``type`` plus the dataset's arguments; ``weight`` excluded),
+    checked first by :func:`check_source`."""
+    check_source(spec, where)
+    return SOURCES[spec["type"]](**{k: v for k, v in spec.items() if k not in ("type", "weight")})
 
 
 class MixedConversations(Dataset):
@@ -232,7 +268,7 @@ class HybridDataModule(L.LightningDataModule):
 
     Args:
         processor: directory with the tokenizer, chat template and image/video processors (a model directory).
-        train, val, test: lists of source dicts (see the module docstring).
+        train, val, test: lists of source dicts (see the module docstring), checked here.
         max_tokens: tokens per packed batch (per device).
         max_length: longest sample; longer ones raise, or with ``truncate`` lose the end of their last reply.
         truncate: shorten over-long samples instead of raising.
@@ -269,6 +305,18 @@ class HybridDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        counts = {"max_tokens": (max_tokens, 1), "num_workers": (num_workers, 0)}
+        counts["length_grouping"] = (length_grouping, 0)
+        if max_length is not None:
+            counts["max_length"] = (max_length, 1)
+        for name, (value, minimum) in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"data: {name} must be an integer >= {minimum}, got {value!r}")
+        for split, specs in (("train", train), ("val", val), ("test", test)):
+            if specs is not None and not isinstance(specs, list):
+                raise ValueError(f"data.{split} must be a list of sources, got {specs!r}")
+            for index, spec in enumerate(specs or []):
+                check_source(spec, f"data.{split}[{index}]")
         self.save_hyperparameters()
         self.datasets: dict[str, EncodedConversations | CachedSamples] = {}
 
@@ -277,7 +325,7 @@ class HybridDataModule(L.LightningDataModule):
             specs = getattr(self.hparams, split)
             if not specs:
                 raise ValueError(f"the data config has no {split!r} sources")
-            sources = [build_source(spec) for spec in specs]
+            sources = [build_source(spec, f"data.{split}[{index}]") for index, spec in enumerate(specs)]
             mixed = MixedConversations(sources, [float(spec.get("weight", 1.0)) for spec in specs], self.hparams.seed)
             encoded = EncodedConversations(
                 mixed, self.hparams.processor, self.hparams.max_length, self.hparams.truncate

@@ -10,7 +10,8 @@ A record looks like::
 
 * The turns are under ``"conversations"`` (LLaVA: ``"from"`` / ``"value"``) or ``"messages"`` (ShareGPT:
   ``"role"`` / ``"content"`` strings). Roles ``human`` / ``user``, ``gpt`` / ``assistant`` and ``system`` are
-  understood (in any letter case); a system turn may only come first, and the last turn must be the assistant's.
+  understood (in any letter case); a system turn may only come first, the first other turn must be the user's and
+  the last turn the assistant's.
 * Media are listed under ``"image"`` (one path or a list), ``"images"``, ``"video"`` or ``"videos"`` (``null``
   means none; giving both the singular and the plural key is ambiguous and rejected). Paths are relative to the
   dataset's ``media_root`` (absolute paths are used as they are).
@@ -99,6 +100,9 @@ def _turns(record: dict) -> list[tuple[str, str]]:
         if role == "system" and number > 0:
             raise _RecordError(f"turn {number} is a system turn; only the first turn may be")
         parsed.append((role, text))
+    opening = 1 if parsed[0][0] == "system" else 0
+    if opening < len(parsed) and parsed[opening][0] != "user":
+        raise _RecordError(f"turn {opening} is the assistant's; a conversation opens with a user turn")
     if parsed[-1][0] != "assistant":
         raise _RecordError("the last turn is not the assistant's")
     return parsed
