@@ -2,13 +2,27 @@
 
 Each sub-command lives in its own module and is imported only when used, so ``hybridvl layout`` starts
 in a moment.
+
+Errors take one path (:func:`run_command`): a command that fails on the user's input (see :func:`is_user_error`)
+prints one line, ``hybridvl <command>: error: <message>``, and exits with status 2, as do bad options
+(:class:`ArgumentParser`); ``--debug`` anywhere on the command line prints the traceback as well. Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import sys
+import traceback
+from collections.abc import Callable
+from contextvars import ContextVar
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import torch
 
 # command -> (module with a `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,13 +46,62 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # commands whose module takes the command name as its first argument
 PASS_COMMAND = {"fit", "validate", "test", "predict"}
 
+PROJECT_PACKAGES = ("lit", "mixers", "models", "vision")
+"""The project's packages: exceptions of their classes, and ``ValueError``/``TypeError`` raised in their code, are
+the user's errors."""
+_ROOT = Path(__file__).resolve().parents[1]
+_DEBUG: ContextVar[bool] = ContextVar("hybridvl_debug", default=False)
+
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: hybridvl <command> [options]", "", "commands:"]
+    lines = ["usage: hybridvl <command> [options] [--debug]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `hybridvl <command> --help` for a command's options."]
+    lines += [
+        "",
+        "Run `hybridvl <command> --help` for a command's options. A bad input is reported in one line (exit status",
+        "2); --debug prints its traceback too.",
+    ]
     return "\n".join(lines)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line, ``<prog>: error: <message>``, with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def device_argument(text: str) -> torch.device:
+    """An argparse ``type`` for ``--device``: a CPU, CUDA or MPS device present on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has CUDA GPUs cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+def dtype_argument(text: str) -> torch.dtype:
+    """An argparse ``type`` for ``--dtype``: a floating-point torch dtype by name (``bfloat16``)."""
+    import torch
+
+    dtype = getattr(torch, text, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use bfloat16, float16 or float32")
+    return dtype
 
 
 def show_project_logs(level: int) -> None:
@@ -52,19 +115,72 @@ def show_project_logs(level: int) -> None:
     project.setLevel(level)
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` reports a problem with the user's input or machine rather than a bug:
+
+    * an exception of a class the project defines (``LayoutError``, ``DataError``, ``VisionInputError``,
+      ``StudyError``, ``UnknownMixerError``, ``BackendUnavailableError``, ...);
+    * a ``ValueError`` or ``TypeError`` raised in the project's code, which raises them for bad arguments, files
+      and configs (one raised inside a library is a bug of ours: it keeps its traceback);
+    * an ``OSError``: a path that does not exist or cannot be read or written, a full disk.
+    """
+    if isinstance(error, OSError) or type(error).__module__.partition(".")[0] in PROJECT_PACKAGES:
+        return True
+    if not isinstance(error, ValueError | TypeError) or error.__traceback__ is None:
+        return False
+    raised_in = Path(traceback.extract_tb(error.__traceback__)[-1].filename).resolve()
+    return raised_in.is_relative_to(_ROOT) and raised_in.relative_to(_ROOT).parts[0] in PROJECT_PACKAGES
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line; a layout error's caret becomes the character position."""
+    from mixers.layout import LayoutError
+
+    if isinstance(error, LayoutError):
+        return f"{error.reason} (at character {error.position + 1} of {error.layout!r})"
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def run_command(prog: str, command: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run ``command(argv)`` (``--debug`` taken out) and return its exit status, with the error path of the module
+    docstring: the user's errors print ``<prog>: error: <message>`` and return 2 (with the traceback under
+    ``--debug``, here or in an enclosing call); other exceptions propagate."""
+    debug = "--debug" in argv or _DEBUG.get()
+    token = _DEBUG.set(debug)
+    try:
+        return command([arg for arg in argv if arg != "--debug"])
+    except SystemExit as stop:  # argparse and LightningCLI end this way (--help, bad options)
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    finally:
+        _DEBUG.reset(token)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hybridvl`` console script."""
+    """Entry point of the ``hybridvl`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    options = [arg for arg in argv if arg != "--debug"]
+    if not options or options[0] in ("-h", "--help"):
         print(usage())
         return 0
-    command, rest = argv[0], argv[1:]
+    command = options[0]
     if command not in COMMANDS:
-        print(f"hybridvl: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        print(f"hybridvl: error: unknown command {command!r} (see hybridvl --help)", file=sys.stderr)
         return 2
+    rest = list(argv)
+    rest.remove(command)  # its first occurrence: only --debug may come before it
     show_project_logs(logging.INFO)
     module = importlib.import_module(COMMANDS[command][0])
-    return module.main([command, *rest] if command in PASS_COMMAND else rest)
+    return run_command(f"hybridvl {command}", module.main, [command, *rest] if command in PASS_COMMAND else rest)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
+from models.generation import check_generation_options
 from models.hybrid import HybridVLM, ModelState
 
 
@@ -112,16 +113,23 @@ class StreamingSession:
             if frame.dtype != torch.uint8 or frame.dim() != 3 or frame.shape[0] != 3:
                 raise ValueError(f"a frame must be a uint8 tensor [3, H, W], got {frame.dtype} {tuple(frame.shape)}")
             frame = Image.fromarray(frame.permute(1, 2, 0).cpu().numpy())
+        elif not isinstance(frame, Image.Image):
+            raise TypeError(f"a frame must be a uint8 tensor [3, H, W] or a PIL image, got {type(frame).__name__}")
         self._advance("<|vision_start|><|image_pad|><|vision_end|>", [frame])
         self.frames += 1
 
     def feed_text(self, text: str) -> None:
         """Add text (a subtitle, a remark) to the stream."""
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"feed_text needs a non-empty string, got {text!r}")
         self._advance(text)
 
     @torch.no_grad()
     def ask(self, question: str, max_new_tokens: int = 64) -> Answer:
         """Answer ``question`` about everything streamed so far; the stream itself is left as it was."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"ask needs a non-empty question, got {question!r}")
+        check_generation_options(max_new_tokens)
         start = time.perf_counter()
         fork = None if self.state is None else self.state.clone()
         prompt = (self._opening if fork is None else "") + f"{question}<|im_end|>\n<|im_start|>assistant\n"

@@ -12,15 +12,20 @@ match (e.g. ``'*-z3__*__s0__*'``: the first seed of every arm at its largest siz
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from lit.ablation.runner import run_study, summary_markdown
-from lit.ablation.schema import StudyError
+from lit.cli import ArgumentParser, run_command
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    """Run the study ``argv`` names; a bad study, config path or option is reported in one line with status 2, also
+    when this is called as a function (through :func:`lit.cli.run_command`)."""
+    return run_command("hybridvl ablate", _ablate, argv)
+
+
+def _ablate(argv: list[str]) -> int:
+    parser = ArgumentParser(
         prog="hybridvl ablate",
         description=__doc__,
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
@@ -39,18 +44,14 @@ def main(argv: list[str]) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.time_budget is not None and args.time_budget < 0:
         parser.error(f"--time-budget must be at least 0 seconds, got {args.time_budget:g}")
-    try:
-        summary = run_study(
-            args.config,
-            smoke=args.smoke,
-            out=args.out,
-            workers=args.workers,
-            time_budget=args.time_budget,
-            repeat=args.repeat,
-            only=args.cells,
-        )
-    except (FileNotFoundError, StudyError, ValueError) as error:
-        print(f"hybridvl ablate: {error}", file=sys.stderr)
-        return 2
+    summary = run_study(
+        args.config,
+        smoke=args.smoke,
+        out=args.out,
+        workers=args.workers,
+        time_budget=args.time_budget,
+        repeat=args.repeat,
+        only=args.cells,
+    )
     print(summary_markdown(summary))
     return 1 if summary["failed"] else 0

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 import mixers
+from lit.cli import ArgumentParser
 from lit.commands.layout import format_bytes
 
 # small, CPU-friendly shapes; every kind keeps its structure
@@ -29,13 +30,16 @@ DEMO_OPTIONS = {
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hybridvl demo", description=__doc__)
+    parser = ArgumentParser(prog="hybridvl demo", description=__doc__)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512, help="tokens in the parallel pass")
     parser.add_argument("--decode", type=int, default=32, help="of which the last N are decoded one at a time")
     parser.add_argument("--layout", default="S,D,D,D x2", help="a layout whose kinds are demonstrated")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 1 <= args.decode < args.seq_len:
+        parser.error(f"--decode must lie in [1, --seq-len - 1] = [1, {args.seq_len - 1}], got {args.decode}")
+    return args
 
 
 def run_kind(kind: str, hidden_size: int, seq_len: int, decode: int) -> dict:

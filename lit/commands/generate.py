@@ -4,26 +4,31 @@
     hybridvl generate --model student --video clip.mp4 --fps 2 --prompt "What happens?"
 
 The model directory holds the weights (``save_pretrained`` or a conversion) and the processor files
-(tokenizer, chat template) copied from the teacher.
+(tokenizer, chat template) copied from the teacher. Options are checked, and the image or video read, before
+the model loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from lit.cli import ArgumentParser, device_argument, dtype_argument
 from models.chat import chat_inputs, load_processor, vision_kwargs
-from models.checkpoint import CheckpointMismatchError
+from models.generation import check_generation_options
 from models.hybrid import HybridVLM
-from vision import VisionInputError, load_image, read_video
+from vision import load_image, read_video
+
+logger = logging.getLogger("hybridvl.generate")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="hybridvl generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="model directory")
@@ -39,21 +44,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as saved)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda..."
+    )
+    parser.add_argument("--dtype", type=dtype_argument, default=None, help="e.g. bfloat16 (default: as saved)")
+    args = parser.parse_args(argv)
+    try:
+        check_generation_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as error:
+        parser.error(str(error))
+    if not args.sample and (args.temperature != 1.0 or args.top_k is not None or args.top_p is not None):
+        logger.warning("--temperature, --top-k and --top-p only apply with --sample; decoding greedily")
+    return args
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        model = HybridVLM.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype or "", None))
-        processor = load_processor(args.model)
-        images = [load_image(args.image)] if args.image else []
-        videos = [(read_video(args.video, args.fps, args.max_frames)[0], args.fps)] if args.video else []
-    except (FileNotFoundError, OSError, ValueError, CheckpointMismatchError, VisionInputError) as error:
-        print(f"hybridvl generate: {error}", file=sys.stderr)
-        return 2
+    images = [load_image(args.image)] if args.image else []
+    videos = [(read_video(args.video, args.fps, args.max_frames)[0], args.fps)] if args.video else []
+    model = HybridVLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    processor = load_processor(args.model)
     inputs = chat_inputs(processor, args.prompt, images, videos)
     inputs = {key: value.to(args.device) for key, value in inputs.items()}
     model.eval()

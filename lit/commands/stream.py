@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from lit.cli import ArgumentParser, device_argument
 from lit.commands.layout import format_bytes
 from models.chat import load_processor
+from models.generation import check_generation_options
 from models.hybrid import HybridVLM
 from models.streaming import StreamingSession
-from vision import VisionInputError, iter_video_frames
+from vision import iter_video_frames
 
 
 def parse_ask(text: str) -> tuple[int, str]:
@@ -30,7 +32,7 @@ def parse_ask(text: str) -> tuple[int, str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="hybridvl stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="model directory (with its processor files)")
@@ -38,32 +40,30 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ask", type=parse_ask, action="append", default=[], help="FRAME:QUESTION (repeatable)")
     parser.add_argument("--fps", type=float, default=2.0, help="frames per second to sample")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda..."
+    )
     args = parser.parse_args(argv)
     try:
-        model = HybridVLM.from_pretrained(args.model, device=args.device)
-        session = StreamingSession(model, load_processor(args.model))
-        frames = iter_video_frames(args.video, args.fps)
-    except (FileNotFoundError, OSError, ValueError, VisionInputError) as error:
-        print(f"hybridvl stream: {error}", file=sys.stderr)
-        return 2
+        check_generation_options(args.max_new_tokens)
+    except ValueError as error:
+        parser.error(str(error))
+    frames = iter_video_frames(args.video, args.fps)
+    model = HybridVLM.from_pretrained(args.model, device=args.device)
+    session = StreamingSession(model, load_processor(args.model))
     asks = sorted(args.ask)
     start, feeding = time.perf_counter(), 0.0
-    try:
-        for timestamp, frame in frames:
-            tick = time.perf_counter()
-            session.feed_frame(frame)
-            feeding += time.perf_counter() - tick
-            while asks and asks[0][0] == session.frames:
-                _, question = asks.pop(0)
-                answer = session.ask(question, args.max_new_tokens)
-                print(
-                    f"[frame {session.frames}, {timestamp:.1f} s] {question}\n  {answer.text}\n"
-                    f"  ({answer.tokens} tokens in {answer.seconds * 1000:.0f} ms)"
-                )
-    except VisionInputError as error:
-        print(f"hybridvl stream: {error}", file=sys.stderr)
-        return 2
+    for timestamp, frame in frames:
+        tick = time.perf_counter()
+        session.feed_frame(frame)
+        feeding += time.perf_counter() - tick
+        while asks and asks[0][0] == session.frames:
+            _, question = asks.pop(0)
+            answer = session.ask(question, args.max_new_tokens)
+            print(
+                f"[frame {session.frames}, {timestamp:.1f} s] {question}\n  {answer.text}\n"
+                f"  ({answer.tokens} tokens in {answer.seconds * 1000:.0f} ms)"
+            )
     for frame, question in asks:
         print(f"not asked: {question!r} (the video has {session.frames} frames at {args.fps} fps, not {frame})")
     fps = session.frames / feeding if feeding else 0.0
