@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from lit.cli import ArgumentParser, device_argument, dtype_argument
 from models.chat import chat_inputs, load_processor, vision_kwargs
@@ -58,11 +59,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def load_model(directory: str, device: torch.device, dtype: torch.dtype | None = None) -> HybridVLM:
+    """:meth:`HybridVLM.from_pretrained`, with a weights file that safetensors cannot read reported by name."""
+    try:
+        return HybridVLM.from_pretrained(directory, device=device, dtype=dtype)
+    except SafetensorError as error:
+        raise ValueError(
+            f"cannot read the weights in {directory} ({error}): the safetensors file is truncated or damaged; "
+            "save or convert the model again"
+        ) from error
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     images = [load_image(args.image)] if args.image else []
     videos = [(read_video(args.video, args.fps, args.max_frames)[0], args.fps)] if args.video else []
-    model = HybridVLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, args.device, args.dtype)
     processor = load_processor(args.model)
     inputs = chat_inputs(processor, args.prompt, images, videos)
     inputs = {key: value.to(args.device) for key, value in inputs.items()}

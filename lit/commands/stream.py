@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from lit.cli import ArgumentParser, device_argument
+from lit.commands.generate import load_model
 from lit.commands.layout import format_bytes
 from models.chat import load_processor
 from models.generation import check_generation_options
-from models.hybrid import HybridVLM
 from models.streaming import StreamingSession
 from vision import iter_video_frames
 
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         parser.error(str(error))
     frames = iter_video_frames(args.video, args.fps)
-    model = HybridVLM.from_pretrained(args.model, device=args.device)
+    model = load_model(args.model, args.device)
     session = StreamingSession(model, load_processor(args.model))
     asks = sorted(args.ask)
     start, feeding = time.perf_counter(), 0.0
