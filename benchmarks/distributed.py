@@ -62,7 +62,7 @@ def prepare_models(workdir: Path) -> None:
     from models.chat import load_processor
     from models.tiny_qwen import make_tiny_qwen2_5_vl
 
-    processor = load_processor(make_tiny_qwen2_5_vl(workdir / "tiny"))
+    processor = load_processor(make_tiny_qwen2_5_vl(workdir / "tiny", overwrite=True))
     processor.image_processor.max_pixels = 448 * 448  # let 448x448 images through unresized
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}
     tokenizer = processor.tokenizer
@@ -81,7 +81,7 @@ def prepare_models(workdir: Path) -> None:
     for name, layout in (("teacher", "A x36"), ("student", "S,D,D,D x9")):
         with torch.device("cuda"):
             model = HybridVLM(HybridConfig(layout=layout, vision_config=VISION_3B, bos_token_id=None, **ids))
-        model.to(torch.bfloat16).save_pretrained(workdir / name)
+        model.to(torch.bfloat16).save_pretrained(workdir / name, overwrite=True)
         processor.save_pretrained(workdir / name)
         del model
         torch.cuda.empty_cache()

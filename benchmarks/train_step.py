@@ -117,7 +117,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     for name, config in [*models, ("student", student_config)]:
         with torch.device("cuda"):  # random initialisation of 4B parameters is quick on the GPU
             model = HybridVLM(config)
-        model.to(torch.bfloat16).save_pretrained(args.workdir / name)
+        model.to(torch.bfloat16).save_pretrained(args.workdir / name, overwrite=True)
         del model
         torch.cuda.empty_cache()
     batch = make_batch(student_config, args.tokens, "cuda")

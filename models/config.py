@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import mixers
+from models.files import write_text
+from models.positions import TRANSFORMERS5, check_video_position_rule
+
+logger = logging.getLogger("hybridvl.models")
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "hybridvl"
+# fields a saved config may lack (they came after the first configs were saved), with the value such a config meant
+OPTIONAL_FIELDS = {"video_position_rule": TRANSFORMERS5}
+
+
+class ConfigError(ValueError):
+    """A saved config that does not describe a hybridvl model completely."""
 
 
 @dataclasses.dataclass
@@ -34,6 +45,9 @@ class HybridConfig:
         image_token_id, video_token_id, vision_start_token_id, vision_end_token_id: placeholder tokens.
         bos_token_id, eos_token_id, pad_token_id: special tokens (``eos_token_id`` may be a list).
         initializer_range: std of the normal init of new weights.
+        video_position_rule: how videos become M-RoPE positions: ``"transformers5"`` (transformers 5.x) or
+            ``"transformers4"`` (transformers 4.x and InfiniteVL, whose imported checkpoints keep it); see
+            :mod:`models.positions`. A model must run with the rule it was trained under.
     """
 
     layout: str = "S,D,D,D x9"
@@ -62,10 +76,12 @@ class HybridConfig:
     eos_token_id: int | list[int] | None = 151645
     pad_token_id: int | None = 151643
     initializer_range: float = 0.02
+    video_position_rule: str = TRANSFORMERS5
 
     def __post_init__(self) -> None:
         self.mixer_options = {mixers.resolve_kind(kind): dict(opts) for kind, opts in self.mixer_options.items()}
         self.kinds  # noqa: B018  (validates the layout against num_hidden_layers)
+        check_video_position_rule(self.video_position_rule)
         if self.intermediate_size < 0:
             raise ValueError(
                 f"intermediate_size must be positive (the MLP width) or 0 (no MLP), got {self.intermediate_size}"
@@ -127,27 +143,50 @@ class HybridConfig:
         return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HybridConfig:
-        """Build from a dict; unknown keys raise with their names."""
+    def from_dict(cls, data: dict[str, Any], source: str = "the config") -> HybridConfig:
+        """Build from a saved config (``config.json`` or a stage checkpoint's ``hybrid_config``).
+
+        Every field must be present: a saved config lists them all, and a missing one (``layout`` above all)
+        would otherwise load as a default that changes what the weights compute. Only the fields of
+        :data:`OPTIONAL_FIELDS`, which came later, may be missing; each then takes the value configs without it
+        meant, with a log line.
+
+        Raises:
+            ConfigError: a field is missing or unknown, or ``model_type`` is not hybridvl; ``source`` names where
+                the config came from.
+        """
         data = dict(data)
         model_type = data.pop("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
-            raise ValueError(f"not a hybridvl config: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
+            raise ConfigError(
+                f"{source} is not a hybridvl config: model_type is {model_type!r}, expected {MODEL_TYPE!r}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown hybridvl config fields: {', '.join(unknown)}")
+            raise ConfigError(f"{source} has unknown hybridvl config fields: {', '.join(unknown)}")
+        missing = sorted(known - set(data) - set(OPTIONAL_FIELDS))
+        if missing:
+            raise ConfigError(
+                f"{source} lacks the required field(s) {', '.join(missing)}: a hybridvl config lists every field, and "
+                "a default would silently change the model (a missing layout would load every layer as "
+                f"{cls.layout!r}); restore the field(s) from the run or conversion that wrote these weights (the "
+                "layout is also recorded in the safetensors metadata of model.safetensors)"
+            )
+        for name, value in OPTIONAL_FIELDS.items():
+            if name not in data:
+                logger.info("%s has no %s (saved before the field existed); using %r", source, name, value)
+                data[name] = value
         return cls(**data)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        """Write ``config.json`` into ``directory`` (atomically)."""
+        return write_text(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> HybridConfig:
-        return cls.from_dict(read_config_json(directory))
+        """The config saved in ``directory``'s ``config.json`` (see :meth:`from_dict`)."""
+        return cls.from_dict(read_config_json(directory), str(Path(directory) / CONFIG_NAME))
 
 
 def read_config_json(directory: str | Path) -> dict[str, Any]:

@@ -13,13 +13,14 @@ other layers get new mixers, initialised either
   ``V -> x`` (Mamba-in-the-Llama), which needs ``expand`` and heads that match the attention's shapes.
 
 The conversion report lists every tensor as inherited, transferred, fresh or dropped.
+
+The output folder may not be the teacher's and must be new or empty unless ``overwrite`` (then its stale weight
+files go); every file is written atomically.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from mixers.base import ShortConvQKV
 from mixers.gated_deltanet import inverse_softplus
 from models.checkpoint import load_weights_strict, model_to_load, read_weights
 from models.config import HybridConfig, read_config_json
+from models.files import EXPORT_RECORD, check_output, copy_file, write_json
 from models.hybrid import HybridVLM
 from models.qwen import ConversionError, canonical_name, hybrid_config_from_qwen, read_qwen_config
 
@@ -73,9 +75,8 @@ class ConversionReport:
         return "\n".join(lines)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / REPORT_NAME
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-        return path
+        """Write ``conversion_report.json`` into ``directory`` (atomically)."""
+        return write_json(Path(directory) / REPORT_NAME, dataclasses.asdict(self))
 
 
 def load_qwen2_5_vl(directory: str | Path) -> HybridVLM:
@@ -266,18 +267,19 @@ def transfer_init_(mixer: nn.Module, attention: dict[str, torch.Tensor], config:
 
 
 def copy_processor_files(teacher: str | Path, out: str | Path) -> list[str]:
-    """Copy the tokenizer, processor, chat template and generation config next to the student."""
+    """Copy the tokenizer, processor, chat template and generation config next to the student (each atomically;
+    not the weights, the config or a stage's export record)."""
     copied = []
-    for path in Path(teacher).iterdir():
+    for path in sorted(Path(teacher).iterdir()):
         if (
             path.is_file()
-            and path.name != "config.json"
-            and not path.name.startswith("model")
+            and path.name not in ("config.json", EXPORT_RECORD)
+            and not path.name.startswith(("model", "."))
             and path.suffix != ".safetensors"
         ):
-            shutil.copy2(path, Path(out) / path.name)
+            copy_file(path, Path(out) / path.name)
             copied.append(path.name)
-    return sorted(copied)
+    return copied
 
 
 def convert_directory(
@@ -288,12 +290,17 @@ def convert_directory(
     sliding_window: int | None = None,
     mixer_options: dict[str, dict[str, Any]] | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> ConversionReport:
-    """Convert ``teacher`` and write the student, its processor files and the report into ``out``."""
+    """Convert ``teacher`` and write the student, its processor files and the report into ``out``.
+
+    Raises:
+        models.files.OutputIsInputError: ``out`` is the teacher's folder (checked before anything is read).
+        models.files.OutputExistsError: ``out`` holds files and ``overwrite`` is false.
+    """
+    check_output(out, inputs=[teacher], overwrite=overwrite)
     student, report = convert_checkpoint(teacher, layout, init, sliding_window, mixer_options, seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(out)
+    student.save_pretrained(out, overwrite=overwrite)
     copy_processor_files(teacher, out)
     report.save(out)
     return report

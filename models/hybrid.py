@@ -290,6 +290,7 @@ class HybridVLM(nn.Module):
                 image_grids=images,
                 video_grids=videos,
                 start=starts[n],
+                video_position_rule=self.config.video_position_rule,
             )
             pieces.append(positions)
             next_positions.append(next_position)
@@ -424,20 +425,26 @@ class HybridVLM(nn.Module):
 
     # --- save / load --------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` (with the layout) and ``model.safetensors``."""
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write ``config.json`` (with the layout) and ``model.safetensors``, each atomically; a folder that holds
+        files is refused unless ``overwrite`` (see :func:`models.checkpoint.save_weights`)."""
         from models.checkpoint import save_model
 
-        return save_model(self, directory)
+        return save_model(self, directory, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+        cls,
+        directory: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        allow_nonfinite: bool = False,
     ) -> HybridVLM:
-        """Load a directory written by :meth:`save_pretrained`; mismatching tensors raise with their names."""
+        """Load a directory written by :meth:`save_pretrained`; mismatching configs and tensors raise with their
+        names (see :func:`models.checkpoint.load_model`)."""
         from models.checkpoint import load_model
 
-        return load_model(directory, device=device, dtype=dtype)
+        return load_model(directory, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -11,10 +11,16 @@ layers under ``self_attn`` with ``q/k/v/a/b/g/o_proj``, ``q/k/v_conv1d``, ``A_lo
 Its stage-1 checkpoints were saved with every layer marked ``full_attention``; the layout is therefore read
 from the weights (a layer with ``A_log`` is Gated DeltaNet), and each disagreement with ``layer_types`` is
 logged.
+
+InfiniteVL's modeling code (written for transformers 4.57) places videos by transformers 4.x's rule (seconds per
+temporal patch truncated to an integer before scaling; text after a video continuing past its largest position),
+so an imported checkpoint gets ``video_position_rule="transformers4"`` (see :mod:`models.positions`) and keeps it
+through conversion and saving.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from typing import Any
 from models.checkpoint import load_weights_strict, model_to_load, read_weights
 from models.config import HybridConfig, read_config_json
 from models.hybrid import HybridVLM
+from models.positions import TRANSFORMERS4
 from models.qwen import canonical_name, hybrid_config_from_qwen
 
 logger = logging.getLogger("hybridvl.models")
@@ -78,13 +85,15 @@ def infinitevl_config(config: dict[str, Any], tensor_names: set[str]) -> HybridC
         "conv_size": text.get("conv_size", 4),
         "norm_eps": text.get("norm_eps", 1e-5),
     }
-    return hybrid_config_from_qwen(config, ",".join(kinds), sliding_window=window, mixer_options={"D": gdn})
+    hybrid = hybrid_config_from_qwen(config, ",".join(kinds), sliding_window=window, mixer_options={"D": gdn})
+    return dataclasses.replace(hybrid, video_position_rule=TRANSFORMERS4)
 
 
-def load_infinitevl(directory: str | Path) -> HybridVLM:
-    """Load an InfiniteVL checkpoint directory into a :class:`HybridVLM` (names and shapes checked)."""
+def load_infinitevl(directory: str | Path, allow_nonfinite: bool = False) -> HybridVLM:
+    """Load an InfiniteVL checkpoint directory into a :class:`HybridVLM` (names, shapes, dtypes and values
+    checked as :func:`models.checkpoint.check_weights` does)."""
     config = read_config_json(directory)
     tensors = {canonical_name(name): tensor for name, tensor in read_weights(directory).items()}
     model = model_to_load(infinitevl_config(config, set(tensors)))
-    load_weights_strict(model, tensors, f"{directory} (InfiniteVL format)")
+    load_weights_strict(model, tensors, f"{directory} (InfiniteVL format)", allow_nonfinite)
     return model

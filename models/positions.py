@@ -2,8 +2,22 @@
 
 Text tokens advance all three components together. An image or video of ``(t, h, w)`` patches becomes
 ``t * h * w / merge**2`` placeholder tokens whose positions are ``start + (time, row, column)`` on the merged
-grid, time scaled by ``tokens_per_second * seconds_per_grid`` for videos; the text after it continues at
-``start + max(h, w) / merge``. Decoding continues at the largest position used so far plus one.
+grid, time scaled by ``tokens_per_second * seconds_per_grid`` for videos. Decoding continues at the largest
+position used so far plus one.
+
+Two versions of that code place videos differently (``HybridConfig.video_position_rule``), and a model must run
+with the rule it was trained under:
+
+* ``transformers5`` (transformers 5.x, hybridvl's default): temporal step ``i`` sits at
+  ``int(i * tokens_per_second * seconds_per_grid)`` (at 0.5 s per step, 4 fps: 0, 1, 2, ...), and the text
+  after an image or video continues at ``start + max(h, w) / merge``.
+* ``transformers4`` (transformers 4.x, and InfiniteVL's modeling code, written for 4.57): ``seconds_per_grid``
+  is cast to an integer before scaling, ``i * int(seconds_per_grid) * tokens_per_second`` (at 4 fps every step
+  sits at 0), and the text after an image or video continues at the largest position in it plus one.
+
+At 1.0 s per temporal step (2 fps, the processors' default) both place the frames at ``0, 2, 4, ...``; the text
+after a video still differs once its last temporal position passes ``max(h, w) / merge - 1``. For images both
+rules agree.
 """
 
 from __future__ import annotations
@@ -12,9 +26,27 @@ from collections.abc import Iterator
 
 import torch
 
+TRANSFORMERS5 = "transformers5"
+TRANSFORMERS4 = "transformers4"
+VIDEO_POSITION_RULES = (TRANSFORMERS5, TRANSFORMERS4)
+
 
 class VisionTokenError(ValueError):
     """Placeholder tokens and vision grids do not match."""
+
+
+def check_video_position_rule(rule: str) -> None:
+    """Raise ``ValueError`` unless ``rule`` is one of :data:`VIDEO_POSITION_RULES`."""
+    if rule not in VIDEO_POSITION_RULES:
+        raise ValueError(f"video_position_rule must be one of {', '.join(VIDEO_POSITION_RULES)}, got {rule!r}")
+
+
+def video_time_interval(seconds: torch.Tensor | float, tokens_per_second: float, rule: str) -> torch.Tensor:
+    """The temporal position step between a video's consecutive temporal patches under ``rule`` (see the module
+    docstring); positions are ``int(i * step)``."""
+    check_video_position_rule(rule)
+    seconds = torch.as_tensor(seconds, dtype=torch.float32)
+    return tokens_per_second * (seconds.trunc() if rule == TRANSFORMERS4 else seconds)
 
 
 def vision_positions(
@@ -40,6 +72,7 @@ def sequence_positions(
     image_grids: Iterator[torch.Tensor],
     video_grids: Iterator[tuple[torch.Tensor, torch.Tensor]],
     start: int = 0,
+    video_position_rule: str = TRANSFORMERS5,
 ) -> tuple[torch.Tensor, int]:
     """Positions ``[3, L]`` of one unpadded sequence and the position decoding continues from.
 
@@ -48,6 +81,7 @@ def sequence_positions(
         image_grids: ``(t, h, w)`` of the images, consumed in order of appearance.
         video_grids: ``((t, h, w), seconds_per_grid)`` of the videos, consumed in order.
         start: the first position (where an earlier part of the sequence stopped).
+        video_position_rule: how video time becomes positions (see the module docstring).
     """
     ids = input_ids.tolist()
     pieces, current, i = [], start, 0
@@ -73,9 +107,13 @@ def sequence_positions(
                 f"an {kind} of grid {tuple(int(x) for x in grid)} needs {count} consecutive placeholder tokens at "
                 f"position {i}; build inputs with the processor so text and {kind}s match"
             )
-        interval = tokens_per_second * torch.as_tensor(seconds, dtype=torch.float32) if is_video else 1
-        pieces.append(vision_positions(current, grid, merge_size, interval))
-        current += max(int(grid[1]), int(grid[2])) // merge_size
+        interval = video_time_interval(seconds, tokens_per_second, video_position_rule) if is_video else 1
+        block = vision_positions(current, grid, merge_size, interval)
+        pieces.append(block)
+        if video_position_rule == TRANSFORMERS4:
+            current = int(block.max()) + 1
+        else:
+            current += max(int(grid[1]), int(grid[2])) // merge_size
         i += count
     positions = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
     next_position = int(positions.max()) + 1 if positions.numel() else start

@@ -41,6 +41,8 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from models.files import check_output, remove_stale_weights, staged_folder
+
 __all__ = [
     "ADDED_TOKENS",
     "CHAT_TEMPLATE",
@@ -409,16 +411,29 @@ def build_tiny_processor(tokenizer: Qwen2Tokenizer, dims: TinyQwenDims | None = 
 
 
 def save_tiny_qwen2_5_vl(
-    out_dir: str | Path, dims: TinyQwenDims | None = None, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    out_dir: str | Path,
+    dims: TinyQwenDims | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the checkpoint for ``dims`` to ``out_dir`` (created if missing; files of the same name are replaced)."""
+    """Write the checkpoint for ``dims`` to ``out_dir``, which must be new or empty unless ``overwrite`` (then its
+    files of the same names are replaced and stale weight shards removed). The files are written into a temporary
+    folder inside ``out_dir`` and renamed into place.
+
+    Raises:
+        models.files.OutputExistsError: ``out_dir`` holds files and ``overwrite`` is false.
+    """
     dims = dims or TinyQwenDims()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, overwrite=overwrite)
     tokenizer = build_tiny_tokenizer(dims)
     config = build_tiny_config(tokenizer, dims)
-    build_tiny_model(config, seed=seed, dtype=dtype).save_pretrained(out)
-    build_tiny_processor(tokenizer, dims).save_pretrained(out)
+    with staged_folder(out) as staging:
+        build_tiny_model(config, seed=seed, dtype=dtype).save_pretrained(staging)
+        build_tiny_processor(tokenizer, dims).save_pretrained(staging)
+        remove_stale_weights(out)
     return out
 
 
@@ -434,8 +449,10 @@ def make_tiny_qwen2_5_vl(
     vision_depth: int = TinyQwenDims.vision_depth,
     vision_hidden_size: int = TinyQwenDims.vision_hidden_size,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> Path:
-    """Build a tiny random Qwen2.5-VL checkpoint in ``out_dir`` and return its path.
+    """Build a tiny random Qwen2.5-VL checkpoint in ``out_dir`` (new or empty unless ``overwrite``, as
+    :func:`save_tiny_qwen2_5_vl`) and return its path.
 
     Load it with ``Qwen2_5_VLForConditionalGeneration.from_pretrained(path)`` and
     ``AutoProcessor.from_pretrained(path)``, offline. Other sizes: :class:`TinyQwenDims` with
@@ -450,4 +467,4 @@ def make_tiny_qwen2_5_vl(
         vision_depth=vision_depth,
         vision_hidden_size=vision_hidden_size,
     )
-    return save_tiny_qwen2_5_vl(out_dir, dims, seed=seed, dtype=dtype)
+    return save_tiny_qwen2_5_vl(out_dir, dims, seed=seed, dtype=dtype, overwrite=overwrite)

@@ -5,19 +5,23 @@
 Embeddings, MLPs, norms, the vision tower and the A/S layers keep the teacher's weights; the other layers
 get new mixers (``--init mimic`` or ``transfer``). The report of inherited, transferred, fresh and dropped
 tensors is printed and saved as ``conversion_report.json`` beside the student.
+
+``--out`` may not be the teacher's folder, and must be new or empty unless ``--overwrite`` is given (then its
+model files are replaced and stale weight shards removed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from lit.cli import ArgumentParser
 from models.convert import INITS, convert_directory
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    """Run ``hybridvl convert`` on ``argv`` (see the module docstring)."""
+    parser = ArgumentParser(
         prog="hybridvl convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--teacher", required=True, help="local Qwen2.5-VL checkpoint directory")
@@ -29,14 +33,20 @@ def main(argv: list[str]) -> int:
         "--mixer-options", type=json.loads, default=None, help='JSON per kind, e.g. \'{"D": {"num_heads": 16}}\''
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh weights")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a folder that holds files (its model files are replaced)"
+    )
     args = parser.parse_args(argv)
-    try:
-        report = convert_directory(
-            args.teacher, args.out, args.layout, args.init, args.sliding_window, args.mixer_options, args.seed
-        )
-    except (ValueError, FileNotFoundError) as error:  # ConversionError, CheckpointMismatchError, bad JSON
-        print(f"hybridvl convert: {error}", file=sys.stderr)
-        return 2
+    report = convert_directory(
+        args.teacher,
+        args.out,
+        args.layout,
+        args.init,
+        args.sliding_window,
+        args.mixer_options,
+        args.seed,
+        overwrite=args.overwrite,
+    )
     print(report.summary())
     print(f"wrote the student and conversion_report.json to {args.out}")
     return 0

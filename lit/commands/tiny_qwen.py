@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
-
+from lit.cli import ArgumentParser
 from models.tiny_qwen import make_tiny_qwen2_5_vl
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hybridvl tiny-qwen", description=__doc__)
+    """Run ``hybridvl tiny-qwen`` on ``argv``; ``--out`` must be new or empty unless ``--overwrite``."""
+    parser = ArgumentParser(prog="hybridvl tiny-qwen", description=__doc__)
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers")
     parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a folder that holds files (its model files are replaced)"
+    )
     args = parser.parse_args(argv)
-    path = make_tiny_qwen2_5_vl(args.out, seed=args.seed, num_hidden_layers=args.layers, hidden_size=args.hidden_size)
+    path = make_tiny_qwen2_5_vl(
+        args.out,
+        seed=args.seed,
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden_size,
+        overwrite=args.overwrite,
+    )
     print(f"wrote a tiny Qwen2.5-VL ({args.layers} layers, hidden {args.hidden_size}) to {path}")
     return 0
