@@ -1,15 +1,63 @@
-"""Callbacks for measuring training runs."""
+"""Callbacks for measuring training runs, and the checkpoint writer every stage uses."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from models.checkpoint import load_torch_checkpoint
+from models.files import atomic_write, write_text
+
+logger = logging.getLogger("hybridvl.train")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints that a kill or a full disk cannot damage.
+
+    Lightning's own writer stages a checkpoint in ``$TMPDIR`` and moves it into place; across filesystems that
+    move is a copy into the final file, and a kill during the copy leaves the previous ``last.ckpt`` truncated.
+    This one writes to a temporary file beside the checkpoint, flushes it and renames it into place
+    (:func:`models.files.atomic_write`), so the previous checkpoint stays whole until the new one is complete; a
+    failed write raises :class:`models.files.WriteError` naming the checkpoint. Reading a damaged checkpoint
+    raises :class:`models.checkpoint.CheckpointReadError` naming the file. Every
+    :class:`lit.modules.HybridStage` installs it (:func:`use_atomic_checkpoints`).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_write(path, lambda temporary: torch.save(checkpoint, temporary))
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        return load_torch_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def use_atomic_checkpoints(trainer: L.Trainer) -> None:
+    """Give ``trainer`` an :class:`AtomicCheckpointIO` in place of Lightning's default writer; a writer of another
+    kind (configured on purpose) is kept, with a warning that its writes may not be atomic."""
+    io = trainer.strategy.checkpoint_io
+    if type(io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    elif not isinstance(io, AtomicCheckpointIO):
+        logger.warning(
+            "checkpoints are written by %s, not AtomicCheckpointIO: a kill or a full disk during a write may "
+            "damage the previous checkpoint",
+            type(io).__name__,
+        )
 
 
 class StepTimer(L.Callback):
@@ -85,8 +133,7 @@ class StepTimer(L.Callback):
             "steps": self.steps,
         }
         if trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(self.path, json.dumps(summary, indent=2) + "\n")
 
 
 def _digest(sources: Iterable[str]) -> str:

@@ -14,14 +14,25 @@ stage                     loss                                                  
 ========================  ===============================================================  =====================
 
 Each stage starts from a model directory (a conversion or an earlier stage's export) or an earlier stage's
-Lightning checkpoint, and exports its student as a model directory at the end of training.
+Lightning checkpoint, and exports its student as a model directory when the fit ends: also when a fit resumes from
+a checkpoint of its last step, so an export that a kill cut short is redone by resuming.
+
+Nothing a stage writes replaces what it was not asked to: the export folder may not be the stage's model,
+teacher or tokenizer folder, and one that holds files another run wrote is refused unless ``overwrite``; a
+resume (``--ckpt_path``) from a checkpoint another run wrote is refused unless ``resume_other_run``. Checkpoints
+are written atomically (:class:`lit.callbacks.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import signal
+import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,21 +40,32 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lit.callbacks import use_atomic_checkpoints
 from lit.data.packing import pack
 from lit.data.types import PackedBatch
 from lit.losses import distillation_kl, next_token_cross_entropy, next_token_hits
 from lit.metrics import ANLS, ExactMatch, RelaxedAccuracy, TokenAccuracy, VQAAccuracy
 from lit.params import DISTILL_DEFAULT, SFT_DEFAULT, freeze_all_but, select_parameters
 from models.chat import load_processor
-from models.checkpoint import check_weights, load_weights_strict, model_to_load, save_weights
+from models.checkpoint import check_weights, load_torch_checkpoint, load_weights_strict, model_to_load, save_weights
 from models.config import HybridConfig
 from models.convert import copy_processor_files, load_teacher
+from models.files import EXPORT_RECORD, check_output, write_json
 from models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.train")
+
+RUN_KEY = "hybridvl_run"  # the checkpoint entry naming the run that wrote it (see HybridStage.run_record)
+
+
+class ForeignCheckpointError(ValueError):
+    """A resume from a checkpoint that another run wrote."""
+
 
 GENERATION_METRICS = {"exact_match": ExactMatch, "vqa_accuracy": VQAAccuracy, "anls": ANLS, "relaxed": RelaxedAccuracy}
 
@@ -53,12 +75,10 @@ def load_student(source: str | Path) -> HybridVLM:
     source = Path(source)
     if source.suffix != ".ckpt":
         return HybridVLM.from_pretrained(source)
-    if not source.is_file():
-        raise FileNotFoundError(f"checkpoint {source} does not exist")
-    checkpoint_data = torch.load(source, map_location="cpu", weights_only=False)
+    checkpoint_data = load_torch_checkpoint(source, map_location="cpu", weights_only=False)
     if "hybrid_config" not in checkpoint_data:
         raise ValueError(f"{source} is not a hybridvl stage checkpoint (no hybrid_config in it)")
-    model = model_to_load(HybridConfig.from_dict(checkpoint_data["hybrid_config"]))
+    model = model_to_load(HybridConfig.from_dict(checkpoint_data["hybrid_config"], f"the hybrid_config of {source}"))
     weights = {k[len("student.") :]: v for k, v in checkpoint_data["state_dict"].items() if k.startswith("student.")}
     load_weights_strict(model, weights, str(source))
     return model
@@ -79,6 +99,40 @@ def decays(parameter: nn.Parameter) -> bool:
     return parameter.ndim >= 2 and not getattr(parameter, "_no_weight_decay", False)
 
 
+def _describe_run(record: dict[str, str | None]) -> str:
+    return (
+        f"stage {record.get('stage')}, root folder {record.get('root')}, model {record.get('model')}, "
+        f"export_dir {record.get('export_dir')}"
+    )
+
+
+def _export_record(directory: Path) -> dict[str, Any]:
+    """The export record in ``directory`` (``{}`` if there is none or it cannot be read)."""
+    try:
+        return json.loads((directory / EXPORT_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block a SIGTERM raises :class:`SIGTERMException` where the process is, so that a file being
+    written is removed and the stage reports that it stopped, instead of the process ending at once."""
+    if threading.current_thread() is not threading.main_thread():
+        logger.info("not the main thread: a SIGTERM during the export ends the process at once")
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class HybridStage(L.LightningModule):
     """Behaviour every stage shares: the student, which parameters train, AdamW with warm-up and cosine decay,
     validation (loss, token accuracy and generation-based accuracy per task), export.
@@ -96,7 +150,12 @@ class HybridStage(L.LightningModule):
             copy next to the export (default: ``model`` when it is a directory).
         generation_max_new_tokens: answer length for generation-based validation (0 turns it off).
         export_dir: where the trained student is written at the end of training (default
-            ``<log dir>/model``).
+            ``<log dir>/model``). It may not be ``model``, ``teacher`` or ``tokenizer_dir``.
+        overwrite: export into a folder that holds files another run wrote (its model files are replaced). An
+            export of an earlier attempt of this same run (same stage, model, export folder and root folder) is
+            replaced without it.
+        resume_other_run: resume (``--ckpt_path``) from a checkpoint that another run wrote (another stage, model,
+            export folder or root folder); without it such a resume is refused, naming both.
     """
 
     default_trainable: ClassVar[tuple[str, ...]] = SFT_DEFAULT
@@ -114,6 +173,8 @@ class HybridStage(L.LightningModule):
         tokenizer_dir: str | None = None,
         generation_max_new_tokens: int = 16,
         export_dir: str | None = None,
+        overwrite: bool = False,
+        resume_other_run: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -121,8 +182,16 @@ class HybridStage(L.LightningModule):
         self.token_accuracy = TokenAccuracy()
         self.task_metrics = nn.ModuleDict()
         self._processor = None
+        self.exported_to: Path | None = None  # set once this fit has exported the student
 
     # --- model --------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Checkpoints written atomically; and before a fit trains, the check of its export folder that the export
+        makes (see :meth:`export`), so that a bad folder fails now rather than after training."""
+        use_atomic_checkpoints(self.trainer)
+        if stage == "fit":
+            self._check_export(self.export_directory())
 
     def configure_model(self) -> None:
         if self.student is not None:
@@ -286,38 +355,115 @@ class HybridStage(L.LightningModule):
 
     # --- checkpoints and export ---------------------------------------------------------------------
 
+    def run_record(self) -> dict[str, str | None]:
+        """What identifies this run: the stage class, its model, its export folder and the trainer's root folder
+        (absolute paths). Checkpoints and exports carry it, so that a resume or an export can tell this run's files
+        from another's."""
+
+        def absolute(path: str | Path | None) -> str | None:
+            return None if path is None else str(Path(path).resolve())
+
+        root = None if self._trainer is None else self._trainer.default_root_dir
+        return {
+            "stage": f"{type(self).__module__}.{type(self).__qualname__}",
+            "model": absolute(self.hparams.model),
+            "export_dir": absolute(self.hparams.export_dir),
+            "root": absolute(root),
+        }
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hybrid_config"] = self.student.config.to_dict()
+        checkpoint[RUN_KEY] = self.run_record()
 
-    def on_train_end(self) -> None:
-        # every rank asks for the log dir (a collective under DDP); rank 0 writes
-        directory = self.hparams.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            state = self.trainer.strategy.lightning_module_state_dict()  # every rank: gathers the shards on rank 0
-            if self.trainer.is_global_zero:
-                weights = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
-                self.export(directory, weights)
-        elif self.trainer.is_global_zero:
-            self.export(directory)
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to resume a fit from a checkpoint another run wrote, unless ``resume_other_run``."""
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:  # loading outside a fit
+            return
+        path, recorded, current = self.trainer.ckpt_path, checkpoint.get(RUN_KEY), self.run_record()
+        if recorded is None:
+            logger.warning(
+                "the checkpoint %s records no run (written before stages recorded theirs); resuming from it without "
+                "checking that this run wrote it",
+                path,
+            )
+        elif recorded != current and self.hparams.resume_other_run:
+            logger.warning("resuming from %s, which another run wrote (%s)", path, _describe_run(recorded))
+        elif recorded != current:
+            raise ForeignCheckpointError(
+                f"the checkpoint {path} was written by another run ({_describe_run(recorded)}), not by this one "
+                f"({_describe_run(current)}); resuming would continue that run's weights under this run's settings "
+                "and export them here. Resume that run with its own config, or set resume_other_run: true "
+                "(--model.init_args.resume_other_run true) to resume from it anyway"
+            )
+
+    def export_directory(self) -> Path:
+        """``export_dir``, or ``<log dir>/model`` (every rank must ask: under DDP the log dir is a collective)."""
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
+
+    def on_fit_end(self) -> None:
+        """Export the student. This runs at the end of every fit, also one resumed from a checkpoint of its last
+        step (whose loop trains nothing), so an export cut short is redone by resuming. A SIGTERM received during
+        training stops the stage here, without exporting; one received during the export ends it at once, the
+        file being written removed; both raise :class:`SIGTERMException`."""
+        if self.trainer.received_sigterm:
+            raise SIGTERMException
+        directory = self.export_directory()
+        with _sigterm_raises():
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                state = self.trainer.strategy.lightning_module_state_dict()  # every rank: gathers shards on rank 0
+                if self.trainer.is_global_zero:
+                    weights = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
+                    self.export(directory, weights)
+            elif self.trainer.is_global_zero:
+                self.export(directory)
+        self.exported_to = directory
 
     def export(self, directory: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the student as a model directory, with the processor files next to the source model.
 
         ``weights``: the student's full state dict, where this process holds only shards of it (FSDP); they
         are checked against the student's config and written without building a second model.
+
+        ``directory`` gets an ``export_record.json`` naming this run (:meth:`run_record`), marked complete once
+        everything else is written.
+
+        Raises:
+            models.files.OutputIsInputError: ``directory`` is the stage's model, teacher or tokenizer folder.
+            models.files.OutputExistsError: ``directory`` holds files another run wrote and ``overwrite`` is false.
         """
         directory = Path(directory)
+        self._check_export(directory)
+        write_json(directory / EXPORT_RECORD, {"run": self.run_record(), "complete": False})
         if weights is None:
-            self.exportable_student().save_pretrained(directory)
+            self.exportable_student().save_pretrained(directory, overwrite=True)
         else:
             with torch.device("meta"):
                 shapes = HybridVLM(self.student.config)
-            save_weights(self.student.config, check_weights(shapes, weights, "the gathered state"), directory)
+            checked = check_weights(shapes, weights, "the gathered state")
+            save_weights(self.student.config, checked, directory, overwrite=True)
         source = self.hparams.tokenizer_dir or self.hparams.model
         if Path(source).is_dir():
             copy_processor_files(source, directory)
+        write_json(directory / EXPORT_RECORD, {"run": self.run_record(), "complete": True})
         logger.info("exported the student to %s", directory)
         return directory
+
+    def _check_export(self, directory: Path) -> None:
+        """Refuse an export folder that is an input, or that holds files another run wrote (unless ``overwrite``);
+        an earlier attempt of this run's export is replaced (logged)."""
+        inputs = [self.hparams.model, self.hparams.tokenizer_dir, self.hparams.get("teacher")]
+        earlier = _export_record(directory).get("run") == self.run_record()
+        check_output(
+            directory,
+            inputs=inputs,
+            overwrite=self.hparams.overwrite or earlier,
+            what="export",
+            overwrite_hint="set the stage's overwrite: true (--model.init_args.overwrite true)",
+        )
+        if earlier:
+            logger.info("the export folder %s holds an earlier export of this run, which will be replaced", directory)
 
     def exportable_student(self) -> HybridVLM:
         return self.student

@@ -4,7 +4,8 @@ and fine-tuned, each stage through ``hybridvl fit`` with ``experiments/tiny/<sta
 
 A stage that finished writes ``runs/<stage>/done.json``: its arguments and a digest of the weights it started
 from. Run again with the same arguments on the same weights, the stage is skipped, so a pipeline stopped part-way
-(a time limit, a lost machine) resumes at the stage it was in."""
+(a time limit, a lost machine) resumes at the stage it was in. The pipeline's own folders (``qwen``,
+``teacher_init``, ``student_init`` and the stages' exports) are rewritten when it runs again."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 from lit.commands.train import main as train
 from models.convert import ConversionReport, convert_directory
+from models.files import write_json
 from models.tiny_qwen import make_tiny_qwen2_5_vl
 
 logger = logging.getLogger("hybridvl.pipeline")
@@ -66,8 +68,9 @@ def run_stage(name: str, out: Path, scale: float, accelerator: str | None = None
         logger.info("stage %s: done before with these arguments and input weights (%s), skipped", name, done)
         return
     logger.info("stage %s: hybridvl %s", name, " ".join(argv))
+    done.unlink(missing_ok=True)  # a stage that stops part-way leaves no record of an earlier run behind
     train(argv)
-    done.write_text(json.dumps(record))
+    write_json(done, record)
 
 
 def _weights_digests(directories: dict[str, Path]) -> dict[str, str]:
@@ -90,8 +93,8 @@ def train_teacher(out: Path, scale: float = 1.0, seed: int = 0, accelerator: str
     :func:`run_stage`); returns its directory."""
     # the stages run LightningCLI in this process with their own argument lists, as intended
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    make_tiny_qwen2_5_vl(out / "qwen", seed=seed, **TEACHER_DIMS)
-    convert_directory(out / "qwen", out / "teacher_init", "A x4")
+    make_tiny_qwen2_5_vl(out / "qwen", seed=seed, overwrite=True, **TEACHER_DIMS)
+    convert_directory(out / "qwen", out / "teacher_init", "A x4", overwrite=True)
     run_stage(
         "teacher",
         out,
@@ -118,7 +121,7 @@ def distill_student(
     """Convert ``teacher`` to ``layout``, distil layer-wise and end to end, fine-tune (on ``accelerator``, as in
     :func:`run_stage`); return the student."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    report = convert_directory(teacher, out / "student_init", layout, init=init, sliding_window=window)
+    report = convert_directory(teacher, out / "student_init", layout, init=init, sliding_window=window, overwrite=True)
     shared = {"model.init_args.teacher": teacher, "data.processor": teacher}
     run_stage(
         "distill_layerwise",

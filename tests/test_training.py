@@ -159,6 +159,7 @@ class _FSDPTrainer:
         self.log_dir = str(log_dir)
         self.default_root_dir = str(log_dir)
         self.is_global_zero = True
+        self.received_sigterm = False
         self.max_steps, self.max_epochs, self.datamodule, self.estimated_stepping_batches = 10, None, None, 10
 
 
@@ -175,7 +176,7 @@ def test_fsdp_clipping_and_export_go_through_the_sharded_model(dirs, tmp_path):
     with torch.no_grad():  # this rank's own parameters are only shards: they must not be what gets exported
         for parameter in stage.student.parameters():
             parameter.zero_()
-    stage.on_train_end()
+    stage.on_fit_end()
     exported = HybridVLM.from_pretrained(tmp_path / "model")
     for name, tensor in whole.items():
         assert torch.equal(exported.state_dict()[name], tensor), name

@@ -6,19 +6,32 @@
 
 The model is any :class:`lit.modules.HybridStage` (``model.class_path: lit.modules.SFT`` ...), the data a
 :class:`lit.datamodule.HybridDataModule`. Every run saves its resolved config, logs to TensorBoard, shows a
-progress bar and checkpoints every ``checkpoint.every_n_train_steps`` steps (plus ``last.ckpt``), resumable
-mid-epoch with ``--ckpt_path``.
+progress bar and checkpoints every ``checkpoint.every_n_train_steps`` steps (plus ``last.ckpt``, each written
+atomically), resumable mid-epoch with ``--ckpt_path``.
+
+``fit`` succeeds only when the stage finished and exported its student: a run stopped by SIGTERM (or one that
+ended without its export) raises :class:`StageIncompleteError`, so the command exits non-zero and a chain
+``hybridvl fit a && hybridvl fit b`` stops. Resuming it with ``--ckpt_path`` finishes it and exports, also from a
+checkpoint of the last step. A ``--ckpt_path`` that another run wrote is refused
+(:class:`lit.modules.ForeignCheckpointError`) unless ``--model.init_args.resume_other_run true``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit.datamodule import HybridDataModule
 from lit.modules import HybridStage
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class StageIncompleteError(RuntimeError):
+    """A ``fit`` that ended before the stage finished and exported its student."""
 
 
 class HybridCLI(LightningCLI):
@@ -35,6 +48,35 @@ class HybridCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the model the config names. LightningCLI would replace its arguments by the hyperparameters stored
+        in ``--ckpt_path``, so that a checkpoint of another run silently trained that run's model and exported it
+        into that run's folder; instead the stage checks that the checkpoint is this run's
+        (:meth:`lit.modules.HybridStage.on_load_checkpoint`)."""
+
+    def fit(self, model: HybridStage, **kwargs: Any) -> None:
+        """``Trainer.fit``, then the check that the stage finished and exported.
+
+        Raises:
+            StageIncompleteError: SIGTERM stopped the fit (Lightning ends it with an exception that would exit
+                with status 0), or it ended without an export; the message says how to resume.
+        """
+        try:
+            self.trainer.fit(model, **kwargs)
+        except SIGTERMException:
+            raise StageIncompleteError(
+                f"the stage was stopped by SIGTERM at step {self.trainer.global_step}, before it finished and "
+                f"exported its student; {self._resume_hint()}"
+            ) from None
+        if model.exported_to is None:
+            raise StageIncompleteError(f"the stage ended without exporting its student; {self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        last = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
+        if last:
+            return f"resume it with --ckpt_path {last}"
+        return "no checkpoint was written yet: run it again"
 
 
 def main(argv: list[str]) -> int:
