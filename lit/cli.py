@@ -54,6 +54,7 @@ _DEBUG: ContextVar[bool] = ContextVar("hybridvl_debug", default=False)
 
 
 def usage() -> str:
+    """The help ``hybridvl`` prints without a command: the commands and the error conventions."""
     width = max(map(len, COMMANDS))
     lines = ["usage: hybridvl <command> [options] [--debug]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]

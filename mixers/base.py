@@ -13,6 +13,9 @@
   linear mixers take no positions and ignore them. Defaults count tokens from the state's start.
 * ``init_state(batch_size, device, dtype)`` preallocates an empty state; ``state_bytes(batch_size)``
   reports its size. Only full attention (``A``) has a state that grows with the sequence.
+* Bad calls raise naming the mixer and the problem: options at construction, and at each call the input's
+  shape, malformed ``cu_seqlens``, and a state of another kind, other options (window, heads, ...), sequence
+  count or device.
 """
 
 from __future__ import annotations
