@@ -63,7 +63,12 @@ def main() -> None:
         use_distributed_sampler=False,
     )
     module = SFT(
-        model=args.student, learning_rate=1e-3, warmup_ratio=0.0, min_lr_ratio=1.0, generation_max_new_tokens=0
+        model=args.student,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        min_lr_ratio=1.0,
+        generation_max_new_tokens=0,
+        resume_other_run=args.ckpt is not None,  # a resumed run writes into another folder than the one it resumes
     )
     data = HybridDataModule(
         processor=args.student,
