@@ -46,10 +46,14 @@ class OutputExistsError(OutputError):
 
 
 class WriteError(OSError):
-    """A file could not be written (disk full, permissions...); the previous file at that path is unchanged."""
+    """A file could not be written (disk full, permissions...); the previous file at that path is unchanged.
+    ``errno`` is the failure's; the message names the file."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
-def temporary_path(path: Path) -> Path:
+def _temporary_path(path: Path) -> Path:
     """A fresh temporary name beside ``path``."""
     return path.with_name(f".{path.name}{TMP_MARK}{secrets.token_hex(4)}")
 
@@ -64,7 +68,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         WriteError: the write failed with an OS error (no space, no permission...); the message names ``path``.
     """
     path = Path(path)
-    temporary = temporary_path(path)
+    temporary = _temporary_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{glob.escape(path.name)}{TMP_MARK}*"):
@@ -80,7 +84,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
             reason = error.strerror or str(error)
             raise WriteError(error.errno, f"could not write {path}: {reason}; {kept}") from error
         raise
-    _fsync(path.parent)
+    _fsync_folder(path.parent)
     return path
 
 
@@ -108,7 +112,15 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def same_path(a: str | Path, b: str | Path) -> bool:
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (the renames into it) to disk; some filesystems cannot, which is logged."""
+    try:
+        _fsync(folder)
+    except OSError as error:
+        logger.warning("could not flush the folder %s to disk: %s", folder, error)
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name the same file or folder (through links too, when both exist)."""
     a, b = Path(a), Path(b)
     if a.exists() and b.exists():
@@ -116,7 +128,7 @@ def same_path(a: str | Path, b: str | Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def folder_entries(folder: Path) -> list[str]:
+def _folder_entries(folder: Path) -> list[str]:
     """The names in ``folder``, leaving out temporary files of interrupted writes."""
     return sorted(entry.name for entry in folder.iterdir() if TMP_MARK not in entry.name)
 
@@ -140,7 +152,7 @@ def check_output(
     """
     out = Path(out)
     for source in inputs:
-        if source is not None and same_path(out, source):
+        if source is not None and _same_path(out, source):
             raise OutputIsInputError(
                 f"the {what} folder {out} is the input {source}: writing there would replace what is being read; "
                 f"choose another {what} folder"
@@ -149,7 +161,7 @@ def check_output(
         raise OutputExistsError(f"the {what} {out} is a file, not a folder; choose a new or empty folder")
     if overwrite or not out.is_dir():
         return
-    entries = folder_entries(out)
+    entries = _folder_entries(out)
     if entries:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise OutputExistsError(
@@ -202,7 +214,7 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
             if entry.is_file():
                 _fsync(entry)
             os.replace(entry, out / entry.name)
-        _fsync(out)
+        _fsync_folder(out)
     except OSError as error:
         if isinstance(error, WriteError):
             raise
