@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import mixers
 from lit.ablation import cells as cells_module
 from lit.ablation import runner
 from lit.ablation.cells import (
@@ -88,11 +89,18 @@ ARMS = "arms: ['S,D']\n"
         ("name: x\n" + ARMS + GRID + "tasks: [{type: mqar, seq_len: 15}]", "tasks\\[0\\]: .*even"),
         ("name: x\n" + ARMS + GRID + "tasks: [{type: mqar, train: {steps: 2}}]", "tasks\\[0\\].train: unknown key"),
         ("name: x\n" + ARMS + GRID + "tasks: [{type: mqar, train: {max_steps: 0}}]", "max_steps: must be at least 1"),
-        ("name: x\n" + ARMS + GRID + "tasks: [{type: mqar, eval_distances: [4]}]", "unknown key 'eval_distances'"),
+        ("name: x\n" + ARMS + GRID + "tasks: [{type: mqar, eval_sets: {far: {}}}]", "unknown key 'eval_sets'"),
         (
-            "name: x\n" + ARMS + GRID + "tasks: [{type: synthetic, tasks: [video_memory], eval_distances: [3]}]",
-            "even frame counts",
+            "name: x\n" + ARMS + GRID + "tasks: [{type: synthetic, eval_sets: {far: {max_distance: 3}}}]",
+            "tasks\\[0\\].eval_sets.far: .*even",
         ),
+        (
+            "name: x\n" + ARMS + GRID + "tasks: [{type: synthetic, eval_sets: {far: {depth: 3}}}]",
+            "tasks\\[0\\].eval_sets.far: unknown key 'depth'",
+        ),
+        ("name: x\n" + ARMS + GRID + "tasks: [{type: synthetic, eval_sets: {far: 3}}]", "eval_sets.far: .*mapping"),
+        ("name: x\n" + ARMS + GRID + "tasks: [{type: synthetic, eval_sets: {'a b': {}}}]", "letters, digits"),
+        ("name: x\n" + ARMS + GRID + "tasks: [{type: synthetic}]\ntrain: {test_size: 0}", "test_size: must be"),
         ("name: x\n" + ARMS + GRID + "tasks: [{type: distill, init: copy}]", "mimic or transfer"),
         ("name: x\n" + ARMS + GRID + TASK + "train: {steps: 2}", "train: unknown key 'steps'"),
         ("name: x\n" + ARMS + GRID + TASK + "train: {max_steps: many}", "train.max_steps: expected int"),
@@ -321,7 +329,7 @@ def test_a_user_mixer_from_a_plugin_joins_a_study(tmp_path, monkeypatch):
 
 
 def test_every_kind_of_multimodal_cell_runs_at_smoke_size(tmp_path):
-    for name, workers in (("swa_ratio", 1), ("init", 2)):
+    for name, workers in (("mixer_type", 2), ("swa_ratio", 1), ("init", 2)):
         summary = runner.run_study(STUDIES / f"{name}.yaml", smoke=True, out=tmp_path / name, workers=workers)
         assert summary["complete"] and summary["cells"] == summary["total_cells"] > 0 and not summary["failed"]
         assert all(0.0 <= row["mean"] <= 1.0 for row in summary["rows"])
@@ -329,15 +337,21 @@ def test_every_kind_of_multimodal_cell_runs_at_smoke_size(tmp_path):
     assert len(list(teacher_runs.iterdir())) == 1  # trained once, by whichever cell came first
     for path in (tmp_path / "swa_ratio" / "cells").glob("*.json"):
         result = json.loads(path.read_text())
-        assert set(result["distance_accuracy"]) == {"2", "6"}
-        assert result["window_frames"] == 32 / 2  # 56x56 frames: 2 tokens each (2x2 merge of 4x4, 2 frames)
+        assert set(result["eval_sets"]) == {"inside_window", "beyond_reach"}
+        for scores in [result, *result["eval_sets"].values()]:  # the test split, and each eval set
+            assert set(scores["per_task"]) == set(scores["chance"]) == {"video_memory"}
+            assert scores["chance"]["video_memory"] == pytest.approx(1 / 6)
+            assert 0 <= scores["accuracy"] <= 1
+        assert result["val_per_task"].keys() == {"video_memory"} and "val_accuracy" in result
+        assert result["window"] == (4 if "S" in result["layout"] else None)
 
 
 def test_a_synthetic_cell_stopped_part_way_resumes_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch):
     from lit.ablation import multimodal
 
-    monkeypatch.setattr(multimodal, "CHECKPOINT_EVERY", 1)  # smoke cells train 3 steps
-    runner.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "whole")
+    monkeypatch.setattr(multimodal, "CHECKPOINT_EVERY", 1)  # smoke cells train 2 steps
+    one = "SD__*lr0.001"
+    runner.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "whole", only=one)
 
     class MachineLost(L.Callback):
         def on_train_batch_end(self, trainer, *args):
@@ -351,10 +365,9 @@ def test_a_synthetic_cell_stopped_part_way_resumes_from_its_checkpoint_to_the_sa
 
     with monkeypatch.context() as patch:
         patch.setattr(L, "Trainer", trainer_losing_its_machine)
-        stopped = runner.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "resumed")
-    assert stopped["cells"] == 0 and len(stopped["failed"]) == 2
-    resumed = runner.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "resumed")
-    assert resumed["complete"]
+        stopped = runner.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "resumed", only=one)
+    assert stopped["cells"] == 0 and len(stopped["failed"]) == 1
+    runner.run_study(MIXER_TYPE, smoke=True, out=tmp_path / "resumed", only=one)
     for path in sorted((tmp_path / "whole" / "cells").glob("*.json")):
         first = json.loads(path.read_text())
         again = json.loads((tmp_path / "resumed" / "cells" / path.name).read_text())
@@ -384,6 +397,8 @@ def test_the_repository_keeps_no_results_of_the_leaky_generator():
     """MQAR cells written before the generator stopped showing answers (no ``curve`` in them) are gone."""
     for path in (STUDIES / "results").rglob("cells/*mqar*.json"):
         assert "curve" in json.loads(path.read_text()), path
+    for path in (STUDIES / "results").rglob("cells/*synthetic*.json"):  # scored on the test split, with chance
+        assert {"eval_sets", "chance", "val_accuracy"} <= json.loads(path.read_text()).keys(), path
 
 
 def test_only_the_cells_asked_for_train_and_the_summary_covers_the_study(tmp_path, capsys):
@@ -393,3 +408,32 @@ def test_only_the_cells_asked_for_train_and_the_summary_covers_the_study(tmp_pat
     assert not summary["complete"]
     assert ablate(["--config", str(path), "--out", str(tmp_path / "out"), "--cells", "Q*"]) == 2
     assert "no cell of study tiny matches 'Q*'" in capsys.readouterr().err
+
+
+def test_the_swa_ratio_regimes_place_video_cues_where_they_say(tmp_path):
+    """Each regime's cue, in tokens before the position that predicts the answer (the processor's own grid):
+    inside one window, between one window and the 8 stacked windows' reach, and beyond that reach."""
+    from lit.data.encoding import encode
+    from lit.data.synthetic import SyntheticSuite
+    from models.chat import load_processor
+    from models.tiny_qwen import make_tiny_qwen2_5_vl
+
+    study = load_study(Path("experiments/ablations/swa_ratio.yaml"))
+    task, window = study.tasks[0], study.train.window
+    reach = window * max(len(mixers.parse_layout(arm.layout)) for arm in study.arms if set(arm.layout) <= set("Sx 8"))
+    bounds = {"inside_window": (0, window), "within_reach": (window, reach), "beyond_reach": (reach, 10**9)}
+    processor = load_processor(make_tiny_qwen2_5_vl(tmp_path / "qwen", seed=0))
+    pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    for name, options in task.eval_sets.items():
+        suite = SyntheticSuite(**{**task.suite_options, **options, "size_per_task": 6}, split="test")
+        low, high = bounds[name]
+        for conversation in suite:
+            sample = encode(conversation, processor)
+            frames, height, width = sample.vision["video_grid_thw"][0].tolist()
+            per_patch = height * width // processor.video_processor.merge_size**2
+            positions = torch.nonzero(sample.input_ids == pad).flatten()
+            assert len(positions) == frames * per_patch
+            video_frames = suite.tasks[0].frames
+            cue_patch = (video_frames - 2 - conversation.meta["distance"]) // 2
+            distance = sample.prompt_length - 1 - int(positions[(cue_patch + 1) * per_patch - 1])
+            assert low <= distance < high, (name, conversation.meta, distance)

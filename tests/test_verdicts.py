@@ -67,3 +67,14 @@ def test_a_claim_over_several_settings_takes_every_telling_setting():
     assert combine([s, s]) is s
     assert combine([]) is Outcome.NOT_MEASURED
     assert tally([r, s, r, i]) == "2 Reproduced, 1 Inconclusive, 1 Saturated"
+
+
+def test_conjoin_is_refuted_by_any_part_and_reproduced_only_by_all():
+    from lit.ablation.verdicts import conjoin
+
+    yes, no, open_, flat = Outcome.REPRODUCED, Outcome.REFUTED, Outcome.INCONCLUSIVE, Outcome.SATURATED
+    assert conjoin([yes, yes, flat]) is yes
+    assert conjoin([yes, no, yes]) is no and conjoin([open_, no]) is no
+    assert conjoin([yes, open_]) is open_
+    assert conjoin([flat, flat]) is flat
+    assert conjoin([Outcome.NOT_MEASURED]) is Outcome.NOT_MEASURED and conjoin([]) is Outcome.NOT_MEASURED

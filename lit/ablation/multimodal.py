@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lit.ablation.cells import Cell, matched_intermediate_size, model_config, prepare_run_dir
 from lit.ablation.schema import Study
 from lit.callbacks import StepTimer
+from lit.data.synthetic import SyntheticSuite
 from lit.datamodule import HybridDataModule
 from lit.modules import SFT
 from models.hybrid import HybridVLM
@@ -96,8 +97,7 @@ def synthetic_data(study: Study, cell: Cell, processor_dir: Path) -> HybridDataM
     """The cell's synthetic suite: its seed's training split and the task's validation split, encoded once per task
     and seed into the study's data cache (``<results>/data``, memory-mapped by every cell)."""
     train = study.train_for(cell.task)
-    options = {k: v for k, v in cell.task.option_dict.items() if k != "eval_distances"}
-    options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    options = _source_options(cell.task.suite_options)
     return HybridDataModule(
         processor=str(processor_dir),
         train=[{"type": "synthetic", "split": "train", "seed": cell.seed, **options}],
@@ -178,8 +178,9 @@ def run_synthetic_cell(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     student = stage.student
     result = {
-        "accuracy": metrics.get("val/accuracy", math.nan),
-        "per_task": {k.split("/")[1]: v for k, v in metrics.items() if k.endswith("/exact_match")},
+        **_test_scores(study, cell, cell_dir / "model"),
+        "val_accuracy": metrics.get("val/accuracy", math.nan),
+        "val_per_task": {k.split("/")[1]: v for k, v in metrics.items() if k.endswith("/exact_match")},
         "val_loss": metrics.get("val/loss", math.nan),
         "parameters": sum(p.numel() for p in student.parameters()),
         "intermediate_size": config.intermediate_size,
@@ -192,36 +193,34 @@ def run_synthetic_cell(
         "seconds_per_step": timing["seconds_per_step"],
         "concurrent_cells": json.loads(sharing.read_text()) if sharing.is_file() else concurrent_cells,
         "first_steps_seconds": sum(step["seconds"] for step in timing["steps"][: timing["warmup_steps"]]),
-        **_distance_accuracy(study, cell, cell_dir / "model", processor_dir),
+        "window": train.window if "S" in config.kinds else None,
     }
     shutil.rmtree(checkpoints.dirpath)  # the cell is done: its JSON and exported model are what stay
     return result
 
 
-def _distance_accuracy(study: Study, cell: Cell, model_dir: Path, processor_dir: Path) -> dict[str, Any]:
-    """Video-memory accuracy of the trained model at each of the task's ``eval_distances``: held-out videos of
-    ``d + 2`` frames whose cue opens the video, so exactly ``d`` frames lie between the cue and the question.
-    ``window_frames`` is the sliding window in frames, to read the distances against."""
-    distances = cell.task.get("eval_distances")
-    if not distances:
-        return {}
+def _source_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Suite options as a data source takes them (YAML lists where the study froze tuples)."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}
+
+
+def _test_scores(study: Study, cell: Cell, model_dir: Path) -> dict[str, Any]:
+    """The trained model on the held-out test split (the same samples for every cell of the task): greedy exact
+    match per task (``per_task``) and its mean (``accuracy``, what the tables report), and the mean exact match
+    of each of the task's ``eval_sets`` (``eval_sets``: name -> the same keys); ``chance`` is each task's score
+    without looking at the media (:attr:`~lit.data.synthetic.SyntheticTask.chance`)."""
     from lit.evaluate import evaluate
 
-    size, train = cell.task.get("video_size", 56), study.train_for(cell.task)
-    accuracy = {}
-    for distance in distances:
-        source = {"type": "synthetic", "split": "val", "size_per_task": train.val_size}
-        source |= {"tasks": ["video_memory"], "video_frames": distance + 2, "min_distance": distance}
-        accuracy[str(distance)] = evaluate(model_dir, [source | {"video_size": size}])["video_memory"]
-    return {"distance_accuracy": accuracy, "window_frames": train.window / _video_tokens_per_frame(processor_dir, size)}
+    train, task = study.train_for(cell.task), cell.task
+    test = {"type": "synthetic", "split": "test", "size_per_task": train.test_size}
 
+    def scores(options: dict[str, Any]) -> dict[str, Any]:
+        per_task = evaluate(model_dir, [{**_source_options(options), **test}])
+        chance = {t.name: t.chance for t in SyntheticSuite(**options).tasks}
+        return {"accuracy": statistics.fmean(per_task.values()), "per_task": per_task, "chance": chance}
 
-def _video_tokens_per_frame(processor_dir: Path, size: int, frames: int = 8) -> float:
-    """Language-model tokens per video frame of ``size`` x ``size`` pixels, from the processor's own grid."""
-    video_processor = _processor(processor_dir).video_processor
-    video = torch.zeros(frames, 3, size, size, dtype=torch.uint8)
-    grid = video_processor(videos=[video], return_tensors="pt")["video_grid_thw"][0]
-    return int(grid.prod()) / video_processor.merge_size**2 / frames
+    sets = {name: scores({**task.suite_options, **overrides}) for name, overrides in task.eval_sets.items()}
+    return {**scores(task.suite_options), "eval_sets": sets}
 
 
 def run_distillation_cell(study: Study, cell: Cell, out: Path) -> dict[str, Any]:

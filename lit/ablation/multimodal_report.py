@@ -1,19 +1,47 @@
-"""The multimodal studies' part of ``RESULTS.md`` (``mixer_type``, ``swa_ratio``, ``init``): tables, plots and one
-verdict per InfiniteVL claim about the synthetic suite, from the cells the runner wrote."""
+"""The multimodal studies' part of ``RESULTS.md``: per-task tables and figures of the synthetic-suite studies, and
+InfiniteVL's architecture claims judged with :mod:`lit.ablation.verdicts` (Reproduced / Refuted / Inconclusive /
+Saturated on 95% bootstrap intervals over seeds, at each arm's learning rate chosen on validation, scored on the
+test split).
+
+Arms are read by their layouts, whatever they are called: a *hybrid* stacks ``S`` layers with one other mixer
+kind (``S,D,D,D``), a *pure* stack one kind alone (``D x4``), a *window-only* stack ``S`` alone. Claims:
+
+* Gated DeltaNet beats Mamba2 and GLA on the text-rich task (``document``) at matched state, and its margin is
+  largest there (the per-seed margin on ``document`` against the margin on each other task).
+* A hybrid beats the same mixer without attention (pure stack of the same depth).
+* More SWA helps with diminishing returns (layouts of ``S`` and ``D`` of one depth at several SWA shares below 1):
+  the first share above 0 beats share 0, no further gain lies wholly below zero, and the first gain lies above
+  the last, all three (:func:`~lit.ablation.verdicts.conjoin`).
+* Window-only stacks answer a video cue inside one window and within what their stacked windows reach, but not
+  beyond that reach, where models with recurrent layers still answer (``eval_sets`` named
+  :data:`INSIDE_WINDOW`, :data:`WITHIN_REACH`, :data:`BEYOND_REACH`).
+* Initialisation (the ``init`` study): mimic against transfer, paired by seed (one teacher per seed).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mixers
-from lit.ablation.runner import rows_table, summarize
+from lit.ablation.runner import format_bytes, rows_table, summarize
+from lit.ablation.verdicts import CEILING, Claim, Estimate, Outcome, compare, conjoin, estimate
 
-TEXT_TASKS = ("ocr", "chart")
+TEXT_RICH = "document"
+"""The synthetic task whose evidence lies beyond a sliding window (:class:`~lit.data.synthetic.DocumentTask`)."""
+INSIDE_WINDOW, WITHIN_REACH, BEYOND_REACH = "inside_window", "within_reach", "beyond_reach"
+"""Names of the video-memory eval sets of the three regimes: the cue inside one window; between one window and
+what the window-only stack's layers reach together; beyond that reach."""
+NO_SATURATION = {"chance": -math.inf, "ceiling": math.inf}
+"""Margins and gains are differences: no chance or ceiling applies to them."""
+
+Score = Callable[[dict[str, Any]], float | None]
 
 
 def swa_share(layout: str) -> float:
@@ -21,299 +49,412 @@ def swa_share(layout: str) -> float:
     return sum(kind == "S" for kind in kinds) / len(kinds)
 
 
-def window_only_depth(layouts: Iterable[str]) -> int:
-    """Layers of the deepest window-only layout (every layer ``S``) among ``layouts``; 0 without one."""
-    return max((len(mixers.parse_layout(layout)) for layout in layouts if swa_share(layout) == 1.0), default=0)
+def mixer_family(layout: str) -> str | None:
+    """The one kind a layout stacks besides ``S`` (``"D"`` for ``S,D,D,D`` and ``D x4``), ``"S"`` for a
+    window-only stack, ``None`` for a layout of several other kinds."""
+    others = set(mixers.parse_layout(layout)) - {"S"}
+    return others.pop() if len(others) == 1 else ("S" if not others else None)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def task_score(task: str) -> Score:
+    return lambda cell: cell.get("per_task", {}).get(task)
 
 
-def per_task_accuracy(cells: list[dict], layout: str, tasks: tuple[str, ...]) -> tuple[float, float] | None:
-    """Mean ± std over seeds of the mean exact match over ``tasks`` (best learning rate per seed group)."""
-    by_seed: dict[int, list[float]] = defaultdict(list)
+def mean_score(cell: dict[str, Any]) -> float | None:
+    return cell.get("accuracy")
+
+
+def set_score(name: str) -> Score:
+    return lambda cell: cell.get("eval_sets", {}).get(name, {}).get("accuracy")
+
+
+def chance_of(cell: dict[str, Any], task: str | None = None, eval_set: str | None = None) -> float:
+    """The score without looking at the media of ``task`` (of the mean over tasks without one), on the test split
+    or on ``eval_set``."""
+    chances = (cell.get("eval_sets", {}).get(eval_set, {}) if eval_set else cell).get("chance", {})
+    if task:
+        return chances.get(task, 0.0)
+    return statistics.fmean(chances.values()) if chances else 0.0
+
+
+@dataclasses.dataclass
+class ArmResult:
+    """One arm of a study: its cells at the learning rate chosen on validation, one per seed."""
+
+    arm: str
+    layout: str
+    cells: list[dict[str, Any]]
+
+    @property
+    def family(self) -> str | None:
+        return mixer_family(self.layout)
+
+    @property
+    def depth(self) -> int:
+        return len(mixers.parse_layout(self.layout))
+
+    @property
+    def share(self) -> float:
+        return swa_share(self.layout)
+
+    @property
+    def state_level(self) -> int | None:
+        """The recurrent state per sequence as a power of two (equal state: equal level)."""
+        state = self.cells[0].get("state_bytes_per_sequence")
+        return round(math.log2(state)) if state else None
+
+    def by_seed(self, score: Score) -> dict[int, float]:
+        return {cell["seed"]: value for cell in self.cells if (value := score(cell)) is not None}
+
+    def estimate(self, score: Score) -> Estimate | None:
+        values = self.by_seed(score)
+        return estimate(values.values()) if values else None
+
+
+def chosen_arms(cells: list[dict[str, Any]]) -> dict[str, ArmResult]:
+    """Every arm of a study's synthetic cells at its chosen learning rate
+    (:func:`lit.ablation.runner.summarize`)."""
+    cells = [cell for cell in cells if "per_task" in cell]
+    best = {(row["task"], row["arm"]): row["best_learning_rate"] for row in summarize(cells)}
+    arms: dict[str, ArmResult] = {}
     for cell in cells:
-        if cell["layout"] == layout and cell.get("per_task"):
-            scores = [cell["per_task"][t] for t in tasks if t in cell["per_task"]]
-            if scores:
-                by_seed[cell["seed"]].append(statistics.fmean(scores))
-    values = [max(scores) for scores in by_seed.values()]
-    return _mean_std(values) if values else None
+        if cell["learning_rate"] == best[(cell["task"], cell.get("arm", cell["layout"]))]:
+            name = cell.get("arm", cell["layout"])
+            arms.setdefault(name, ArmResult(name, cell["layout"], [])).cells.append(cell)
+    return arms
 
 
-def distance_table(curves: dict[str, list[tuple[float, float, float]]]) -> str:
-    """A markdown table of :func:`distance_curves`: one row per layout, one column per distance."""
-    distances = sorted({point[0] for points in curves.values() for point in points})
-    lines = [
-        "| layout | " + " | ".join(f"{d:g} frames" for d in distances) + " |",
-        "|---|" + "---|" * len(distances),
-    ]
-    for layout, points in sorted(curves.items(), key=lambda item: swa_share(item[0])):
-        found = {d: (m, s) for d, m, s in points}
-        cells = [f"{found[d][0]:.3f} ± {found[d][1]:.3f}" if d in found else "" for d in distances]
-        lines.append(f"| `{layout}` | " + " | ".join(cells) + " |")
+def paired_difference(first: ArmResult, second: ArmResult, score: Score) -> Estimate | None:
+    """``first - second`` seed by seed over the seeds both measured (same data order and teacher), as an
+    estimate; ``None`` without a common seed."""
+    a, b = first.by_seed(score), second.by_seed(score)
+    seeds = sorted(a.keys() & b.keys())
+    return estimate(a[seed] - b[seed] for seed in seeds) if seeds else None
+
+
+def describe_difference(difference: Estimate) -> str:
+    return f"{difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}] over {difference.seeds} seeds"
+
+
+def not_below_zero(gain: Estimate) -> Outcome:
+    """The one-sided verdict on "this gain is not negative": Refuted when its interval lies wholly below zero,
+    Reproduced otherwise (a gain that may be zero does not contradict it)."""
+    return Outcome.REFUTED if gain.high < 0 else Outcome.REPRODUCED
+
+
+def tasks_of(arms: dict[str, ArmResult]) -> list[str]:
+    return sorted({task for arm in arms.values() for cell in arm.cells for task in cell.get("per_task", {})})
+
+
+# --- claims ---------------------------------------------------------------------------------------------
+
+
+def mixer_claims(arms: dict[str, ArmResult]) -> list[Claim]:
+    """Gated DeltaNet against Mamba2 and GLA in hybrids of equal depth and state: on the text-rich task, and
+    whether its margin is largest there."""
+    beats = Claim(
+        "Gated DeltaNet beats Mamba2 and GLA on the text-rich task at matched state",
+        "InfiniteVL's choice of mixer",
+        needs=f"S,D,..., S,M,... and S,G,... hybrids of one depth and state scored on '{TEXT_RICH}'",
+    )
+    largest = Claim(
+        "Gated DeltaNet's margin over Mamba2 and GLA is largest on the text-rich task",
+        "InfiniteVL: GDN's gains concentrate on text-rich understanding",
+        needs=f"the same hybrids scored on '{TEXT_RICH}' and at least one other task",
+    )
+    hybrids = [arm for arm in arms.values() if 0 < arm.share < 1]
+    others = [task for task in tasks_of(arms) if task != TEXT_RICH]
+    for d in (arm for arm in hybrids if arm.family == "D"):
+        for x in (arm for arm in hybrids if arm.family in ("M", "G") and arm.depth == d.depth):
+            if d.state_level != x.state_level:
+                continue
+            a, b = d.estimate(task_score(TEXT_RICH)), x.estimate(task_score(TEXT_RICH))
+            if not (a and b):
+                continue
+            state = format_bytes(2**d.state_level) if d.state_level is not None else "state not recorded"
+            chance = chance_of(d.cells[0], TEXT_RICH)
+            beats.settings.append(
+                (f"{d.arm} vs {x.arm}, {state}", f"{a.describe()} vs {b.describe()}", compare(a, b, chance))
+            )
+            margin = paired_difference(d, x, task_score(TEXT_RICH))
+            for task in others:
+                elsewhere = paired_difference(d, x, task_score(task))
+                if margin and elsewhere:
+                    evidence = f"{TEXT_RICH} {describe_difference(margin)} vs {task} {describe_difference(elsewhere)}"
+                    outcome = compare(margin, elsewhere, **NO_SATURATION)
+                    largest.settings.append((f"{d.arm} - {x.arm}: {TEXT_RICH} vs {task}", evidence, outcome))
+    return [beats, largest]
+
+
+def hybrid_claim(arms: dict[str, ArmResult]) -> Claim:
+    """Every hybrid against the pure stack of its mixer at the same depth, on the mean over tasks and on the
+    text-rich task."""
+    claim = Claim(
+        "A hybrid with sliding-window layers beats the same mixer without attention",
+        "InfiniteVL: hybrid over pure linear layouts",
+        needs="a hybrid (S,X,...) and the pure stack of X at the same depth",
+    )
+    for hybrid in (arm for arm in arms.values() if 0 < arm.share < 1 and arm.family):
+        for pure in arms.values():
+            if pure.share == 0 and pure.family == hybrid.family and pure.depth == hybrid.depth:
+                for label, score, task in (("mean over tasks", mean_score, None), (TEXT_RICH, None, TEXT_RICH)):
+                    score = score or task_score(task)
+                    a, b = hybrid.estimate(score), pure.estimate(score)
+                    if a and b:
+                        outcome = compare(a, b, chance_of(hybrid.cells[0], task))
+                        claim.settings.append(
+                            (f"{hybrid.arm} vs {pure.arm}, {label}", f"{a.describe()} vs {b.describe()}", outcome)
+                        )
+    return claim
+
+
+def swa_share_claim(arms: dict[str, ArmResult]) -> Claim:
+    """More SWA helps with diminishing returns, among the ``S`` + ``D`` layouts of the deepest such depth with
+    shares below 1 (the window-only stack is the window claims')."""
+    claim = Claim(
+        "More SWA layers help, with diminishing returns",
+        "InfiniteVL's SWA-share ablation",
+        needs="S and D layouts of one depth at three or more SWA shares below 1",
+    )
+    stacks = [arm for arm in arms.values() if set(mixers.parse_layout(arm.layout)) <= {"S", "D"} and arm.share < 1]
+    depth = max((arm.depth for arm in stacks), default=0)
+    ladder = sorted((arm for arm in stacks if arm.depth == depth), key=lambda arm: arm.share)
+    if len(ladder) < 3:
+        return claim
+    for label, score, task in (("mean over tasks", mean_score, None), (TEXT_RICH, task_score(TEXT_RICH), TEXT_RICH)):
+        gains = [paired_difference(b, a, score) for a, b in itertools.pairwise(ladder)]
+        first, low = ladder[1].estimate(score), ladder[0].estimate(score)
+        if not (first and low and all(gains)):
+            continue
+        steps = [f"{a.share:.3g}->{b.share:.3g}" for a, b in itertools.pairwise(ladder)]
+        parts = [
+            (
+                f"share {ladder[1].share:.3g} over {ladder[0].share:.3g}: {first.describe()} vs {low.describe()}",
+                compare(first, low, chance_of(ladder[0].cells[0], task)),
+            )
+        ]
+        parts += [
+            (f"gain {step} not negative: {describe_difference(gain)}", not_below_zero(gain))
+            for step, gain in zip(steps[1:], gains[1:])
+        ]
+        parts.append(
+            (
+                f"gain {steps[0]} {describe_difference(gains[0])} above gain {steps[-1]} "
+                f"{describe_difference(gains[-1])}",
+                compare(gains[0], gains[-1], **NO_SATURATION),
+            )
+        )
+        evidence = "; ".join(f"{text}: {outcome.value}" for text, outcome in parts)
+        claim.settings.append((label, evidence, conjoin(outcome for _, outcome in parts)))
+    return claim
+
+
+def window_claims(arms: dict[str, ArmResult]) -> list[Claim]:
+    """Window-only stacks in the three video-memory regimes, and the recurrent models beyond their reach."""
+    reach = Claim(
+        "A window-only stack answers a cue inside one window but not beyond what its stacked windows reach",
+        "InfiniteVL: window-only models lose information beyond the window",
+        needs=f"a window-only arm scored on the eval sets '{INSIDE_WINDOW}' and '{BEYOND_REACH}'",
+    )
+    stacked = Claim(
+        "Stacked windows carry a cue beyond one window, up to their reach",
+        "the receptive field of stacked sliding windows (layers x window)",
+        needs=f"a window-only arm scored on '{WITHIN_REACH}' and '{BEYOND_REACH}'",
+    )
+    memory = Claim(
+        "Beyond the stacked reach, models with recurrent layers keep the cue that window-only models lose",
+        "InfiniteVL: the linear layers carry long-range memory",
+        needs=f"window-only and hybrid or pure arms of one depth scored on '{BEYOND_REACH}'",
+    )
+    only = [arm for arm in arms.values() if arm.share == 1]
+    for arm in only:
+        chance = chance_of(arm.cells[0], eval_set=BEYOND_REACH)
+        near, within, past = (arm.estimate(set_score(name)) for name in (INSIDE_WINDOW, WITHIN_REACH, BEYOND_REACH))
+        if near and past:
+            evidence = f"inside: {near.describe()}; beyond: {past.describe()}"
+            reach.settings.append((arm.arm, evidence, compare(near, past, chance)))
+        if within and past:
+            evidence = f"within reach: {within.describe()}; beyond: {past.describe()}"
+            stacked.settings.append((arm.arm, evidence, compare(within, past, chance)))
+        for other in (o for o in arms.values() if o.share < 1 and o.depth == arm.depth):
+            theirs, ours = other.estimate(set_score(BEYOND_REACH)), past
+            if theirs and ours:
+                evidence = f"{other.arm} {theirs.describe()} vs {arm.arm} {ours.describe()}"
+                memory.settings.append((f"{other.arm} vs {arm.arm}", evidence, compare(theirs, ours, chance)))
+    return [reach, stacked, memory]
+
+
+def init_claim(cells: list[dict[str, Any]]) -> tuple[Claim, list[str]]:
+    """Mimic against transfer initialisation, paired by seed, on every metric the cells measured after Stage I
+    (``stage1``: lower is better for losses) and at the end; and the teachers' scores against chance."""
+    claim = Claim(
+        "Mimic initialisation distils at least as well as transferring attention weights",
+        "InfiniteVL's code initialises new mixers by mimicry",
+        needs="init cells of both initialisations on common seeds",
+    )
+    by_init: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for cell in cells:
+        by_init[cell.get("init", "")][cell["seed"]] = cell
+    seeds = sorted(by_init["mimic"].keys() & by_init["transfer"].keys())
+    if not seeds:
+        return claim, []
+    notes = []
+    teachers = [by_init["mimic"][seed].get("teacher_per_task") for seed in seeds]
+    if all(teachers):
+        worst = {task: min(t[task] for t in teachers) for task in teachers[0]}
+        listing = ", ".join(f"{task} {value:.3f}" for task, value in worst.items())
+        notes.append(f"Teachers' lowest accuracy over seeds per task: {listing}.")
+    metrics = sorted(by_init["mimic"][seeds[0]].get("stage1", {}))
+    for metric in metrics:
+        lower_is_better = metric != "accuracy"
+        diffs = [
+            by_init["mimic"][seed]["stage1"][metric] - by_init["transfer"][seed]["stage1"][metric] for seed in seeds
+        ]
+        diff = estimate(-d if lower_is_better else d for d in diffs)
+        outcome = Outcome.REFUTED if diff.high < 0 else (Outcome.REPRODUCED if diff.low > 0 else Outcome.INCONCLUSIVE)
+        sign = "transfer - mimic" if lower_is_better else "mimic - transfer"
+        claim.settings.append((f"after Stage I, {metric} ({sign})", describe_difference(diff), outcome))
+    return claim, notes
+
+
+def multimodal_claims(studies: dict[str, list[dict[str, Any]]]) -> list[Claim]:
+    """Every multimodal claim judged within each study's cells (arms of different studies train differently and
+    are never compared); ``Not measured`` where no study holds the arms a claim needs."""
+    skeletons = [*mixer_claims({}), hybrid_claim({}), swa_share_claim({}), *window_claims({})]
+    claims = {claim.text: claim for claim in skeletons}
+    for name, cells in sorted(studies.items()):
+        if name == "init":
+            continue
+        arms = chosen_arms(cells)
+        for claim in [*mixer_claims(arms), hybrid_claim(arms), swa_share_claim(arms), *window_claims(arms)]:
+            claims[claim.text].settings += [(f"{name}: {setting}", *rest) for setting, *rest in claim.settings]
+    return [*claims.values(), init_claim(studies.get("init", []))[0]]
+
+
+def saturated_tasks(arms: dict[str, ArmResult]) -> list[str]:
+    """Tasks (and eval sets) on which every arm sits at the ceiling, or every arm at chance: they cannot tell
+    the arms apart."""
+    lines = []
+    found = [(task, task_score(task), task, None) for task in tasks_of(arms)]
+    sets = sorted({name for arm in arms.values() for cell in arm.cells for name in cell.get("eval_sets", {})})
+    found += [(f"eval set {name}", set_score(name), None, name) for name in sets]
+    for label, score, task, eval_set in found:
+        estimates = [(arm, e) for arm in arms.values() if (e := arm.estimate(score))]
+        if not estimates:
+            continue
+        if all(e.low >= CEILING for _, e in estimates):
+            lines.append(f"{label}: every arm at the ceiling ({CEILING:g})")
+        elif all(e.high <= chance_of(arm.cells[0], task, eval_set) for arm, e in estimates):
+            lines.append(f"{label}: every arm at chance")
+    return lines
+
+
+# --- tables and figures ---------------------------------------------------------------------------------
+
+
+def task_table(arms: dict[str, ArmResult]) -> str:
+    """Test accuracy per task and eval set (mean [95% CI], k/n seeds >= 0.9), one row per arm."""
+    tasks = tasks_of(arms)
+    sets = sorted({name for arm in arms.values() for cell in arm.cells for name in cell.get("eval_sets", {})})
+    columns = [(task, task_score(task)) for task in tasks] + [(name, set_score(name)) for name in sets]
+    lines = ["| arm | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for arm in sorted(arms.values(), key=lambda arm: (arm.share, arm.arm)):
+        values = [(arm.estimate(score)) for _, score in columns]
+        lines.append(f"| `{arm.arm}` | " + " | ".join(e.describe() if e else "" for e in values) + " |")
     return "\n".join(lines)
 
 
-def plot_lines(
-    path: Path,
-    title: str,
-    xlabel: str,
-    series: dict[str, list[tuple[float, float, float]]],
-    verticals: Sequence[tuple[float, str]] = (),
-) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_tasks(path: Path, arms: dict[str, ArmResult]) -> None:
+    """Grouped bars: test accuracy per task (and eval set) for every arm, 95% intervals, chance as a tick."""
+    plt = _pyplot()
+    tasks = tasks_of(arms)
+    sets = sorted({name for arm in arms.values() for cell in arm.cells for name in cell.get("eval_sets", {})})
+    columns = [(task, task_score(task), task, None) for task in tasks] + [
+        (name, set_score(name), None, name) for name in sets
+    ]
+    ordered = sorted(arms.values(), key=lambda arm: (arm.share, arm.arm))
+    width = 0.8 / max(1, len(ordered))
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) * max(1, len(ordered)) ** 0.5 + 3, 4))
+    for number, arm in enumerate(ordered):
+        xs, means, errors = [], [], [[], []]
+        for column, (_, score, _, _) in enumerate(columns):
+            if e := arm.estimate(score):
+                xs.append(column + (number - (len(ordered) - 1) / 2) * width)
+                means.append(e.mean)
+                errors[0].append(e.mean - e.low)
+                errors[1].append(e.high - e.mean)
+        ax.bar(xs, means, width, yerr=errors, capsize=2, label=arm.arm)
+    for column, (_, _, task, eval_set) in enumerate(columns):
+        chance = chance_of(ordered[0].cells[0], task, eval_set)
+        ax.hlines(chance, column - 0.45, column + 0.45, colors="black", linestyles=":", linewidth=1)
+    ax.set_xticks(range(len(columns)), [name for name, *_ in columns], rotation=20)
+    ax.set_ylabel("test accuracy (mean, 95% CI over seeds)")
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("dotted: chance (no look at the media)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_shares(path: Path, arms: dict[str, ArmResult]) -> bool:
+    """Test accuracy against the share of SWA layers, one line per task, for layouts of ``S`` and ``D``."""
+    ladder = sorted(
+        (arm for arm in arms.values() if set(mixers.parse_layout(arm.layout)) <= {"S", "D"}),
+        key=lambda arm: arm.share,
+    )
+    if len(ladder) < 2:
+        return False
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in sorted(series.items()):
-        points = sorted(points)
+    for label, score in [("mean over tasks", mean_score)] + [(task, task_score(task)) for task in tasks_of(arms)]:
+        points = [(arm.share, e) for arm in ladder if (e := arm.estimate(score))]
         ax.errorbar(
-            [p[0] for p in points],
-            [p[1] for p in points],
-            yerr=[p[2] for p in points],
+            [share for share, _ in points],
+            [e.mean for _, e in points],
+            yerr=[[e.mean - e.low for _, e in points], [e.high - e.mean for _, e in points]],
             marker="o",
             capsize=3,
             label=label,
+            linewidth=2.5 if label == "mean over tasks" else 1,
         )
-    for (x, label), style in zip(verticals, ("--", ":")):
-        ax.axvline(x, color="grey", linestyle=style, linewidth=1, label=label)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy")
+    ax.set_xlabel("share of SWA layers")
+    ax.set_ylabel("test accuracy (mean, 95% CI over seeds)")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
-def layout_style(layout: str) -> dict[str, Any]:
-    """Matplotlib style of a layout in the mixer plots: one colour per linear mixer, solid for the hybrid
-    (``S,X,X,X``) and dashed for the pure (``X x4``) stack; all-S and all-A in grey and black."""
-    kinds = mixers.parse_layout(layout)
-    others = sorted(set(kinds) - {"S"})
-    if not others:
-        return {"color": "grey", "linestyle": ":", "marker": "v"}
-    if others == ["A"]:
-        return {"color": "black", "linestyle": ":", "marker": "^"}
-    colours = {"D": "tab:red", "M": "tab:blue", "G": "tab:green", "L": "tab:purple"}
-    hybrid = "S" in kinds
-    return {
-        "color": colours.get(others[0], "tab:brown"),
-        "linestyle": "-" if hybrid else "--",
-        "marker": "o" if hybrid else "s",
-    }
-
-
-def plot_widths(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Accuracy vs ``d_model`` per layout, one panel per task (the mixer-type study's figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({row["task"] for row in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks) + 1.5, 4), squeeze=False, sharey=True)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        by_layout: dict[str, list[dict]] = defaultdict(list)
-        for row in rows:
-            if row["task"] == task:
-                by_layout[row["layout"]].append(row)
-        for number, (layout, points) in enumerate(sorted(by_layout.items())):
-            points.sort(key=lambda row: row["d_model"])
-            dodge = 2 ** (0.04 * (number - (len(by_layout) - 1) / 2))  # side by side, so error bars stay apart
-            ax.errorbar(
-                [row["d_model"] * dodge for row in points],
-                [row["mean"] for row in points],
-                yerr=[[row["mean"] - row["low"] for row in points], [row["high"] - row["mean"] for row in points]],
-                capsize=3,
-                label=layout,
-                **layout_style(layout),
-            )
-        widths = sorted({row["d_model"] for row in rows if row["task"] == task})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(widths, [str(width) for width in widths])
-        ax.set_xlim(widths[0] / 1.5, widths[-1] * 1.5)
-        ax.set_title(task)
-        ax.set_xlabel("d_model")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (mean, 95% CI over seeds)")
-    axes[0][0].set_ylim(0, 1.05)
-    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
-    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def distance_curves(cells: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
-    """Per layout: (frames between cue and question, mean, std over seeds) of the held-out video-memory
-    accuracy (cells' ``distance_accuracy``)."""
-    by_layout: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for cell in cells:
-        for distance, accuracy in cell.get("distance_accuracy", {}).items():
-            by_layout[cell["layout"]][int(distance)].append(accuracy)
-    return {
-        layout: [(distance, *_mean_std(values)) for distance, values in sorted(points.items())]
-        for layout, points in by_layout.items()
-    }
-
-
-def window_memory(cells: list[dict]) -> str:
-    """The window claim from the distance curves: window-only models answer inside the window and lose the answer
-    once the cue lies beyond what their stacked windows reach (each SWA layer passes information one window further
-    back, so ``layers x window``), where models with Gated DeltaNet layers keep it ("not measured" without the
-    cells or distances to tell)."""
-    claim = "Window-only models lose answers beyond the window"
-    missing = verdict(
-        None,
-        f"{claim}: needs video-memory accuracy by distance, inside one window and beyond the window-only stack's "
-        "reach, of window-only and Gated DeltaNet layouts (swa_ratio cells missing).",
-    )
-    curves = distance_curves(cells)
-    windows = {cell["window_frames"] for cell in cells if "window_frames" in cell}
-    only = [layout for layout in curves if swa_share(layout) == 1.0]
-    others = [layout for layout in curves if swa_share(layout) < 1.0]
-    if not curves or len(windows) != 1 or not only or not others:
-        return missing
-    window = windows.pop()
-    depth = window_only_depth(only)
-    reach = depth * window
-
-    def mean(layouts: list[str], keep: Callable[[float], bool]) -> float | None:
-        values = [m for layout in layouts for d, m, _ in curves[layout] if keep(d)]
-        return statistics.fmean(values) if values else None
-
-    only_in = mean(only, lambda d: d < window)
-    only_out, others_out = mean(only, lambda d: d >= reach), mean(others, lambda d: d >= reach)
-    if only_out is None or others_out is None:
-        farthest = max(d for points in curves.values() for d, *_ in points)
-        beyond_one = mean(only, lambda d: d >= window)
-        scores = "" if beyond_one is None else f", where it scores {beyond_one:.3f} beyond one window"
-        return verdict(
-            None,
-            f"{claim}: the farthest cue measured, {farthest} frames back, lies within what the {depth} stacked "
-            f"windows of `{only[0]}` reach ({depth} x {window:g} = {reach:g} frames){scores}; needs distances "
-            f"beyond {reach:g} frames.",
-        )
-    holds = only_in is not None and only_out < only_in and only_out < others_out
-    return verdict(
-        holds,
-        f"{claim} ({window:g} frames, reaching {reach:g} frames through {depth} layers): held-out video-memory "
-        f"accuracy of {', '.join(f'`{layout}`' for layout in only)} is {only_in:.3f} within one window and "
-        f"{only_out:.3f} beyond the reach, where the layouts with Gated DeltaNet layers score {others_out:.3f}.",
-    )
-
-
-def _window_marks(windows: list[float], cells: list[dict]) -> list[tuple[float, str]]:
-    """The distance plot's marks: one SWA window, and what the deepest window-only stack reaches through it."""
-    if len(windows) != 1:
-        return []
-    depth = window_only_depth(cell["layout"] for cell in cells)
-    window = (windows[0], "SWA window")
-    return [window, (depth * windows[0], f"{depth} stacked windows")] if depth > 1 else [window]
-
-
-def verdict(holds: bool | None, text: str) -> str:
-    label = {True: "**Reproduced.**", False: "**Not reproduced.**", None: "**Not measured.**"}[holds]
-    return f"{label} {text}"
-
-
-def multimodal_claims(studies: dict[str, list[dict]]) -> list[str]:
-    """One paragraph per InfiniteVL claim about the synthetic suite, from the numbers (the recall claims are
-    :mod:`lit.ablation.recall_report`'s)."""
-    paragraphs = []
-    mixer = studies.get("mixer_type", [])
-    scores = {x: per_task_accuracy(mixer, f"S,{x},{x},{x}", TEXT_TASKS) for x in "DMGL"}
-    if all(scores[x] for x in "DMG"):
-        d, m, g = scores["D"], scores["M"], scores["G"]
-        holds = d[0] > m[0] and d[0] > g[0]
-        paragraphs.append(
-            verdict(
-                holds,
-                f"Gated DeltaNet beats Mamba2 and GLA on text-rich tasks (OCR, chart): "
-                f"S,D,D,D {d[0]:.3f} ± {d[1]:.3f}, S,M,M,M {m[0]:.3f} ± {m[1]:.3f}, "
-                f"S,G,G,G {g[0]:.3f} ± {g[1]:.3f}.",
-            )
-        )
-    else:
-        paragraphs.append(verdict(None, "Gated DeltaNet vs Mamba2 and GLA on text-rich tasks: cells missing."))
-    ratio = studies.get("swa_ratio", [])
-    by_share: dict[float, list[float]] = defaultdict(list)
-    for cell in ratio:
-        if cell.get("per_task") and any(t in cell["per_task"] for t in TEXT_TASKS):
-            by_share[swa_share(cell["layout"])].append(
-                statistics.fmean(cell["per_task"][t] for t in TEXT_TASKS if t in cell["per_task"])
-            )
-    if len(by_share) >= 3:
-        means = {share: statistics.fmean(v) for share, v in sorted(by_share.items())}
-        shares = [s for s in sorted(means) if s < 1]  # window-only models are the window claim's
-        gains = [means[b] - means[a] for a, b in itertools.pairwise(shares)]
-        holds = gains[0] > 0 and all(gain <= gains[0] for gain in gains[1:]) if len(gains) >= 2 else None
-        listing = ", ".join(f"{share:.3g}: {value:.3f}" for share, value in means.items())
-        paragraphs.append(
-            verdict(holds, f"More SWA helps text-rich tasks with diminishing returns (share: accuracy) {listing}.")
-        )
-    else:
-        paragraphs.append(
-            verdict(
-                None,
-                f"More SWA helps text-rich tasks with diminishing returns: needs cells at 3 or more SWA shares "
-                f"(swa_ratio has {len(by_share)}).",
-            )
-        )
-    paragraphs.append(window_memory(ratio))
-    init = studies.get("init", [])
-    mimic = [c["accuracy"] for c in init if c.get("init") == "mimic"]
-    transfer = [c["accuracy"] for c in init if c.get("init") == "transfer"]
-    teachers = {c["seed"]: c["teacher_accuracy"] for c in init if "teacher_accuracy" in c}  # one teacher a seed
-    if mimic and transfer:
-        (a, sa), (b, sb) = _mean_std(mimic), _mean_std(transfer)
-        teacher = ""
-        if teachers:
-            t, st = _mean_std(list(teachers.values()))
-            teacher = f"; their Transformer teachers score {t:.3f} ± {st:.3f}"
-        paragraphs.append(
-            f"Initialisation (no InfiniteVL claim; its code uses mimic): mimic {a:.3f} ± {sa:.3f}, "
-            f"transfer {b:.3f} ± {sb:.3f} after distillation and fine-tuning{teacher}."
-        )
-    else:
-        paragraphs.append("Initialisation (no InfiniteVL claim; its code uses mimic): init cells missing.")
-    return paragraphs
-
-
-def multimodal_section(name: str, cells: list[dict], figures: Path) -> list[str]:
-    """A multimodal study's table and figures as markdown lines (figures written into ``figures``)."""
+def multimodal_section(name: str, cells: list[dict[str, Any]], figures: Path) -> list[str]:
+    """A multimodal study's tables and figures as markdown lines (figures written into ``figures``)."""
     parts = [rows_table(summarize(cells))]
-    figure = figures / f"{name}.png"
-    if name == "mixer_type" and cells:
-        plot_widths(figure, summarize(cells))
-        parts += ["", f"![{name}](figures/{figure.name})"]
-    elif name == "swa_ratio":
-        series: dict[str, list] = defaultdict(list)
-        for task in sorted({task for cell in cells for task in cell.get("per_task", {})}):
-            for layout in sorted({cell["layout"] for cell in cells}):
-                score = per_task_accuracy(cells, layout, (task,))
-                if score:
-                    series[task].append((swa_share(layout), *score))
-        if series:
-            plot_lines(figure, name, "share of SWA layers", series)
-            parts += ["", f"![{name}](figures/{figure.name})"]
-    curves = distance_curves(cells)
-    if curves:
-        windows = sorted({cell["window_frames"] for cell in cells if "window_frames" in cell})
-        figure = figures / f"{name}_video_memory_distance.png"
-        plot_lines(
-            figure,
-            f"{name}: held-out video memory by distance",
-            "frames between the cue and the question",
-            curves,
-            verticals=_window_marks(windows, cells),
-        )
-        parts += ["", distance_table(curves), "", f"![video memory by distance](figures/{figure.name})"]
+    arms = chosen_arms(cells)
+    if not arms:
+        return parts
+    parts += ["", "Test accuracy per task and eval set at each arm's chosen learning rate:", "", task_table(arms)]
+    if saturated := saturated_tasks(arms):
+        parts += ["", "Cannot tell the arms apart: " + "; ".join(saturated) + "."]
+    figure = figures / f"{name}_tasks.png"
+    plot_tasks(figure, arms)
+    parts += ["", f"![{name}: test accuracy per task](figures/{figure.name})"]
+    shares = figures / f"{name}_swa_share.png"
+    if len({arm.share for arm in arms.values()}) >= 3 and plot_shares(shares, arms):
+        parts += ["", f"![{name}: accuracy against the share of SWA layers](figures/{shares.name})"]
+    if name == "init":
+        _, notes = init_claim(cells)
+        parts += ["", *notes]
     return parts

@@ -263,6 +263,9 @@ class RecallResult:
     first_steps_seconds: float
     cuda_graphs: bool
     batch_size: int
+    backends: list[str]
+    """The backend each layer's mixer trained with (its forward and backward; evaluation may pick another, a
+    forward-only kernel)."""
 
 
 def train_recall_cell(
@@ -287,10 +290,11 @@ def train_recall_cell(
     eval_batch = 4 * trainer.batch_size
     checkpoint = run_dir / CHECKPOINT
     curve: list[dict[str, float]] = []
+    backends: list[str] = []
     if checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         trainer.load_state_dict(saved["trainer"])
-        curve = saved["curve"]
+        curve, backends = saved["curve"], saved["backends"]
         logger.info("resuming from step %d (%s)", trainer.step, checkpoint)
     resumed_from = trainer.step
     start = time.perf_counter()
@@ -303,6 +307,7 @@ def train_recall_cell(
         if trainer.step == resumed_from:  # eager warm-up steps (kernel tuning) and the capture, timed apart
             begin = time.perf_counter()
             trainer.train_until(min(stop, resumed_from + GRAPH_WARMUP_STEPS))
+            backends = _backends(model)
             trainer.capture()
             _synchronize(device)
             first_steps = time.perf_counter() - begin
@@ -315,7 +320,7 @@ def train_recall_cell(
         curve.append({"step": stop, "train_loss": loss, "val_accuracy": val.accuracy, "val_loss": val.loss})
         progress(stop, loss, val.accuracy)
         stopped_early = _reached(val.accuracy, settings.early_stop) and stop < settings.max_steps
-        _save(checkpoint, {"trainer": trainer.state_dict(), "curve": curve})
+        _save(checkpoint, {"trainer": trainer.state_dict(), "curve": curve, "backends": backends})
     test = evaluate(model, data["test"], eval_batch, settings.precision)
     return RecallResult(
         accuracy=test.accuracy,
@@ -333,7 +338,13 @@ def train_recall_cell(
         first_steps_seconds=first_steps,
         cuda_graphs=trainer.graphs,
         batch_size=trainer.batch_size,
+        backends=backends,
     )
+
+
+def _backends(model: HybridVLM) -> list[str]:
+    """The backend each layer's mixer chose in its latest call."""
+    return [getattr(layer.self_attn, "last_backend", None) or "not recorded" for layer in model.language_model.layers]
 
 
 def _reached(accuracy: float, threshold: float | None) -> bool:

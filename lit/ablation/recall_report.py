@@ -21,7 +21,7 @@ from typing import Any
 
 import mixers
 from lit.ablation.runner import format_bytes, summarize
-from lit.ablation.verdicts import SOLVED, Estimate, Outcome, combine, compare, estimate, reaches, tally
+from lit.ablation.verdicts import SOLVED, Claim, Estimate, compare, estimate, reaches
 
 COLOURS = {"D": "tab:red", "M": "tab:blue", "G": "tab:green", "L": "tab:purple", "L-textbook": "tab:brown",
            "A": "black", "S": "grey"}  # fmt: skip
@@ -106,33 +106,6 @@ def distance_score(arm: ArmScore, low: float, high: float) -> Estimate | None:
 
 
 # --- claims ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Claim:
-    """A claim as the literature states it, and its verdict in every setting that bears on it."""
-
-    text: str
-    source: str
-    settings: list[tuple[str, str, Outcome]] = dataclasses.field(default_factory=list)
-    needs: str = ""
-
-    @property
-    def outcome(self) -> Outcome:
-        return combine(outcome for *_, outcome in self.settings)
-
-    def paragraph(self) -> str:
-        if not self.settings:
-            return f"**{Outcome.NOT_MEASURED.value}.** {self.text} ({self.source}): needs {self.needs}."
-        return (
-            f"**{self.outcome.value}.** {self.text} ({self.source}): {tally(o for *_, o in self.settings)} of "
-            f"{len(self.settings)} settings (details below)."
-        )
-
-    def table(self) -> str:
-        lines = [f"**{self.text}** — {self.outcome.value}", "", "| setting | evidence | verdict |", "|---|---|---|"]
-        lines += [f"| {setting} | {evidence} | {outcome.value} |" for setting, evidence, outcome in self.settings]
-        return "\n".join(lines)
 
 
 def _pairs(claim: Claim, panels: dict, better: Iterable[str], worse: Iterable[str]) -> Claim:

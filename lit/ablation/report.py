@@ -136,20 +136,22 @@ def write_report(results: Path, out: Path) -> Path:
         "`hybridvl ablate --config experiments/ablations/<study>.yaml` and this page with "
         f"`hybridvl ablate-report --results {results} --out {out}`.",
         "",
-        "Recall verdicts: **Reproduced** / **Refuted** when the 95% bootstrap intervals (over seeds) of the arms "
+        "Verdicts: **Reproduced** / **Refuted** when the 95% bootstrap intervals (over seeds) of the arms "
         "compared do not overlap, in the claim's direction or against it; **Inconclusive** when they overlap; "
-        "**Saturated** when both arms sit at the ceiling (0.99) or at the no-recall guess; a claim judged in several "
-        "settings is Reproduced (Refuted) when every setting that can tell is. Learning rates are chosen per arm and "
-        "size on the validation set; tables and verdicts use the test set. The multimodal paragraphs after them "
-        "still compare means over seeds.",
+        "**Saturated** when both arms sit at the ceiling (0.99) or at chance (the no-recall guess, or the score "
+        "without looking at the media); a claim judged in several settings is Reproduced (Refuted) when every "
+        "setting that can tell is; one-sided checks (a gain not negative) are Refuted only by an interval wholly "
+        "below zero. Learning rates are chosen per arm and "
+        "size on the validation set; tables and verdicts use the test set.",
         "",
         "## Claims",
         "",
     ]
     recall = {name: cells for name, cells in studies.items() if is_recall_study(cells)}
     recall_cells = [cell for cells in recall.values() for cell in cells]
-    parts += [f"- {claim.paragraph()}" for claim in recall_claims(recall_cells)]  # "Not measured" without cells
-    parts += [f"- {paragraph}" for paragraph in multimodal_claims(studies)]
+    others = {name: cells for name, cells in studies.items() if name not in recall}
+    claims = [*recall_claims(recall_cells), *multimodal_claims(others)]  # "Not measured" without their cells
+    parts += [f"- {claim.paragraph()}" for claim in claims]
     compared = [line for name, cells in studies.items() for line in other_runs(results, name, cells)]
     if compared:
         parts += [
@@ -177,6 +179,11 @@ def write_report(results: Path, out: Path) -> Path:
                     parts += ["", claim.table()]
         else:
             parts += multimodal_section(name, cells, figures)
+            details = [claim for claim in multimodal_claims({name: cells}) if claim.settings]
+            if details:
+                parts += ["", "### Claims in detail"]
+                for claim in details:
+                    parts += ["", claim.table()]
     out.write_text("\n".join(parts) + "\n")
     return out
 

@@ -165,7 +165,6 @@ def run_recall_cell(
         "intermediate_size": config.intermediate_size,
         "state_bytes": sum(mixer.state_bytes(1, seq_len=length, dtype=dtype) for mixer in layers),
         "window": train.window if "S" in config.kinds else None,
-        "backends": [getattr(mixer, "last_backend", None) or "not recorded" for mixer in layers],
         "kernel_configs": chosen,
         "kernel_configs_not_pinned": departed,
         "concurrent_cells": concurrent_cells,

@@ -119,7 +119,8 @@ class TrainSettings:
         eval_every: MQAR cells measure validation accuracy every this many steps (the learning curve); 0 only at
             the end.
         early_stop: MQAR cells stop once validation accuracy reaches this (Zoology's 0.99); ``None`` never.
-        val_size: validation samples per synthetic task.
+        val_size: validation samples per synthetic task (the learning rate is chosen on them).
+        test_size: test samples per synthetic task and per eval set (the tables report them).
         mlp_ratio: MLP width over ``d_model`` (0: layers without an MLP), unless an arm sets its own.
         pipeline_scale: steps of the distillation pipeline's stages relative to the tiny configs.
         backends: mixer letter -> backend for every cell (default: each mixer's ``"auto"``).
@@ -139,13 +140,23 @@ class TrainSettings:
     eval_every: int = 0
     early_stop: float | None = None
     val_size: int = 50
+    test_size: int = 500
     mlp_ratio: float = 2
     pipeline_scale: float = 1.0
     backends: dict[str, str] = dataclasses.field(default_factory=dict)
     cuda_graphs: bool = True
 
     def check(self, where: str) -> None:
-        positive = ("max_steps", "max_tokens", "window", "train_examples", "val_examples", "test_examples", "val_size")
+        positive = (
+            "max_steps",
+            "max_tokens",
+            "window",
+            "train_examples",
+            "val_examples",
+            "test_examples",
+            "val_size",
+            "test_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise _fail(f"{where}.{name}", f"must be at least 1, got {getattr(self, name)}")
@@ -202,6 +213,15 @@ GRID_KEYS = ("arm", "d_model", "seed", "learning_rate")
 TASK_TYPES = ("mqar", "synthetic", "distill")
 
 
+def _freeze(value: Any) -> Any:
+    """A YAML value made hashable: mappings become sorted ``(key, value)`` tuples, lists tuples."""
+    if isinstance(value, dict):
+        return tuple(sorted((key, _freeze(item)) for key, item in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(item) for item in value)
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """One task of a study: its type, its options (frozen), and the grid entries and training settings it
@@ -220,6 +240,17 @@ class Task:
         return self.option_dict.get(key, default)
 
     @property
+    def eval_sets(self) -> dict[str, dict[str, Any]]:
+        """A synthetic task's ``eval_sets``: name -> suite options replacing the task's own, each a held-out set
+        every cell is scored on (e.g. video cues inside one window, and beyond what stacked windows reach)."""
+        return {name: dict(options) for name, options in self.get("eval_sets", ())}
+
+    @property
+    def suite_options(self) -> dict[str, Any]:
+        """A synthetic task's options for :class:`~lit.data.synthetic.SyntheticSuite` (without ``eval_sets``)."""
+        return {key: value for key, value in self.options if key != "eval_sets"}
+
+    @property
     def name(self) -> str:
         """``mqar_T256_kv64``, ``synthetic_ocr-chart``, ``distill_mimic``: part of cell ids."""
         if self.type == "mqar":
@@ -231,7 +262,8 @@ class Task:
 
     def record(self) -> dict[str, Any]:
         """The task as cells record it (``task_config``): its options, and its own train entries if any."""
-        return {"type": self.type, **self.option_dict, **({"train": dict(self.train)} if self.train else {})}
+        options = {**self.option_dict, **({"eval_sets": self.eval_sets} if self.eval_sets else {})}
+        return {"type": self.type, **options, **({"train": dict(self.train)} if self.train else {})}
 
 
 def _task_option_names(kind: str) -> tuple[str, ...]:
@@ -244,7 +276,7 @@ def _task_option_names(kind: str) -> tuple[str, ...]:
         from lit.data.synthetic import SyntheticSuite
 
         skip = {"self", "seed", "split"}
-        return (*(name for name in inspect.signature(SyntheticSuite).parameters if name not in skip), "eval_distances")
+        return (*(name for name in inspect.signature(SyntheticSuite).parameters if name not in skip), "eval_sets")
     return ("init",)
 
 
@@ -476,7 +508,7 @@ def _task(raw: Any, where: str, arms: tuple[Arm, ...], train: TrainSettings) -> 
     freeze = lambda items: tuple(sorted(items))  # noqa: E731
     return Task(
         kind,
-        freeze((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()),
+        _freeze(raw),
         freeze(grid_values.items()),
         freeze(task_train.items()),
     )
@@ -495,22 +527,21 @@ def _check_task_options(kind: str, options: dict[str, Any], where: str) -> None:
         if options.get("init") not in ("mimic", "transfer"):
             raise _fail(f"{where}.init", f"a distill task needs init: mimic or transfer, got {options.get('init')!r}")
     else:
-        distances = options.get("eval_distances")
-        if distances is not None and (
-            "video_memory" not in options.get("tasks", [])
-            or not isinstance(distances, list)
-            or not distances
-            or not all(isinstance(d, int) and d >= 0 and d % 2 == 0 for d in distances)
-        ):
-            raise _fail(
-                f"{where}.eval_distances",
-                "belongs to a synthetic task with video_memory and is a non-empty list of even frame counts >= 0 "
-                f"(a cue takes two frames), got {distances!r}",
-            )
         from lit.data.synthetic import SyntheticSuite
 
-        suite = {key: value for key, value in options.items() if key != "eval_distances"}
+        suite = {key: value for key, value in options.items() if key != "eval_sets"}
         try:
             SyntheticSuite(**suite)
         except (TypeError, ValueError) as error:
             raise _fail(where, str(error)) from None
+        sets = _mapping(options.get("eval_sets"), f"{where}.eval_sets", "eval_sets (name -> suite options)")
+        for name, overrides in sets.items():
+            at = f"{where}.eval_sets.{name}"
+            if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+                raise _fail(at, "an eval set's name is letters, digits, '_' or '-' (it names a table column)")
+            overrides = _mapping(overrides, at, "an eval set's suite options")
+            _check_keys(overrides, _task_option_names(kind)[:-1], at)
+            try:
+                SyntheticSuite(**{**suite, **overrides})
+            except (TypeError, ValueError) as error:
+                raise _fail(at, str(error)) from None

@@ -10,6 +10,8 @@ outcomes are often bimodal (a seed learns the task or stays near chance) and a m
 * :func:`reaches` judges "``arm`` scores at least ``threshold``" (attention solves every setting).
 * :func:`combine` turns the verdicts of one claim over several settings into one: Saturated when every setting
   is; otherwise Reproduced (or Refuted) when every setting that can tell is, and Inconclusive when they disagree.
+* :func:`conjoin` judges a claim made of parts that must all hold (helps, and with diminishing returns): Refuted
+  when any part is.
 """
 
 from __future__ import annotations
@@ -125,7 +127,48 @@ def combine(outcomes: Iterable[Outcome]) -> Outcome:
     return Outcome.INCONCLUSIVE
 
 
+def conjoin(outcomes: Iterable[Outcome]) -> Outcome:
+    """One verdict for a claim made of parts that must all hold: Refuted when any part is, Reproduced when every
+    part that can tell is (Saturated when none can), Inconclusive otherwise."""
+    found = set(outcomes) - {Outcome.NOT_MEASURED}
+    if not found:
+        return Outcome.NOT_MEASURED
+    if Outcome.REFUTED in found:
+        return Outcome.REFUTED
+    telling = found - {Outcome.SATURATED}
+    if not telling:
+        return Outcome.SATURATED
+    return Outcome.REPRODUCED if telling == {Outcome.REPRODUCED} else Outcome.INCONCLUSIVE
+
+
 def tally(outcomes: Iterable[Outcome]) -> str:
     """``3 Reproduced, 1 Inconclusive, 2 Saturated`` (in :class:`Outcome` order, zero counts left out)."""
     counts = Counter(outcomes)
     return ", ".join(f"{counts[outcome]} {outcome.value}" for outcome in Outcome if counts[outcome])
+
+
+@dataclasses.dataclass
+class Claim:
+    """A claim as the literature states it, and its verdict in every setting that bears on it."""
+
+    text: str
+    source: str
+    settings: list[tuple[str, str, Outcome]] = dataclasses.field(default_factory=list)
+    needs: str = ""
+
+    @property
+    def outcome(self) -> Outcome:
+        return combine(outcome for *_, outcome in self.settings)
+
+    def paragraph(self) -> str:
+        if not self.settings:
+            return f"**{Outcome.NOT_MEASURED.value}.** {self.text} ({self.source}): needs {self.needs}."
+        return (
+            f"**{self.outcome.value}.** {self.text} ({self.source}): {tally(o for *_, o in self.settings)} of "
+            f"{len(self.settings)} settings (details below)."
+        )
+
+    def table(self) -> str:
+        lines = [f"**{self.text}** — {self.outcome.value}", "", "| setting | evidence | verdict |", "|---|---|---|"]
+        lines += [f"| {setting} | {evidence} | {outcome.value} |" for setting, evidence, outcome in self.settings]
+        return "\n".join(lines)

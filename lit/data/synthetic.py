@@ -195,6 +195,12 @@ class SyntheticTask(abc.ABC):
     def answers(self) -> tuple[str, ...]:
         """Every answer the task gives."""
 
+    @property
+    def chance(self) -> float:
+        """The exact match of the best answer given without looking at the image or video: the suite balances
+        the answers, so one in ``len(answers)``. A model at this score has learned nothing from the media."""
+        return 1 / len(self.answers)
+
     @abc.abstractmethod
     def sample(self, rng: random.Random, answer: str) -> Hashable:
         """Random content whose answer is ``answer``: parameters (with a deterministic ``repr``) that fully
@@ -584,6 +590,13 @@ class DocumentTask(SyntheticTask):
     @property
     def answers(self) -> tuple[str, ...]:
         return self.values + self.names
+
+    @property
+    def chance(self) -> float:
+        """Without the page a read question is a guess among the values and a comparison one between the two
+        names it asks about; the balanced answers ask them in the proportion of values to names."""
+        reads = len(self.values) / len(self.answers)
+        return reads / len(self.values) + (1 - reads) / 2
 
     def question_for(self, params: _Page) -> str:
         """The value of the one line asked ("What is the value of FIG?") or the larger of two ("Which is larger,
