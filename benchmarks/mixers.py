@@ -57,7 +57,7 @@ def time_module(mixer: torch.nn.Module, batch: int, seq_len: int) -> dict:
         y, _ = mixer(x)
         y.backward(dy)
 
-    requested, mixer.backend = mixer.backend, mixer._resolve_backend(x.device)
+    requested, mixer.backend = mixer.backend, mixer._resolve_backend(x)
     torch.cuda.reset_peak_memory_stats()
     try:
         result = {"forward_ms": forward, "train_ms": cuda_time_ms(step)}
@@ -115,7 +115,7 @@ def run(seq_lens: list[int], tokens: int, out: Path) -> dict:
             print(f"op {name:24s} T={seq_len:6d} {timing}", flush=True)
     for label, kind, options in CASES:
         mixer = mixers.build_mixer(kind, HIDDEN, **options).to("cuda", torch.bfloat16)
-        backend = mixer._resolve_backend(torch.device("cuda"))
+        backend = mixer._resolve_backend(torch.zeros(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16))
         for seq_len in seq_lens:
             batch = max(1, tokens // seq_len)
             try:

@@ -118,7 +118,7 @@ class Attention(Mixer):
             o = decode_attention(q, state.key.to(k.dtype), state.value.to(v.dtype), state.slot_positions() >= 0)
             return self.o_proj(o.flatten(-2)), state
         if state is None:
-            backend = self._resolve_backend(x.device, float32_attention_limitations(x.device, q.dtype))
+            backend = self._resolve_backend(x, float32_attention_limitations(x.device, q.dtype), q.dtype)
             o = causal_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, backend=backend)
             state = self.init_state(n, x.device, k.dtype)
         else:

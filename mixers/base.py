@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mixers.backends import select_backend
+from mixers.backends import precision_auto_skips, select_backend
 from mixers.modules import ShortConv
 from mixers.ops.utils import compute_dtype
 from mixers.ops.varlen import check_cu_seqlens
@@ -55,6 +55,14 @@ def check_positive(owner: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{owner}: {name} must be a positive finite number, got {name}={value!r}")
     return value
+
+
+def kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a mixer's kernels see for input ``x``: autocast's where autocast is on for ``x``'s device (the
+    projections hand the kernels that dtype), else ``x``'s own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class Mixer(nn.Module):
@@ -115,9 +123,14 @@ class Mixer(nn.Module):
 
     # helpers for subclasses
 
-    def _resolve_backend(self, device: torch.device, limitations: dict[str, str] | None = None) -> str:
-        """The backend to run on ``device``, also kept in :attr:`last_backend`."""
-        self.last_backend = select_backend(self.backend, device, self.backends, self._owner, limitations)
+    def _resolve_backend(
+        self, x: torch.Tensor, limitations: dict[str, str] | None = None, dtype: torch.dtype | None = None
+    ) -> str:
+        """The backend to run input ``x`` on, also kept in :attr:`last_backend`. ``auto`` passes over kernels
+        short of the precision of the dtype the kernels see (``dtype``; default :func:`kernel_dtype` of ``x``)."""
+        dtype = dtype or kernel_dtype(x)
+        skips = precision_auto_skips(x.device, dtype, self.backends)
+        self.last_backend = select_backend(self.backend, x.device, self.backends, self._owner, limitations, skips)
         return self.last_backend
 
     def _dtype(self, dtype: torch.dtype | None) -> torch.dtype:

@@ -88,7 +88,7 @@ class GatedDeltaNet(ConvQKVMixer):
         cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
-        backend = self._resolve_backend(x.device, gated_backward_limitations(x.device, x, *self.parameters()))
+        backend = self._resolve_backend(x, gated_backward_limitations(x.device, x, *self.parameters()))
         q, k, v, conv = self._conv_qkv(x, state, cu_seqlens, backend)
         dtype = compute_dtype(x)
         beta = self.b_proj(x).to(dtype).sigmoid()

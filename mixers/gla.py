@@ -99,7 +99,7 @@ class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
         cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
-        backend = self._resolve_backend(x.device)
+        backend = self._resolve_backend(x)
         q, k, v, conv = self._short_convs(self.q_proj(x), self.k_proj(x), self.v_proj(x), state, cu_seqlens, backend)
         q, k = (t.unflatten(-1, (self.num_heads, self.head_k_dim)) for t in (q, k))
         v = v.unflatten(-1, (self.num_heads, self.head_v_dim))

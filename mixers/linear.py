@@ -135,7 +135,7 @@ class LinearAttention(ConvQKVMixer):
         cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
-        backend = self._resolve_backend(x.device)
+        backend = self._resolve_backend(x)
         q, k, v, conv = self._conv_qkv(x, state, cu_seqlens, backend)
         if self.normalize:  # v' = [v, 1]: the op's last output column is the denominator
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)

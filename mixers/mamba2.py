@@ -97,7 +97,7 @@ class Mamba2(RecurrentMixer):
         limitations = gated_backward_limitations(x.device, x, *self.parameters(), kernel="simple_gla") or {}
         if cu_seqlens is not None and torch.is_grad_enabled():
             limitations["mamba_ssm"] = "mamba-ssm has no backward pass for packed sequences' final states"
-        backend = self._resolve_backend(x.device, limitations)
+        backend = self._resolve_backend(x, limitations)
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC, conv = self.conv1d(
             xBC, None if state is None else state.conv["xBC"], cu_seqlens, "fla" if backend == "fla" else "torch"

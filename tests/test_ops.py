@@ -447,3 +447,15 @@ def test_auto_linear_backend_meets_the_dtype_bound(hopper_without_gpu, dtype):
     )
     assert select_backend("fla", cuda, ("fla", "torch"), "gated_delta_rule", None, skips) == "fla"
     assert precision_auto_skips(torch.device("cpu"), dtype, ("fla", "torch")) is None
+
+
+def test_mixers_choose_kernels_by_the_dtype_the_kernels_see():
+    """A float32 residual stream under bf16 autocast reaches the kernels as bfloat16 (the projections cast it),
+    so ``auto`` judges precision by autocast's dtype there and by the input's own elsewhere."""
+    from mixers.base import kernel_dtype
+
+    x = torch.zeros(1, 4, 8)
+    assert kernel_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernel_dtype(x) == torch.bfloat16
+    assert kernel_dtype(x.double()) == torch.float64
