@@ -117,9 +117,14 @@ def distill_student(
     window: int = 64,
     scale: float = 1.0,
     accelerator: str | None = None,
+    last_stage: str = "sft",
 ) -> tuple[Path, ConversionReport]:
     """Convert ``teacher`` to ``layout``, distil layer-wise and end to end, fine-tune (on ``accelerator``, as in
-    :func:`run_stage`); return the student."""
+    :func:`run_stage`), stopping after ``last_stage`` (``"distill_layerwise"``, ``"distill_e2e"`` or ``"sft"``);
+    return that stage's export."""
+    student_stages = STAGES[1:]
+    if last_stage not in student_stages:
+        raise ValueError(f"last_stage must be one of {', '.join(student_stages)}, got {last_stage!r}")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     report = convert_directory(teacher, out / "student_init", layout, init=init, sliding_window=window, overwrite=True)
     shared = {"model.init_args.teacher": teacher, "data.processor": teacher}
@@ -131,6 +136,8 @@ def distill_student(
         **shared,
         **{"model.init_args.model": out / "student_init", "model.init_args.export_dir": out / "stage1_layerwise"},
     )
+    if last_stage == "distill_layerwise":
+        return out / "stage1_layerwise", report
     run_stage(
         "distill_e2e",
         out,
@@ -139,6 +146,8 @@ def distill_student(
         **shared,
         **{"model.init_args.model": out / "stage1_layerwise", "model.init_args.export_dir": out / "stage1"},
     )
+    if last_stage == "distill_e2e":
+        return out / "stage1", report
     run_stage(
         "sft",
         out,

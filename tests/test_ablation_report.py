@@ -312,3 +312,38 @@ def test_the_report_writes_recall_figures_tables_and_claim_details(tmp_path):
     for name in ("recall_state_size.png", "recall_distance.png", "recall_curves_0.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 10_000, name
     assert "test accuracy by query-to-key distance (tokens), window 32" in report
+
+
+def _init_cell(init: str, steps: int, seed: int, mse: float, kl: float, accuracy: float) -> dict:
+    chance = {"ocr": 1 / 12, "chart": 1 / 6}
+    return _cell("S,D,D,D", f"distill_{init}_s{steps}", accuracy, seed, arm="S,D,D,D", init=init, stage1_steps=steps,
+                 per_task={"ocr": accuracy, "chart": accuracy}, chance=chance, teacher_per_task={"ocr": 0.9,
+                 "chart": 0.12}, stage1={"layer_mse": mse, "kl": kl, "accuracy": accuracy})  # fmt: skip
+
+
+def test_the_init_claim_pairs_seeds_at_every_budget_and_the_report_plots_it(tmp_path):
+    from lit.ablation.multimodal_report import init_claim
+
+    cells = [
+        _init_cell(init, steps, seed, mse * (1 + 0.01 * seed), kl, 0.3 + 0.01 * seed + bonus)
+        for steps, (mse_mimic, mse_transfer) in ((50, (1.0, 2.0)), (300, (0.5, 0.5)))
+        for init, mse, kl, bonus in (("mimic", mse_mimic, 0.1, 0.0), ("transfer", mse_transfer, 0.2, 0.0))
+        for seed in range(5)
+    ]
+    claim = init_claim(cells)
+    verdicts = {setting: outcome for setting, _, outcome in claim.settings}
+    assert verdicts["50 Stage I steps, layer_mse (mimic's advantage, lower is better)"] is Outcome.REPRODUCED
+    assert verdicts["300 Stage I steps, layer_mse (mimic's advantage, lower is better)"] is Outcome.INCONCLUSIVE
+    assert verdicts["300 Stage I steps, kl (mimic's advantage, lower is better)"] is Outcome.REPRODUCED
+    worse = [{**c, "stage1": {**c["stage1"], "kl": 0.3}} if c["init"] == "mimic" else c for c in cells]
+    assert {o for s, _, o in init_claim(worse).settings if "kl" in s} == {Outcome.REFUTED}
+    assert init_claim([c for c in cells if c["init"] == "mimic"]).outcome is Outcome.NOT_MEASURED
+    results = tmp_path / "results"
+    (results / "init" / "cells").mkdir(parents=True)
+    for number, cell in enumerate(cells):
+        (results / "init" / "cells" / f"{number}.json").write_text(json.dumps(cell))
+    report = write_report(results, tmp_path / "RESULTS.md").read_text()
+    assert "chart 0.120 [0.120, 0.120], 0/5 seeds >= 0.9 (chance 0.167: NOT clearly above chance)" in report
+    assert "ocr 0.900 [0.900, 0.900], 5/5 seeds >= 0.9 (chance 0.083: learned)" in report
+    assert "| mimic | 50 | 1.02 [" in report
+    assert (tmp_path / "figures" / "init_stage1.png").stat().st_size > 1000

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from filelock import FileLock
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -223,14 +224,21 @@ def _test_scores(study: Study, cell: Cell, model_dir: Path) -> dict[str, Any]:
     return {**scores(task.suite_options), "eval_sets": sets}
 
 
+DISTILL_SUITE = {"type": "synthetic", "image_size": 84}
+"""The suite the tiny pipeline's teacher trains on (``experiments/tiny/teacher.yaml``)."""
+
+
 def run_distillation_cell(study: Study, cell: Cell, out: Path) -> dict[str, Any]:
-    """The distillation track: a tiny Transformer teacher (one per seed, shared by the cells), converted to the
-    cell's layout with the task's initialisation, distilled and fine-tuned by :mod:`lit.pipeline`, on the device
-    every cell trains on (the GPU when there is one; the stage configs alone would train on the CPU)."""
+    """The initialisation track: a tiny Transformer teacher trained on the synthetic suite (one per seed, shared
+    by the cells), converted to the cell's layout with the task's initialisation and distilled layer-wise (Stage I
+    alone) for the task's ``stage1_steps``, by :mod:`lit.pipeline` on the device every cell trains on. Measured
+    after Stage I: against the teacher on the validation split (:func:`stage1_measures`) and by greedy exact match
+    on the test split, with the teacher's own test scores and each task's chance beside."""
     from lit.evaluate import evaluate
-    from lit.pipeline import distill_student, train_teacher
+    from lit.pipeline import STEPS, distill_student, train_teacher
 
     train, init = study.train_for(cell.task), cell.task.get("init")
+    steps = cell.task.get("stage1_steps", STEPS["distill_layerwise"])
     layout = study.arm(cell.arm).layout
     teacher_root = out / "teachers" / f"seed{cell.seed}"
     teacher = teacher_root / "teacher"
@@ -241,17 +249,56 @@ def run_distillation_cell(study: Study, cell: Cell, out: Path) -> dict[str, Any]
             L.seed_everything(cell.seed, verbose=False)
             train_teacher(teacher_root, train.pipeline_scale, cell.seed, accelerator="auto")
     L.seed_everything(cell.seed, verbose=False)
+    scale = steps / STEPS["distill_layerwise"]
     student, report = distill_student(
-        teacher, out / "runs" / cell.id(study), layout, init, train.window, train.pipeline_scale, "auto"
+        teacher, out / "runs" / cell.id(study), layout, init, train.window, scale, "auto", "distill_layerwise"
     )
-    val = [{"type": "synthetic", "split": "val", "size_per_task": train.val_size, "image_size": 84}]
-    per_task, teacher_per_task = evaluate(student, val), evaluate(teacher, val)
+    test = [{**DISTILL_SUITE, "split": "test", "size_per_task": train.test_size}]
+    per_task, teacher_per_task = evaluate(student, test), evaluate(teacher, test)
+    val = [{**DISTILL_SUITE, "split": "val", "size_per_task": train.val_size}]
+    measures = stage1_measures(student, teacher, val)
+    accuracy = statistics.fmean(per_task.values())
     return {
         "init": init,
-        "accuracy": statistics.fmean(per_task.values()),
+        "stage1_steps": steps,
+        "accuracy": accuracy,
         "per_task": per_task,
+        "chance": {task.name: task.chance for task in SyntheticSuite(image_size=84).tasks},
+        "stage1": {**measures, "accuracy": accuracy},
         "teacher_accuracy": statistics.fmean(teacher_per_task.values()),
         "teacher_per_task": teacher_per_task,
         "transferred_tensors": len(report.transferred),
         "train_seconds": time.perf_counter() - start,
     }
+
+
+@torch.no_grad()
+def stage1_measures(student_dir: Path, teacher_dir: Path, sources: list[dict[str, Any]]) -> dict[str, float]:
+    """A Stage I student against its teacher on ``sources``, per token: ``layer_mse``, each layer's output given
+    the teacher's input to that layer against the teacher layer's output, averaged over layers (Stage I's own
+    objective, without its scale), and ``kl``, KL(teacher || student) of the next-token distributions at
+    temperature 1 with the student running on its own hidden states."""
+    from lit.datamodule import HybridDataModule
+    from lit.losses import distillation_kl
+    from models.convert import load_teacher
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(teacher_dir).to(device).eval()
+    student = HybridVLM.from_pretrained(student_dir).to(device).eval()
+    data = HybridDataModule(processor=str(teacher_dir), val=sources, max_tokens=2048)
+    data.setup("validate")
+    mse, kl, tokens = 0.0, 0.0, 0
+    for batch in data.val_dataloader():
+        batch = batch.to(device)
+        taught = teacher.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, output_hidden_states=True, **batch.vision)
+        inputs, positions = taught.layer_inputs, taught.rope_position_ids
+        errors = [
+            F.mse_loss(layer(inputs[i], None, positions, taught.cu_seqlens)[0].float(), inputs[i + 1].float())
+            for i, layer in enumerate(student.language_model.layers)
+        ]
+        run = student.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, **batch.vision)
+        count = batch.num_tokens
+        mse += float(torch.stack(errors).mean()) * count
+        kl += float(distillation_kl(run.hidden, taught.hidden, student.lm_head, teacher.lm_head, 1.0)) * count
+        tokens += count
+    return {"layer_mse": mse / tokens, "kl": kl / tokens}

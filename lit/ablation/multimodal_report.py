@@ -15,7 +15,8 @@ kind (``S,D,D,D``), a *pure* stack one kind alone (``D x4``), a *window-only* st
 * Window-only stacks answer a video cue inside one window and within what their stacked windows reach, but not
   beyond that reach, where models with recurrent layers still answer (``eval_sets`` named
   :data:`INSIDE_WINDOW`, :data:`WITHIN_REACH`, :data:`BEYOND_REACH`).
-* Initialisation (the ``init`` study): mimic against transfer, paired by seed (one teacher per seed).
+* Initialisation (the ``init`` study): mimic against transfer after Stage I at each step budget, on each measure,
+  paired by seed (one teacher per seed).
 """
 
 from __future__ import annotations
@@ -284,37 +285,110 @@ def window_claims(arms: dict[str, ArmResult]) -> list[Claim]:
     return [reach, stacked, memory]
 
 
-def init_claim(cells: list[dict[str, Any]]) -> tuple[Claim, list[str]]:
-    """Mimic against transfer initialisation, paired by seed, on every metric the cells measured after Stage I
-    (``stage1``: lower is better for losses) and at the end; and the teachers' scores against chance."""
-    claim = Claim(
-        "Mimic initialisation distils at least as well as transferring attention weights",
-        "InfiniteVL's code initialises new mixers by mimicry",
-        needs="init cells of both initialisations on common seeds",
-    )
-    by_init: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+INIT_METRICS = {"layer_mse": "lower", "kl": "lower", "accuracy": "higher"}
+"""What the init cells measure after Stage I, and which way is better."""
+
+
+def _init_groups(cells: list[dict[str, Any]]) -> dict[tuple[str, int], dict[int, dict[str, Any]]]:
+    """``(init, stage1_steps) -> seed -> cell`` for the cells measured after Stage I."""
+    groups: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
     for cell in cells:
-        by_init[cell.get("init", "")][cell["seed"]] = cell
-    seeds = sorted(by_init["mimic"].keys() & by_init["transfer"].keys())
-    if not seeds:
-        return claim, []
-    notes = []
-    teachers = [by_init["mimic"][seed].get("teacher_per_task") for seed in seeds]
-    if all(teachers):
-        worst = {task: min(t[task] for t in teachers) for task in teachers[0]}
-        listing = ", ".join(f"{task} {value:.3f}" for task, value in worst.items())
-        notes.append(f"Teachers' lowest accuracy over seeds per task: {listing}.")
-    metrics = sorted(by_init["mimic"][seeds[0]].get("stage1", {}))
-    for metric in metrics:
-        lower_is_better = metric != "accuracy"
-        diffs = [
-            by_init["mimic"][seed]["stage1"][metric] - by_init["transfer"][seed]["stage1"][metric] for seed in seeds
-        ]
-        diff = estimate(-d if lower_is_better else d for d in diffs)
-        outcome = Outcome.REFUTED if diff.high < 0 else (Outcome.REPRODUCED if diff.low > 0 else Outcome.INCONCLUSIVE)
-        sign = "transfer - mimic" if lower_is_better else "mimic - transfer"
-        claim.settings.append((f"after Stage I, {metric} ({sign})", describe_difference(diff), outcome))
-    return claim, notes
+        if "stage1" in cell:
+            groups[(cell["init"], cell["stage1_steps"])][cell["seed"]] = cell
+    return groups
+
+
+def init_claim(cells: list[dict[str, Any]]) -> Claim:
+    """Mimic against transfer after Stage I at every step budget, on every metric, paired by seed (the two
+    students of a seed share its teacher and data): Reproduced when mimic's advantage has an interval wholly
+    above zero, Refuted when wholly below."""
+    claim = Claim(
+        "Mimic initialisation distils better than transferring the attention weights (after Stage I)",
+        "InfiniteVL's code initialises new mixers by mimicry",
+        needs="init cells of both initialisations after Stage I on common seeds",
+    )
+    groups = _init_groups(cells)
+    for steps in sorted({steps for _, steps in groups}):
+        mimic, transfer = groups.get(("mimic", steps), {}), groups.get(("transfer", steps), {})
+        seeds = sorted(mimic.keys() & transfer.keys())
+        if not seeds:
+            continue
+        for metric, better in INIT_METRICS.items():
+            sign = -1 if better == "lower" else 1
+            advantage = estimate(
+                sign * (mimic[seed]["stage1"][metric] - transfer[seed]["stage1"][metric]) for seed in seeds
+            )
+            outcome = compare_to_zero(advantage)
+            setting = f"{steps} Stage I steps, {metric} (mimic's advantage, {better} is better)"
+            claim.settings.append((setting, describe_difference(advantage), outcome))
+    return claim
+
+
+def compare_to_zero(difference: Estimate) -> Outcome:
+    """Reproduced when a difference's interval lies wholly above zero, Refuted when wholly below."""
+    if difference.low > 0:
+        return Outcome.REPRODUCED
+    return Outcome.REFUTED if difference.high < 0 else Outcome.INCONCLUSIVE
+
+
+def teacher_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """The teachers' test accuracy per task over seeds against chance: the init comparison needs teachers that
+    learned every task."""
+    teachers = {cell["seed"]: cell for cell in cells if "teacher_per_task" in cell}
+    if not teachers:
+        return []
+    first = next(iter(teachers.values()))
+    parts = []
+    for task, chance in sorted(first.get("chance", {}).items()):
+        score = estimate(cell["teacher_per_task"][task] for cell in teachers.values())
+        learned = "learned" if score.low > chance + 0.1 else "NOT clearly above chance"
+        parts.append(f"{task} {score.describe()} (chance {chance:.3f}: {learned})")
+    return [f"Teachers ({len(teachers)} seeds), test accuracy per task: " + "; ".join(parts) + "."]
+
+
+def init_table(cells: list[dict[str, Any]]) -> str:
+    """Stage I measures per initialisation and step budget: mean [95% CI] over seeds."""
+    groups = _init_groups(cells)
+    lines = ["| init | Stage I steps | " + " | ".join(INIT_METRICS) + " |", "|---|---|" + "---|" * len(INIT_METRICS)]
+    for (init, steps), by_seed in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+        scores = [estimate(cell["stage1"][metric] for cell in by_seed.values()) for metric in INIT_METRICS]
+        cells_text = " | ".join(f"{e.mean:.4g} [{e.low:.4g}, {e.high:.4g}]" for e in scores)
+        lines.append(f"| {init} | {steps} | {cells_text} |")
+    return "\n".join(lines)
+
+
+def plot_init(path: Path, cells: list[dict[str, Any]]) -> bool:
+    """One panel per Stage I measure against the step budget, mimic and transfer with 95% intervals."""
+    groups = _init_groups(cells)
+    if not groups:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(INIT_METRICS), figsize=(4.2 * len(INIT_METRICS), 3.6))
+    for ax, (metric, better) in zip(axes, INIT_METRICS.items()):
+        for init in sorted({init for init, _ in groups}):
+            points = sorted(
+                (steps, estimate(cell["stage1"][metric] for cell in by_seed.values()))
+                for (name, steps), by_seed in groups.items()
+                if name == init
+            )
+            ax.errorbar(
+                [steps for steps, _ in points],
+                [e.mean for _, e in points],
+                yerr=[[e.mean - e.low for _, e in points], [e.high - e.mean for _, e in points]],
+                marker="o",
+                capsize=3,
+                label=init,
+            )
+        ax.set_title(f"{metric} ({better} is better)")
+        ax.set_xlabel("Stage I steps")
+        ax.grid(alpha=0.3)
+        if metric != "accuracy":
+            ax.set_yscale("log")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def multimodal_claims(studies: dict[str, list[dict[str, Any]]]) -> list[Claim]:
@@ -328,7 +402,7 @@ def multimodal_claims(studies: dict[str, list[dict[str, Any]]]) -> list[Claim]:
         arms = chosen_arms(cells)
         for claim in [*mixer_claims(arms), hybrid_claim(arms), swa_share_claim(arms), *window_claims(arms)]:
             claims[claim.text].settings += [(f"{name}: {setting}", *rest) for setting, *rest in claim.settings]
-    return [*claims.values(), init_claim(studies.get("init", []))[0]]
+    return [*claims.values(), init_claim(studies.get("init", []))]
 
 
 def saturated_tasks(arms: dict[str, ArmResult]) -> list[str]:
@@ -442,6 +516,15 @@ def plot_shares(path: Path, arms: dict[str, ArmResult]) -> bool:
 def multimodal_section(name: str, cells: list[dict[str, Any]], figures: Path) -> list[str]:
     """A multimodal study's tables and figures as markdown lines (figures written into ``figures``)."""
     parts = [rows_table(summarize(cells))]
+    if name == "init":
+        parts += ["", *teacher_lines(cells)]
+        if _init_groups(cells):
+            parts += ["", "After Stage I, on validation data (measures) and the test split (accuracy):", ""]
+            parts.append(init_table(cells))
+            figure = figures / "init_stage1.png"
+            if plot_init(figure, cells):
+                parts += ["", f"![init: Stage I measures against steps](figures/{figure.name})"]
+        return parts
     arms = chosen_arms(cells)
     if not arms:
         return parts
@@ -454,7 +537,4 @@ def multimodal_section(name: str, cells: list[dict[str, Any]], figures: Path) ->
     shares = figures / f"{name}_swa_share.png"
     if len({arm.share for arm in arms.values()}) >= 3 and plot_shares(shares, arms):
         parts += ["", f"![{name}: accuracy against the share of SWA layers](figures/{shares.name})"]
-    if name == "init":
-        _, notes = init_claim(cells)
-        parts += ["", *notes]
     return parts

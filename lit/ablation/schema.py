@@ -256,7 +256,8 @@ class Task:
         if self.type == "mqar":
             return f"mqar_T{self.get('seq_len', 64)}_kv{self.get('num_kv_pairs', 4)}"
         if self.type == "distill":
-            return f"distill_{self.get('init')}"
+            steps = self.get("stage1_steps")
+            return f"distill_{self.get('init')}" + (f"_s{steps}" if steps is not None else "")
         extra = "".join(f"_{k}{v}" for k, v in sorted(self.options) if k in ("video_frames", "min_distance"))
         return "synthetic_" + "-".join(self.get("tasks", ["all"])) + extra
 
@@ -277,7 +278,7 @@ def _task_option_names(kind: str) -> tuple[str, ...]:
 
         skip = {"self", "seed", "split"}
         return (*(name for name in inspect.signature(SyntheticSuite).parameters if name not in skip), "eval_sets")
-    return ("init",)
+    return ("init", "stage1_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,6 +527,9 @@ def _check_task_options(kind: str, options: dict[str, Any], where: str) -> None:
     elif kind == "distill":
         if options.get("init") not in ("mimic", "transfer"):
             raise _fail(f"{where}.init", f"a distill task needs init: mimic or transfer, got {options.get('init')!r}")
+        steps = options.get("stage1_steps")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise _fail(f"{where}.stage1_steps", f"Stage I's steps are a positive integer, got {steps!r}")
     else:
         from lit.data.synthetic import SyntheticSuite
 
