@@ -137,7 +137,7 @@ def run_synthetic_cell(
 
         model = HybridVLM(config)
         init_tiny_vision_tower(model.visual)
-        model.save_pretrained(cell_dir / "init")
+        model.save_pretrained(cell_dir / "init", overwrite=True)  # the cell's own folder (a start cut short)
         _processor(processor_dir).save_pretrained(cell_dir / "init")
     resumed_from = 0 if checkpoint is None else torch.load(checkpoint, mmap=True, weights_only=False)["global_step"]
     stage = SFT(
