@@ -192,8 +192,8 @@ def check_weights(
         if nonfinite:
             raise NonFiniteWeightsError(
                 f"the weights in {source} hold NaN or infinite values (a run that diverged, or a damaged file); "
-                "load an earlier checkpoint, or pass allow_nonfinite=True to load them anyway:"
-                + _listing("non-finite", nonfinite)
+                "load an earlier checkpoint, or pass allow_nonfinite=True (hybridvl generate: --allow-nonfinite) "
+                "to load them anyway:" + _listing("non-finite", nonfinite)
             )
     return tensors
 

@@ -526,7 +526,7 @@ def test_the_cli_names_a_missing_gpu(capsys):
     assert status == 2 and "'cuda': no CUDA GPU is available here; use --device cpu" in only_line(lines, "generate")
 
 
-def test_the_cli_names_a_truncated_safetensors_file(capsys, tmp_path: Path):
+def _save_tiny_model(directory: Path) -> None:
     from models.config import HybridConfig
     from models.hybrid import HybridVLM
 
@@ -548,13 +548,33 @@ def test_the_cli_names_a_truncated_safetensors_file(capsys, tmp_path: Path):
         eos_token_id=None,
         pad_token_id=0,
     )
-    HybridVLM(config).save_pretrained(tmp_path / "model")
+    HybridVLM(config).save_pretrained(directory)
+
+
+def test_the_cli_names_a_truncated_safetensors_file(capsys, tmp_path: Path):
+    _save_tiny_model(tmp_path / "model")
     weights = tmp_path / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
     status, lines = run(capsys, "generate", "--model", str(tmp_path / "model"), "--prompt", "hi")
     assert status == 2
     line = only_line(lines, "generate")
     assert str(tmp_path / "model") in line and re.search("truncated|damaged", line)
+
+
+def test_the_cli_refuses_nan_weights_naming_the_tensor(capsys, tmp_path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _save_tiny_model(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    with safe_open(weights, "pt") as opened:
+        metadata = opened.metadata()
+    tensors = load_file(weights)
+    name = next(key for key in sorted(tensors) if key.endswith("embed_tokens.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights, metadata=metadata)
+    status, lines = run(capsys, "generate", "--model", str(tmp_path / "model"), "--prompt", "hi")
+    assert status == 2 and name in only_line(lines, "generate") and "--allow-nonfinite" in lines[0]
 
 
 def test_the_cli_names_a_missing_data_path_in_yaml(capsys, tmp_path: Path):
@@ -570,6 +590,20 @@ def test_the_cli_names_a_missing_data_path_in_yaml(capsys, tmp_path: Path):
     errors = [line for line in lines if "error" in line]
     assert len(errors) == 1
     assert errors[0].startswith(f"hybridvl fit: error: data.train[0]: path '{tmp_path / 'gone.jsonl'}' is not an")
+
+
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        ("trainer: {max_stepz: 3}\n", "does not accept option 'trainer.max_stepz'"),
+        ("trainer: {max_steps: many}\n", "trainer.max_steps"),
+    ],
+)
+def test_a_stage_yaml_that_does_not_parse_is_one_line(capsys, tmp_path: Path, yaml: str, message: str):
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml)
+    status, lines = run(capsys, "fit", "--config", str(config))
+    assert status == 2 and message in only_line(lines, "fit")
 
 
 def test_an_unknown_command_is_one_line(capsys):

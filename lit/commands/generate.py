@@ -49,6 +49,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda..."
     )
     parser.add_argument("--dtype", type=dtype_argument, default=None, help="e.g. bfloat16 (default: as saved)")
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="load weights holding NaN or inf (refused by default, naming the tensor)",
+    )
     args = parser.parse_args(argv)
     try:
         check_generation_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -59,10 +64,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def load_model(directory: str, device: torch.device, dtype: torch.dtype | None = None) -> HybridVLM:
+def load_model(
+    directory: str, device: torch.device, dtype: torch.dtype | None = None, allow_nonfinite: bool = False
+) -> HybridVLM:
     """:meth:`HybridVLM.from_pretrained`, with a weights file that safetensors cannot read reported by name."""
     try:
-        return HybridVLM.from_pretrained(directory, device=device, dtype=dtype)
+        return HybridVLM.from_pretrained(directory, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
     except SafetensorError as error:
         raise ValueError(
             f"cannot read the weights in {directory} ({error}): the safetensors file is truncated or damaged; "
@@ -74,7 +81,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     images = [load_image(args.image)] if args.image else []
     videos = [(read_video(args.video, args.fps, args.max_frames)[0], args.fps)] if args.video else []
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_model(args.model, args.device, args.dtype, args.allow_nonfinite)
     processor = load_processor(args.model)
     inputs = chat_inputs(processor, args.prompt, images, videos)
     inputs = {key: value.to(args.device) for key, value in inputs.items()}

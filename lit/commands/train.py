@@ -18,8 +18,10 @@ checkpoint of the last step. A ``--ckpt_path`` that another run wrote is refused
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -32,6 +34,10 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 class StageIncompleteError(RuntimeError):
     """A ``fit`` that ended before the stage finished and exported its student."""
+
+
+class StageConfigError(ValueError):
+    """A stage's command line or YAML that LightningCLI cannot parse (an unknown key, a value of the wrong type)."""
 
 
 class HybridCLI(LightningCLI):
@@ -80,19 +86,30 @@ class HybridCLI(LightningCLI):
 
 
 def main(argv: list[str]) -> int:
-    """Run LightningCLI on ``argv`` (subcommand first)."""
-    HybridCLI(
-        HybridStage,
-        HybridDataModule,
-        subclass_mode_model=True,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        # the DataModule's batch sampler splits batches across ranks itself (length-grouped, resumable)
-        trainer_defaults={
-            "callbacks": [LearningRateMonitor(logging_interval="step")],
-            "use_distributed_sampler": False,
-        },
-        parser_kwargs={"prog": "hybridvl", "default_env": False},
-        auto_configure_optimizers=False,
-    )
+    """Run LightningCLI on ``argv`` (subcommand first).
+
+    Raises:
+        StageConfigError: the arguments or the YAML do not parse (raised, not printed with the whole usage, so
+            that the command reports it in one line).
+    """
+    # hybridvl hands LightningCLI the command line it was given: its warning against doing so is noise here
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    parsing = {"prog": "hybridvl", "default_env": False, "exit_on_error": False}
+    try:
+        HybridCLI(
+            HybridStage,
+            HybridDataModule,
+            subclass_mode_model=True,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+            # the DataModule's batch sampler splits batches across ranks itself (length-grouped, resumable)
+            trainer_defaults={
+                "callbacks": [LearningRateMonitor(logging_interval="step")],
+                "use_distributed_sampler": False,
+            },
+            parser_kwargs={**parsing, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
+            auto_configure_optimizers=False,
+        )
+    except ArgumentError as error:
+        raise StageConfigError(f"{error} (hybridvl {argv[0] if argv else 'fit'} --help lists the options)") from None
     return 0
