@@ -23,7 +23,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -328,6 +328,7 @@ class _Schedule:
     ) -> None:
         self.study, self.out, self.processor_dir = study, out, processor_dir
         self.workers, self.deadline, self.record, self.reference = workers, deadline, record, reference
+        self.tuned: set[tuple] = set()  # kernel shapes a finished cell of this run has tuned and recorded
 
     def _pending(self, defined, running: set[str], failed: dict[str, str]) -> list[Cell]:
         cells = defined()
@@ -348,6 +349,9 @@ class _Schedule:
 
     def run(self, defined) -> dict[str, str]:
         failed: dict[str, str] = {}
+        cells = defined()
+        done = finished_results(self.study, self.out, cells, quiet=True)
+        self.tuned |= {kernel_shape(cell) for cell in cells if cell.id(self.study) in done}  # earlier runs' record
         if self.workers == 1:
             while time.monotonic() < self.deadline and (pending := self._pending(defined, set(), failed)):
                 cell = pending[0]
@@ -370,7 +374,7 @@ class _Schedule:
             while True:
                 pending = self._pending(defined, {c.id(self.study) for c in running.values()}, failed)
                 while pending and len(running) < self.workers and time.monotonic() < self.deadline:
-                    cell = pending.pop(0)
+                    cell = pending.pop(_next_cell(pending, running.values(), self.tuned))
                     arguments = (self.study, cell, self.out, self.processor_dir, self.workers)
                     running[pool.submit(_attempt, *arguments, self._kernel_record(cell))] = cell
                 if not running:
@@ -383,6 +387,7 @@ class _Schedule:
                         failed[cell.id(self.study)] = error
                     else:
                         self._count(cell.id(self.study))
+                        self.tuned.add(kernel_shape(cell))
                     logger.info("%s%s", cell.id(self.study), " FAILED" if error else " done")
         self._log_left(defined, failed)
         return failed
@@ -391,6 +396,20 @@ class _Schedule:
         left = self._pending(defined, set(), failed)
         if left and time.monotonic() >= self.deadline:
             logger.info("time budget spent: %d cells left for the next run", len(left))
+
+
+def kernel_shape(cell: Cell) -> tuple:
+    """What a cell's autotuned kernels depend on: cells of one shape (arm, size, task, width) pin the kernel
+    configurations the first of them records."""
+    return cell.arm, cell.size, cell.task, cell.d_model
+
+
+def _next_cell(pending: list[Cell], running: Iterable[Cell], tuned: set[tuple]) -> int:
+    """Which pending cell to start: the first whose kernel shape no running cell is still tuning (several cells
+    of one shape started together would each autotune every kernel, which took minutes a cell with 8 sharing a
+    GPU); the first pending cell when every one waits on such a shape."""
+    tuning = {kernel_shape(cell) for cell in running} - tuned
+    return next((i for i, cell in enumerate(pending) if kernel_shape(cell) not in tuning), 0)
 
 
 def _attempt(
