@@ -26,6 +26,7 @@ are written atomically (:class:`lit.callbacks.AtomicCheckpointIO`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -140,10 +142,16 @@ class HybridStage(L.LightningModule):
     Args:
         model: the student: a model directory or an earlier stage's ``.ckpt``.
         trainable: parameter patterns that train (see :mod:`lit.params`); default per stage.
-        learning_rate: peak learning rate.
-        weight_decay: AdamW weight decay (never on biases, norms, decays).
-        warmup_ratio: share of the steps spent warming up linearly.
-        min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio``.
+        learning_rate: peak learning rate of the default optimizer.
+        weight_decay: weight decay of the default optimizer (never on biases, norms, decays).
+        warmup_ratio: share of the steps the default schedule spends warming up linearly.
+        min_lr_ratio: the default schedule's cosine decays to ``learning_rate * min_lr_ratio``.
+        optimizer: builds the optimizer from two parameter groups, the matrices and the rest (the rest with
+            ``weight_decay: 0``); in YAML a ``class_path`` with ``init_args`` (``torch.optim.SGD``, ``lr: 0.01``).
+            Default: AdamW at ``learning_rate`` with betas (0.9, 0.95) and ``weight_decay`` on the matrices.
+        lr_scheduler: builds the learning-rate schedule (stepped every optimizer step) from the optimizer; in YAML
+            a ``class_path``. Default: linear warm-up over ``warmup_ratio``, then cosine decay to
+            ``min_lr_ratio``.
         gradient_checkpointing: recompute each decoder layer in the backward pass.
         loss_chunk_size: tokens per chunk of the LM-head losses.
         tokenizer_dir: directory with the tokenizer and processor files, to decode generated answers and to
@@ -175,9 +183,12 @@ class HybridStage(L.LightningModule):
         export_dir: str | None = None,
         overwrite: bool = False,
         resume_other_run: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # the run's config.yaml records them
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.student: HybridVLM | None = None
         self.token_accuracy = TokenAccuracy()
         self.task_metrics = nn.ModuleDict()
@@ -232,13 +243,17 @@ class HybridStage(L.LightningModule):
             if not parameter.requires_grad:
                 continue
             (decay if getattr(parameter, "_weight_decay", decays(parameter)) else no_decay).append(parameter)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.learning_rate,
-            betas=(0.9, 0.95),
-        )
-        total, warmup, floor = self._schedule_length(), self.hparams.warmup_ratio, self.hparams.min_lr_ratio
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, floor))
+        if self.optimizer_factory is None:
+            groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay}]
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+        else:
+            optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        if self.lr_scheduler_factory is None:
+            total, warmup, floor = self._schedule_length(), self.hparams.warmup_ratio, self.hparams.min_lr_ratio
+            factor = functools.partial(warmup_cosine, total=total, warmup_ratio=warmup, min_lr_ratio=floor)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        else:
+            scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _schedule_length(self) -> int:

@@ -370,3 +370,35 @@ def test_conversion_is_reproducible_under_a_seed(tmp_path):
         convert_directory(tmp_path / "qwen", tmp_path / f"student{attempt}", "S,D,D,D", init="mimic", sliding_window=8)
         digests.append(pipeline._weights_digests({"model": tmp_path / f"student{attempt}"}))
     assert digests[0] == digests[1] and digests[0]["model"]
+
+
+def test_an_optimizer_and_schedule_given_in_yaml_are_the_ones_used(dirs, tmp_path):
+    """A stage's optimizer and learning-rate schedule as LightningCLI class paths replace AdamW and the
+    warm-up/cosine default; the matrices and the rest still form two groups, the rest without weight decay."""
+    config = tmp_path / "stage.yaml"
+    config.write_text(
+        "trainer: {accelerator: cpu, devices: 1, max_steps: 2, enable_progress_bar: false,\n"
+        f"          limit_val_batches: 0, default_root_dir: {tmp_path / 'run'}}}\n"
+        "model:\n"
+        "  class_path: lit.modules.SFT\n"
+        f"  init_args:\n    model: {dirs['student']}\n    export_dir: {tmp_path / 'export'}\n"
+        "    generation_max_new_tokens: 0\n"
+        "    optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.9, weight_decay: 0.01}}\n"
+        "    lr_scheduler: {class_path: torch.optim.lr_scheduler.StepLR, init_args: {step_size: 1, gamma: 0.5}}\n"
+        f"data: {{processor: {dirs['student']}, max_tokens: 256, train: {json.dumps(TRAIN)}}}\n"
+    )
+    seen = {}
+
+    def record(self, *args, **kwargs):
+        real_fit(self, *args, **kwargs)
+        seen["optimizer"], seen["scheduler"] = self.optimizers[0], self.lr_scheduler_configs[0].scheduler
+
+    real_fit = L.Trainer.fit
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(L.Trainer, "fit", record)
+        train_main(["fit", "--config", str(config)])
+    optimizer, scheduler = seen["optimizer"], seen["scheduler"]
+    assert type(optimizer) is torch.optim.SGD and type(scheduler) is torch.optim.lr_scheduler.StepLR
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**2)  # two steps of StepLR
