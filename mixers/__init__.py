@@ -13,7 +13,7 @@ Built-in kinds: ``D`` Gated DeltaNet, ``S`` sliding-window attention, ``A`` full
 from mixers import gated_deltanet, attention, mamba2, gla, linear  # noqa: F401, I001  (registers D S A M G L in order)
 from mixers.attention import Attention, SlidingWindowAttention
 from mixers.backends import BACKENDS, BackendUnavailableError
-from mixers.base import ConvQKVMixer, Mixer, RecurrentMixer
+from mixers.base import AttentionWeights, ConvQKVMixer, Mixer, RecurrentMixer
 from mixers.gated_deltanet import GatedDeltaNet
 from mixers.gla import GatedLinearAttention
 from mixers.layout import MAX_LAYERS, LayoutError, count_kinds, format_layout, parse_layout, spread_layout
@@ -35,6 +35,7 @@ __all__ = [
     "BACKENDS",
     "MAX_LAYERS",
     "Attention",
+    "AttentionWeights",
     "BackendUnavailableError",
     "ConvQKVMixer",
     "GatedDeltaNet",

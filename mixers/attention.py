@@ -46,7 +46,6 @@ class Attention(Mixer):
             from a state attend over the cache with PyTorch SDPA.
     """
 
-    letter, name = "A", "attn"
     backends = FULL_PREFERENCE
     fixed_size_state = False
 
@@ -237,7 +236,6 @@ class SlidingWindowAttention(Attention):
         **options: as :class:`Attention`.
     """
 
-    letter, name = "S", "swa"
     backends = WINDOW_PREFERENCE
     fixed_size_state = True
 

@@ -16,10 +16,17 @@
 * Bad calls raise naming the mixer and the problem: options at construction, and at each call the input's
   shape, malformed ``cu_seqlens``, and a state of another kind, other options (window, heads, ...), sequence
   count or device.
+
+A new mixer subclasses :class:`Mixer` in one file, implements ``forward`` and ``init_state`` (``state_bytes``
+has a default), and registers with :func:`mixers.register_mixer`, which sets its ``letter`` and ``name`` and
+checks those methods. Two optional hooks let ``hybridvl convert`` initialise it from a teacher's layer:
+:meth:`Mixer.mimic_init` and :meth:`Mixer.transfer_init`. :func:`mixers.testing.check_mixer` checks the
+contract above on any registered kind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from functools import cached_property
@@ -65,11 +72,38 @@ def kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class Mixer(nn.Module):
-    """Base class of the built-in mixers.
+@dataclasses.dataclass(frozen=True)
+class AttentionWeights:
+    """The projections of the attention layer a mixer replaces, handed to :meth:`Mixer.transfer_init`.
 
-    Subclasses set ``letter``, ``name`` and ``backends`` (supported backends, fastest first, ``"torch"``
-    last) and implement ``forward`` and ``init_state``.
+    KV heads come expanded to ``num_heads``: query head ``h`` reads KV head ``h // (num_heads / kv_heads)``, as
+    grouped-query attention does.
+
+    Attributes:
+        q, k, v: ``[num_heads * head_dim, hidden_size]`` projection weights (biases are not carried over).
+        o: ``[hidden_size, num_heads * head_dim]`` output projection.
+        num_heads: attention heads.
+        head_dim: dimension per head.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    num_heads: int
+    head_dim: int
+
+
+class Mixer(nn.Module):
+    """Base class of every mixer: the contract of the module docstring.
+
+    Subclasses implement ``forward`` and ``init_state``, may override ``state_bytes`` (needed where the state
+    grows) and set ``backends`` (supported backends, fastest first, ``"torch"`` last) and ``fixed_size_state``.
+    :func:`mixers.register_mixer` sets ``letter`` and ``name``.
+
+    Conversion hooks, used by :func:`models.convert.convert_model` on the layers a conversion gives a new mixer:
+    :meth:`mimic_init` (default: keep the constructor's initialisation) and :meth:`transfer_init` (default:
+    refuse, so ``init="transfer"`` fails naming the mixer).
 
     Attributes:
         last_backend: the backend the latest call chose for its computation (``"fla"``, ``"torch"``, ...), so a
@@ -117,6 +151,27 @@ class Mixer(nn.Module):
     def state_bytes(self, batch_size: int = 1, seq_len: int = 0, dtype: torch.dtype | None = None) -> int:
         """Bytes of the state of ``batch_size`` sequences; ``seq_len`` matters only where the state grows."""
         return self.init_state(batch_size, device="meta", dtype=dtype).nbytes
+
+    def mimic_init(self) -> None:
+        """Initialise in place for the ``mimic`` conversion: near-identity memory with slow decay (see
+        :mod:`models.convert`). The default keeps the constructor's initialisation."""
+
+    def transfer_init(self, attention: AttentionWeights) -> dict[str, list[str]]:
+        """Copy the replaced attention layer's projections into this mixer in place (after :meth:`mimic_init`),
+        for the ``transfer`` conversion.
+
+        Returns:
+            Each parameter written (its name in this mixer) -> the attention projections it came from, among
+            ``"q"``, ``"k"``, ``"v"``, ``"o"``.
+
+        Raises:
+            ValueError: the mixer's options do not fit the attention's shapes (say which to set).
+            NotImplementedError: the mixer has no transfer (the default).
+        """
+        raise NotImplementedError(
+            f"transfer init does not know how to map attention into {type(self).__name__} ({self._owner}); use "
+            "init='mimic' or implement its transfer_init (see mixers.base.Mixer.transfer_init)"
+        )
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, backend={self.backend!r}"
@@ -219,14 +274,46 @@ class ShortConvQKV:
     the mixers that have them (``D``, ``L`` and ``G``): modules ``q_conv1d``, ``k_conv1d``, ``v_conv1d``
     (fla's names) and the state's conv tails under ``"q"``, ``"k"``, ``"v"``. ``conv_size == 0``: no
     convolution (no modules, nothing in the state, no SiLU either); the projections pass through unchanged.
+    Also the conversion hooks of such mixers: ``mimic`` makes the convolutions the identity, ``transfer`` copies
+    the attention's projections into ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``.
 
-    A mixin for :class:`Mixer` subclasses that set ``key_dim`` and ``value_dim`` (flat widths of ``q``/``k``
-    and ``v``) before calling :meth:`_init_short_convs`.
+    A mixin for :class:`Mixer` subclasses that set ``key_dim``, ``value_dim`` (flat widths of ``q``/``k`` and
+    ``v``), ``num_heads`` and ``head_v_dim`` before calling :meth:`_init_short_convs`.
     """
 
     conv_size: int
     key_dim: int
     value_dim: int
+    num_heads: int
+    head_v_dim: int
+
+    @torch.no_grad()
+    def mimic_init(self) -> None:
+        """Short convolutions the identity (see :meth:`Mixer.mimic_init`)."""
+        if self.conv_size:
+            for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+                conv.set_identity()
+        super().mimic_init()
+
+    @torch.no_grad()
+    def transfer_init(self, attention: AttentionWeights) -> dict[str, list[str]]:
+        """Queries, keys, values and the output projection from the attention (see :meth:`Mixer.transfer_init`);
+        each value head tiled ``head_v_dim / head_dim`` times and the output split evenly, so ``o(v)`` is kept."""
+        heads, head_dim, key_dim = attention.num_heads, attention.head_dim, self.key_dim // self.num_heads
+        if self.num_heads != heads or key_dim != head_dim or self.head_v_dim % head_dim:
+            raise ValueError(
+                f"transfer init into {type(self).__name__} needs {heads} heads with key dim {head_dim} and a "
+                f"value dim that is a multiple of {head_dim}; got {self.num_heads} heads, key dim {key_dim}, value "
+                f"dim {self.head_v_dim} (set the mixer's options to match the attention)"
+            )
+        repeat = self.head_v_dim // head_dim
+        self.q_proj.weight.copy_(attention.q)
+        self.k_proj.weight.copy_(attention.k)
+        self.v_proj.weight.copy_(attention.v.unflatten(0, (heads, head_dim)).repeat(1, repeat, 1).flatten(0, 1))
+        self.o_proj.weight.copy_(
+            attention.o.unflatten(1, (heads, head_dim)).repeat(1, 1, repeat).flatten(1, 2) / repeat
+        )
+        return {"q_proj.weight": ["q"], "k_proj.weight": ["k"], "v_proj.weight": ["v"], "o_proj.weight": ["o"]}
 
     def _init_short_convs(self, conv_size: int) -> None:
         if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:

@@ -51,7 +51,6 @@ class GatedDeltaNet(ConvQKVMixer):
         backend: ``"auto"``, ``"fla"`` or ``"torch"``.
     """
 
-    letter, name = "D", "gdn"
     backends = ("fla", "torch")
 
     def __init__(
@@ -78,6 +77,16 @@ class GatedDeltaNet(ConvQKVMixer):
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
         self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+
+    @torch.no_grad()
+    def mimic_init(self) -> None:
+        """``A_log = 0``, ``a_proj`` and ``b_proj`` zero (``beta = 0.5``), ``dt = 1e-3`` (``alpha ~ 0.999``) and
+        the short convolutions the identity."""
+        self.A_log.zero_()
+        self.a_proj.weight.zero_()
+        self.b_proj.weight.zero_()
+        self.dt_bias.copy_(inverse_softplus(torch.full_like(self.dt_bias, 1e-3)))
+        super().mimic_init()
 
     def forward(
         self,

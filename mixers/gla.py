@@ -49,7 +49,6 @@ class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
         backend: ``"auto"``, ``"fla"`` or ``"torch"``.
     """
 
-    letter, name = "G", "gla"
     backends = ("fla", "torch")
 
     def __init__(
@@ -116,6 +115,15 @@ class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
         )
         gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
         return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent, conv)
+
+    @torch.no_grad()
+    def mimic_init(self) -> None:
+        """The decay projection at ``log alpha ~ -1e-3`` and the short convolutions (if any) the identity."""
+        full = self.gk_proj[1]
+        full.weight.zero_()
+        # logsigmoid(b) / normalizer = log(0.999)  ->  b = logit(0.999 ** normalizer)
+        full.bias.fill_(torch.logit(torch.tensor(0.999**self.gate_logit_normalizer)).item())
+        super().mimic_init()
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -74,7 +74,6 @@ class LinearAttention(ConvQKVMixer):
         backend: ``"auto"``, ``"fla"`` or ``"torch"``.
     """
 
-    letter, name = "L", "linear"
     backends = ("fla", "torch")
     TEXTBOOK: ClassVar[dict[str, Any]] = {
         "conv_size": 0,

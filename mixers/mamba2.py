@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixers.backends import gated_backward_limitations
-from mixers.base import RecurrentMixer, check_int, check_positive
-from mixers.gated_deltanet import init_dt_bias
+from mixers.base import AttentionWeights, RecurrentMixer, check_int, check_positive
+from mixers.gated_deltanet import init_dt_bias, inverse_softplus
 from mixers.modules import GatedRMSNorm, ShortConv
 from mixers.ops.linear_attention import simple_gated_linear_attention
 from mixers.ops.utils import compute_dtype
@@ -44,7 +44,6 @@ class Mamba2(RecurrentMixer):
         backend: ``"auto"``, ``"fla"`` (``chunk_simple_gla``), ``"mamba_ssm"`` or ``"torch"``.
     """
 
-    letter, name = "M", "mamba2"
     backends = ("fla", "mamba_ssm", "torch")
 
     def __init__(
@@ -150,6 +149,33 @@ class Mamba2(RecurrentMixer):
                 xs, dt, A, B, C, seq_idx=seq_idx[None].int(), cu_seqlens=cu_seqlens, return_varlen_states=True, **kwargs
             )
         return y, final.transpose(-1, -2).float()  # mamba-ssm keeps [N, H, P, N_state]
+
+    @torch.no_grad()
+    def mimic_init(self) -> None:
+        """``A_log = 0``, ``dt = 1e-3`` and the convolution the identity."""
+        self.A_log.zero_()
+        self.dt_bias.copy_(inverse_softplus(torch.full_like(self.dt_bias, 1e-3)))
+        self.conv1d.set_identity()
+
+    @torch.no_grad()
+    def transfer_init(self, attention: AttentionWeights) -> dict[str, list[str]]:
+        """``Q -> C``, ``K -> B``, ``V -> x`` and the output projection (Mamba-in-the-Llama)."""
+        heads, head_dim = attention.num_heads, attention.head_dim
+        if not (
+            self.ngroups == heads and self.d_state == head_dim and self.nheads == heads and self.headdim == head_dim
+        ):
+            raise ValueError(
+                f"transfer init into Mamba2 maps Q->C, K->B, V->x and needs ngroups={heads}, d_state={head_dim}, "
+                f"headdim={head_dim} and {heads} heads (expand = {heads * head_dim} / hidden size); got ngroups="
+                f"{self.ngroups}, d_state={self.d_state}, headdim={self.headdim}, {self.nheads} heads"
+            )
+        d_inner, bc = self.d_inner, self.ngroups * self.d_state
+        rows = self.in_proj.weight  # [z, x, B, C, dt]
+        rows[d_inner : 2 * d_inner].copy_(attention.v)
+        rows[2 * d_inner : 2 * d_inner + bc].copy_(attention.k)
+        rows[2 * d_inner + bc : 2 * d_inner + 2 * bc].copy_(attention.q)
+        self.out_proj.weight.copy_(attention.o)
+        return {"in_proj.weight": ["v", "k", "q"], "out_proj.weight": ["o"]}
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -3,14 +3,20 @@
 .. code-block:: python
 
     import mixers
+    from mixers.base import Mixer
 
-    @mixers.register_mixer("R", "retention")
-    class Retention(torch.nn.Module):
+    @mixers.register_mixer("R", "retention")    # sets Retention.letter and .name
+    class Retention(Mixer):
         def __init__(self, hidden_size, **options): ...
         def forward(self, x, state=None, *, position_ids=None, cu_seqlens=None): ...
+        def init_state(self, batch_size, device=None, dtype=None): ...
+        # optional: state_bytes (Mixer's default measures init_state), mimic_init, transfer_init
 
     mixers.parse_layout("S,R,R,R x2")          # the new letter joins layouts
     mixers.build_mixer("retention", 512)
+
+A model saved with a mixer from outside this package records the mixer's module (``mixer_modules`` in its
+config) and imports it when loaded, so define mixers in an importable module, not in ``__main__``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import TypeVar
 from torch import nn
 
 from mixers.backends import runnable_backends
+from mixers.base import Mixer
 
 Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
 
@@ -51,9 +58,46 @@ class MixerSpec:
     def fixed_size_state(self) -> bool:
         return bool(getattr(self.factory, "fixed_size_state", True))
 
+    @property
+    def module(self) -> str:
+        """The module that defines the mixer, which a saved model imports to rebuild it."""
+        return self.factory.__module__
+
+    @property
+    def built_in(self) -> bool:
+        """Whether the mixer comes with this package (importing :mod:`mixers` registers it)."""
+        return self.module.split(".")[0] == __name__.split(".")[0]
+
 
 _BY_LETTER: dict[str, MixerSpec] = {}
 _BY_NAME: dict[str, str] = {}
+# the methods a mixer must implement, with the placeholders that do not count as implementing them
+REQUIRED_METHODS = ("forward", "init_state", "state_bytes")
+_PLACEHOLDERS = (nn.Module.forward, Mixer.forward, Mixer.init_state)
+
+
+def check_mixer_class(cls: type, owner: str) -> None:
+    """Raise unless ``cls`` is an ``nn.Module`` that implements :data:`REQUIRED_METHODS`.
+
+    Raises:
+        TypeError: naming ``owner``, what is missing and the base class to subclass.
+    """
+    if not issubclass(cls, nn.Module):
+        raise TypeError(
+            f"{owner}: {cls.__qualname__} is not a torch.nn.Module; subclass mixers.base.Mixer, the base class of "
+            "every mixer"
+        )
+    missing = [
+        name
+        for name in REQUIRED_METHODS
+        if not callable(getattr(cls, name, None)) or getattr(cls, name) in _PLACEHOLDERS
+    ]
+    if missing:
+        raise TypeError(
+            f"{owner}: {cls.__qualname__} lacks {', '.join(missing)}; a mixer implements forward, init_state and "
+            "state_bytes: subclass mixers.base.Mixer (it documents the contract and provides state_bytes) and "
+            "implement the missing method(s)"
+        )
 
 
 def register_mixer(
@@ -61,11 +105,19 @@ def register_mixer(
 ) -> Callable[[Factory], Factory]:
     """Register a mixer class or factory ``factory(hidden_size, **options) -> nn.Module`` (a decorator).
 
+    A class gets ``letter`` and ``name`` as class attributes and must implement ``forward``, ``init_state`` and
+    ``state_bytes`` (see :mod:`mixers.base`; subclass :class:`mixers.base.Mixer`); the module a factory builds
+    is checked the same way by :func:`build_mixer`.
+
     Args:
         letter: one upper-case letter used in layout strings.
         name: a lower-case identifier accepted wherever a letter is (``"gdn"``).
         aliases: more accepted names.
         override: replace an existing registration of ``letter`` instead of raising.
+
+    Raises:
+        ValueError: a malformed or taken letter or name.
+        TypeError: a class that is not a mixer (the message names the missing methods).
     """
     if not re.fullmatch(r"[A-Z]", letter):
         raise ValueError(f"a mixer letter must be one upper-case letter A-Z, got {letter!r}")
@@ -86,6 +138,9 @@ def register_mixer(
         raise ValueError(f"mixer name(s) {taken} already belong to other letters")
 
     def decorator(factory: Factory) -> Factory:
+        if isinstance(factory, type):
+            check_mixer_class(factory, f"cannot register mixer {letter} ({name})")
+            factory.letter, factory.name = letter, name
         if letter in _BY_LETTER:
             old = _BY_LETTER[letter]
             for item in (old.name, *old.aliases):
@@ -121,11 +176,16 @@ def build_mixer(kind: str, hidden_size: int, **options) -> nn.Module:
     """
     spec = get_spec(kind)
     try:
-        return spec.factory(hidden_size, **options)
+        mixer = spec.factory(hidden_size, **options)
     except TypeError as error:
         raise TypeError(
             f"building mixer {spec.letter} ({spec.name}) with options {sorted(options)}: {error}"
         ) from error
+    if not isinstance(spec.factory, type):
+        check_mixer_class(
+            type(mixer), f"the factory of mixer {spec.letter} ({spec.name}) built a {type(mixer).__name__}"
+        )
+    return mixer
 
 
 def registered() -> list[MixerSpec]:

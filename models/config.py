@@ -3,7 +3,10 @@ the Qwen2.5-VL vision tower's configuration."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -18,7 +21,7 @@ logger = logging.getLogger("hybridvl.models")
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "hybridvl"
 # fields a saved config may lack (they came after the first configs were saved), with the value such a config meant
-OPTIONAL_FIELDS = {"video_position_rule": TRANSFORMERS5}
+OPTIONAL_FIELDS: dict[str, Any] = {"video_position_rule": TRANSFORMERS5, "mixer_modules": {}}
 
 
 class ConfigError(ValueError):
@@ -48,6 +51,9 @@ class HybridConfig:
         video_position_rule: how videos become M-RoPE positions: ``"transformers5"`` (transformers 5.x) or
             ``"transformers4"`` (transformers 4.x and InfiniteVL, whose imported checkpoints keep it); see
             :mod:`models.positions`. A model must run with the rule it was trained under.
+        mixer_modules: the module that registers each mixer of the layout from outside this package, e.g.
+            ``{"E": "my_pkg.mixers"}``; filled in from the registry (the registered class's ``__module__``) and
+            imported before the layout is read, so a saved model rebuilds in a fresh process.
     """
 
     layout: str = "S,D,D,D x9"
@@ -77,8 +83,13 @@ class HybridConfig:
     pad_token_id: int | None = 151643
     initializer_range: float = 0.02
     video_position_rule: str = TRANSFORMERS5
+    mixer_modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        import_mixer_modules(self.mixer_modules)
+        self.mixer_modules = {
+            spec.letter: spec.module for spec in map(mixers.get_spec, dict.fromkeys(self.kinds)) if not spec.built_in
+        }
         self.mixer_options = {mixers.resolve_kind(kind): dict(opts) for kind, opts in self.mixer_options.items()}
         self.kinds  # noqa: B018  (validates the layout against num_hidden_layers)
         check_video_position_rule(self.video_position_rule)
@@ -139,7 +150,25 @@ class HybridConfig:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
+    def check_mixer_modules(self) -> None:
+        """Raise unless every mixer of the layout can be imported by name in a fresh process.
+
+        Raises:
+            ConfigError: a mixer comes from a module that cannot be imported by name (a script's ``__main__``),
+                so a saved model could not be loaded.
+        """
+        for letter, module in self.mixer_modules.items():
+            if module == "__main__" or importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    f"cannot save a model with mixer {letter} ({mixers.get_spec(letter).name}): it is defined in "
+                    f"module {module!r}, which a loading process cannot import by name; move the mixer class into an "
+                    "importable module (a file on PYTHONPATH or in an installed package) and register it there"
+                )
+
     def to_dict(self) -> dict[str, Any]:
+        """The fields as saved (``config.json``, a stage checkpoint's ``hybrid_config``); see
+        :meth:`check_mixer_modules` for what it refuses."""
+        self.check_mixer_modules()
         return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
 
     @classmethod
@@ -176,7 +205,7 @@ class HybridConfig:
         for name, value in OPTIONAL_FIELDS.items():
             if name not in data:
                 logger.info("%s has no %s (saved before the field existed); using %r", source, name, value)
-                data[name] = value
+                data[name] = copy.deepcopy(value)
         return cls(**data)
 
     def save(self, directory: str | Path) -> Path:
@@ -187,6 +216,29 @@ class HybridConfig:
     def load(cls, directory: str | Path) -> HybridConfig:
         """The config saved in ``directory``'s ``config.json`` (see :meth:`from_dict`)."""
         return cls.from_dict(read_config_json(directory), str(Path(directory) / CONFIG_NAME))
+
+
+def import_mixer_modules(modules: dict[str, str]) -> None:
+    """Import the module of each mixer letter in ``modules`` (``{"E": "my_pkg.mixers"}``), which registers it.
+
+    Raises:
+        ConfigError: a module cannot be imported, or does not register its letter; the message names both.
+    """
+    for letter, module in modules.items():
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(
+                f"mixer {letter} comes from module {module!r}, which cannot be imported ({error}); install it or add "
+                "its folder to PYTHONPATH"
+            ) from error
+        try:
+            mixers.resolve_kind(letter)
+        except mixers.UnknownMixerError:
+            raise ConfigError(
+                f"module {module!r} was imported but registers no mixer {letter}; the model was saved with a mixer "
+                f"{letter} from that module (register_mixer({letter!r}, ...))"
+            ) from None
 
 
 def read_config_json(directory: str | Path) -> dict[str, Any]:

@@ -12,6 +12,10 @@ other layers get new mixers, initialised either
   ``h // (heads / kv_heads)``, as grouped-query attention does). For Mamba2 ``Q -> C``, ``K -> B``,
   ``V -> x`` (Mamba-in-the-Llama), which needs ``expand`` and heads that match the attention's shapes.
 
+Each mixer initialises itself: ``mimic`` calls its :meth:`~mixers.base.Mixer.mimic_init` (a mixer without one
+keeps its constructor's initialisation), ``transfer`` then its :meth:`~mixers.base.Mixer.transfer_init` with the
+attention's projections (a mixer without one cannot be transfer-initialised: :class:`ConversionError`).
+
 The conversion report lists every tensor as inherited, transferred, fresh or dropped.
 
 The output folder may not be the teacher's and must be new or empty unless ``overwrite`` (then its stale weight
@@ -28,8 +32,7 @@ import torch
 from torch import nn
 
 import mixers
-from mixers.base import ShortConvQKV
-from mixers.gated_deltanet import inverse_softplus
+from mixers.base import AttentionWeights
 from models.checkpoint import load_weights_strict, model_to_load, read_weights
 from models.config import HybridConfig, read_config_json
 from models.files import EXPORT_RECORD, check_output, copy_file, write_json
@@ -148,7 +151,8 @@ def convert_model(
         for index in new_layers:
             mixer = student.language_model.layers[index].self_attn
             prefix = f"language_model.layers.{index}.self_attn."
-            mimic_init_(mixer)
+            if hasattr(mixer, "mimic_init"):
+                mixer.mimic_init()
             if init == "transfer":
                 if teacher.kinds[index] not in ("A", "S"):
                     raise ConversionError(f"transfer init needs attention in the teacher's layer {index}")
@@ -186,28 +190,6 @@ def _layer_of(name: str) -> int | None:
     return None
 
 
-@torch.no_grad()
-def mimic_init_(mixer: nn.Module) -> None:
-    """Near-identity memory with slow decay: the ``mimic`` initialisation (see the module docstring)."""
-    if isinstance(mixer, mixers.GatedDeltaNet):
-        mixer.A_log.zero_()
-        mixer.a_proj.weight.zero_()
-        mixer.b_proj.weight.zero_()
-        mixer.dt_bias.copy_(inverse_softplus(torch.full_like(mixer.dt_bias, 1e-3)))
-    elif isinstance(mixer, mixers.Mamba2):
-        mixer.A_log.zero_()
-        mixer.dt_bias.copy_(inverse_softplus(torch.full_like(mixer.dt_bias, 1e-3)))
-        mixer.conv1d.set_identity()
-    elif isinstance(mixer, mixers.GatedLinearAttention):
-        full = mixer.gk_proj[1]
-        full.weight.zero_()
-        # logsigmoid(b) / normalizer = log(0.999)  ->  b = logit(0.999 ** normalizer)
-        full.bias.fill_(torch.logit(torch.tensor(0.999**mixer.gate_logit_normalizer)).item())
-    if isinstance(mixer, ShortConvQKV) and mixer.conv_size:  # D, L and G, unless built without convolutions
-        for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):
-            conv.set_identity()
-
-
 def _expand_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
     """Rows of ``kv_heads`` heads repeated so head ``h`` holds KV head ``h // (heads / kv_heads)``."""
     if heads % kv_heads:
@@ -217,53 +199,30 @@ def _expand_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tens
 
 @torch.no_grad()
 def transfer_init_(mixer: nn.Module, attention: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, list[str]]:
-    """Copy the replaced attention layer's projections into ``mixer``; return ``target -> sources``."""
+    """Copy the replaced attention layer's projections into ``mixer`` (its ``transfer_init`` does, given the KV heads
+    expanded); return ``target -> sources`` (attention tensor names)."""
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.attention_head_dim
     missing = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"} - set(attention)
     if missing:
         raise ConversionError(f"transfer init needs the attention weights {sorted(missing)} in the teacher")
-    q, o = attention["q_proj.weight"], attention["o_proj.weight"]
-    k = _expand_heads(attention["k_proj.weight"], kv_heads, heads)
-    v = _expand_heads(attention["v_proj.weight"], kv_heads, heads)
-    sources = {"q": ["q_proj.weight"], "k": ["k_proj.weight"], "v": ["v_proj.weight"], "o": ["o_proj.weight"]}
-
-    if isinstance(mixer, mixers.ConvQKVMixer | mixers.GatedLinearAttention):
-        key_heads = mixer.num_heads
-        key_dim = mixer.head_dim if isinstance(mixer, mixers.ConvQKVMixer) else mixer.head_k_dim
-        if key_heads != heads or key_dim != head_dim or mixer.head_v_dim % head_dim:
-            raise ConversionError(
-                f"transfer init into {type(mixer).__name__} needs {heads} heads with key dim {head_dim} and a "
-                f"value dim that is a multiple of {head_dim}; got {key_heads} heads, key dim {key_dim}, value dim "
-                f"{mixer.head_v_dim} (set the mixer's options to match the attention)"
-            )
-        repeat = mixer.head_v_dim // head_dim  # each value head tiled `repeat` times, the output split evenly
-        mixer.q_proj.weight.copy_(q)
-        mixer.k_proj.weight.copy_(k)
-        mixer.v_proj.weight.copy_(v.unflatten(0, (heads, head_dim)).repeat(1, repeat, 1).flatten(0, 1))
-        mixer.o_proj.weight.copy_(o.unflatten(1, (heads, head_dim)).repeat(1, 1, repeat).flatten(1, 2) / repeat)
-        return {
-            "q_proj.weight": sources["q"],
-            "k_proj.weight": sources["k"],
-            "v_proj.weight": sources["v"],
-            "o_proj.weight": sources["o"],
-        }
-    if isinstance(mixer, mixers.Mamba2):
-        if not (
-            mixer.ngroups == heads and mixer.d_state == head_dim and mixer.nheads == heads and mixer.headdim == head_dim
-        ):
-            raise ConversionError(
-                f"transfer init into Mamba2 maps Q->C, K->B, V->x and needs ngroups={heads}, d_state={head_dim}, "
-                f"headdim={head_dim} and {heads} heads (expand = {heads * head_dim} / hidden size); got ngroups="
-                f"{mixer.ngroups}, d_state={mixer.d_state}, headdim={mixer.headdim}, {mixer.nheads} heads"
-            )
-        d_inner, bc = mixer.d_inner, mixer.ngroups * mixer.d_state
-        rows = mixer.in_proj.weight  # [z, x, B, C, dt]
-        rows[d_inner : 2 * d_inner].copy_(v)
-        rows[2 * d_inner : 2 * d_inner + bc].copy_(k)
-        rows[2 * d_inner + bc : 2 * d_inner + 2 * bc].copy_(q)
-        mixer.out_proj.weight.copy_(o)
-        return {"in_proj.weight": sources["v"] + sources["k"] + sources["q"], "out_proj.weight": sources["o"]}
-    raise ConversionError(f"transfer init does not know how to map attention into {type(mixer).__name__}")
+    if not hasattr(mixer, "transfer_init"):
+        raise ConversionError(
+            f"transfer init does not know how to map attention into {type(mixer).__name__}: it has no transfer_init; "
+            "use init='mimic' or give it one (see mixers.base.Mixer.transfer_init)"
+        )
+    weights = AttentionWeights(
+        q=attention["q_proj.weight"],
+        k=_expand_heads(attention["k_proj.weight"], kv_heads, heads),
+        v=_expand_heads(attention["v_proj.weight"], kv_heads, heads),
+        o=attention["o_proj.weight"],
+        num_heads=heads,
+        head_dim=head_dim,
+    )
+    try:
+        targets = mixer.transfer_init(weights)
+    except (ValueError, NotImplementedError) as error:
+        raise ConversionError(str(error)) from error
+    return {target: [f"{source}_proj.weight" for source in sources] for target, sources in targets.items()}
 
 
 def copy_processor_files(teacher: str | Path, out: str | Path) -> list[str]:

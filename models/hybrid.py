@@ -427,9 +427,11 @@ class HybridVLM(nn.Module):
 
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write ``config.json`` (with the layout) and ``model.safetensors``, each atomically; a folder that holds
-        files is refused unless ``overwrite`` (see :func:`models.checkpoint.save_weights`)."""
+        files is refused unless ``overwrite`` (see :func:`models.checkpoint.save_weights`), and so is a model with a
+        mixer a loading process could not import (see :meth:`HybridConfig.check_mixer_modules`)."""
         from models.checkpoint import save_model
 
+        self.config.check_mixer_modules()
         return save_model(self, directory, overwrite=overwrite)
 
     @classmethod

@@ -1,18 +1,18 @@
-"""The call contract, for every built-in mixer (float64 on CPU)."""
+"""The call contract, for every registered mixer and some option variants (float64 on CPU)."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
 from helpers import rel_err
 
 import mixers
+import mixers.testing
 from mixers.modules import ShortConv
 from mixers.ops.varlen import seqlens_to_cu_seqlens
 
 HIDDEN = 32
+# small sizes, so the tests run fast; a registered kind without an entry is tested with its defaults
 OPTIONS = {
     "D": dict(num_heads=2, head_dim=8),
     "S": dict(num_heads=4, num_kv_heads=2, window=6),
@@ -27,7 +27,7 @@ OPTIONS = {
     "D-noconv": dict(num_heads=2, head_dim=8, conv_size=0),
     "G-conv": dict(num_heads=2, conv_size=4),
 }
-KINDS = list(OPTIONS)
+KINDS = list(dict.fromkeys([spec.letter for spec in mixers.registered()] + list(OPTIONS)))
 
 
 def letter(kind: str) -> str:
@@ -36,85 +36,24 @@ def letter(kind: str) -> str:
 
 
 def make(kind: str, **overrides) -> torch.nn.Module:
-    return mixers.build_mixer(letter(kind), HIDDEN, **{**OPTIONS[kind], **overrides}).double()
+    return mixers.build_mixer(letter(kind), HIDDEN, **{**OPTIONS.get(kind, {}), **overrides}).double()
 
 
 def x_of(*shape) -> torch.Tensor:
     return torch.randn(*shape, HIDDEN, dtype=torch.float64)
 
 
-def states_equal(a, b, tol=1e-11) -> bool:
-    if isinstance(a, mixers.KVCache):
-        # slots may be ordered differently after different write patterns; compare visible tokens
-        pa, pb = a.slot_positions(), b.slot_positions()
-        if not torch.equal(a.length, b.length):
-            return False
-        for n in range(a.batch_size):
-            visible_a, visible_b = pa[n] >= 0, pb[n] >= 0
-            order_a, order_b = pa[n][visible_a].argsort(), pb[n][visible_b].argsort()
-            if not torch.equal(pa[n][visible_a][order_a], pb[n][visible_b][order_b]):
-                return False
-            for field in ("key", "value"):
-                ta, tb = getattr(a, field)[n][visible_a][order_a], getattr(b, field)[n][visible_b][order_b]
-                if not torch.allclose(ta, tb, atol=tol, rtol=0):
-                    return False
-        return True
-    tensors_a = [a.recurrent, *a.conv.values()]
-    tensors_b = [b.recurrent, *b.conv.values()]
-    return a.conv.keys() == b.conv.keys() and all(
-        torch.allclose(x, y, atol=tol, rtol=0) for x, y in zip(tensors_a, tensors_b)
-    )
+@pytest.mark.parametrize("check", [check.__name__ for check in mixers.testing.CHECKS])
+@pytest.mark.parametrize("kind", KINDS)
+def test_call_contract(kind, check):
+    """Chunked = recurrent = token by token, split continuation, packed = separate, state size (mixers.testing)."""
+    getattr(mixers.testing, check)(make(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_chunked_recurrent_and_token_by_token_agree(kind):
-    mixer, x = make(kind), x_of(2, 29)
-    y, state = mixer(x)
-    for mode in ("chunk", "recurrent") if isinstance(mixer, mixers.RecurrentMixer) else ():
-        mixer.mode = mode
-        y_mode, state_mode = mixer(x)
-        assert rel_err(y_mode, y) < 1e-12 and states_equal(state_mode, state)
-    mixer_state = mixer.init_state(2, dtype=torch.float64)
-    outputs = []
-    for t in range(x.shape[1]):
-        y_t, mixer_state = mixer(x[:, t : t + 1], mixer_state)
-        outputs.append(y_t)
-    assert rel_err(torch.cat(outputs, 1), y) < 1e-12
-    assert states_equal(mixer_state, state)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_split_at_random_points_continues_exactly(kind, seed):
-    rng = random.Random(seed)
-    mixer, x = make(kind), x_of(2, 41)
-    y, final = mixer(x)
-    cuts = sorted(rng.sample(range(1, 41), 4))
-    state, outputs = None, []
-    for start, end in zip([0, *cuts], [*cuts, 41]):
-        y_part, state = mixer(x[:, start:end], state)
-        outputs.append(y_part)
-    assert rel_err(torch.cat(outputs, 1), y) < 1e-12
-    assert states_equal(state, final)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_packed_varlen_equals_separate(kind):
-    mixer = make(kind)
-    lengths = [7, 7, 1, 19, 10, 7]  # equal lengths run batched, neighbours as one view
-    xs = [x_of(1, n) for n in lengths]
-    cu = seqlens_to_cu_seqlens(lengths)
-    y, state = mixer(torch.cat(xs, 1), cu_seqlens=cu)
-    separate = [mixer(x) for x in xs]
-    assert rel_err(y, torch.cat([out for out, _ in separate], 1)) < 1e-12
-    for n, (_, state_n) in enumerate(separate):
-        assert states_equal(_select(state, n), state_n)
-    # continuing packed sequences from their states equals continuing each alone
-    more = [3, 3, 8, 1, 2, 8]
-    xs2 = [x_of(1, n) for n in more]
-    y2, _ = mixer(torch.cat(xs2, 1), state, cu_seqlens=seqlens_to_cu_seqlens(more))
-    expected = [mixer(x, st.clone())[0] for x, (_, st) in zip(xs2, separate)]
-    assert rel_err(y2, torch.cat(expected, 1)) < 1e-12
+@pytest.mark.parametrize("seed", [1, 2])
+def test_split_at_other_random_points_continues_exactly(kind, seed):
+    mixers.testing.check_split_continues(make(kind), seed=seed)
 
 
 @pytest.mark.parametrize("kind", ["S", "A"])
@@ -139,12 +78,6 @@ def test_a_packed_forward_costs_the_same_operations_for_any_number_of_sequences(
             mixer(x_of(1, 8 * sequences), cu_seqlens=cu)
         counts.append(ops.count)
     assert counts[0] == counts[1]
-
-
-def _select(state, n):
-    if isinstance(state, mixers.KVCache):
-        return mixers.KVCache(state.key[n : n + 1], state.value[n : n + 1], state.length[n : n + 1], state.window)
-    return mixers.RecurrentState(state.recurrent[n : n + 1], {k: v[n : n + 1] for k, v in state.conv.items()})
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -189,21 +122,6 @@ def test_sliding_window_differs_once_input_exceeds_window():
     y_full, y_sliding = full(x)[0], sliding(x)[0]
     assert torch.allclose(y_full[:, :6], y_sliding[:, :6])
     assert not torch.allclose(y_full[:, 6:], y_sliding[:, 6:])
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_state_size_fixed_except_full_attention(kind):
-    mixer = make(kind)
-    state = mixer.init_state(3, dtype=torch.float64)
-    empty_bytes = state.nbytes
-    with torch.no_grad():
-        for chunk in (5, 17, 1, 40):
-            _, state = mixer(x_of(3, chunk), state)
-    if kind == "A":
-        assert state.nbytes > empty_bytes and int(state.length[0]) == 63
-    else:
-        assert state.nbytes == empty_bytes
-        assert mixer.state_bytes(3, dtype=torch.float64) == empty_bytes
 
 
 def test_state_bytes_reports_growth_for_full_attention():
@@ -406,7 +324,7 @@ def test_bad_inputs_raise_clear_errors(kind):
     with pytest.raises(ValueError, match="batch size 1"):
         mixer(x_of(2, 4), cu_seqlens=torch.tensor([0, 2, 4]))
     with pytest.raises(ValueError, match="supports backends"):
-        mixers.build_mixer(letter(kind), HIDDEN, backend="nonexistent", **OPTIONS[kind])
+        mixers.build_mixer(letter(kind), HIDDEN, backend="nonexistent", **OPTIONS.get(kind, {}))
 
 
 @pytest.mark.parametrize("kind", ["D", "S"])
