@@ -163,6 +163,22 @@ def test_a_sweep_on_the_tuning_seeds_decides_the_rate_of_the_other_seeds(tmp_pat
     assert expand(study, {key: finished[key] for key in list(finished)[:1]}) == sweep  # the sweep is not done
 
 
+@pytest.mark.parametrize(("scores", "extended"), [((0.95, 0.3), True), ((0.95, 0.92), False), ((0.4, 0.3), False)])
+def test_groups_whose_seeds_split_get_the_bimodal_seeds(tmp_path, scores, extended):
+    path = _write(tmp_path, TINY.replace("seed: [0]", "seed: [0, 1]").replace("[1.0e-3]", "[1.0e-3, 1.0e-2]")
+                  + "tuning: {seeds: [0], bimodal_seeds: [2, 3]}\n")  # fmt: skip
+    study = load_study(path)
+    finished = {}
+    for _ in range(3):  # the sweep, then the grid's seeds at the chosen rate, then (if they split) two more
+        for cell in expand(study, finished):
+            score = scores[cell.seed % 2] if cell.learning_rate == 1e-2 else 0.0
+            finished.setdefault(cell.id(study), {"learning_rate": cell.learning_rate, "val_accuracy": score})
+    seeds = {cell.seed for cell in expand(study, finished) if cell.learning_rate == 1e-2}
+    assert seeds == ({0, 1, 2, 3} if extended else {0, 1})
+    with pytest.raises(StudyError, match="bimodal_seeds: are added to the grid's seeds"):
+        load_study(_write(tmp_path, TINY + "tuning: {seeds: [0], bimodal_seeds: [0]}\n", "bad.yaml"))
+
+
 def test_the_learning_rate_is_chosen_on_validation_accuracy_then_loss():
     results = [
         {"learning_rate": 1e-3, "val_accuracy": 0.9, "val_loss": 0.5, "accuracy": 0.1},
@@ -188,7 +204,7 @@ def test_parameter_matching_equalises_model_sizes(tmp_path):
 def test_an_arm_sets_its_options_size_and_mlp_and_the_study_its_backends():
     study = load_study(RECALL)
     task = study.tasks[0]
-    textbook = model_config(study, Cell("L-textbook", 1, task, 128, 0, 1e-3), 8192)
+    textbook = model_config(study, Cell("L-textbook", 0, task, 128, 0, 1e-3), 8192)
     assert textbook.intermediate_size == 0 and textbook.layout == "L x2"
     assert textbook.mixer_options["L"] | {} == {"num_heads": 2, "head_dim": 32, "expand_v": 2, "conv_size": 0,
                                                 "feature_map": "elu1", "qk_norm": "none", "normalize": True,

@@ -3,7 +3,8 @@ rate), the grid that lists them, and the model each one trains.
 
 With ``tuning`` in the study, a group's learning rates (an arm at one size on one task and width) are swept on
 the tuning seeds first; once those cells are done, the rate with the best mean *validation* accuracy is trained
-on every seed of the grid (:func:`expand` is called again as results come in). Tables report test accuracy.
+on every seed of the grid (:func:`expand` is called again as results come in), and on the ``bimodal_seeds`` too
+once those seeds split (:func:`is_split`). Tables report test accuracy.
 """
 
 from __future__ import annotations
@@ -110,7 +111,22 @@ def _group(
         return tuning
     best = choose_learning_rate(results)
     chosen = [Cell(arm, size, task, d_model, seed, best) for seed in seeds]
-    return tuning + [cell for cell in chosen if cell not in tuning]
+    cells = tuning + [cell for cell in chosen if cell not in tuning]
+    scores = [finished.get(cell.id(study), {}).get("val_accuracy") for cell in chosen]
+    if study.bimodal_seeds and None not in scores and is_split(scores):
+        cells += [Cell(arm, size, task, d_model, seed, best) for seed in study.bimodal_seeds]
+    return cells
+
+
+SPLIT_LOW = 0.5
+"""A group's seeds *split* when one solves the task (validation accuracy >= ``verdicts.SOLVED``) and another stays
+under this: outcomes are bimodal, and the study's ``bimodal_seeds`` are added to measure how often each happens."""
+
+
+def is_split(scores: list[float]) -> bool:
+    from lit.ablation.verdicts import SOLVED
+
+    return max(scores) >= SOLVED and min(scores) < SPLIT_LOW
 
 
 # --- models ---------------------------------------------------------------------------------------------

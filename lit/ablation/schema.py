@@ -16,7 +16,8 @@
           - {D: {head_dim: 16, expand_v: 4}}
           - {D: {head_dim: 64, expand_v: 1}}
     grid: {d_model: [128], seed: [0, 1, 2, 3, 4], learning_rate: [3.0e-4, 1.0e-3, 3.0e-3]}
-    tuning: {seeds: [0, 1]}             # learning rates are swept on these seeds; the others train at the best
+    tuning: {seeds: [0, 1],             # learning rates are swept on these seeds; the others train at the best
+             bimodal_seeds: [5, 6]}     # and these too where the grid's seeds split (solved and far from it)
     tasks:
       - {type: mqar, seq_len: 256, num_kv_pairs: 64,
          grid: {arm: [D]},              # this task's own grid entries (any of arm, d_model, seed, learning_rate)
@@ -294,6 +295,7 @@ class Study:
     train: TrainSettings
     description: str = ""
     tuning_seeds: tuple[int, ...] | None = None
+    bimodal_seeds: tuple[int, ...] = ()
     match_parameters: str | None = None
     plugins: tuple[str, ...] = ()
 
@@ -376,10 +378,13 @@ def parse_study(raw: Any, smoke: bool = False) -> Study:
     if not tasks:
         raise _fail("tasks", "a study needs at least one task")
     tuning = _mapping(raw.get("tuning"), "tuning", "tuning")
-    _check_keys(tuning, ("seeds",), "tuning")
+    _check_keys(tuning, ("seeds", "bimodal_seeds"), "tuning")
     tuning_seeds = _grid_values(tuning.get("seeds"), "tuning.seeds", "seed") if tuning else None
     if tuning and not tuning_seeds:
         raise _fail("tuning.seeds", "needs a non-empty list of seeds")
+    bimodal_seeds = _grid_values(tuning.get("bimodal_seeds"), "tuning.bimodal_seeds", "seed") or ()
+    if set(bimodal_seeds) & set(values["seed"]):
+        raise _fail("tuning.bimodal_seeds", f"are added to the grid's seeds, so none may be one: {bimodal_seeds}")
     match = raw.get("match_parameters")
     if match is not None:
         if not isinstance(match, str):
@@ -398,6 +403,7 @@ def parse_study(raw: Any, smoke: bool = False) -> Study:
         train=train,
         description=description.strip(),
         tuning_seeds=tuning_seeds,
+        bimodal_seeds=bimodal_seeds,
         match_parameters=match,
         plugins=tuple(plugins),
     )
