@@ -18,6 +18,7 @@ from models.checkpoint import load_torch_checkpoint
 from models.files import atomic_write, write_text
 
 logger = logging.getLogger("hybridvl.train")
+progress_logger = logging.getLogger("hybridvl.progress")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -139,3 +140,83 @@ class StepTimer(L.Callback):
 def _digest(sources: Iterable[str]) -> str:
     """A short fingerprint of a batch's sample sources, in order."""
     return hashlib.sha1("\n".join(sources).encode()).hexdigest()[:16]
+
+
+class StageProgress(L.Callback):
+    """One log line at every ``every`` fraction of a stage's steps (and at least every ``interval`` seconds): the
+    step of the total, the mean training loss since the previous line, time elapsed and time left.
+
+    Unlike a progress bar it writes whole lines, so a log file or a CI console gets a few readable lines rather
+    than thousands of carriage returns. ``hybridvl quickstart`` adds it to every stage; add it from YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lit.callbacks.StageProgress
+
+    Lines go to the ``hybridvl.progress`` logger (the ``hybridvl`` command shows them), from rank 0 only.
+
+    Args:
+        name: the stage's name in each line (default: the name of the trainer's ``default_root_dir``).
+        every: fraction of the steps between lines.
+        interval: seconds after which a line is written even before the next fraction is reached.
+    """
+
+    def __init__(self, name: str | None = None, every: float = 0.1, interval: float = 60.0) -> None:
+        if not 0 < every <= 1:
+            raise ValueError(f"every must be in (0, 1], got {every}")
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}")
+        self.name = name
+        self.every = every
+        self.interval = interval
+        self._start = self._last_time = 0.0
+        self._first_step = self._next_mark = 0
+        self._losses: list[float] = []
+
+    def _total(self, trainer: L.Trainer) -> int | None:
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        return int(total) if total not in (None, float("inf")) else None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last_time = time.perf_counter()
+        self._first_step = trainer.global_step  # a resumed run measures its rate from where it resumed
+        self._losses = []
+        total = self._total(trainer)
+        self._next_mark = trainer.global_step + max(1, round(total * self.every)) if total else 0
+        if self.name is None:
+            self.name = Path(trainer.default_root_dir).name or "train"
+        if trainer.is_global_zero:
+            progress_logger.info("%s: %s steps", self.name, total if total else "unknown number of")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._losses.append(float(loss.detach()))
+        step, now, total = trainer.global_step, time.perf_counter(), self._total(trainer)
+        at_mark = bool(total) and (step >= self._next_mark or step >= total)
+        if not (at_mark or now - self._last_time >= self.interval) or step == self._first_step:
+            return
+        if total and step >= self._next_mark:
+            size = max(1, round(total * self.every))
+            self._next_mark = (step // size + 1) * size
+        self._last_time = now
+        if trainer.is_global_zero:
+            progress_logger.info(self.line(step, total, now - self._start))
+        self._losses = []
+
+    def line(self, step: int, total: int | None, elapsed: float) -> str:
+        """``teacher: step 200/2000 (10%)  loss 2.3412  elapsed 0:01:05  left 0:09:45``."""
+        parts = [f"{self.name}: step {step}/{total} ({step / total:.0%})" if total else f"{self.name}: step {step}"]
+        if self._losses:
+            parts.append(f"loss {sum(self._losses) / len(self._losses):.4f}")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        done = step - self._first_step
+        if total and done > 0:
+            parts.append(f"left {_clock(elapsed / done * max(0, total - step))}")
+        return "  ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    """``0:01:05`` for 65 seconds."""
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

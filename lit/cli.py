@@ -53,10 +53,22 @@ _ROOT = Path(__file__).resolve().parents[1]
 _DEBUG: ContextVar[bool] = ContextVar("hybridvl_debug", default=False)
 
 
+def version() -> str:
+    """The installed distribution's version (``importlib.metadata``); ``unknown`` when run from a source tree
+    that was never installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return distribution_version("hybridvl")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def usage() -> str:
     """The help ``hybridvl`` prints without a command: the commands and the error conventions."""
     width = max(map(len, COMMANDS))
-    lines = ["usage: hybridvl <command> [options] [--debug]", "", "commands:"]
+    lines = ["usage: hybridvl <command> [options] [--debug]", "       hybridvl --version", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += [
         "",
@@ -66,8 +78,33 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that keeps the description's line breaks and ends each option's help with its default,
+    ``(default: 64)``; options without a meaningful default (``None``, an empty list, an on/off flag) show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_ = action.help
+        default = action.default
+        if (
+            help_ is None
+            or "%(default)" in help_
+            or default is None
+            or default is argparse.SUPPRESS
+            or action.nargs == 0  # store_true / store_false / count-like flags
+            or (isinstance(default, list | tuple | dict | set) and not default)
+            or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))
+        ):
+            return help_
+        return f"{help_} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line, ``<prog>: error: <message>``, with exit status 2."""
+    """``argparse.ArgumentParser`` whose errors are one line, ``<prog>: error: <message>``, with exit status 2, and
+    whose help shows every option's default (:class:`HelpFormatter`, unless another ``formatter_class`` is given)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -172,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     options = [arg for arg in argv if arg != "--debug"]
     if not options or options[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if options[0] in ("-V", "--version"):
+        print(f"hybridvl {version()}")
         return 0
     command = options[0]
     if command not in COMMANDS:

@@ -24,7 +24,15 @@ from models.tiny_qwen import make_tiny_qwen2_5_vl
 
 logger = logging.getLogger("hybridvl.pipeline")
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "tiny"
+
+def _experiments() -> Path:
+    """The stage YAMLs: ``experiments/tiny`` of a checkout (or an editable install), else the copy a wheel ships
+    inside this package (``lit/experiments/tiny``, see ``setup.py``)."""
+    source = Path(__file__).resolve().parents[1] / "experiments" / "tiny"
+    return source if source.is_dir() else Path(__file__).resolve().parent / "experiments" / "tiny"
+
+
+EXPERIMENTS = _experiments()
 TEACHER_DIMS = dict(
     hidden_size=128,
     intermediate_size=256,
@@ -69,7 +77,9 @@ def run_stage(name: str, out: Path, scale: float, accelerator: str | None = None
         return
     logger.info("stage %s: hybridvl %s", name, " ".join(argv))
     done.unlink(missing_ok=True)  # a stage that stops part-way leaves no record of an earlier run behind
-    train(argv)
+    # a line every 10% of the steps (step, loss, time left) in place of the progress bar; outside `record`, so
+    # stages finished before it was added are still recognised
+    train([*argv, "--trainer.callbacks+=lit.callbacks.StageProgress"])
     write_json(done, record)
 
 

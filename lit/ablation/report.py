@@ -6,7 +6,6 @@ cells the runner wrote (``<results>/<study>/cells/*.json``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterable
@@ -189,11 +188,13 @@ def write_report(results: Path, out: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hybridvl ablate-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    from lit.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="hybridvl ablate-report", description=__doc__)
+    parser.add_argument(
+        "--results", type=Path, default=Path("experiments/ablations/results"), help="folder of the studies' results"
     )
-    parser.add_argument("--results", type=Path, default=Path("experiments/ablations/results"))
-    parser.add_argument("--out", type=Path, default=Path("experiments/ablations/RESULTS.md"))
+    parser.add_argument("--out", type=Path, default=Path("experiments/ablations/RESULTS.md"), help="report to write")
     args = parser.parse_args(argv)
     try:
         print(write_report(args.results, args.out))

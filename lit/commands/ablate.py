@@ -11,11 +11,10 @@ match (e.g. ``'*-z3__*__s0__*'``: the first seed of every arm at its largest siz
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from lit.ablation.runner import run_study, summary_markdown
-from lit.cli import ArgumentParser, run_command
+from lit.cli import ArgumentParser, HelpFormatter, run_command
 
 
 def main(argv: list[str]) -> int:
@@ -28,14 +27,14 @@ def _ablate(argv: list[str]) -> int:
     parser = ArgumentParser(
         prog="hybridvl ablate",
         description=__doc__,
-        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
+        formatter_class=lambda prog: HelpFormatter(prog, max_help_position=32),
     )
     parser.add_argument("--config", required=True, type=Path, help="a study YAML")
     parser.add_argument("--smoke", action="store_true", help="the study's tiny CPU-sized version")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: next to the config)")
-    parser.add_argument("--workers", type=int, default=1, help="cells trained at once, each in its own process (1)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (unset: next to the config)")
+    parser.add_argument("--workers", type=int, default=1, help="cells trained at once, each in its own process")
     parser.add_argument(
-        "--time-budget", type=float, default=None, help="seconds after which no new cell starts (default: none)"
+        "--time-budget", type=float, default=None, help="seconds after which no new cell starts (unset: no limit)"
     )
     parser.add_argument("--repeat", default=None, metavar="GLOB", help="train these finished cells again")
     parser.add_argument("--cells", default=None, metavar="GLOBS", help="train only these cells (comma-separated globs)")

@@ -12,7 +12,6 @@ model files are replaced and stale weight shards removed).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from lit.cli import ArgumentParser
@@ -21,16 +20,17 @@ from models.convert import INITS, convert_directory
 
 def main(argv: list[str]) -> int:
     """Run ``hybridvl convert`` on ``argv`` (see the module docstring)."""
-    parser = ArgumentParser(
-        prog="hybridvl convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(prog="hybridvl convert", description=__doc__)
     parser.add_argument("--teacher", required=True, help="local Qwen2.5-VL checkpoint directory")
     parser.add_argument("--layout", required=True, help='one mixer per teacher layer, e.g. "S,D,D,D x9"')
-    parser.add_argument("--init", choices=INITS, default="mimic", help="how new mixers start (default mimic)")
+    parser.add_argument("--init", choices=INITS, default="mimic", help="how new mixers start")
     parser.add_argument("--out", required=True, help="directory for the student")
-    parser.add_argument("--sliding-window", type=int, default=None, help="window of S layers (default 8192)")
+    parser.add_argument("--sliding-window", type=int, default=None, help="window of S layers (unset: 8192)")
     parser.add_argument(
-        "--mixer-options", type=json.loads, default=None, help='JSON per kind, e.g. \'{"D": {"num_heads": 16}}\''
+        "--mixer-options",
+        type=json.loads,
+        default=None,
+        help='JSON options per kind, e.g. \'{"D": {"num_heads": 16}}\'',
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh weights")
     parser.add_argument(

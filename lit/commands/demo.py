@@ -31,11 +31,11 @@ DEMO_OPTIONS = {
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="hybridvl demo", description=__doc__)
-    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--hidden-size", type=int, default=256, help="model width of every mixer")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens in the parallel pass")
     parser.add_argument("--decode", type=int, default=32, help="of which the last N are decoded one at a time")
     parser.add_argument("--layout", default="S,D,D,D x2", help="a layout whose kinds are demonstrated")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     args = parser.parse_args(argv)
     if not 1 <= args.decode < args.seq_len:
         parser.error(f"--decode must lie in [1, --seq-len - 1] = [1, {args.seq_len - 1}], got {args.decode}")

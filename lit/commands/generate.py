@@ -29,26 +29,29 @@ logger = logging.getLogger("hybridvl.generate")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = ArgumentParser(
-        prog="hybridvl generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(prog="hybridvl generate", description=__doc__)
     parser.add_argument("--model", required=True, help="model directory")
     media = parser.add_mutually_exclusive_group()
     media.add_argument("--image", type=Path, help="an image file")
     media.add_argument("--video", type=Path, help="a video file")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, help="the question or instruction")
     parser.add_argument("--fps", type=float, default=2.0, help="video frames per second to sample")
     parser.add_argument("--max-frames", type=int, default=None, help="at most this many video frames")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the K likeliest tokens (with --sample)")
     parser.add_argument(
-        "--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda..."
+        "--top-p", type=float, default=None, help="sample from the smallest set of tokens of mass P (with --sample)"
     )
-    parser.add_argument("--dtype", type=dtype_argument, default=None, help="e.g. bfloat16 (default: as saved)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument(
+        "--device",
+        type=device_argument,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda, cuda:N or mps",
+    )
+    parser.add_argument("--dtype", type=dtype_argument, default=None, help="e.g. bfloat16 (unset: as saved)")
     parser.add_argument(
         "--allow-nonfinite",
         action="store_true",

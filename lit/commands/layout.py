@@ -40,7 +40,7 @@ def mixer_options_argument(text: str) -> dict[str, dict[str, Any]]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="hybridvl layout", description=__doc__)
     parser.add_argument("layout", help='layout string, e.g. "S,D,D,D x9"')
-    parser.add_argument("--hidden-size", type=int, default=2048, help="model width (default 2048, Qwen2.5-VL-3B)")
+    parser.add_argument("--hidden-size", type=int, default=2048, help="model width (2048: Qwen2.5-VL-3B)")
     parser.add_argument("--num-layers", type=int, default=None, help="check the layout has this many layers")
     parser.add_argument(
         "--mixer-options",
@@ -48,9 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default={},
         help='JSON options per kind, e.g. \'{"S": {"num_kv_heads": 2, "window": 8192}}\'',
     )
-    parser.add_argument(
-        "--dtype", type=dtype_argument, default="bfloat16", help="activation dtype of caches (default bfloat16)"
-    )
+    parser.add_argument("--dtype", type=dtype_argument, default="bfloat16", help="activation dtype of caches")
     parser.add_argument("--context", type=int, default=65536, help="tokens of context for growing states")
     args = parser.parse_args(argv)
     if args.context < 0:

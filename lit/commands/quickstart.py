@@ -7,6 +7,7 @@
    each through ``hybridvl fit``;
 6. validate teacher and student per task and print the table with their cache memory.
 
+Each stage logs a line every 10% of its steps: step, loss, time elapsed and left (:class:`lit.callbacks.StageProgress`).
 TensorBoard logs land in ``<out>/runs``, the loss curves in ``<out>/loss_curves.png``, the table in
 ``<out>/results.json``.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lit.cli import ArgumentParser
 from lit.evaluate import evaluate, plot_losses
 from lit.pipeline import STAGES, distill_student, train_teacher
 from models.hybrid import HybridVLM
@@ -28,15 +30,13 @@ VAL = [{"type": "synthetic", "size_per_task": 25, "split": "val", "image_size": 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="hybridvl quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(prog="hybridvl quickstart", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where everything is written")
     parser.add_argument("--layout", default="S,D,D,D", help="the student's layout (4 layers)")
     parser.add_argument("--window", type=int, default=64, help="the student's sliding window (tokens)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05 for a smoke run)")
     parser.add_argument("--val-size", type=int, default=25, help="validation samples per task")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the teacher's random weights")
     return parser.parse_args(argv)
 
 

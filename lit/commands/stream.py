@@ -32,16 +32,17 @@ def parse_ask(text: str) -> tuple[int, str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = ArgumentParser(
-        prog="hybridvl stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(prog="hybridvl stream", description=__doc__)
     parser.add_argument("--model", required=True, help="model directory (with its processor files)")
-    parser.add_argument("--video", required=True, type=Path)
+    parser.add_argument("--video", required=True, type=Path, help="a video file")
     parser.add_argument("--ask", type=parse_ask, action="append", default=[], help="FRAME:QUESTION (repeatable)")
     parser.add_argument("--fps", type=float, default=2.0, help="frames per second to sample")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
     parser.add_argument(
-        "--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda..."
+        "--device",
+        type=device_argument,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda, cuda:N or mps",
     )
     args = parser.parse_args(argv)
     try:

@@ -10,9 +10,9 @@ def main(argv: list[str]) -> int:
     """Run ``hybridvl tiny-qwen`` on ``argv``; ``--out`` must be new or empty unless ``--overwrite``."""
     parser = ArgumentParser(prog="hybridvl tiny-qwen", description=__doc__)
     parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers")
-    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--hidden-size", type=int, default=64, help="model width")
     parser.add_argument(
         "--overwrite", action="store_true", help="write into a folder that holds files (its model files are replaced)"
     )
