@@ -68,12 +68,18 @@ def version() -> str:
 def usage() -> str:
     """The help ``hybridvl`` prints without a command: the commands and the error conventions."""
     width = max(map(len, COMMANDS))
-    lines = ["usage: hybridvl <command> [options] [--debug]", "       hybridvl --version", "", "commands:"]
+    lines = [
+        "usage: hybridvl <command> [options] [--import MODULE ...] [--debug]",
+        "       hybridvl --version",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += [
         "",
         "Run `hybridvl <command> --help` for a command's options. A bad input is reported in one line (exit status",
-        "2); --debug prints its traceback too.",
+        "2); --debug prints its traceback too. --import MODULE imports a module first, e.g. one that registers",
+        "your own mixers, so that any command can use them.",
     ]
     return "\n".join(lines)
 
@@ -203,6 +209,34 @@ def run_command(prog: str, command: Callable[[list[str]], int], argv: list[str])
         _DEBUG.reset(token)
 
 
+def take_imports(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--import MODULE`` (repeatable, anywhere after the command) taken out of ``argv``: the modules to import
+    before the command runs, such as a package that registers its own mixers; and the arguments left."""
+    modules, rest, args = [], [], iter(argv)
+    for arg in args:
+        if arg == "--import":
+            module = next(args, None)
+            if module is None or module.startswith("-"):
+                raise ValueError("--import needs a module name, e.g. --import my_lab.mixers")
+            modules.append(module)
+        elif arg.startswith("--import="):
+            modules.append(arg.removeprefix("--import="))
+        else:
+            rest.append(arg)
+    return modules, rest
+
+
+def import_modules(modules: list[str]) -> None:
+    """Import each module by name (its mixers register themselves), naming one that cannot be imported."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ValueError(
+                f"--import {name}: cannot import it ({error}); install it or add its folder to PYTHONPATH"
+            ) from error
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hybridvl`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
@@ -221,7 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     rest.remove(command)  # its first occurrence: only --debug may come before it
     show_project_logs(logging.INFO)
     module = importlib.import_module(COMMANDS[command][0])
-    return run_command(f"hybridvl {command}", module.main, [command, *rest] if command in PASS_COMMAND else rest)
+
+    def command_main(args: list[str]) -> int:
+        modules, args = take_imports(args)
+        import_modules(modules)
+        return module.main(args)
+
+    return run_command(f"hybridvl {command}", command_main, [command, *rest] if command in PASS_COMMAND else rest)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,17 @@ def _project_logging():
     yield
     project.setLevel(level)
     project.handlers[:] = handlers
+
+
+@pytest.fixture(autouse=True)
+def registry_snapshot():
+    """Restore the mixer registry after each test, so that letters a test (or a study's plugin) registers do
+    not reach other tests."""
+    import mixers.registry
+
+    by_letter, by_name = dict(mixers.registry._BY_LETTER), dict(mixers.registry._BY_NAME)
+    yield
+    mixers.registry._BY_LETTER.clear()
+    mixers.registry._BY_LETTER.update(by_letter)
+    mixers.registry._BY_NAME.clear()
+    mixers.registry._BY_NAME.update(by_name)

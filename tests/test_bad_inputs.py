@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import sys
 from pathlib import Path
 
 import av
@@ -635,3 +636,14 @@ def test_the_cli_reads_no_image_it_cannot_name(capsys, media: Path):
     """A file that is not an image is named before any model is loaded."""
     status, lines = run(capsys, "generate", "--model", "m", "--prompt", "hi", "--image", str(media / "text.jpg"))
     assert status == 2 and f"{media / 'text.jpg'}: not a readable image" in only_line(lines, "generate")
+
+
+def test_import_loads_a_module_before_the_command_and_names_one_that_is_missing(capsys, tmp_path: Path, monkeypatch):
+    (tmp_path / "lab_plugin_for_import_test.py").write_text("IMPORTED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    status, _ = run(capsys, "layout", "S,D", "--import", "lab_plugin_for_import_test")
+    assert status == 0 and sys.modules["lab_plugin_for_import_test"].IMPORTED
+    status, lines = run(capsys, "layout", "S,D", "--import", "no_such_lab_module")
+    assert status == 2 and "--import no_such_lab_module: cannot import it" in only_line(lines, "layout")
+    status, lines = run(capsys, "layout", "S,D", "--import")
+    assert status == 2 and "--import needs a module name" in only_line(lines, "layout")

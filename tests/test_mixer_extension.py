@@ -81,17 +81,6 @@ TINY = dict(
 
 
 @pytest.fixture
-def registry_snapshot():
-    """Restore the registry afterwards, so letters registered by a test do not reach other tests."""
-    by_letter, by_name = dict(mixers.registry._BY_LETTER), dict(mixers.registry._BY_NAME)
-    yield
-    mixers.registry._BY_LETTER.clear()
-    mixers.registry._BY_LETTER.update(by_letter)
-    mixers.registry._BY_NAME.clear()
-    mixers.registry._BY_NAME.update(by_name)
-
-
-@pytest.fixture
 def custom_module(tmp_path, monkeypatch, registry_snapshot):
     """The folder of an importable module that registers ``E`` (imported here, so ``E`` is registered)."""
     folder = tmp_path / "plugins"
