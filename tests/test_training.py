@@ -402,3 +402,23 @@ def test_an_optimizer_and_schedule_given_in_yaml_are_the_ones_used(dirs, tmp_pat
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
     assert optimizer.param_groups[0]["momentum"] == 0.9
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**2)  # two steps of StepLR
+
+
+def test_every_stage_logs_its_throughput_to_tensorboard(dirs, tmp_path):
+    from lit.commands.train import THROUGHPUT_WINDOW
+    from lit.evaluate import latest_run, read_scalars
+
+    steps = THROUGHPUT_WINDOW + 2
+    config = tmp_path / "stage.yaml"
+    config.write_text(
+        f"trainer: {{accelerator: cpu, devices: 1, max_steps: {steps}, log_every_n_steps: 1, "
+        f"enable_progress_bar: false, limit_val_batches: 0, default_root_dir: {tmp_path / 'run'}}}\n"
+        f"model: {{class_path: lit.modules.SFT, init_args: {{model: {dirs['student']}, "
+        f"export_dir: {tmp_path / 'export'}, generation_max_new_tokens: 0}}}}\n"
+        f"data: {{processor: {dirs['student']}, max_tokens: 256, train: {json.dumps(TRAIN)}}}\n"
+    )
+    train_main(["fit", "--config", str(config)])
+    run = latest_run(tmp_path / "run")
+    found, tokens_per_second = read_scalars(run, "train/device/items_per_sec")
+    assert found and all(value > 0 for value in tokens_per_second)
+    assert read_scalars(run, "train/device/samples_per_sec")[0]

@@ -22,10 +22,11 @@ import warnings
 from typing import Any
 
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit.data.types import PackedBatch
 from lit.datamodule import HybridDataModule
 from lit.modules import HybridStage
 
@@ -85,6 +86,24 @@ class HybridCLI(LightningCLI):
         return "no checkpoint was written yet: run it again"
 
 
+THROUGHPUT_WINDOW = 10
+"""Logged steps the throughput is averaged over."""
+
+
+def batch_samples(batch: PackedBatch) -> int:
+    return len(batch.samples)
+
+
+def batch_tokens(batch: PackedBatch) -> int:
+    return batch.num_tokens
+
+
+def throughput_monitor() -> ThroughputMonitor:
+    """Lightning's throughput logging for every stage: batches, samples and tokens ("items") per second, to the
+    run's logger (TensorBoard) every ``log_every_n_steps``, averaged over :data:`THROUGHPUT_WINDOW` of them."""
+    return ThroughputMonitor(batch_samples, batch_tokens, window_size=THROUGHPUT_WINDOW)
+
+
 def main(argv: list[str]) -> int:
     """Run LightningCLI on ``argv`` (subcommand first).
 
@@ -104,7 +123,7 @@ def main(argv: list[str]) -> int:
             save_config_kwargs={"overwrite": True},
             # the DataModule's batch sampler splits batches across ranks itself (length-grouped, resumable)
             trainer_defaults={
-                "callbacks": [LearningRateMonitor(logging_interval="step")],
+                "callbacks": [LearningRateMonitor(logging_interval="step"), throughput_monitor()],
                 "use_distributed_sampler": False,
             },
             parser_kwargs={**parsing, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
