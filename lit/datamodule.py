@@ -10,16 +10,21 @@ A source is a dict in YAML:
       - {type: synthetic, tasks: [ocr, counting], size_per_task: 500, split: train}
       - {type: json, path: data/video.jsonl, media_root: data/media, weight: 4}
 
-``weight`` repeats a source (or, below 1, subsamples it deterministically) to set mixing ratios. The sources are
-checked when the DataModule is built, before any model loads: a source must be a mapping with a known ``type``,
-only that type's keys (and ``weight``), a positive ``weight``, and for ``json`` an existing ``path`` file and
-``media_root`` folder.
+      - {type: my_lab.data.ChartQA, root: data/chartqa, split: train}  # your own Dataset class, by import path
+
+``weight`` repeats a source (or, below 1, subsamples it deterministically) to set mixing ratios. ``type`` is
+``json``, ``synthetic`` or the import path of your own ``torch.utils.data.Dataset`` class whose items are
+:class:`~lit.data.types.Conversation` objects; the other keys are its constructor's arguments. The sources are
+checked when the DataModule is built, before any model loads: a source must be a mapping with a known or
+importable ``type``, only that type's keys (and ``weight``), a positive ``weight``, and for ``json`` an existing
+``path`` file and ``media_root`` folder.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -55,9 +60,7 @@ def check_source(spec: Any, where: str = "data source") -> None:
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: a source must be a mapping such as {{type: json, path: ...}}, got {spec!r}")
     kind = spec.get("type")
-    if not isinstance(kind, str) or kind not in SOURCES:
-        raise ValueError(f"{where}: unknown source type {kind!r}; choose one of {', '.join(SOURCES)}")
-    parameters = inspect.signature(SOURCES[kind]).parameters
+    parameters = inspect.signature(source_class(kind, where)).parameters
     allowed = ["type", *parameters, "weight"]
     for key in spec:
         if key not in allowed:
@@ -84,11 +87,37 @@ def _check_path(where: str, key: str, value: Any, exists: Callable[[Path], bool]
         raise ValueError(f"{where}: {key} {str(value)!r} is not an existing {noun} (relative to {Path.cwd()})")
 
 
+def source_class(kind: Any, where: str = "data source") -> Callable[..., Dataset]:
+    """The dataset class a source's ``type`` names: a built-in (:data:`SOURCES`) or ``module.Class``, imported."""
+    if isinstance(kind, str) and kind in SOURCES:
+        return SOURCES[kind]
+    choices = f"choose one of {', '.join(SOURCES)}, or the import path of your own Dataset class (my_lab.data.MyData)"
+    if not isinstance(kind, str) or "." not in kind.strip("."):
+        raise ValueError(f"{where}: unknown source type {kind!r}; {choices}")
+    module_name, _, class_name = kind.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as error:
+        raise ValueError(f"{where}: source type {kind!r}: cannot import {module_name!r} ({error})") from error
+    except AttributeError:
+        raise ValueError(f"{where}: source type {kind!r}: module {module_name!r} has no {class_name!r}") from None
+    if not isinstance(found, type) or not issubclass(found, Dataset):
+        raise ValueError(f"{where}: source type {kind!r} is not a torch.utils.data.Dataset class; {choices}")
+    return found
+
+
 def build_source(spec: dict[str, Any], where: str = "data source") -> Dataset:
     """A conversation dataset from a source dict (``type`` plus the dataset's arguments; ``weight`` excluded),
-    checked first by :func:`check_source`."""
+    checked first by :func:`check_source`; a dataset of your own must yield
+    :class:`~lit.data.types.Conversation` items (its first is checked)."""
     check_source(spec, where)
-    return SOURCES[spec["type"]](**{k: v for k, v in spec.items() if k not in ("type", "weight")})
+    dataset = source_class(spec["type"], where)(**{k: v for k, v in spec.items() if k not in ("type", "weight")})
+    if spec["type"] not in SOURCES and len(dataset) and not isinstance(first := dataset[0], Conversation):
+        raise TypeError(
+            f"{where}: a {spec['type']!r} source must yield lit.data.types.Conversation items, its first is a "
+            f"{type(first).__name__}"
+        )
+    return dataset
 
 
 class MixedConversations(Dataset):

@@ -521,3 +521,51 @@ def test_cached_samples_equal_fresh_ones_and_are_encoded_once(processor_dir, tmp
     second.unlink()  # a lost file
     with pytest.raises(RuntimeError, match=r"4 samples in 1 shards, where 6 samples in 2 shards were written"):
         data(cache_dir=str(tmp_path))._dataset("train")
+
+
+USER_SOURCE = """
+from torch.utils.data import Dataset
+
+from lit.data.types import Conversation
+
+
+class Greetings(Dataset):
+    def __init__(self, count: int, word: str = "hello") -> None:
+        self.count, self.word = count, word
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Conversation:
+        messages = [{"role": "user", "content": [{"type": "text", "text": f"say {self.word} {index}"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": self.word}]}]
+        return Conversation(messages=messages, task="greet", answer=self.word, source=f"greetings:{index}")
+
+
+class NotConversations(Greetings):
+    def __getitem__(self, index: int) -> dict:
+        return {"text": "hi"}
+"""
+
+
+def test_a_users_dataset_class_is_a_source_by_its_import_path(tmp_path, monkeypatch):
+    from lit.datamodule import build_source
+
+    (tmp_path / "lab_sources_for_test.py").write_text(USER_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    dataset = build_source({"type": "lab_sources_for_test.Greetings", "count": 3, "word": "hi", "weight": 2})
+    assert len(dataset) == 3 and dataset[1].answer == "hi"
+    with pytest.raises(ValueError, match=r"unknown key 'wrd' .*did you mean 'word'"):
+        build_source({"type": "lab_sources_for_test.Greetings", "count": 3, "wrd": "hi"})
+    with pytest.raises(ValueError, match="needs 'count'"):
+        build_source({"type": "lab_sources_for_test.Greetings"})
+    with pytest.raises(TypeError, match=r"must yield lit\.data\.types\.Conversation items, its first is a dict"):
+        build_source({"type": "lab_sources_for_test.NotConversations", "count": 1})
+    with pytest.raises(ValueError, match="cannot import 'no_such_lab'"):
+        build_source({"type": "no_such_lab.Data"})
+    with pytest.raises(ValueError, match="has no 'Missing'"):
+        build_source({"type": "lab_sources_for_test.Missing"})
+    with pytest.raises(ValueError, match=r"is not a torch\.utils\.data\.Dataset class"):
+        build_source({"type": "lab_sources_for_test.Conversation"})
+    with pytest.raises(ValueError, match="unknown source type 'csv'; choose one of json, synthetic, or the import"):
+        build_source({"type": "csv"})
