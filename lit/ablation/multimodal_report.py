@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import mixers
+from lit.ablation.plots import plot_estimates, pyplot
 from lit.ablation.runner import format_bytes, rows_table, summarize
 from lit.ablation.verdicts import CEILING, Claim, Estimate, Outcome, compare, conjoin, estimate
 
@@ -362,7 +363,7 @@ def plot_init(path: Path, cells: list[dict[str, Any]]) -> bool:
     groups = _init_groups(cells)
     if not groups:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(INIT_METRICS), figsize=(4.2 * len(INIT_METRICS), 3.6))
     for ax, (metric, better) in zip(axes, INIT_METRICS.items()):
         for init in sorted({init for init, _ in groups}):
@@ -371,14 +372,7 @@ def plot_init(path: Path, cells: list[dict[str, Any]]) -> bool:
                 for (name, steps), by_seed in groups.items()
                 if name == init
             )
-            ax.errorbar(
-                [steps for steps, _ in points],
-                [e.mean for _, e in points],
-                yerr=[[e.mean - e.low for _, e in points], [e.high - e.mean for _, e in points]],
-                marker="o",
-                capsize=3,
-                label=init,
-            )
+            plot_estimates(ax, [steps for steps, _ in points], [e for _, e in points], marker="o", label=init)
         ax.set_title(f"{metric} ({better} is better)")
         ax.set_xlabel("Stage I steps")
         ax.grid(alpha=0.3)
@@ -405,20 +399,44 @@ def multimodal_claims(studies: dict[str, list[dict[str, Any]]]) -> list[Claim]:
     return [*claims.values(), init_claim(studies.get("init", []))]
 
 
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A score the tables and figures show: a task on the test split, or an eval set."""
+
+    label: str
+    score: Score
+    task: str | None = None
+    eval_set: str | None = None
+
+    def chance(self, arm: ArmResult) -> float:
+        return chance_of(arm.cells[0], self.task, self.eval_set)
+
+
+def columns(arms: dict[str, ArmResult]) -> list[Column]:
+    """Every task the arms were scored on, then every eval set."""
+    sets = sorted({name for arm in arms.values() for cell in arm.cells for name in cell.get("eval_sets", {})})
+    return [Column(task, task_score(task), task=task) for task in tasks_of(arms)] + [
+        Column(name, set_score(name), eval_set=name) for name in sets
+    ]
+
+
+def ordered(arms: dict[str, ArmResult]) -> list[ArmResult]:
+    """The arms by SWA share, then name: the order of table rows and bars."""
+    return sorted(arms.values(), key=lambda arm: (arm.share, arm.arm))
+
+
 def saturated_tasks(arms: dict[str, ArmResult]) -> list[str]:
     """Tasks (and eval sets) on which every arm sits at the ceiling, or every arm at chance: they cannot tell
     the arms apart."""
     lines = []
-    found = [(task, task_score(task), task, None) for task in tasks_of(arms)]
-    sets = sorted({name for arm in arms.values() for cell in arm.cells for name in cell.get("eval_sets", {})})
-    found += [(f"eval set {name}", set_score(name), None, name) for name in sets]
-    for label, score, task, eval_set in found:
-        estimates = [(arm, e) for arm in arms.values() if (e := arm.estimate(score))]
+    for column in columns(arms):
+        label = f"eval set {column.label}" if column.eval_set else column.label
+        estimates = [(arm, e) for arm in arms.values() if (e := arm.estimate(column.score))]
         if not estimates:
             continue
         if all(e.low >= CEILING for _, e in estimates):
             lines.append(f"{label}: every arm at the ceiling ({CEILING:g})")
-        elif all(e.high <= chance_of(arm.cells[0], task, eval_set) for arm, e in estimates):
+        elif all(e.high <= column.chance(arm) for arm, e in estimates):
             lines.append(f"{label}: every arm at chance")
     return lines
 
@@ -428,49 +446,33 @@ def saturated_tasks(arms: dict[str, ArmResult]) -> list[str]:
 
 def task_table(arms: dict[str, ArmResult]) -> str:
     """Test accuracy per task and eval set (mean [95% CI], k/n seeds >= 0.9), one row per arm."""
-    tasks = tasks_of(arms)
-    sets = sorted({name for arm in arms.values() for cell in arm.cells for name in cell.get("eval_sets", {})})
-    columns = [(task, task_score(task)) for task in tasks] + [(name, set_score(name)) for name in sets]
-    lines = ["| arm | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
-    for arm in sorted(arms.values(), key=lambda arm: (arm.share, arm.arm)):
-        values = [(arm.estimate(score)) for _, score in columns]
+    shown = columns(arms)
+    lines = ["| arm | " + " | ".join(column.label for column in shown) + " |", "|---|" + "---|" * len(shown)]
+    for arm in ordered(arms):
+        values = [arm.estimate(column.score) for column in shown]
         lines.append(f"| `{arm.arm}` | " + " | ".join(e.describe() if e else "" for e in values) + " |")
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_tasks(path: Path, arms: dict[str, ArmResult]) -> None:
     """Grouped bars: test accuracy per task (and eval set) for every arm, 95% intervals, chance as a tick."""
-    plt = _pyplot()
-    tasks = tasks_of(arms)
-    sets = sorted({name for arm in arms.values() for cell in arm.cells for name in cell.get("eval_sets", {})})
-    columns = [(task, task_score(task), task, None) for task in tasks] + [
-        (name, set_score(name), None, name) for name in sets
-    ]
-    ordered = sorted(arms.values(), key=lambda arm: (arm.share, arm.arm))
-    width = 0.8 / max(1, len(ordered))
-    fig, ax = plt.subplots(figsize=(1.2 * len(columns) * max(1, len(ordered)) ** 0.5 + 3, 4))
-    for number, arm in enumerate(ordered):
+    plt = pyplot()
+    shown, rows = columns(arms), ordered(arms)
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(1.2 * len(shown) * max(1, len(rows)) ** 0.5 + 3, 4))
+    for number, arm in enumerate(rows):
         xs, means, errors = [], [], [[], []]
-        for column, (_, score, _, _) in enumerate(columns):
-            if e := arm.estimate(score):
-                xs.append(column + (number - (len(ordered) - 1) / 2) * width)
+        for position, column in enumerate(shown):
+            if e := arm.estimate(column.score):
+                xs.append(position + (number - (len(rows) - 1) / 2) * width)
                 means.append(e.mean)
                 errors[0].append(e.mean - e.low)
                 errors[1].append(e.high - e.mean)
         ax.bar(xs, means, width, yerr=errors, capsize=2, label=arm.arm)
-    for column, (_, _, task, eval_set) in enumerate(columns):
-        chance = chance_of(ordered[0].cells[0], task, eval_set)
-        ax.hlines(chance, column - 0.45, column + 0.45, colors="black", linestyles=":", linewidth=1)
-    ax.set_xticks(range(len(columns)), [name for name, *_ in columns], rotation=20)
+    for position, column in enumerate(shown):
+        chance = column.chance(rows[0])
+        ax.hlines(chance, position - 0.45, position + 0.45, colors="black", linestyles=":", linewidth=1)
+    ax.set_xticks(range(len(shown)), [column.label for column in shown], rotation=20)
     ax.set_ylabel("test accuracy (mean, 95% CI over seeds)")
     ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
@@ -489,16 +491,15 @@ def plot_shares(path: Path, arms: dict[str, ArmResult]) -> bool:
     )
     if len(ladder) < 2:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, score in [("mean over tasks", mean_score)] + [(task, task_score(task)) for task in tasks_of(arms)]:
         points = [(arm.share, e) for arm in ladder if (e := arm.estimate(score))]
-        ax.errorbar(
+        plot_estimates(
+            ax,
             [share for share, _ in points],
-            [e.mean for _, e in points],
-            yerr=[[e.mean - e.low for _, e in points], [e.high - e.mean for _, e in points]],
+            [e for _, e in points],
             marker="o",
-            capsize=3,
             label=label,
             linewidth=2.5 if label == "mean over tasks" else 1,
         )

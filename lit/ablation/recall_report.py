@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mixers
+from lit.ablation.plots import plot_estimates, pyplot
 from lit.ablation.runner import format_bytes, summarize
 from lit.ablation.verdicts import SOLVED, Claim, Estimate, compare, estimate, reaches
 
@@ -194,15 +195,6 @@ def _window_claims(panels: dict) -> list[Claim]:
 # --- figures --------------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _finish(fig, axes, used: int, ylabel: str, path: Path, dpi: int = 110) -> None:
     """Hide the unused panels of a grid, label the shared accuracy axis, save and close the figure."""
     for ax in axes.flat[used:]:
@@ -219,7 +211,7 @@ def plot_state_size(path: Path, panels: dict[tuple[str, int, bool], list[ArmScor
     keys = sorted(panels)
     if not keys:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(3, len(keys))
     rows = math.ceil(len(keys) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns + 1.5, 4 * rows), squeeze=False, sharey=True)
@@ -231,16 +223,12 @@ def plot_state_size(path: Path, panels: dict[tuple[str, int, bool], list[ArmScor
             points.sort(key=lambda arm: arm.state_bytes)
             style = COLOURS.get(points[0].family)
             dodge = 2 ** (0.03 * (number - (len(by_arm) - 1) / 2))  # side by side, so intervals stay apart
-            ax.errorbar(
+            plot_estimates(
+                ax,
                 [arm.state_bytes * dodge for arm in points],
-                [arm.score.mean for arm in points],
-                yerr=[
-                    [arm.score.mean - arm.score.low for arm in points],
-                    [arm.score.high - arm.score.mean for arm in points],
-                ],
+                [arm.score for arm in points],
                 marker="o" if len(points) > 1 else "*",
                 markersize=5 if len(points) > 1 else 10,
-                capsize=3,
                 color=style,
                 linestyle="--" if points[0].family == "L-textbook" else "-",
                 label=name,
@@ -268,7 +256,7 @@ def plot_distance(path: Path, panels: dict[tuple[str, int, bool], list[ArmScore]
     keys = [key for key in sorted(panels) if any(arm.cells[0].get("window") for arm in panels[key])]
     if not keys:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys) + 1.5, 4), squeeze=False, sharey=True)
     tables = []
     for ax, key in zip(axes[0], keys):
@@ -283,12 +271,11 @@ def plot_distance(path: Path, panels: dict[tuple[str, int, bool], list[ArmScore]
             scores = [distance_score(arm, low, high) for low, high in bins]
             centres = [math.sqrt(low * high) for (low, high), s in zip(bins, scores) if s]
             kept = [s for s in scores if s]
-            ax.errorbar(
+            plot_estimates(
+                ax,
                 centres,
-                [s.mean for s in kept],
-                yerr=[[s.mean - s.low for s in kept], [s.high - s.mean for s in kept]],
+                kept,
                 marker="o",
-                capsize=3,
                 color=COLOURS.get(arm.family),
                 label=arm.arm,
             )
@@ -312,7 +299,7 @@ def plot_distance(path: Path, panels: dict[tuple[str, int, bool], list[ArmScore]
 def plot_curves(path: Path, panel_key: tuple[str, int, bool], arms: list[ArmScore]) -> None:
     """Validation accuracy against training steps of every chosen cell of a panel: one subplot per arm, one
     colour per size, one line per seed."""
-    plt = _pyplot()
+    plt = pyplot()
     names = sorted({arm.arm for arm in arms})
     columns = min(4, len(names))
     rows = math.ceil(len(names) / columns)
