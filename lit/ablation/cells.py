@@ -24,6 +24,7 @@ import torch
 
 import mixers
 from lit.ablation.schema import Arm, Study, StudyError, Task
+from lit.ablation.verdicts import SOLVED
 from models.config import HybridConfig
 from models.hybrid import HybridVLM
 
@@ -124,8 +125,6 @@ under this: outcomes are bimodal, and the study's ``bimodal_seeds`` are added to
 
 
 def is_split(scores: list[float]) -> bool:
-    from lit.ablation.verdicts import SOLVED
-
     return max(scores) >= SOLVED and min(scores) < SPLIT_LOW
 
 

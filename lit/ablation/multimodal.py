@@ -26,6 +26,7 @@ from lit.callbacks import StepTimer
 from lit.data.synthetic import SyntheticSuite
 from lit.datamodule import HybridDataModule
 from lit.modules import SFT
+from models.files import write_json
 from models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.ablation")
@@ -244,17 +245,18 @@ def run_distillation_cell(study: Study, cell: Cell, out: Path) -> dict[str, Any]
     teacher = teacher_root / "teacher"
     start = time.perf_counter()
     teacher_root.mkdir(parents=True, exist_ok=True)
-    with FileLock(teacher_root / "teacher.lock"):  # the cells of a seed share its teacher: one trains it
+    test = [{**DISTILL_SUITE, "split": "test", "size_per_task": train.test_size}]
+    with FileLock(teacher_root / "teacher.lock"):  # the cells of a seed share its teacher: one trains and scores it
         if not (teacher / "config.json").is_file():
             L.seed_everything(cell.seed, verbose=False)
             train_teacher(teacher_root, train.pipeline_scale, cell.seed, accelerator="auto")
+        teacher_per_task = _teacher_scores(teacher_root / TEACHER_SCORES, teacher, test)
     L.seed_everything(cell.seed, verbose=False)
     scale = steps / STEPS["distill_layerwise"]
     student, report = distill_student(
         teacher, out / "runs" / cell.id(study), layout, init, train.window, scale, "auto", "distill_layerwise"
     )
-    test = [{**DISTILL_SUITE, "split": "test", "size_per_task": train.test_size}]
-    per_task, teacher_per_task = evaluate(student, test), evaluate(teacher, test)
+    per_task = evaluate(student, test)
     val = [{**DISTILL_SUITE, "split": "val", "size_per_task": train.val_size}]
     measures = stage1_measures(student, teacher, val)
     accuracy = statistics.fmean(per_task.values())
@@ -270,6 +272,22 @@ def run_distillation_cell(study: Study, cell: Cell, out: Path) -> dict[str, Any]
         "transferred_tensors": len(report.transferred),
         "train_seconds": time.perf_counter() - start,
     }
+
+
+TEACHER_SCORES = "test_scores.json"
+"""Beside a seed's teacher: its exact match per task on the test sources it was scored on."""
+
+
+def _teacher_scores(path: Path, teacher: Path, sources: list[dict[str, Any]]) -> dict[str, float]:
+    """The teacher's test scores, computed by the first cell of its seed that asks for these sources and read
+    back by the others (the caller holds the teacher's lock)."""
+    from lit.evaluate import evaluate
+
+    if path.is_file() and (saved := json.loads(path.read_text()))["sources"] == sources:
+        return saved["per_task"]
+    per_task = evaluate(teacher, sources)
+    write_json(path, {"sources": sources, "per_task": per_task})
+    return per_task
 
 
 @torch.no_grad()
