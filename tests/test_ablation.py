@@ -456,13 +456,13 @@ def test_the_swa_ratio_regimes_place_video_cues_where_they_say(tmp_path):
 
 
 def test_cells_of_a_shape_being_tuned_wait_while_other_shapes_start():
-    from lit.ablation.runner import _next_cell, kernel_shape
+    from lit.ablation.runner import _next_cell
 
     study = load_study(STUDIES / "recall.yaml")
     cells = expand(study)
-    first, same = cells[0], [c for c in cells[1:] if kernel_shape(c) == kernel_shape(cells[0])]
-    other = next(c for c in cells if kernel_shape(c) != kernel_shape(first))
+    first, same = cells[0], [c for c in cells[1:] if c.group == cells[0].group]
+    other = next(c for c in cells if c.group != first.group)
     pending = [*same, other]
     assert _next_cell(pending, [first], set()) == len(same)  # the other shape starts; the same shape waits
-    assert _next_cell(pending, [first], {kernel_shape(first)}) == 0  # tuned (its configs recorded): it starts
+    assert _next_cell(pending, [first], {first.group}) == 0  # tuned (its configs recorded): it starts
     assert _next_cell(same, [first], set()) == 0  # nothing else to start: no worker idles

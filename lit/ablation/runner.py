@@ -328,7 +328,7 @@ class _Schedule:
     ) -> None:
         self.study, self.out, self.processor_dir = study, out, processor_dir
         self.workers, self.deadline, self.record, self.reference = workers, deadline, record, reference
-        self.tuned: set[tuple] = set()  # kernel shapes a finished cell of this run has tuned and recorded
+        self.tuned: set[tuple] = set()  # cell groups whose kernel configurations a finished cell has recorded
 
     def _pending(self, defined, running: set[str], failed: dict[str, str]) -> list[Cell]:
         cells = defined()
@@ -351,7 +351,7 @@ class _Schedule:
         failed: dict[str, str] = {}
         cells = defined()
         done = finished_results(self.study, self.out, cells, quiet=True)
-        self.tuned |= {kernel_shape(cell) for cell in cells if cell.id(self.study) in done}  # earlier runs' record
+        self.tuned |= {cell.group for cell in cells if cell.id(self.study) in done}  # earlier runs' record
         if self.workers == 1:
             while time.monotonic() < self.deadline and (pending := self._pending(defined, set(), failed)):
                 cell = pending[0]
@@ -387,7 +387,7 @@ class _Schedule:
                         failed[cell.id(self.study)] = error
                     else:
                         self._count(cell.id(self.study))
-                        self.tuned.add(kernel_shape(cell))
+                        self.tuned.add(cell.group)
                     logger.info("%s%s", cell.id(self.study), " FAILED" if error else " done")
         self._log_left(defined, failed)
         return failed
@@ -398,18 +398,13 @@ class _Schedule:
             logger.info("time budget spent: %d cells left for the next run", len(left))
 
 
-def kernel_shape(cell: Cell) -> tuple:
-    """What a cell's autotuned kernels depend on: cells of one shape (arm, size, task, width) pin the kernel
-    configurations the first of them records."""
-    return cell.arm, cell.size, cell.task, cell.d_model
-
-
 def _next_cell(pending: list[Cell], running: Iterable[Cell], tuned: set[tuple]) -> int:
-    """Which pending cell to start: the first whose kernel shape no running cell is still tuning (several cells
-    of one shape started together would each autotune every kernel, which took minutes a cell with 8 sharing a
-    GPU); the first pending cell when every one waits on such a shape."""
-    tuning = {kernel_shape(cell) for cell in running} - tuned
-    return next((i for i, cell in enumerate(pending) if kernel_shape(cell) not in tuning), 0)
+    """Which pending cell to start: the first whose group (:attr:`Cell.group`: arm, size, task and width, so the
+    shapes its autotuned kernels depend on) no running cell is still tuning (several cells of one shape started
+    together would each autotune every kernel, which took minutes a cell with 8 sharing a GPU); the first pending
+    cell when every one waits on such a group. Cells of a group pin the configurations the first one records."""
+    tuning = {cell.group for cell in running} - tuned
+    return next((i for i, cell in enumerate(pending) if cell.group not in tuning), 0)
 
 
 def _attempt(
