@@ -550,7 +550,7 @@ def _check_task_options(kind: str, options: dict[str, Any], where: str) -> None:
             if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
                 raise _fail(at, "an eval set's name is letters, digits, '_' or '-' (it names a table column)")
             overrides = _mapping(overrides, at, "an eval set's suite options")
-            _check_keys(overrides, _task_option_names(kind)[:-1], at)
+            _check_keys(overrides, [name for name in _task_option_names(kind) if name != "eval_sets"], at)
             try:
                 SyntheticSuite(**{**suite, **overrides})
             except (TypeError, ValueError) as error:
