@@ -167,6 +167,9 @@ class HybridStage(L.LightningModule):
     """
 
     default_trainable: ClassVar[tuple[str, ...]] = SFT_DEFAULT
+    flops_per_batch: ClassVar[int | None] = None
+    """FLOPs of one training batch, which Lightning's throughput monitor turns into MFU: not known for packed
+    batches of mixed text, images and video, so throughput is logged without MFU."""
 
     def __init__(
         self,
