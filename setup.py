@@ -1,6 +1,6 @@
 """Build hook: the wheel ships ``experiments/tiny/*.yaml`` (the stage configs ``hybridvl quickstart`` runs) inside
-the ``lit`` package, as ``lit/experiments/tiny/*.yaml``, so the quickstart works from a regular install as well as
-from a checkout. Everything else is declared in ``pyproject.toml``."""
+the ``hybridvl.lit`` package, as ``hybridvl/lit/experiments/tiny/*.yaml``, so the quickstart works from a regular
+install as well as from a checkout. Everything else is declared in ``pyproject.toml``."""
 
 from pathlib import Path
 
@@ -8,11 +8,11 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-PACKAGED_EXPERIMENTS = ("experiments/tiny", "lit/experiments/tiny")  # (source folder, folder in the wheel)
+PACKAGED_EXPERIMENTS = ("experiments/tiny", "hybridvl/lit/experiments/tiny")  # (source folder, folder in the wheel)
 
 
 class BuildPyWithExperiments(build_py):
-    """``build_py`` that also copies the quickstart's YAMLs into the built ``lit`` package."""
+    """``build_py`` that also copies the quickstart's YAMLs into the built ``hybridvl.lit`` package."""
 
     def run(self) -> None:
         super().run()

@@ -24,9 +24,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from benchmarks.common import RESULTS, environment, markdown_table, report, write_json
-from lit.data.packing import LengthGroupedBatchSampler, pack
-from lit.datamodule import CachedSamples, HybridDataModule
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl.lit.data.packing import LengthGroupedBatchSampler, pack
+from hybridvl.lit.datamodule import CachedSamples, HybridDataModule
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 SUITE = {
     "tasks": ["ocr", "chart", "counting", "video_memory"],

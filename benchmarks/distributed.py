@@ -9,8 +9,8 @@ tower, a JSONL of conversations truncated to ``--tokens`` tokens each (one 448x4
    saving a checkpoint after ``--save-at`` steps;
 3. the same, resumed from that checkpoint: the losses of the steps after it must equal run 2's.
 
-Every run is a real ``torchrun -m lit.cli fit`` with :class:`lit.callbacks.StepTimer`, which records seconds
-and tokens per step and each rank's peak memory. The speed-up is run 2's tokens/s over run 1's.
+Every run is a real ``torchrun -m hybridvl.lit.cli fit`` with :class:`hybridvl.lit.callbacks.StepTimer`, which records
+seconds and tokens per step and each rank's peak memory. The speed-up is run 2's tokens/s over run 1's.
 
     python -m benchmarks.distributed --gpus 2     # on a machine with 2 GPUs; writes results/distributed.{json,md}
     python -m benchmarks.distributed --gpus 2 --runs fsdp            # the runs one at a time (in one --workdir)
@@ -33,8 +33,8 @@ import yaml
 
 from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, report, write_json
 from benchmarks.train_step import VISION_3B
-from models.config import HybridConfig
-from models.hybrid import HybridVLM
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.hybrid import HybridVLM
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "experiments" / "infinitevl" / "distill_layerwise_fsdp.yaml"
@@ -59,8 +59,8 @@ WORDS = [
 
 def prepare_models(workdir: Path) -> None:
     """Random 3B-shaped teacher and student directories, each with the tiny processor (448x448 images allowed)."""
-    from models.chat import load_processor
-    from models.tiny_qwen import make_tiny_qwen2_5_vl
+    from hybridvl.models.chat import load_processor
+    from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
     processor = load_processor(make_tiny_qwen2_5_vl(workdir / "tiny", overwrite=True))
     processor.image_processor.max_pixels = 448 * 448  # let 448x448 images through unresized
@@ -124,7 +124,10 @@ def run_config(workdir: Path, name: str, gpus: int, steps: int, tokens: int, sav
         enable_progress_bar=False,
         default_root_dir=str(workdir / "runs" / name),
         callbacks=[
-            {"class_path": "lit.callbacks.StepTimer", "init_args": {"path": str(workdir / f"{name}.json"), "warmup": 2}}
+            {
+                "class_path": "hybridvl.lit.callbacks.StepTimer",
+                "init_args": {"path": str(workdir / f"{name}.json"), "warmup": 2},
+            }
         ],
     )
     if gpus == 1:
@@ -153,9 +156,9 @@ def run_config(workdir: Path, name: str, gpus: int, steps: int, tokens: int, sav
 
 
 def fit(config: Path, gpus: int, log: Path, ckpt_path: Path | None = None) -> float:
-    """Run ``lit.cli fit`` under torchrun; return its wall seconds (raises with the log's tail on failure)."""
+    """Run ``hybridvl.lit.cli fit`` under torchrun; return its wall seconds (raises with the log's tail on failure)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
-    command += ["-m", "lit.cli", "fit", "--config", str(config)]
+    command += ["-m", "hybridvl.lit.cli", "fit", "--config", str(config)]
     if ckpt_path is not None:
         command += ["--ckpt_path", str(ckpt_path)]
     start = time.perf_counter()

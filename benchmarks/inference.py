@@ -5,7 +5,7 @@ on one GPU. Measured:
 
 * **prefill**: one pass over ``T`` tokens (last-token logits), eager; the Transformer's attention is PyTorch's
   SDPA flash kernel, the hybrid's SWA layers fla's windowed kernel;
-* **decode**: ms per token by CUDA-graph replay (:class:`models.cuda_graphs.GraphedDecoder`), at a context of
+* **decode**: ms per token by CUDA-graph replay (:class:`hybridvl.models.cuda_graphs.GraphedDecoder`), at a context of
   ``C`` tokens. The state at context ``C`` is built directly (ring buffers full of random keys and values, random
   recurrent states, positions at ``C``): decoding costs the same whatever the values, and it spares prefilling
   1M tokens. Eager decoding is timed at 4K for comparison;
@@ -13,7 +13,7 @@ on one GPU. Measured:
   device-to-device copy bandwidth (bytes read plus written): no decoder reading every weight once per token is
   faster;
 * **streaming**: 448x448 frames (1,024 patches, 256 merged tokens) through the vision tower and the decoder
-  into the state by CUDA-graph replay (:class:`models.cuda_graphs.GraphedFramePrefill`), frames per second over
+  into the state by CUDA-graph replay (:class:`hybridvl.models.cuda_graphs.GraphedFramePrefill`), frames per second over
   ``--frames`` frames, with the allocated memory after every frame; eager frames for comparison. Frames enter
   as processed patches on the GPU: decoding the video and resizing on the CPU are not timed.
 
@@ -39,11 +39,11 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.train_step import VISION_3B
-from mixers.state import KVCache, RecurrentState
-from models.config import HybridConfig
-from models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
-from models.generation import prefill
-from models.hybrid import HybridVLM
+from hybridvl.mixers.state import KVCache, RecurrentState
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
+from hybridvl.models.generation import prefill
+from hybridvl.models.hybrid import HybridVLM
 
 MODELS = {"hybrid": "S,D,D,D x9", "transformer": "A x36"}
 FRAME_GRID = (1, 32, 32)  # a 448x448 frame

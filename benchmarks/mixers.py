@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import mixers
 from benchmarks.common import (
     RESULTS,
     cuda_time_ms,
@@ -28,7 +27,8 @@ from benchmarks.common import (
     report,
     write_json,
 )
-from mixers.ops import gated_delta_rule
+from hybridvl import mixers
+from hybridvl.mixers.ops import gated_delta_rule
 
 HIDDEN = 2048
 # (label, kind, options): InfiniteVL's SWA and GDN shapes; the other mixers at their default shapes for 2048

@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, write_json
 from benchmarks.train_step import VISION_3B
-from models.config import HybridConfig
-from models.hybrid import HybridVLM
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.hybrid import HybridVLM
 
 
 def vision_inputs(config: HybridConfig, kind: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -25,7 +25,7 @@ STUDY = Path(__file__).resolve().parents[1] / "experiments" / "ablations" / "rec
 
 
 def _cell(arm: str, size: int | None):
-    from lit.ablation import expand, load_study
+    from hybridvl.lit.ablation import expand, load_study
 
     study = load_study(STUDY)
     count = study.arm(arm).size_count
@@ -37,9 +37,9 @@ def _cell(arm: str, size: int | None):
 def _trainer(arm: str, size: int | None, graphs: bool, steps: int):
     import dataclasses
 
-    from lit.ablation.cells import model_config
-    from lit.ablation.recall import QuerySet, RecallTrainer, mqar_sets
-    from models.hybrid import HybridVLM
+    from hybridvl.lit.ablation.cells import model_config
+    from hybridvl.lit.ablation.recall import QuerySet, RecallTrainer, mqar_sets
+    from hybridvl.models.hybrid import HybridVLM
 
     study, cell = _cell(arm, size)
     train = dataclasses.replace(study.train_for(cell.task), max_steps=steps, cuda_graphs=graphs, train_examples=8192)
@@ -71,12 +71,12 @@ def lightning_ms(arm: str, size: int | None, steps: int) -> float:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from lit.ablation.cells import model_config
-    from lit.ablation.recall import mqar_sets
-    from lit.callbacks import StepTimer
-    from lit.data.packing import pack
-    from lit.modules import SFT
-    from models.hybrid import HybridVLM
+    from hybridvl.lit.ablation.cells import model_config
+    from hybridvl.lit.ablation.recall import mqar_sets
+    from hybridvl.lit.callbacks import StepTimer
+    from hybridvl.lit.data.packing import pack
+    from hybridvl.lit.modules import SFT
+    from hybridvl.models.hybrid import HybridVLM
 
     study, cell = _cell(arm, size)
     train = study.train_for(cell.task)

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, report, write_json
-from lit.data.types import PackedBatch, Sample
-from lit.modules import SFT, DistillLayerwise
-from models.config import HybridConfig
-from models.hybrid import HybridVLM
+from hybridvl.lit.data.types import PackedBatch, Sample
+from hybridvl.lit.modules import SFT, DistillLayerwise
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.hybrid import HybridVLM
 
 VISION_3B = dict(
     depth=32,

@@ -1,4 +1,5 @@
-"""The vision tower on a packed batch: transformers' tower as it comes against ``vision.tower``'s packed use of it.
+"""The vision tower on a packed batch: transformers' tower as it comes against ``hybridvl.vision.tower``'s packed use
+of it.
 
 One 16K-token batch of the synthetic suite the ablations train on (84-pixel images, 32-frame 56-pixel videos),
 through the ablations' vision tower (2 blocks, width 64), forward and backward. Counted: the operations the tower
@@ -23,11 +24,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import RESULTS, environment, markdown_table, report, write_json
-from lit.ablation.multimodal import vision_tower_config
-from lit.data.packing import LengthGroupedBatchSampler, pack
-from lit.datamodule import HybridDataModule
-from models.tiny_qwen import init_tiny_vision_tower, make_tiny_qwen2_5_vl
-from vision.tower import build_vision_tower, vision_inputs
+from hybridvl.lit.ablation.multimodal import vision_tower_config
+from hybridvl.lit.data.packing import LengthGroupedBatchSampler, pack
+from hybridvl.lit.datamodule import HybridDataModule
+from hybridvl.models.tiny_qwen import init_tiny_vision_tower, make_tiny_qwen2_5_vl
+from hybridvl.vision.tower import build_vision_tower, vision_inputs
 
 SUITE = {"tasks": ["ocr", "chart", "counting", "video_memory"], "image_size": 84, "video_frames": 32}
 MEDIA = {"images": ("pixel_values", "image_grid_thw"), "videos": ("pixel_values_videos", "video_grid_thw")}
@@ -45,7 +46,8 @@ def synthetic_batch(max_tokens: int) -> dict[str, torch.Tensor]:
 
 
 def towers() -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The ablations' tower (``vision.tower``) and the same weights under transformers' plain SDPA attention."""
+    """The ablations' tower (``hybridvl.vision.tower``) and the same weights under transformers' plain SDPA
+    attention."""
     config = vision_tower_config(d_model=128)
     torch.manual_seed(0)
     packed = build_vision_tower(config)

@@ -14,8 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from models.checkpoint import load_torch_checkpoint
-from models.files import atomic_write, write_text
+from hybridvl.models.checkpoint import load_torch_checkpoint
+from hybridvl.models.files import atomic_write, write_text
 
 logger = logging.getLogger("hybridvl.train")
 progress_logger = logging.getLogger("hybridvl.progress")
@@ -27,10 +27,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own writer stages a checkpoint in ``$TMPDIR`` and moves it into place; across filesystems that
     move is a copy into the final file, and a kill during the copy leaves the previous ``last.ckpt`` truncated.
     This one writes to a temporary file beside the checkpoint, flushes it and renames it into place
-    (:func:`models.files.atomic_write`), so the previous checkpoint stays whole until the new one is complete; a
-    failed write raises :class:`models.files.WriteError` naming the checkpoint. Reading a damaged checkpoint
-    raises :class:`models.checkpoint.CheckpointReadError` naming the file. Every
-    :class:`lit.modules.HybridStage` installs it (:func:`use_atomic_checkpoints`).
+    (:func:`hybridvl.models.files.atomic_write`), so the previous checkpoint stays whole until the new one is complete;
+    a failed write raises :class:`hybridvl.models.files.WriteError` naming the checkpoint. Reading a damaged checkpoint
+    raises :class:`hybridvl.models.checkpoint.CheckpointReadError` naming the file. Every
+    :class:`hybridvl.lit.modules.HybridStage` installs it (:func:`use_atomic_checkpoints`).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
@@ -73,7 +73,7 @@ class StepTimer(L.Callback):
 
         trainer:
           callbacks:
-            - class_path: lit.callbacks.StepTimer
+            - class_path: hybridvl.lit.callbacks.StepTimer
               init_args: {path: runs/stage1/steps.json, warmup: 2}
 
     Args:
@@ -151,7 +151,7 @@ class StageProgress(L.Callback):
 
         trainer:
           callbacks:
-            - class_path: lit.callbacks.StageProgress
+            - class_path: hybridvl.lit.callbacks.StageProgress
 
     Lines go to the ``hybridvl.progress`` logger (the ``hybridvl`` command shows them), from rank 0 only.
 

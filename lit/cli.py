@@ -27,28 +27,40 @@ if TYPE_CHECKING:
 # command -> (module with a `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": (
-        "lit.commands.quickstart",
+        "hybridvl.lit.commands.quickstart",
         "the whole pipeline at toy size on CPU: teacher, conversion, distillation",
     ),
-    "demo": ("lit.commands.demo", "run every mixer on CPU: parallel vs streamed agreement, state size, speed"),
-    "layout": ("lit.commands.layout", "expand a layout string and report layers and state bytes per kind"),
-    "convert": ("lit.commands.convert", "convert a Qwen2.5-VL checkpoint into a hybrid student"),
-    "generate": ("lit.commands.generate", "answer a prompt about an image or a video with a saved model"),
-    "ablate": ("lit.commands.ablate", "run or resume an ablation study: hybridvl ablate --config study.yaml [--smoke]"),
-    "ablate-report": ("lit.ablation.report", "RESULTS.md from ablation results: tables, plots, claim verdicts"),
-    "stream": ("lit.commands.stream", "feed a video frame by frame into the state and answer questions on the way"),
-    "tiny-qwen": ("lit.commands.tiny_qwen", "write a tiny random-weight Qwen2.5-VL checkpoint (for trying things)"),
-    "fit": ("lit.commands.train", "train a stage: hybridvl fit --config stage.yaml (LightningCLI)"),
-    "validate": ("lit.commands.train", "validate a stage's model (LightningCLI)"),
-    "test": ("lit.commands.train", "test a stage's model (LightningCLI)"),
-    "predict": ("lit.commands.train", "predict with a stage's model (LightningCLI)"),
+    "demo": ("hybridvl.lit.commands.demo", "run every mixer on CPU: parallel vs streamed agreement, state size, speed"),
+    "layout": ("hybridvl.lit.commands.layout", "expand a layout string and report layers and state bytes per kind"),
+    "convert": ("hybridvl.lit.commands.convert", "convert a Qwen2.5-VL checkpoint into a hybrid student"),
+    "generate": ("hybridvl.lit.commands.generate", "answer a prompt about an image or a video with a saved model"),
+    "ablate": (
+        "hybridvl.lit.commands.ablate",
+        "run or resume an ablation study: hybridvl ablate --config study.yaml [--smoke]",
+    ),
+    "ablate-report": (
+        "hybridvl.lit.ablation.report",
+        "RESULTS.md from ablation results: tables, plots, claim verdicts",
+    ),
+    "stream": (
+        "hybridvl.lit.commands.stream",
+        "feed a video frame by frame into the state and answer questions on the way",
+    ),
+    "tiny-qwen": (
+        "hybridvl.lit.commands.tiny_qwen",
+        "write a tiny random-weight Qwen2.5-VL checkpoint (for trying things)",
+    ),
+    "fit": ("hybridvl.lit.commands.train", "train a stage: hybridvl fit --config stage.yaml (LightningCLI)"),
+    "validate": ("hybridvl.lit.commands.train", "validate a stage's model (LightningCLI)"),
+    "test": ("hybridvl.lit.commands.train", "test a stage's model (LightningCLI)"),
+    "predict": ("hybridvl.lit.commands.train", "predict with a stage's model (LightningCLI)"),
 }
 # commands whose module takes the command name as its first argument
 PASS_COMMAND = {"fit", "validate", "test", "predict"}
 
-PROJECT_PACKAGES = ("lit", "mixers", "models", "vision")
-"""The project's packages: exceptions of their classes, and ``ValueError``/``TypeError`` raised in their code, are
-the user's errors."""
+PROJECT_FOLDERS = ("lit", "mixers", "models", "vision")
+"""The folders of the project's subpackages (``hybridvl.lit`` is ``lit/``, ...): ``ValueError``/``TypeError`` raised
+in their code, and exceptions of the project's classes, are the user's errors."""
 _ROOT = Path(__file__).resolve().parents[1]
 _DEBUG: ContextVar[bool] = ContextVar("hybridvl_debug", default=False)
 
@@ -168,17 +180,17 @@ def is_user_error(error: BaseException) -> bool:
       and configs (one raised inside a library is a bug of ours: it keeps its traceback);
     * an ``OSError``: a path that does not exist or cannot be read or written, a full disk.
     """
-    if isinstance(error, OSError) or type(error).__module__.partition(".")[0] in PROJECT_PACKAGES:
+    if isinstance(error, OSError) or type(error).__module__.partition(".")[0] == "hybridvl":
         return True
     if not isinstance(error, ValueError | TypeError) or error.__traceback__ is None:
         return False
     raised_in = Path(traceback.extract_tb(error.__traceback__)[-1].filename).resolve()
-    return raised_in.is_relative_to(_ROOT) and raised_in.relative_to(_ROOT).parts[0] in PROJECT_PACKAGES
+    return raised_in.is_relative_to(_ROOT) and raised_in.relative_to(_ROOT).parts[0] in PROJECT_FOLDERS
 
 
 def one_line(error: BaseException) -> str:
     """``error``'s message on one line; a layout error's caret becomes the character position."""
-    from mixers.layout import LayoutError
+    from hybridvl.mixers.layout import LayoutError
 
     if isinstance(error, LayoutError):
         return f"{error.reason} (at character {error.position + 1} of {error.layout!r})"

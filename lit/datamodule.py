@@ -14,7 +14,7 @@ A source is a dict in YAML:
 
 ``weight`` repeats a source (or, below 1, subsamples it deterministically) to set mixing ratios. ``type`` is
 ``json``, ``synthetic`` or the import path of your own ``torch.utils.data.Dataset`` class whose items are
-:class:`~lit.data.types.Conversation` objects; the other keys are its constructor's arguments. The sources are
+:class:`~hybridvl.lit.data.types.Conversation` objects; the other keys are its constructor's arguments. The sources are
 checked when the DataModule is built, before any model loads: a source must be a mapping with a known or
 importable ``type``, only that type's keys (and ``weight``), a positive ``weight``, and for ``json`` an existing
 ``path`` file and ``media_root`` folder.
@@ -42,12 +42,12 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from lit.data.conversations import ConversationDataset
-from lit.data.encoding import count_tokens, encode
-from lit.data.packing import LengthGroupedBatchSampler, pack
-from lit.data.synthetic import SyntheticSuite
-from lit.data.types import Conversation, Sample
-from models.chat import load_processor
+from hybridvl.lit.data.conversations import ConversationDataset
+from hybridvl.lit.data.encoding import count_tokens, encode
+from hybridvl.lit.data.packing import LengthGroupedBatchSampler, pack
+from hybridvl.lit.data.synthetic import SyntheticSuite
+from hybridvl.lit.data.types import Conversation, Sample
+from hybridvl.models.chat import load_processor
 
 logger = logging.getLogger("hybridvl.data")
 
@@ -109,12 +109,12 @@ def source_class(kind: Any, where: str = "data source") -> Callable[..., Dataset
 def build_source(spec: dict[str, Any], where: str = "data source") -> Dataset:
     """A conversation dataset from a source dict (``type`` plus the dataset's arguments; ``weight`` excluded),
     checked first by :func:`check_source`; a dataset of your own must yield
-    :class:`~lit.data.types.Conversation` items (its first is checked)."""
+    :class:`~hybridvl.lit.data.types.Conversation` items (its first is checked)."""
     check_source(spec, where)
     dataset = source_class(spec["type"], where)(**{k: v for k, v in spec.items() if k not in ("type", "weight")})
     if spec["type"] not in SOURCES and len(dataset) and not isinstance(first := dataset[0], Conversation):
         raise TypeError(
-            f"{where}: a {spec['type']!r} source must yield lit.data.types.Conversation items, its first is a "
+            f"{where}: a {spec['type']!r} source must yield hybridvl.lit.data.types.Conversation items, its first is a "
             f"{type(first).__name__}"
         )
     return dataset

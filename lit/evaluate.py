@@ -8,8 +8,8 @@ from typing import Any
 
 import lightning as L
 
-from lit.datamodule import HybridDataModule
-from lit.modules import SFT
+from hybridvl.lit.datamodule import HybridDataModule
+from hybridvl.lit.modules import SFT
 
 
 def evaluate(

@@ -20,7 +20,7 @@ a checkpoint of its last step, so an export that a kill cut short is redone by r
 Nothing a stage writes replaces what it was not asked to: the export folder may not be the stage's model,
 teacher or tokenizer folder, and one that holds files another run wrote is refused unless ``overwrite``; a
 resume (``--ckpt_path``) from a checkpoint another run wrote is refused unless ``resume_other_run``. Checkpoints
-are written atomically (:class:`lit.callbacks.AtomicCheckpointIO`).
+are written atomically (:class:`hybridvl.lit.callbacks.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
@@ -47,18 +47,24 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lit.callbacks import use_atomic_checkpoints
-from lit.data.packing import pack
-from lit.data.types import PackedBatch
-from lit.losses import distillation_kl, next_token_cross_entropy, next_token_hits
-from lit.metrics import ANLS, ExactMatch, RelaxedAccuracy, TokenAccuracy, VQAAccuracy
-from lit.params import DISTILL_DEFAULT, SFT_DEFAULT, freeze_all_but, select_parameters
-from models.chat import load_processor
-from models.checkpoint import check_weights, load_torch_checkpoint, load_weights_strict, model_to_load, save_weights
-from models.config import HybridConfig
-from models.convert import copy_processor_files, load_teacher
-from models.files import EXPORT_RECORD, check_output, write_json
-from models.hybrid import HybridVLM
+from hybridvl.lit.callbacks import use_atomic_checkpoints
+from hybridvl.lit.data.packing import pack
+from hybridvl.lit.data.types import PackedBatch
+from hybridvl.lit.losses import distillation_kl, next_token_cross_entropy, next_token_hits
+from hybridvl.lit.metrics import ANLS, ExactMatch, RelaxedAccuracy, TokenAccuracy, VQAAccuracy
+from hybridvl.lit.params import DISTILL_DEFAULT, SFT_DEFAULT, freeze_all_but, select_parameters
+from hybridvl.models.chat import load_processor
+from hybridvl.models.checkpoint import (
+    check_weights,
+    load_torch_checkpoint,
+    load_weights_strict,
+    model_to_load,
+    save_weights,
+)
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.convert import copy_processor_files, load_teacher
+from hybridvl.models.files import EXPORT_RECORD, check_output, write_json
+from hybridvl.models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.train")
 
@@ -141,7 +147,7 @@ class HybridStage(L.LightningModule):
 
     Args:
         model: the student: a model directory or an earlier stage's ``.ckpt``.
-        trainable: parameter patterns that train (see :mod:`lit.params`); default per stage.
+        trainable: parameter patterns that train (see :mod:`hybridvl.lit.params`); default per stage.
         learning_rate: peak learning rate of the default optimizer.
         weight_decay: weight decay of the default optimizer (never on biases, norms, decays).
         warmup_ratio: share of the steps the default schedule spends warming up linearly.
@@ -448,8 +454,9 @@ class HybridStage(L.LightningModule):
         everything else is written.
 
         Raises:
-            models.files.OutputIsInputError: ``directory`` is the stage's model, teacher or tokenizer folder.
-            models.files.OutputExistsError: ``directory`` holds files another run wrote and ``overwrite`` is false.
+            hybridvl.models.files.OutputIsInputError: ``directory`` is the stage's model, teacher or tokenizer folder.
+            hybridvl.models.files.OutputExistsError: ``directory`` holds files another run wrote and ``overwrite`` is
+            false.
         """
         directory = Path(directory)
         self._check_export(directory)

@@ -17,7 +17,7 @@ import logging
 
 from torch import nn
 
-from models.hybrid import HybridVLM
+from hybridvl.models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.train")
 

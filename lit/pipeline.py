@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 
-from lit.commands.train import main as train
-from models.convert import ConversionReport, convert_directory
-from models.files import write_json
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl.lit.commands.train import main as train
+from hybridvl.models.convert import ConversionReport, convert_directory
+from hybridvl.models.files import write_json
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 logger = logging.getLogger("hybridvl.pipeline")
 
 
 def _experiments() -> Path:
     """The stage YAMLs: ``experiments/tiny`` of a checkout (or an editable install), else the copy a wheel ships
-    inside this package (``lit/experiments/tiny``, see ``setup.py``)."""
+    inside this package (``hybridvl/lit/experiments/tiny``, see ``setup.py``)."""
     source = Path(__file__).resolve().parents[1] / "experiments" / "tiny"
     return source if source.is_dir() else Path(__file__).resolve().parent / "experiments" / "tiny"
 
@@ -79,7 +79,7 @@ def run_stage(name: str, out: Path, scale: float, accelerator: str | None = None
     done.unlink(missing_ok=True)  # a stage that stops part-way leaves no record of an earlier run behind
     # a line every 10% of the steps (step, loss, time left) in place of the progress bar; outside `record`, so
     # stages finished before it was added are still recognised
-    train([*argv, "--trainer.callbacks+=lit.callbacks.StageProgress"])
+    train([*argv, "--trainer.callbacks+=hybridvl.lit.callbacks.StageProgress"])
     write_json(done, record)
 
 

@@ -1,25 +1,25 @@
 """Interchangeable sequence mixers with one call contract, and layout strings that compose them.
 
 Built-in kinds: ``D`` Gated DeltaNet, ``S`` sliding-window attention, ``A`` full attention, ``M`` Mamba2,
-``G`` GLA, ``L`` plain linear attention. See :mod:`mixers.base` for the contract and
-:mod:`mixers.layout` for the layout grammar.
+``G`` GLA, ``L`` plain linear attention. See :mod:`hybridvl.mixers.base` for the contract and
+:mod:`hybridvl.mixers.layout` for the layout grammar.
 
->>> import mixers
+>>> from hybridvl import mixers
 >>> mixer = mixers.build_mixer("D", 256)
 >>> mixers.parse_layout("S,D,D,D x2")
 ['S', 'D', 'D', 'D', 'S', 'D', 'D', 'D']
 """
 
-from mixers import gated_deltanet, attention, mamba2, gla, linear  # noqa: F401, I001  (registers D S A M G L in order)
-from mixers.attention import Attention, SlidingWindowAttention
-from mixers.backends import BACKENDS, BackendUnavailableError
-from mixers.base import AttentionWeights, ConvQKVMixer, Mixer, RecurrentMixer
-from mixers.gated_deltanet import GatedDeltaNet
-from mixers.gla import GatedLinearAttention
-from mixers.layout import MAX_LAYERS, LayoutError, count_kinds, format_layout, parse_layout, spread_layout
-from mixers.linear import LinearAttention
-from mixers.mamba2 import Mamba2
-from mixers.registry import (
+from hybridvl.mixers import gated_deltanet, attention, mamba2, gla, linear  # noqa: F401, I001  (registers D S A M G L in order)
+from hybridvl.mixers.attention import Attention, SlidingWindowAttention
+from hybridvl.mixers.backends import BACKENDS, BackendUnavailableError
+from hybridvl.mixers.base import AttentionWeights, ConvQKVMixer, Mixer, RecurrentMixer
+from hybridvl.mixers.gated_deltanet import GatedDeltaNet
+from hybridvl.mixers.gla import GatedLinearAttention
+from hybridvl.mixers.layout import MAX_LAYERS, LayoutError, count_kinds, format_layout, parse_layout, spread_layout
+from hybridvl.mixers.linear import LinearAttention
+from hybridvl.mixers.mamba2 import Mamba2
+from hybridvl.mixers.registry import (
     MixerSpec,
     UnknownMixerError,
     available,
@@ -29,7 +29,7 @@ from mixers.registry import (
     registered,
     resolve_kind,
 )
-from mixers.state import KVCache, MixerState, RecurrentState
+from hybridvl.mixers.state import KVCache, MixerState, RecurrentState
 
 __all__ = [
     "BACKENDS",

@@ -2,7 +2,7 @@
 
 Grouped-query heads, optional q/k/v biases (Qwen2.5-VL has them, ``o_proj`` has none), RoPE or M-RoPE
 (``mrope_section``) on queries and keys. ``S`` attends the last ``window`` tokens (itself included) and keeps
-them in a ring buffer (:class:`mixers.state.KVCache`), so its state is fixed-size; ``A``'s cache grows.
+them in a ring buffer (:class:`hybridvl.mixers.state.KVCache`), so its state is fixed-size; ``A``'s cache grows.
 Parameter names follow transformers' ``Qwen2_5_VLAttention``.
 """
 
@@ -14,19 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixers.backends import float32_attention_limitations, log_once
-from mixers.base import Mixer, check_int, check_positive
-from mixers.ops.attention import (
+from hybridvl.mixers.backends import float32_attention_limitations, log_once
+from hybridvl.mixers.base import Mixer, check_int, check_positive
+from hybridvl.mixers.ops.attention import (
     FULL_PREFERENCE,
     WINDOW_PREFERENCE,
     attention_over_positions,
     causal_attention,
     decode_attention,
 )
-from mixers.ops.rotary import apply_rotary, rotary_cos_sin
-from mixers.ops.varlen import packed_positions, sequence_bounds
-from mixers.registry import register_mixer
-from mixers.state import KVCache
+from hybridvl.mixers.ops.rotary import apply_rotary, rotary_cos_sin
+from hybridvl.mixers.ops.varlen import packed_positions, sequence_bounds
+from hybridvl.mixers.registry import register_mixer
+from hybridvl.mixers.state import KVCache
 
 
 class Attention(Mixer):

@@ -18,9 +18,9 @@
   count or device.
 
 A new mixer subclasses :class:`Mixer` in one file, implements ``forward`` and ``init_state`` (``state_bytes``
-has a default), and registers with :func:`mixers.register_mixer`, which sets its ``letter`` and ``name`` and
+has a default), and registers with :func:`hybridvl.mixers.register_mixer`, which sets its ``letter`` and ``name`` and
 checks those methods. Two optional hooks let ``hybridvl convert`` initialise it from a teacher's layer:
-:meth:`Mixer.mimic_init` and :meth:`Mixer.transfer_init`. :func:`mixers.testing.check_mixer` checks the
+:meth:`Mixer.mimic_init` and :meth:`Mixer.transfer_init`. :func:`hybridvl.mixers.testing.check_mixer` checks the
 contract above on any registered kind.
 """
 
@@ -35,11 +35,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mixers.backends import precision_auto_skips, select_backend
-from mixers.modules import ShortConv
-from mixers.ops.utils import compute_dtype
-from mixers.ops.varlen import check_cu_seqlens
-from mixers.state import MixerState, RecurrentState
+from hybridvl.mixers.backends import precision_auto_skips, select_backend
+from hybridvl.mixers.modules import ShortConv
+from hybridvl.mixers.ops.utils import compute_dtype
+from hybridvl.mixers.ops.varlen import check_cu_seqlens
+from hybridvl.mixers.state import MixerState, RecurrentState
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
@@ -99,9 +99,10 @@ class Mixer(nn.Module):
 
     Subclasses implement ``forward`` and ``init_state``, may override ``state_bytes`` (needed where the state
     grows) and set ``backends`` (supported backends, fastest first, ``"torch"`` last) and ``fixed_size_state``.
-    :func:`mixers.register_mixer` sets ``letter`` and ``name``.
+    :func:`hybridvl.mixers.register_mixer` sets ``letter`` and ``name``.
 
-    Conversion hooks, used by :func:`models.convert.convert_model` on the layers a conversion gives a new mixer:
+    Conversion hooks, used by :func:`hybridvl.models.convert.convert_model` on the layers a conversion gives a new
+    mixer:
     :meth:`mimic_init` (default: keep the constructor's initialisation) and :meth:`transfer_init` (default:
     refuse, so ``init="transfer"`` fails naming the mixer).
 
@@ -154,7 +155,7 @@ class Mixer(nn.Module):
 
     def mimic_init(self) -> None:
         """Initialise in place for the ``mimic`` conversion: near-identity memory with slow decay (see
-        :mod:`models.convert`). The default keeps the constructor's initialisation."""
+        :mod:`hybridvl.models.convert`). The default keeps the constructor's initialisation."""
 
     def transfer_init(self, attention: AttentionWeights) -> dict[str, list[str]]:
         """Copy the replaced attention layer's projections into this mixer in place (after :meth:`mimic_init`),
@@ -170,7 +171,7 @@ class Mixer(nn.Module):
         """
         raise NotImplementedError(
             f"transfer init does not know how to map attention into {type(self).__name__} ({self._owner}); use "
-            "init='mimic' or implement its transfer_init (see mixers.base.Mixer.transfer_init)"
+            "init='mimic' or implement its transfer_init (see hybridvl.mixers.base.Mixer.transfer_init)"
         )
 
     def extra_repr(self) -> str:

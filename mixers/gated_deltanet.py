@@ -3,7 +3,7 @@
 Per head: ``q``, ``k``, ``v`` each pass a causal depthwise short convolution with SiLU; ``q`` and ``k`` are
 L2-normalised; the decay ``alpha_t = exp(-exp(A_log) * softplus(a_proj(x) + dt_bias))`` and the write
 strength ``beta_t = sigmoid(b_proj(x))`` drive the gated delta rule
-(:func:`mixers.ops.gated_delta_rule`); the output passes an RMSNorm gated by ``silu(g_proj(x))`` per head,
+(:func:`hybridvl.mixers.ops.gated_delta_rule`); the output passes an RMSNorm gated by ``silu(g_proj(x))`` per head,
 then ``o_proj``. No positional encoding, no biases. Parameter names follow fla and InfiniteVL.
 """
 
@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixers.backends import gated_backward_limitations
-from mixers.base import ConvQKVMixer, check_int, check_positive
-from mixers.modules import GatedRMSNorm
-from mixers.ops.gated_delta_rule import gated_delta_rule
-from mixers.ops.utils import compute_dtype
-from mixers.registry import register_mixer
-from mixers.state import RecurrentState
+from hybridvl.mixers.backends import gated_backward_limitations
+from hybridvl.mixers.base import ConvQKVMixer, check_int, check_positive
+from hybridvl.mixers.modules import GatedRMSNorm
+from hybridvl.mixers.ops.gated_delta_rule import gated_delta_rule
+from hybridvl.mixers.ops.utils import compute_dtype
+from hybridvl.mixers.registry import register_mixer
+from hybridvl.mixers.state import RecurrentState
 
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:

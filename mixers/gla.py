@@ -2,7 +2,7 @@
 key dimension.
 
 ``gk = logsigmoid(gk_proj(x)) / gate_logit_normalizer`` (``gk_proj`` low-rank), the recurrence of
-:func:`mixers.ops.gated_linear_attention`, a per-head RMSNorm gated by ``silu(g_proj(x))``, ``o_proj``.
+:func:`hybridvl.mixers.ops.gated_linear_attention`, a per-head RMSNorm gated by ``silu(g_proj(x))``, ``o_proj``.
 Optionally (``conv_size > 0``, fla's ``use_short_conv``) ``q``, ``k``, ``v`` first pass causal depthwise short
 convolutions with SiLU, as in ``D``. Parameter names follow fla's ``GatedLinearAttention``.
 """
@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixers.base import RecurrentMixer, ShortConvQKV, check_int, check_positive
-from mixers.modules import GatedRMSNorm
-from mixers.ops.linear_attention import gated_linear_attention
-from mixers.ops.utils import compute_dtype
-from mixers.registry import register_mixer
-from mixers.state import RecurrentState
+from hybridvl.mixers.base import RecurrentMixer, ShortConvQKV, check_int, check_positive
+from hybridvl.mixers.modules import GatedRMSNorm
+from hybridvl.mixers.ops.linear_attention import gated_linear_attention
+from hybridvl.mixers.ops.utils import compute_dtype
+from hybridvl.mixers.registry import register_mixer
+from hybridvl.mixers.state import RecurrentState
 
 
 def _width(owner: str, option: str, hidden_size: int, expand: float) -> int:

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-from mixers.registry import UnknownMixerError, resolve_kind
+from hybridvl.mixers.registry import UnknownMixerError, resolve_kind
 
 MAX_LAYERS = 1024
 """The most layers a layout may expand to: far more than any model has, while a typo such as ``"S,D x999999999"``

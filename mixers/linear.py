@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixers.base import ConvQKVMixer, check_positive
-from mixers.modules import RMSNorm
-from mixers.ops.linear_attention import linear_attention
-from mixers.ops.utils import compute_dtype, l2norm
-from mixers.registry import register_mixer
-from mixers.state import RecurrentState
+from hybridvl.mixers.base import ConvQKVMixer, check_positive
+from hybridvl.mixers.modules import RMSNorm
+from hybridvl.mixers.ops.linear_attention import linear_attention
+from hybridvl.mixers.ops.utils import compute_dtype, l2norm
+from hybridvl.mixers.registry import register_mixer
+from hybridvl.mixers.state import RecurrentState
 
 FEATURE_MAPS = ("identity", "elu1")
 QK_NORMS = ("l2", "none")
@@ -54,7 +54,7 @@ class LinearAttention(ConvQKVMixer):
     column; the state then has ``head_v_dim + 1`` columns per head.
 
     ``TEXTBOOK`` holds the options of the textbook variant, e.g.
-    ``mixers.build_mixer("L", 128, **LinearAttention.TEXTBOOK)``: no short convolution, ``elu(x) + 1``
+    ``hybridvl.mixers.build_mixer("L", 128, **LinearAttention.TEXTBOOK)``: no short convolution, ``elu(x) + 1``
     features, no q/k norm, Katharopoulos's normaliser, no output norm. It is the baseline the literature finds
     weakest (no short convolution, a simple feature map, no normalisation tricks); the defaults are the
     InfiniteVL ablation's mixer.

@@ -6,7 +6,7 @@ splits into ``x`` (heads of ``headdim``), ``B`` and ``C`` (``ngroups`` groups of
 
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T,     y_t = C_t^T h_t + D x_t
 
-which is :func:`mixers.ops.simple_gated_linear_attention` with ``q = C``, ``k = B``, ``v = dt x``,
+which is :func:`hybridvl.mixers.ops.simple_gated_linear_attention` with ``q = C``, ``k = B``, ``v = dt x``,
 ``g = dt A``, ``scale = 1``. The output passes an RMSNorm of ``y * silu(z)`` per group and ``out_proj``.
 Parameter names follow mamba-ssm's ``Mamba2``.
 """
@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixers.backends import gated_backward_limitations
-from mixers.base import AttentionWeights, RecurrentMixer, check_int, check_positive
-from mixers.gated_deltanet import init_dt_bias, inverse_softplus
-from mixers.modules import GatedRMSNorm, ShortConv
-from mixers.ops.linear_attention import simple_gated_linear_attention
-from mixers.ops.utils import compute_dtype
-from mixers.registry import register_mixer
-from mixers.state import RecurrentState
+from hybridvl.mixers.backends import gated_backward_limitations
+from hybridvl.mixers.base import AttentionWeights, RecurrentMixer, check_int, check_positive
+from hybridvl.mixers.gated_deltanet import init_dt_bias, inverse_softplus
+from hybridvl.mixers.modules import GatedRMSNorm, ShortConv
+from hybridvl.mixers.ops.linear_attention import simple_gated_linear_attention
+from hybridvl.mixers.ops.utils import compute_dtype
+from hybridvl.mixers.registry import register_mixer
+from hybridvl.mixers.state import RecurrentState
 
 
 @register_mixer("M", "mamba2", aliases=("mamba",))

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixers.ops.short_conv import short_conv
-from mixers.ops.utils import compute_dtype
+from hybridvl.mixers.ops.short_conv import short_conv
+from hybridvl.mixers.ops.utils import compute_dtype
 
 
 class ShortConv(nn.Conv1d):

@@ -2,8 +2,8 @@
 
 .. code-block:: python
 
-    import mixers
-    from mixers.base import Mixer
+    from hybridvl import mixers
+    from hybridvl.mixers.base import Mixer
 
     @mixers.register_mixer("R", "retention")    # sets Retention.letter and .name
     class Retention(Mixer):
@@ -28,8 +28,8 @@ from typing import TypeVar
 
 from torch import nn
 
-from mixers.backends import runnable_backends
-from mixers.base import Mixer
+from hybridvl.mixers.backends import runnable_backends
+from hybridvl.mixers.base import Mixer
 
 Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
 
@@ -84,8 +84,8 @@ def check_mixer_class(cls: type, owner: str) -> None:
     """
     if not issubclass(cls, nn.Module):
         raise TypeError(
-            f"{owner}: {cls.__qualname__} is not a torch.nn.Module; subclass mixers.base.Mixer, the base class of "
-            "every mixer"
+            f"{owner}: {cls.__qualname__} is not a torch.nn.Module; subclass hybridvl.mixers.base.Mixer, "
+            "the base class of every mixer"
         )
     missing = [
         name
@@ -95,7 +95,7 @@ def check_mixer_class(cls: type, owner: str) -> None:
     if missing:
         raise TypeError(
             f"{owner}: {cls.__qualname__} lacks {', '.join(missing)}; a mixer implements forward, init_state and "
-            "state_bytes: subclass mixers.base.Mixer (it documents the contract and provides state_bytes) and "
+            "state_bytes: subclass hybridvl.mixers.base.Mixer (it documents the contract and provides state_bytes) and "
             "implement the missing method(s)"
         )
 
@@ -106,8 +106,8 @@ def register_mixer(
     """Register a mixer class or factory ``factory(hidden_size, **options) -> nn.Module`` (a decorator).
 
     A class gets ``letter`` and ``name`` as class attributes and must implement ``forward``, ``init_state`` and
-    ``state_bytes`` (see :mod:`mixers.base`; subclass :class:`mixers.base.Mixer`); the module a factory builds
-    is checked the same way by :func:`build_mixer`.
+    ``state_bytes`` (see :mod:`hybridvl.mixers.base`; subclass :class:`hybridvl.mixers.base.Mixer`); the module a
+    factory builds is checked the same way by :func:`build_mixer`.
 
     Args:
         letter: one upper-case letter used in layout strings.

@@ -1,8 +1,8 @@
-"""The call contract of :mod:`mixers.base` as checks any registered mixer can run, built-in or your own.
+"""The call contract of :mod:`hybridvl.mixers.base` as checks any registered mixer can run, built-in or your own.
 
 .. code-block:: python
 
-    from mixers.testing import check_mixer
+    from hybridvl.mixers.testing import check_mixer
 
     check_mixer("E", hidden_size=32, num_heads=2)   # raises AssertionError naming the property that fails
 
@@ -10,14 +10,15 @@ Each check takes a mixer in float64 on the CPU (so exact properties hold to roun
 :class:`AssertionError` with the mixer, the property and the error found:
 
 * :func:`check_forms_agree`: one parallel call = the chunked and recurrent forms (mixers with a ``mode``) = one
-  token at a time from :meth:`~mixers.base.Mixer.init_state`, outputs and final states;
+  token at a time from :meth:`~hybridvl.mixers.base.Mixer.init_state`, outputs and final states;
 * :func:`check_split_continues`: the sequence cut at random points and continued from each returned state;
 * :func:`check_packed_equals_separate`: sequences packed with ``cu_seqlens`` = each run alone, and continuing the
   packed states = continuing each alone;
 * :func:`check_state_size`: the state keeps its size over calls (``fixed_size_state``) or grows, and
-  :meth:`~mixers.base.Mixer.state_bytes` reports the size of :meth:`~mixers.base.Mixer.init_state`'s state.
+  :meth:`~hybridvl.mixers.base.Mixer.state_bytes` reports the size of :meth:`~hybridvl.mixers.base.Mixer.init_state`'s
+  state.
 
-:data:`CHECKS` lists them, for ``pytest.mark.parametrize`` over them and over :func:`mixers.registered`.
+:data:`CHECKS` lists them, for ``pytest.mark.parametrize`` over them and over :func:`hybridvl.mixers.registered`.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixers.base import RecurrentMixer
-from mixers.ops.varlen import seqlens_to_cu_seqlens
-from mixers.registry import build_mixer, get_spec
-from mixers.state import KVCache, MixerState, _tensors
+from hybridvl.mixers.base import RecurrentMixer
+from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
+from hybridvl.mixers.registry import build_mixer, get_spec
+from hybridvl.mixers.state import KVCache, MixerState, _tensors
 
 TOLERANCE = 1e-10  # relative error in float64 of results that are equal up to rounding
 
@@ -63,7 +64,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: f
 def assert_states_equal(actual: MixerState, expected: MixerState, what: str, tol: float = TOLERANCE) -> None:
     """Raise :class:`AssertionError` naming ``what`` unless the states hold the same values.
 
-    A :class:`~mixers.state.KVCache` is compared by the tokens it holds (its slots may be ordered differently
+    A :class:`~hybridvl.mixers.state.KVCache` is compared by the tokens it holds (its slots may be ordered differently
     after different write patterns); any other state tensor by tensor.
     """
     if type(actual) is not type(expected):
@@ -99,7 +100,7 @@ def _sequence(state: MixerState, n: int) -> MixerState:
 
 @torch.no_grad()
 def check_forms_agree(mixer: nn.Module, seed: int = 0, tol: float = TOLERANCE) -> None:
-    """One parallel call = each ``mode`` of a :class:`~mixers.base.RecurrentMixer` = one token at a time."""
+    """One parallel call = each ``mode`` of a :class:`~hybridvl.mixers.base.RecurrentMixer` = one token at a time."""
     torch.manual_seed(seed)
     x, owner = _inputs(mixer, 2, 29), _owner(mixer)
     y, state = mixer(x)

@@ -59,5 +59,5 @@ def chat_inputs(
 
 
 def vision_kwargs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The vision tensors of a processor output, as :class:`models.hybrid.HybridVLM` takes them."""
+    """The vision tensors of a processor output, as :class:`hybridvl.models.hybrid.HybridVLM` takes them."""
     return {key: inputs[key] for key in VISION_KEYS if key in inputs}

@@ -27,10 +27,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers.initialization import no_init_weights
 
-import mixers
-from models.config import CONFIG_NAME, HybridConfig, read_config_json
-from models.files import INDEX_NAME, WEIGHTS_NAME, atomic_write, check_output, remove_stale_weights
-from models.hybrid import HybridVLM
+from hybridvl import mixers
+from hybridvl.models.config import CONFIG_NAME, HybridConfig, read_config_json
+from hybridvl.models.files import INDEX_NAME, WEIGHTS_NAME, atomic_write, check_output, remove_stale_weights
+from hybridvl.models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.models")
 
@@ -62,8 +62,8 @@ def save_weights(
     shards) are removed. The weights are written before ``config.json``, each file atomically.
 
     Raises:
-        models.files.OutputExistsError: ``directory`` holds files and ``overwrite`` is false.
-        models.files.WriteError: a file could not be written (the message names it).
+        hybridvl.models.files.OutputExistsError: ``directory`` holds files and ``overwrite`` is false.
+        hybridvl.models.files.WriteError: a file could not be written (the message names it).
     """
     directory = Path(directory)
     check_output(directory, overwrite=overwrite)
@@ -225,7 +225,7 @@ def load_model(
     the layout and the weights as the module docstring lists."""
     config = read_config_json(directory)
     if config.get("model_type") == "infinite_vl":
-        from models.infinitevl import load_infinitevl
+        from hybridvl.models.infinitevl import load_infinitevl
 
         model = load_infinitevl(directory, allow_nonfinite=allow_nonfinite)
     else:

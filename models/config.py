@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import mixers
-from models.files import write_text
-from models.positions import TRANSFORMERS5, check_video_position_rule
+from hybridvl import mixers
+from hybridvl.models.files import write_text
+from hybridvl.models.positions import TRANSFORMERS5, check_video_position_rule
 
 logger = logging.getLogger("hybridvl.models")
 
@@ -33,7 +33,7 @@ class HybridConfig:
     """A hybrid decoder (and, with ``vision_config``, a VLM). Defaults are Qwen2.5-VL-3B as InfiniteVL.
 
     Attributes:
-        layout: one mixer per layer, e.g. ``"S,D,D,D x9"`` (see :mod:`mixers.layout`).
+        layout: one mixer per layer, e.g. ``"S,D,D,D x9"`` (see :mod:`hybridvl.mixers.layout`).
         vocab_size, hidden_size, intermediate_size, num_hidden_layers, rms_norm_eps, tie_word_embeddings:
             the Qwen2.5-VL text dimensions. ``intermediate_size=0``: decoder layers without an MLP (and without
             its norm), each only ``x + mixer(norm(x))``, as Zoology's recall models.
@@ -50,7 +50,7 @@ class HybridConfig:
         initializer_range: std of the normal init of new weights.
         video_position_rule: how videos become M-RoPE positions: ``"transformers5"`` (transformers 5.x) or
             ``"transformers4"`` (transformers 4.x and InfiniteVL, whose imported checkpoints keep it); see
-            :mod:`models.positions`. A model must run with the rule it was trained under.
+            :mod:`hybridvl.models.positions`. A model must run with the rule it was trained under.
         mixer_modules: the module that registers each mixer of the layout from outside this package, e.g.
             ``{"E": "my_pkg.mixers"}``; filled in from the registry (the registered class's ``__module__``) and
             imported before the layout is read, so a saved model rebuilds in a fresh process.
@@ -120,7 +120,7 @@ class HybridConfig:
 
     @property
     def kinds(self) -> list[str]:
-        """The mixer letter of every layer (raises :class:`mixers.LayoutError` on a bad layout)."""
+        """The mixer letter of every layer (raises :class:`hybridvl.mixers.LayoutError` on a bad layout)."""
         return mixers.parse_layout(self.layout, num_layers=self.num_hidden_layers)
 
     @property

@@ -12,9 +12,9 @@ other layers get new mixers, initialised either
   ``h // (heads / kv_heads)``, as grouped-query attention does). For Mamba2 ``Q -> C``, ``K -> B``,
   ``V -> x`` (Mamba-in-the-Llama), which needs ``expand`` and heads that match the attention's shapes.
 
-Each mixer initialises itself: ``mimic`` calls its :meth:`~mixers.base.Mixer.mimic_init` (a mixer without one
-keeps its constructor's initialisation), ``transfer`` then its :meth:`~mixers.base.Mixer.transfer_init` with the
-attention's projections (a mixer without one cannot be transfer-initialised: :class:`ConversionError`).
+Each mixer initialises itself: ``mimic`` calls its :meth:`~hybridvl.mixers.base.Mixer.mimic_init` (a mixer without one
+keeps its constructor's initialisation), ``transfer`` then its :meth:`~hybridvl.mixers.base.Mixer.transfer_init` with
+the attention's projections (a mixer without one cannot be transfer-initialised: :class:`ConversionError`).
 
 The conversion report lists every tensor as inherited, transferred, fresh or dropped.
 
@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-import mixers
-from mixers.base import AttentionWeights
-from models.checkpoint import load_weights_strict, model_to_load, read_weights
-from models.config import HybridConfig, read_config_json
-from models.files import EXPORT_RECORD, check_output, copy_file, write_json
-from models.hybrid import HybridVLM
-from models.qwen import ConversionError, canonical_name, hybrid_config_from_qwen, read_qwen_config
+from hybridvl import mixers
+from hybridvl.mixers.base import AttentionWeights
+from hybridvl.models.checkpoint import load_weights_strict, model_to_load, read_weights
+from hybridvl.models.config import HybridConfig, read_config_json
+from hybridvl.models.files import EXPORT_RECORD, check_output, copy_file, write_json
+from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.qwen import ConversionError, canonical_name, hybrid_config_from_qwen, read_qwen_config
 
 INITS = ("mimic", "transfer")
 REPORT_NAME = "conversion_report.json"
@@ -208,7 +208,7 @@ def transfer_init_(mixer: nn.Module, attention: dict[str, torch.Tensor], config:
     if not hasattr(mixer, "transfer_init"):
         raise ConversionError(
             f"transfer init does not know how to map attention into {type(mixer).__name__}: it has no transfer_init; "
-            "use init='mimic' or give it one (see mixers.base.Mixer.transfer_init)"
+            "use init='mimic' or give it one (see hybridvl.mixers.base.Mixer.transfer_init)"
         )
     weights = AttentionWeights(
         q=attention["q_proj.weight"],
@@ -254,8 +254,8 @@ def convert_directory(
     """Convert ``teacher`` and write the student, its processor files and the report into ``out``.
 
     Raises:
-        models.files.OutputIsInputError: ``out`` is the teacher's folder (checked before anything is read).
-        models.files.OutputExistsError: ``out`` holds files and ``overwrite`` is false.
+        hybridvl.models.files.OutputIsInputError: ``out`` is the teacher's folder (checked before anything is read).
+        hybridvl.models.files.OutputExistsError: ``out`` holds files and ``overwrite`` is false.
     """
     check_output(out, inputs=[teacher], overwrite=overwrite)
     student, report = convert_checkpoint(teacher, layout, init, sliding_window, mixer_options, seed)

@@ -2,7 +2,7 @@
 
 Eager decoding of a 3B hybrid launches a few thousand small kernels per token, so the GPU mostly waits for
 the CPU. A CUDA graph records one step's kernels once and replays them with a single launch. That needs fixed
-buffers: each graph here owns a *static* :class:`~models.hybrid.ModelState` that every replay updates in place
+buffers: each graph here owns a *static* :class:`~hybridvl.models.hybrid.ModelState` that every replay updates in place
 (the sliding-window ring buffers are indexed by device tensors, full-attention caches are reserved up front),
 and static input buffers that callers fill before each replay.
 
@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import torch
 
-from mixers.ops.attention import DECODE_BLOCK
-from mixers.state import KVCache
-from models.hybrid import HybridVLM, ModelState
-from vision.tower import vision_inputs
+from hybridvl.mixers.ops.attention import DECODE_BLOCK
+from hybridvl.mixers.state import KVCache
+from hybridvl.models.hybrid import HybridVLM, ModelState
+from hybridvl.vision.tower import vision_inputs
 
 
 def _check_cuda(model: HybridVLM) -> torch.device:

@@ -11,9 +11,9 @@ import types
 
 import torch
 
-from mixers.ops.varlen import seqlens_to_cu_seqlens
-from models.cuda_graphs import GraphedDecoder
-from models.hybrid import HybridVLM, ModelState
+from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
+from hybridvl.models.cuda_graphs import GraphedDecoder
+from hybridvl.models.hybrid import HybridVLM, ModelState
 
 
 def check_generation_options(

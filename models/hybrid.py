@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mixers
-from mixers.modules import RMSNorm
-from mixers.ops.varlen import packed_positions, seqlens_to_cu_seqlens, sequence_bounds
-from mixers.state import MixerState
-from models.config import HybridConfig
-from models.positions import sequence_positions
-from vision.tower import build_vision_tower, vision_inputs
+from hybridvl import mixers
+from hybridvl.mixers.modules import RMSNorm
+from hybridvl.mixers.ops.varlen import packed_positions, seqlens_to_cu_seqlens, sequence_bounds
+from hybridvl.mixers.state import MixerState
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.positions import sequence_positions
+from hybridvl.vision.tower import build_vision_tower, vision_inputs
 
 
 @dataclasses.dataclass
@@ -427,9 +427,9 @@ class HybridVLM(nn.Module):
 
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write ``config.json`` (with the layout) and ``model.safetensors``, each atomically; a folder that holds
-        files is refused unless ``overwrite`` (see :func:`models.checkpoint.save_weights`), and so is a model with a
-        mixer a loading process could not import (see :meth:`HybridConfig.check_mixer_modules`)."""
-        from models.checkpoint import save_model
+        files is refused unless ``overwrite`` (see :func:`hybridvl.models.checkpoint.save_weights`), and so is a model
+        with a mixer a loading process could not import (see :meth:`HybridConfig.check_mixer_modules`)."""
+        from hybridvl.models.checkpoint import save_model
 
         self.config.check_mixer_modules()
         return save_model(self, directory, overwrite=overwrite)
@@ -443,15 +443,15 @@ class HybridVLM(nn.Module):
         allow_nonfinite: bool = False,
     ) -> HybridVLM:
         """Load a directory written by :meth:`save_pretrained`; mismatching configs and tensors raise with their
-        names (see :func:`models.checkpoint.load_model`)."""
-        from models.checkpoint import load_model
+        names (see :func:`hybridvl.models.checkpoint.load_model`)."""
+        from hybridvl.models.checkpoint import load_model
 
         return load_model(directory, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Generate new tokens; see :func:`models.generation.generate`."""
-        from models.generation import generate
+        """Generate new tokens; see :func:`hybridvl.models.generation.generate`."""
+        from hybridvl.models.generation import generate
 
         return generate(self, input_ids, **kwargs)
 

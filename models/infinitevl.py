@@ -14,8 +14,8 @@ logged.
 
 InfiniteVL's modeling code (written for transformers 4.57) places videos by transformers 4.x's rule (seconds per
 temporal patch truncated to an integer before scaling; text after a video continuing past its largest position),
-so an imported checkpoint gets ``video_position_rule="transformers4"`` (see :mod:`models.positions`) and keeps it
-through conversion and saving.
+so an imported checkpoint gets ``video_position_rule="transformers4"`` (see :mod:`hybridvl.models.positions`) and keeps
+it through conversion and saving.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import load_weights_strict, model_to_load, read_weights
-from models.config import HybridConfig, read_config_json
-from models.hybrid import HybridVLM
-from models.positions import TRANSFORMERS4
-from models.qwen import canonical_name, hybrid_config_from_qwen
+from hybridvl.models.checkpoint import load_weights_strict, model_to_load, read_weights
+from hybridvl.models.config import HybridConfig, read_config_json
+from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.positions import TRANSFORMERS4
+from hybridvl.models.qwen import canonical_name, hybrid_config_from_qwen
 
 logger = logging.getLogger("hybridvl.models")
 
@@ -91,7 +91,7 @@ def infinitevl_config(config: dict[str, Any], tensor_names: set[str]) -> HybridC
 
 def load_infinitevl(directory: str | Path, allow_nonfinite: bool = False) -> HybridVLM:
     """Load an InfiniteVL checkpoint directory into a :class:`HybridVLM` (names, shapes, dtypes and values
-    checked as :func:`models.checkpoint.check_weights` does)."""
+    checked as :func:`hybridvl.models.checkpoint.check_weights` does)."""
     config = read_config_json(directory)
     tensors = {canonical_name(name): tensor for name, tensor in read_weights(directory).items()}
     model = model_to_load(infinitevl_config(config, set(tensors)))

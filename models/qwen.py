@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mixers
-from models.config import HybridConfig, read_config_json
+from hybridvl import mixers
+from hybridvl.models.config import HybridConfig, read_config_json
 
 
 class ConversionError(ValueError):

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
-from models.generation import check_generation_options
-from models.hybrid import HybridVLM, ModelState
+from hybridvl.models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
+from hybridvl.models.generation import check_generation_options
+from hybridvl.models.hybrid import HybridVLM, ModelState
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ class StreamingSession:
         processor: its Qwen2.5-VL processor (tokenizer, chat template, image processor).
         system_prompt: the system turn that opens the stream.
         cuda_graphs: feed frames by replaying a CUDA graph per frame size (vision tower and decoder) and
-            decode answers with one (:mod:`models.cuda_graphs`); needs a CUDA model with a fixed-size state.
+            decode answers with one (:mod:`hybridvl.models.cuda_graphs`); needs a CUDA model with a fixed-size state.
     """
 
     def __init__(

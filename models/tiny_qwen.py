@@ -2,7 +2,7 @@
 
 .. code-block:: python
 
-    from models.tiny_qwen import make_tiny_qwen2_5_vl
+    from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
     path = make_tiny_qwen2_5_vl("/tmp/tiny-qwen2.5-vl", seed=0)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
@@ -41,7 +41,7 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from models.files import check_output, remove_stale_weights, staged_folder
+from hybridvl.models.files import check_output, remove_stale_weights, staged_folder
 
 __all__ = [
     "ADDED_TOKENS",
@@ -423,7 +423,7 @@ def save_tiny_qwen2_5_vl(
     folder inside ``out_dir`` and renamed into place.
 
     Raises:
-        models.files.OutputExistsError: ``out_dir`` holds files and ``overwrite`` is false.
+        hybridvl.models.files.OutputExistsError: ``out_dir`` holds files and ``overwrite`` is false.
     """
     dims = dims or TinyQwenDims()
     out = Path(out_dir)

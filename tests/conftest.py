@@ -37,11 +37,11 @@ def _project_logging():
 def registry_snapshot():
     """Restore the mixer registry after each test, so that letters a test (or a study's plugin) registers do
     not reach other tests."""
-    import mixers.registry
+    from hybridvl.mixers import registry
 
-    by_letter, by_name = dict(mixers.registry._BY_LETTER), dict(mixers.registry._BY_NAME)
+    by_letter, by_name = dict(registry._BY_LETTER), dict(registry._BY_NAME)
     yield
-    mixers.registry._BY_LETTER.clear()
-    mixers.registry._BY_LETTER.update(by_letter)
-    mixers.registry._BY_NAME.clear()
-    mixers.registry._BY_NAME.update(by_name)
+    registry._BY_LETTER.clear()
+    registry._BY_LETTER.update(by_letter)
+    registry._BY_NAME.clear()
+    registry._BY_NAME.update(by_name)

@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lit.datamodule import HybridDataModule
-from lit.modules import SFT
+from hybridvl.lit.datamodule import HybridDataModule
+from hybridvl.lit.modules import SFT
 
 
 class Losses(Callback):

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mixers
-from lit.ablation import cells as cells_module
-from lit.ablation import runner
-from lit.ablation.cells import (
+from hybridvl import mixers
+from hybridvl.lit.ablation import cells as cells_module
+from hybridvl.lit.ablation import runner
+from hybridvl.lit.ablation.cells import (
     Cell,
     choose_learning_rate,
     count_parameters,
@@ -26,9 +26,9 @@ from lit.ablation.cells import (
     matched_intermediate_size,
     model_config,
 )
-from lit.ablation.schema import StudyError, load_study
-from lit.commands.ablate import main as ablate
-from models.hybrid import HybridVLM
+from hybridvl.lit.ablation.schema import StudyError, load_study
+from hybridvl.lit.commands.ablate import main as ablate
+from hybridvl.models.hybrid import HybridVLM
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "experiments" / "ablations"
@@ -284,7 +284,8 @@ def test_cells_run_in_worker_processes_with_their_share_of_threads(tmp_path, cap
 
 def test_a_run_stopped_by_sigterm_still_records_its_wall_time(tmp_path):
     script = (
-        "import os, signal, sys; from pathlib import Path; from lit.ablation.runner import _logged_invocation\n"
+        "import os, signal, sys; from pathlib import Path\n"
+        "from hybridvl.lit.ablation.runner import _logged_invocation\n"
         "with _logged_invocation(Path(sys.argv[1]), 3):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "print('not stopped')\n"
@@ -328,8 +329,8 @@ def test_a_user_mixer_from_a_plugin_joins_a_study(tmp_path, monkeypatch):
     """A mixer registered by a module the study names under ``plugins`` can be an arm, also in worker processes."""
     package = tmp_path / "my_lab_mixers.py"
     package.write_text(
-        "import mixers\n"
-        "from mixers.linear import LinearAttention\n\n"
+        "from hybridvl import mixers\n"
+        "from hybridvl.mixers.linear import LinearAttention\n\n"
         "@mixers.register_mixer('E', 'echo_linear')\n"
         "class EchoLinear(LinearAttention):\n"
         "    letter, name = 'E', 'echo_linear'\n"
@@ -363,7 +364,7 @@ def test_every_kind_of_multimodal_cell_runs_at_smoke_size(tmp_path):
 
 
 def test_a_synthetic_cell_stopped_part_way_resumes_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch):
-    from lit.ablation import multimodal
+    from hybridvl.lit.ablation import multimodal
 
     monkeypatch.setattr(multimodal, "CHECKPOINT_EVERY", 1)  # smoke cells train 2 steps
     one = "SD__*lr0.001"
@@ -429,10 +430,10 @@ def test_only_the_cells_asked_for_train_and_the_summary_covers_the_study(tmp_pat
 def test_the_swa_ratio_regimes_place_video_cues_where_they_say(tmp_path):
     """Each regime's cue, in tokens before the position that predicts the answer (the processor's own grid):
     inside one window, between one window and the 8 stacked windows' reach, and beyond that reach."""
-    from lit.data.encoding import encode
-    from lit.data.synthetic import SyntheticSuite
-    from models.chat import load_processor
-    from models.tiny_qwen import make_tiny_qwen2_5_vl
+    from hybridvl.lit.data.encoding import encode
+    from hybridvl.lit.data.synthetic import SyntheticSuite
+    from hybridvl.models.chat import load_processor
+    from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
     study = load_study(Path("experiments/ablations/swa_ratio.yaml"))
     task, window = study.tasks[0], study.train.window
@@ -456,7 +457,7 @@ def test_the_swa_ratio_regimes_place_video_cues_where_they_say(tmp_path):
 
 
 def test_cells_of_a_shape_being_tuned_wait_while_other_shapes_start():
-    from lit.ablation.runner import _next_cell
+    from hybridvl.lit.ablation.runner import _next_cell
 
     study = load_study(STUDIES / "recall.yaml")
     cells = expand(study)

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from lit.ablation.recall_report import arm_scores, distance_bins, family, recall_claims
-from lit.ablation.report import write_report
-from lit.ablation.runner import INVOCATIONS
-from lit.ablation.verdicts import Outcome
+from hybridvl.lit.ablation.recall_report import arm_scores, distance_bins, family, recall_claims
+from hybridvl.lit.ablation.report import write_report
+from hybridvl.lit.ablation.runner import INVOCATIONS
+from hybridvl.lit.ablation.verdicts import Outcome
 
 
 def _cell(layout: str, task: str, accuracy: float, seed: int, d_model: int = 128, **extra) -> dict:
@@ -31,7 +31,7 @@ def _mm_cell(layout: str, seed: int, per_task: dict, *, sets: dict | None = None
 
 
 def _arms(cells: list[dict]):
-    from lit.ablation.multimodal_report import chosen_arms
+    from hybridvl.lit.ablation.multimodal_report import chosen_arms
 
     return chosen_arms(cells)
 
@@ -50,7 +50,7 @@ JITTER = (0.0, 0.01, -0.01, 0.02, -0.02)
     ],
 )
 def test_the_mixer_claim_comes_out_as_the_intervals_say(d, m, spread, outcome):
-    from lit.ablation.multimodal_report import mixer_claims
+    from hybridvl.lit.ablation.multimodal_report import mixer_claims
 
     cells = [
         _mm_cell(layout, seed, {"document": score + spread * jitter, "ocr": 0.5 + jitter})
@@ -68,7 +68,7 @@ def test_the_mixer_claim_comes_out_as_the_intervals_say(d, m, spread, outcome):
 
 
 def test_the_swa_share_claim_needs_gains_that_help_and_diminish():
-    from lit.ablation.multimodal_report import swa_share_claim
+    from hybridvl.lit.ablation.multimodal_report import swa_share_claim
 
     ladder = ("D x8", "S,D,D,D,D,D,D,D", "S,D,D,D x2", "S,D x4")
 
@@ -90,7 +90,7 @@ def test_the_swa_share_claim_needs_gains_that_help_and_diminish():
 
 
 def test_the_window_claims_read_the_three_regimes():
-    from lit.ablation.multimodal_report import window_claims
+    from hybridvl.lit.ablation.multimodal_report import window_claims
 
     def cells(beyond_window_only):
         regimes = {
@@ -110,7 +110,7 @@ def test_the_window_claims_read_the_three_regimes():
 
 
 def test_the_hybrid_claim_compares_a_hybrid_with_its_pure_stack():
-    from lit.ablation.multimodal_report import hybrid_claim
+    from hybridvl.lit.ablation.multimodal_report import hybrid_claim
 
     def claim(hybrid, pure):
         cells = [
@@ -165,7 +165,7 @@ def test_the_report_writes_the_multimodal_claims_tables_and_figures(tmp_path):
 
 
 def test_report_compares_other_runs_cell_by_cell(tmp_path):
-    from lit.ablation.report import write_report
+    from hybridvl.lit.ablation.report import write_report
 
     results = tmp_path / "results"
     runs = {
@@ -196,7 +196,7 @@ def test_report_compares_other_runs_cell_by_cell(tmp_path):
 
 
 def test_report_adds_up_the_device_time_of_the_studies_runs(tmp_path):
-    from lit.ablation.report import write_report
+    from hybridvl.lit.ablation.report import write_report
 
     results = tmp_path / "results"
     runs = {  # mixer_type's second run overlaps swa_ratio's run by 60 s; init recorded nothing
@@ -322,7 +322,7 @@ def _init_cell(init: str, steps: int, seed: int, mse: float, kl: float, accuracy
 
 
 def test_the_init_claim_pairs_seeds_at_every_budget_and_the_report_plots_it(tmp_path):
-    from lit.ablation.multimodal_report import init_claim
+    from hybridvl.lit.ablation.multimodal_report import init_claim
 
     cells = [
         _init_cell(init, steps, seed, mse * (1 + 0.01 * seed), kl, 0.3 + 0.01 * seed + bonus)

@@ -18,14 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from media import make_test_video, render_text_image
 
-import mixers
-from lit.ablation.schema import StudyError, parse_study
-from lit.cli import main
-from lit.data.conversations import ConversationDataset, DataError
-from lit.datamodule import HybridDataModule, check_source
-from models.generation import check_generation_options, sample_next_token
-from vision import VisionInputError, iter_video_frames, load_image, probe_video, read_video
-from vision.processing import VisionPreprocessor
+from hybridvl import mixers
+from hybridvl.lit.ablation.schema import StudyError, parse_study
+from hybridvl.lit.cli import main
+from hybridvl.lit.data.conversations import ConversationDataset, DataError
+from hybridvl.lit.datamodule import HybridDataModule, check_source
+from hybridvl.models.generation import check_generation_options, sample_next_token
+from hybridvl.vision import VisionInputError, iter_video_frames, load_image, probe_video, read_video
+from hybridvl.vision.processing import VisionPreprocessor
 
 HIDDEN = 32
 TINY = {
@@ -528,8 +528,8 @@ def test_the_cli_names_a_missing_gpu(capsys):
 
 
 def _save_tiny_model(directory: Path) -> None:
-    from models.config import HybridConfig
-    from models.hybrid import HybridVLM
+    from hybridvl.models.config import HybridConfig
+    from hybridvl.models.hybrid import HybridVLM
 
     config = HybridConfig(
         layout="S,D",
@@ -582,7 +582,7 @@ def test_the_cli_names_a_missing_data_path_in_yaml(capsys, tmp_path: Path):
     config = tmp_path / "stage.yaml"
     config.write_text(
         "trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false}\n"
-        f"model: {{class_path: lit.modules.SFT, init_args: {{model: {tmp_path / 'model'}}}}}\n"
+        f"model: {{class_path: hybridvl.lit.modules.SFT, init_args: {{model: {tmp_path / 'model'}}}}}\n"
         f"data: {{processor: {tmp_path / 'model'}, train: [{{type: json, path: {tmp_path / 'gone.jsonl'}, "
         f"media_root: {tmp_path}}}]}}\n"
     )
@@ -625,9 +625,9 @@ def test_debug_shows_the_traceback(capsys):
 )
 def test_internal_errors_keep_their_traceback(monkeypatch, bug, error: type):
     """An exception the project did not raise on purpose (here a library's ValueError too) is a bug: it propagates."""
-    import lit.commands.layout
+    from hybridvl.lit.commands import layout
 
-    monkeypatch.setattr(lit.commands.layout, "main", lambda argv: bug())
+    monkeypatch.setattr(layout, "main", lambda argv: bug())
     with pytest.raises(error):
         main(["layout", "S,D"])
 

@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
-from lit.cli import main
+from hybridvl.lit.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lit.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hybridvl.lit.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_layout_command_reports_layers_and_state():
@@ -47,7 +49,10 @@ def test_unknown_command_and_help(capsys):
 
 def test_available_prints_every_kind():
     result = subprocess.run(
-        [sys.executable, "-c", "import mixers; print(mixers.available())"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", "import hybridvl; print(hybridvl.mixers.available())"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0
     kinds = [line.split()[0] for line in result.stdout.splitlines()[1:]]

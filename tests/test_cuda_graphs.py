@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import rel_err
 
-from models.config import HybridConfig
-from models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
-from models.hybrid import HybridVLM
-from models.tiny_qwen import init_tiny_vision_tower
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
+from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.tiny_qwen import init_tiny_vision_tower
 
 pytestmark = pytest.mark.gpu
 

@@ -20,13 +20,13 @@ from media import make_test_video, render_text_image
 from torch.utils.data import DataLoader
 from transformers.video_utils import VideoMetadata
 
-from lit.data.conversations import ConversationDataset, DataError
-from lit.data.encoding import IGNORE_INDEX, count_tokens, encode
-from lit.data.packing import LengthGroupedBatchSampler, collate, greedy_pack, lengths, pack
-from lit.data.types import Conversation
-from lit.datamodule import CachedSamples, EncodedConversations, HybridDataModule
-from models.chat import VISION_KEYS, load_processor
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl.lit.data.conversations import ConversationDataset, DataError
+from hybridvl.lit.data.encoding import IGNORE_INDEX, count_tokens, encode
+from hybridvl.lit.data.packing import LengthGroupedBatchSampler, collate, greedy_pack, lengths, pack
+from hybridvl.lit.data.types import Conversation
+from hybridvl.lit.datamodule import CachedSamples, EncodedConversations, HybridDataModule
+from hybridvl.models.chat import VISION_KEYS, load_processor
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 VIDEO_SHAPE = (2, 3, 48, 64)  # 9 frames at 10 fps, sampled at 2 fps
 
@@ -526,7 +526,7 @@ def test_cached_samples_equal_fresh_ones_and_are_encoded_once(processor_dir, tmp
 USER_SOURCE = """
 from torch.utils.data import Dataset
 
-from lit.data.types import Conversation
+from hybridvl.lit.data.types import Conversation
 
 
 class Greetings(Dataset):
@@ -549,7 +549,7 @@ class NotConversations(Greetings):
 
 
 def test_a_users_dataset_class_is_a_source_by_its_import_path(tmp_path, monkeypatch):
-    from lit.datamodule import build_source
+    from hybridvl.lit.datamodule import build_source
 
     (tmp_path / "lab_sources_for_test.py").write_text(USER_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -559,7 +559,7 @@ def test_a_users_dataset_class_is_a_source_by_its_import_path(tmp_path, monkeypa
         build_source({"type": "lab_sources_for_test.Greetings", "count": 3, "wrd": "hi"})
     with pytest.raises(ValueError, match="needs 'count'"):
         build_source({"type": "lab_sources_for_test.Greetings"})
-    with pytest.raises(TypeError, match=r"must yield lit\.data\.types\.Conversation items, its first is a dict"):
+    with pytest.raises(TypeError, match=r"must yield hybridvl\.lit\.data\.types\.Conversation items, its first is a dict"):
         build_source({"type": "lab_sources_for_test.NotConversations", "count": 1})
     with pytest.raises(ValueError, match="cannot import 'no_such_lab'"):
         build_source({"type": "no_such_lab.Data"})

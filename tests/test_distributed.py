@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.convert import convert_directory
-from models.hybrid import HybridVLM
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl.models.convert import convert_directory
+from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 
@@ -85,7 +85,7 @@ def test_fsdp_recipe_wraps_each_decoder_layer():
     from lightning.pytorch.strategies import FSDPStrategy, Strategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from models.hybrid import HybridDecoderLayer
+    from hybridvl.models.hybrid import HybridDecoderLayer
 
     recipe = yaml.safe_load(
         (Path(__file__).resolve().parents[1] / "experiments" / "infinitevl" / "distill_layerwise_fsdp.yaml").read_text()

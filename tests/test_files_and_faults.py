@@ -22,18 +22,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lit.callbacks import AtomicCheckpointIO
-from lit.cli import main as cli_main
-from lit.commands.train import StageIncompleteError
-from lit.commands.train import main as train_main
-from lit.modules import SFT, ForeignCheckpointError
-from models.checkpoint import CheckpointMismatchError, CheckpointReadError, NonFiniteWeightsError
-from models.config import ConfigError, HybridConfig
-from models.convert import convert_checkpoint, convert_directory, convert_model
-from models.files import EXPORT_RECORD, TMP_MARK, OutputExistsError, OutputIsInputError, WriteError
-from models.hybrid import HybridVLM
-from models.positions import TRANSFORMERS4, TRANSFORMERS5, sequence_positions
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl.lit.callbacks import AtomicCheckpointIO
+from hybridvl.lit.cli import main as cli_main
+from hybridvl.lit.commands.train import StageIncompleteError
+from hybridvl.lit.commands.train import main as train_main
+from hybridvl.lit.modules import SFT, ForeignCheckpointError
+from hybridvl.models.checkpoint import CheckpointMismatchError, CheckpointReadError, NonFiniteWeightsError
+from hybridvl.models.config import ConfigError, HybridConfig
+from hybridvl.models.convert import convert_checkpoint, convert_directory, convert_model
+from hybridvl.models.files import EXPORT_RECORD, TMP_MARK, OutputExistsError, OutputIsInputError, WriteError
+from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.positions import TRANSFORMERS4, TRANSFORMERS5, sequence_positions
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_full_disk_names_the_file_and_keeps_the_previous_files(dirs, tmp_path, m
     model = HybridVLM.from_pretrained(dirs["student"])
     saved = model.save_pretrained(tmp_path / "model")
     before = digests(saved)
-    monkeypatch.setattr("models.checkpoint.save_file", no_space)
+    monkeypatch.setattr("hybridvl.models.checkpoint.save_file", no_space)
     with pytest.raises(WriteError, match=rf"^could not write {saved / 'model.safetensors'}: No space left") as info:
         model.save_pretrained(saved, overwrite=True)
     assert info.value.errno == errno.ENOSPC
@@ -144,7 +144,7 @@ def test_full_disk_names_the_file_and_keeps_the_previous_files(dirs, tmp_path, m
 
 KILLED_WRITER = """
 import sys, time, torch
-from lit.callbacks import AtomicCheckpointIO
+from hybridvl.lit.callbacks import AtomicCheckpointIO
 
 class Stall:  # pickled half-way through the checkpoint: the write is under way until the parent kills us
     def __reduce__(self):
@@ -210,7 +210,7 @@ def stage_config(dirs, root: Path, max_steps: int = 3) -> list[str]:
             "default_root_dir": str(root),
         },
         "model": {
-            "class_path": "lit.modules.SFT",
+            "class_path": "hybridvl.lit.modules.SFT",
             "init_args": {
                 "model": str(dirs["student"]),
                 "generation_max_new_tokens": 0,
@@ -270,7 +270,7 @@ def test_sigterm_during_the_export_fails_the_stage_and_a_resume_redoes_it(dirs, 
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)
 
-    monkeypatch.setattr("lit.modules.copy_processor_files", terminated)
+    monkeypatch.setattr("hybridvl.lit.modules.copy_processor_files", terminated)
     with pytest.raises(StageIncompleteError, match="stopped by SIGTERM at step 3"):
         train_main(argv)
     export = root / "export"
@@ -286,7 +286,7 @@ def test_sigterm_from_outside_exits_non_zero(dirs, tmp_path):
     """The command run as a user runs it, terminated by another process while it trains."""
     root = tmp_path / "run"
     argv = stage_config(dirs, root, max_steps=10_000)
-    command = [sys.executable, "-m", "lit.cli", *argv]
+    command = [sys.executable, "-m", "hybridvl.lit.cli", *argv]
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

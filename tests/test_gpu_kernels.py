@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from helpers import rel_err
 
-import mixers
-from mixers.backends import (
+from hybridvl import mixers
+from hybridvl.mixers.backends import (
     BackendUnavailableError,
     fla_float32_attention_issue,
     fla_gated_backward_issue,
     triton_version,
 )
-from mixers.ops import (
+from hybridvl.mixers.ops import (
     causal_attention,
     gated_delta_rule,
     gated_linear_attention,
@@ -26,7 +26,7 @@ from mixers.ops import (
     short_conv,
     simple_gated_linear_attention,
 )
-from mixers.ops.varlen import seqlens_to_cu_seqlens
+from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -193,7 +193,7 @@ def test_causal_attention_float32_on_fla():
     """float32 attention: ``auto`` runs PyTorch's (fla's kernel computes float32 in TF32, 1.1e-3 off where 1e-4
     is the bound); ``backend="fla"`` runs fla where it can take float32, and where it cannot (tilelang's kernel
     on Hopper) names the problem."""
-    from mixers.ops.attention import select_attention_backend
+    from hybridvl.mixers.ops.attention import select_attention_backend
 
     q, k, v = (torch.randn(1, 300, h, 64, device=CUDA) for h in (4, 2, 2))
     ref = causal_attention(q, k, v, window=32, backend="torch")

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mixers
-from mixers import LayoutError, format_layout, parse_layout, spread_layout
+from hybridvl import mixers
+from hybridvl.mixers import LayoutError, format_layout, parse_layout, spread_layout
 
 LETTERS = ["D", "S", "A", "M", "G", "L"]
 NAMES = {"D": "gdn", "S": "swa", "A": "attn", "M": "mamba2", "G": "gla", "L": "linear"}
@@ -150,7 +150,7 @@ def test_register_mixer_joins_layouts():
         with pytest.raises(ValueError, match="repeat like 'x9'"):
             mixers.register_mixer("Y", "x9")
     finally:
-        from mixers import registry
+        from hybridvl.mixers import registry
 
         registry._BY_LETTER.pop("R")
         registry._BY_NAME.pop("retention_test")

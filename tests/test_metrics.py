@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lit.metrics import (
+from hybridvl.lit.metrics import (
     ANLS,
     ExactMatch,
     RelaxedAccuracy,

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-import mixers
-import mixers.registry
-import mixers.testing
-from mixers.base import Mixer
-from models.config import ConfigError, HybridConfig
-from models.hybrid import HybridVLM
+from hybridvl import mixers
+from hybridvl.mixers import registry
+from hybridvl.mixers import testing as mixer_testing
+from hybridvl.mixers.base import Mixer
+from hybridvl.models.config import ConfigError, HybridConfig
+from hybridvl.models.hybrid import HybridVLM
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = "hybridvl_test_custom_mixers"
@@ -27,9 +27,9 @@ CUSTOM_MIXER = '''
 import torch
 from torch import nn
 
-import mixers
-from mixers.base import Mixer
-from mixers.state import RecurrentState
+from hybridvl import mixers
+from hybridvl.mixers.base import Mixer
+from hybridvl.mixers.state import RecurrentState
 
 
 @mixers.register_mixer("E", "decaying_linear")
@@ -107,7 +107,7 @@ def test_registering_a_class_without_init_state_names_it_and_the_base_class(regi
         def forward(self, x, state=None, *, position_ids=None, cu_seqlens=None):
             return x, state
 
-    with pytest.raises(TypeError, match=r"NoState lacks init_state; .*subclass mixers\.base\.Mixer"):
+    with pytest.raises(TypeError, match=r"NoState lacks init_state; .*subclass hybridvl\.mixers\.base\.Mixer"):
         mixers.register_mixer("E", "no_state")(NoState)
     with pytest.raises(mixers.UnknownMixerError):
         mixers.resolve_kind("E")  # nothing was registered
@@ -119,7 +119,7 @@ def test_registering_a_bare_module_or_a_non_module_names_what_is_missing(registr
 
     with pytest.raises(TypeError, match="Bare lacks forward, init_state, state_bytes"):
         mixers.register_mixer("E", "bare")(Bare)
-    with pytest.raises(TypeError, match=r"not a torch\.nn\.Module; subclass mixers\.base\.Mixer"):
+    with pytest.raises(TypeError, match=r"not a torch\.nn\.Module; subclass hybridvl\.mixers\.base\.Mixer"):
         mixers.register_mixer("E", "plain")(type("Plain", (), {}))
 
 
@@ -143,11 +143,11 @@ SMALL = {"D": dict(num_heads=2, head_dim=8), "S": dict(window=6), "M": dict(d_st
 
 @pytest.mark.parametrize("kind", [spec.letter for spec in mixers.registered()])
 def test_check_mixer_passes_for_every_built_in_kind(kind):
-    mixers.testing.check_mixer(kind, hidden_size=32, **SMALL.get(kind, {}))
+    mixer_testing.check_mixer(kind, hidden_size=32, **SMALL.get(kind, {}))
 
 
 def test_check_mixer_passes_for_a_custom_mixer(custom_module):
-    mixers.testing.check_mixer("E", hidden_size=16, num_heads=2, head_dim=4)
+    mixer_testing.check_mixer("E", hidden_size=16, num_heads=2, head_dim=4)
 
 
 def test_check_mixer_names_the_property_that_fails(custom_module):
@@ -164,9 +164,9 @@ def test_check_mixer_names_the_property_that_fails(custom_module):
     mixers.register_mixer("F", "forgetful")(Forgetful)
     mixers.register_mixer("W", "misreported")(Misreported)
     with pytest.raises(AssertionError, match=r"mixer F \(Forgetful\): token-by-token outputs .* relative error"):
-        mixers.testing.check_mixer("F", hidden_size=16)
+        mixer_testing.check_mixer("F", hidden_size=16)
     with pytest.raises(AssertionError, match=r"state_bytes\(3\) reports 0 bytes but init_state\(3\) holds"):
-        mixers.testing.check_state_size(mixers.testing.make_mixer("W", 16))
+        mixer_testing.check_state_size(mixer_testing.make_mixer("W", 16))
 
 
 # --- saving and loading --------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_a_custom_mixer_saved_in_one_process_loads_in_another(custom_module, tmp
         expected = model(ids).logits
     code = textwrap.dedent(f"""
         import torch
-        from models.hybrid import HybridVLM
+        from hybridvl.models.hybrid import HybridVLM
         model = HybridVLM.from_pretrained({str(tmp_path / "model")!r}).eval()
         assert model.kinds == ["S", "E", "D", "E"], model.kinds
         with torch.no_grad():
@@ -197,7 +197,9 @@ def test_a_custom_mixer_saved_in_one_process_loads_in_another(custom_module, tmp
 
 def test_a_model_whose_mixer_module_is_missing_names_the_module_and_the_letter(custom_module, tmp_path):
     HybridVLM(HybridConfig(layout="S,E,D,E", **TINY)).save_pretrained(tmp_path / "model")
-    result = run_python(f"from models.hybrid import HybridVLM; HybridVLM.from_pretrained({str(tmp_path / 'model')!r})")
+    result = run_python(
+        f"from hybridvl.models.hybrid import HybridVLM; HybridVLM.from_pretrained({str(tmp_path / 'model')!r})"
+    )
     assert result.returncode != 0
     assert f"mixer E comes from module '{MODULE}', which cannot be imported" in result.stderr
     assert "add its folder to PYTHONPATH" in result.stderr
@@ -206,7 +208,7 @@ def test_a_model_whose_mixer_module_is_missing_names_the_module_and_the_letter(c
 def test_a_module_that_does_not_register_the_letter_is_named(custom_module, tmp_path):
     config = HybridConfig(layout="S,E,D,E", **TINY).to_dict()
     config["mixer_modules"] = {"E": "json"}
-    mixers.registry._BY_LETTER.pop("E")
+    registry._BY_LETTER.pop("E")
     with pytest.raises(ConfigError, match="module 'json' was imported but registers no mixer E"):
         HybridConfig.from_dict(config)
 

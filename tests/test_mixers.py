@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import rel_err
 
-import mixers
-import mixers.testing
-from mixers.modules import ShortConv
-from mixers.ops.varlen import seqlens_to_cu_seqlens
+from hybridvl import mixers
+from hybridvl.mixers import testing as mixer_testing
+from hybridvl.mixers.modules import ShortConv
+from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
 
 HIDDEN = 32
 # small sizes, so the tests run fast; a registered kind without an entry is tested with its defaults
@@ -43,17 +43,17 @@ def x_of(*shape) -> torch.Tensor:
     return torch.randn(*shape, HIDDEN, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("check", [check.__name__ for check in mixers.testing.CHECKS])
+@pytest.mark.parametrize("check", [check.__name__ for check in mixer_testing.CHECKS])
 @pytest.mark.parametrize("kind", KINDS)
 def test_call_contract(kind, check):
     """Chunked = recurrent = token by token, split continuation, packed = separate, state size (mixers.testing)."""
-    getattr(mixers.testing, check)(make(kind))
+    getattr(mixer_testing, check)(make(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_split_at_other_random_points_continues_exactly(kind, seed):
-    mixers.testing.check_split_continues(make(kind), seed=seed)
+    mixer_testing.check_split_continues(make(kind), seed=seed)
 
 
 @pytest.mark.parametrize("kind", ["S", "A"])
@@ -220,7 +220,9 @@ def test_odd_widths_reach_fla_padded_to_even(monkeypatch, variant):
     import fla.ops.gla
     import fla.ops.simple_gla
 
-    ops = importlib.import_module("mixers.ops.linear_attention")  # the module (mixers.ops exports the function)
+    ops = importlib.import_module(
+        "hybridvl.mixers.ops.linear_attention"
+    )  # the module (mixers.ops exports the function)
 
     def stand_in(q, k, v, g=None, gk=None, *, scale, initial_state, output_final_state, cu_seqlens):
         assert q.shape[-1] % 2 == 0 and v.shape[-1] % 2 == 0 and initial_state.shape[-2:] == (8, 18)
@@ -337,7 +339,7 @@ def test_explicit_kernel_backend_without_cuda_names_the_problem(kind):
 
 
 def test_auto_backend_logs_its_choice_once(caplog):
-    import mixers.backends as backends
+    import hybridvl.mixers.backends as backends
 
     backends._logged.clear()
     mixer = make("D")
@@ -364,7 +366,7 @@ def test_fla_gated_backward_issue_on_hopper(monkeypatch, kernel, tilelang, switc
     """Which Hopper + Triton combinations fla refuses to differentiate (fla issue #640), decided without a GPU."""
     import importlib.util
 
-    from mixers import backends
+    from hybridvl.mixers import backends
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -398,7 +400,7 @@ def test_fla_float32_attention_issue_on_hopper(monkeypatch, dtype, capability, t
     """fla's attention on Hopper runs tilelang's kernel, which does not compile for float32: decided without a GPU."""
     import importlib.util
 
-    from mixers import backends
+    from hybridvl.mixers import backends
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)

@@ -13,15 +13,15 @@ from media import render_text_image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.video_utils import VideoMetadata
 
-import mixers
-from mixers.ops.varlen import seqlens_to_cu_seqlens
-from models.checkpoint import CheckpointMismatchError, load_weights_strict
-from models.config import HybridConfig
-from models.convert import convert_checkpoint, convert_directory
-from models.generation import generate
-from models.hybrid import HybridVLM
-from models.qwen import ConversionError
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl import mixers
+from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
+from hybridvl.models.checkpoint import CheckpointMismatchError, load_weights_strict
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.convert import convert_checkpoint, convert_directory
+from hybridvl.models.generation import generate
+from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.qwen import ConversionError
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 ATOL = 1e-4
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit.data.mqar import MQARDataset, no_recall_accuracy
+from hybridvl.lit.data.mqar import MQARDataset, no_recall_accuracy
 
 
 def _leaky_copy(data: MQARDataset) -> MQARDataset:

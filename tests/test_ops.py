@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from helpers import rel_err
 
-from mixers.backends import BackendUnavailableError
-from mixers.ops import (
+from hybridvl.mixers.backends import BackendUnavailableError
+from hybridvl.mixers.ops import (
     attention_over_positions,
     causal_attention,
     gated_delta_rule,
@@ -18,7 +18,7 @@ from mixers.ops import (
     short_conv,
     simple_gated_linear_attention,
 )
-from mixers.ops.varlen import seqlens_to_cu_seqlens
+from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
 
 F64 = torch.float64
 
@@ -105,7 +105,7 @@ def test_gated_delta_rule_varlen_equals_separate():
 
 @pytest.mark.parametrize("lengths", [[9, 9, 30, 1, 17, 9, 1], [5, 5, 5], [3, 3, 8, 8, 8, 2]])
 def test_sequences_grouped_by_length_give_each_sequence_its_own_result_and_gradient(lengths):
-    from mixers.ops.varlen import _length_groups, _LengthGroups, map_sequences
+    from hybridvl.mixers.ops.varlen import _length_groups, _LengthGroups, map_sequences
 
     cu = seqlens_to_cu_seqlens(lengths)
     x = torch.randn(1, sum(lengths), 3, dtype=F64, requires_grad=True)
@@ -276,7 +276,7 @@ def test_ops_reject_bad_shapes_and_backends():
 
 @pytest.mark.parametrize("slots", [48, 2048])  # 2048: the weighted sum runs in blocks
 def test_decode_attention_equals_attention_over_the_visible_slots(slots):
-    from mixers.ops import attention_over_positions, decode_attention
+    from hybridvl.mixers.ops import attention_over_positions, decode_attention
 
     torch.manual_seed(0)
     q = torch.randn(2, 1, 8, 16, dtype=torch.float64)
@@ -359,7 +359,7 @@ def test_gated_linear_attention_chunk_matches_recurrent_on_hard_cases(variant, c
 
 
 def test_segment_sums_are_direct_and_their_gradient_stays_finite():
-    from mixers.ops.utils import segment_sums
+    from hybridvl.mixers.ops.utils import segment_sums
 
     g = torch.tensor([-1e4, -0.3, -0.7, -2.1], dtype=F64, requires_grad=True)
     sums = segment_sums(g)
@@ -378,7 +378,7 @@ def hopper_without_gpu(monkeypatch):
     function that sets whether tilelang is installed."""
     import importlib.util
 
-    from mixers import backends
+    from hybridvl.mixers import backends
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -411,7 +411,7 @@ def hopper_without_gpu(monkeypatch):
 def test_auto_attention_backend_meets_the_dtype_bound(hopper_without_gpu, caplog, dtype, window, tilelang, chosen):
     """``auto`` never hands float32 or float64 attention to a kernel short of their precision, and logs why;
     a kernel asked for by name still runs where it can take the dtype (decided without a GPU)."""
-    from mixers.ops.attention import select_attention_backend
+    from hybridvl.mixers.ops.attention import select_attention_backend
 
     hopper_without_gpu(tilelang)
     cuda = torch.device("cuda")
@@ -435,7 +435,7 @@ def test_auto_attention_backend_meets_the_dtype_bound(hopper_without_gpu, caplog
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_auto_linear_backend_meets_the_dtype_bound(hopper_without_gpu, dtype):
     """The linear-attention family's ``auto``: fla only for 16-bit inputs; by name fla runs any dtype."""
-    from mixers.backends import precision_auto_skips, select_backend
+    from hybridvl.mixers.backends import precision_auto_skips, select_backend
 
     hopper_without_gpu(True)
     cuda = torch.device("cuda")
@@ -452,7 +452,7 @@ def test_auto_linear_backend_meets_the_dtype_bound(hopper_without_gpu, dtype):
 def test_mixers_choose_kernels_by_the_dtype_the_kernels_see():
     """A float32 residual stream under bf16 autocast reaches the kernels as bfloat16 (the projections cast it),
     so ``auto`` judges precision by autocast's dtype there and by the input's own elsewhere."""
-    from mixers.base import kernel_dtype
+    from hybridvl.mixers.base import kernel_dtype
 
     x = torch.zeros(1, 4, 8)
     assert kernel_dtype(x) == torch.float32

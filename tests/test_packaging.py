@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import lit.cli
-from lit.cli import COMMANDS, PASS_COMMAND
+from hybridvl.lit import cli
+from hybridvl.lit.cli import COMMANDS, PASS_COMMAND
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGPARSE_COMMANDS = sorted(name for name in COMMANDS if name not in PASS_COMMAND)  # the rest are LightningCLI
@@ -43,13 +43,15 @@ NOT_IMPORTED = {
 def test_version_flag_prints_the_installed_version():
     expected = f"hybridvl {importlib.metadata.version('hybridvl')}"
     for flag in ("--version", "-V"):
-        result = subprocess.run([sys.executable, "-m", "lit.cli", flag], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "hybridvl.lit.cli", flag], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == expected
 
 
 def test_usage_mentions_version(capsys):
-    assert lit.cli.main([]) == 0
+    assert cli.main([]) == 0
     assert "--version" in capsys.readouterr().out
 
 
@@ -65,7 +67,7 @@ def command_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
         captured.append(self)
         raise ParsedError
 
-    monkeypatch.setattr(lit.cli.ArgumentParser, "parse_args", parse_args)
+    monkeypatch.setattr(cli.ArgumentParser, "parse_args", parse_args)
     module = importlib.import_module(COMMANDS[name][0])
     with pytest.raises(ParsedError):
         module.main([])
@@ -90,7 +92,7 @@ def test_every_option_has_help_and_shows_its_default(name, monkeypatch):
 
 def test_help_runs_for_every_command(capsys):
     for name in ARGPARSE_COMMANDS:
-        assert lit.cli.main([name, "--help"]) == 0, name
+        assert cli.main([name, "--help"]) == 0, name
         assert "(default:" in capsys.readouterr().out, name
 
 
@@ -149,7 +151,7 @@ def _copy_project(target: Path) -> None:
     for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy2(ROOT / name, target / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in ("lit", "mixers", "models", "vision"):
+    for package in ("hybridvl", "lit", "mixers", "models", "vision"):
         shutil.copytree(ROOT / package, target / package, ignore=ignore)
     shutil.copytree(ROOT / "experiments" / "tiny", target / "experiments" / "tiny")
 
@@ -173,29 +175,29 @@ def test_wheel_ships_the_quickstart_yamls(tmp_path):
     yamls = sorted(path.name for path in (ROOT / "experiments" / "tiny").glob("*.yaml"))
     assert yamls
     for name in yamls:
-        packaged = zipfile.ZipFile(wheel).read(f"lit/experiments/tiny/{name}")
+        packaged = zipfile.ZipFile(wheel).read(f"hybridvl/lit/experiments/tiny/{name}")
         assert packaged == (ROOT / "experiments" / "tiny" / name).read_bytes()
     assert not any(name.startswith(("model/", "experiments/", "tests/")) for name in names)
 
 
 def test_pipeline_finds_the_packaged_yamls_without_a_checkout(tmp_path, monkeypatch):
-    import lit.pipeline
+    from hybridvl.lit import pipeline
 
-    fake_lit = tmp_path / "site-packages" / "lit"
+    fake_lit = tmp_path / "site-packages" / "hybridvl" / "lit"
     shutil.copytree(ROOT / "experiments" / "tiny", fake_lit / "experiments" / "tiny")
-    monkeypatch.setattr(lit.pipeline, "__file__", str(fake_lit / "pipeline.py"))
-    found = lit.pipeline._experiments()
+    monkeypatch.setattr(pipeline, "__file__", str(fake_lit / "pipeline.py"))
+    found = pipeline._experiments()
     assert found == (fake_lit / "experiments" / "tiny").resolve()
-    assert {path.stem for path in found.glob("*.yaml")} >= set(lit.pipeline.STAGES)
+    assert {path.stem for path in found.glob("*.yaml")} >= set(pipeline.STAGES)
 
 
 def test_stages_log_progress_lines(tmp_path, monkeypatch):
-    import lit.pipeline
+    from hybridvl.lit import pipeline
 
     calls = []
-    monkeypatch.setattr(lit.pipeline, "train", calls.append)
-    lit.pipeline.run_stage("sft", tmp_path, 0.01)
-    assert "--trainer.callbacks+=lit.callbacks.StageProgress" in calls[0]
+    monkeypatch.setattr(pipeline, "train", calls.append)
+    pipeline.run_stage("sft", tmp_path, 0.01)
+    assert "--trainer.callbacks+=hybridvl.lit.callbacks.StageProgress" in calls[0]
     record = (tmp_path / "runs" / "sft" / "done.json").read_text()
     assert "StageProgress" not in record  # runs recorded before the progress lines still resume
 
@@ -203,7 +205,7 @@ def test_stages_log_progress_lines(tmp_path, monkeypatch):
 def test_stage_progress_writes_a_line_per_tenth(caplog):
     import torch
 
-    from lit.callbacks import StageProgress
+    from hybridvl.lit.callbacks import StageProgress
 
     trainer = SimpleNamespace(
         max_steps=100,

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit.ablation import kernels, load_study
-from lit.ablation.cells import Cell, model_config
-from lit.ablation.recall import QuerySet, RecallTrainer, evaluate, mqar_sets, train_recall_cell
-from lit.ablation.schema import Task, TrainSettings
-from lit.commands.ablate import main as ablate
-from models.hybrid import HybridVLM
+from hybridvl.lit.ablation import kernels, load_study
+from hybridvl.lit.ablation.cells import Cell, model_config
+from hybridvl.lit.ablation.recall import QuerySet, RecallTrainer, evaluate, mqar_sets, train_recall_cell
+from hybridvl.lit.ablation.schema import Task, TrainSettings
+from hybridvl.lit.commands.ablate import main as ablate
+from hybridvl.models.hybrid import HybridVLM
 
 ROOT = Path(__file__).resolve().parents[1]
 RECALL = ROOT / "experiments" / "ablations" / "recall.yaml"
@@ -89,7 +89,7 @@ def test_a_cell_stopped_part_way_resumes_to_the_same_result(tmp_path, monkeypatc
     sets = mqar_sets(TASK, settings, seed=0)
     whole = train_recall_cell(_model("D,D"), sets, settings, 3e-3, 0, tmp_path / "whole")
 
-    import lit.ablation.recall as recall
+    import hybridvl.lit.ablation.recall as recall
 
     real_evaluate, calls = recall.evaluate, []
 
@@ -110,7 +110,7 @@ def test_a_cell_stopped_part_way_resumes_to_the_same_result(tmp_path, monkeypatc
 
 
 def test_early_stop_ends_training_once_validation_reaches_it(tmp_path, monkeypatch):
-    import lit.ablation.recall as recall
+    import hybridvl.lit.ablation.recall as recall
 
     real_evaluate = recall.evaluate
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from media import make_test_video, render_text_image
 
-from models.chat import load_processor
-from models.convert import convert_directory
-from models.hybrid import HybridVLM
-from models.streaming import StreamingSession
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl.models.chat import load_processor
+from hybridvl.models.convert import convert_directory
+from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.streaming import StreamingSession
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_stream_command_answers_with_timings(student_dir, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "lit.cli",
+        "hybridvl.lit.cli",
         "stream",
         "--model",
         str(student_dir / "student"),

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from lit.data.encoding import encode
-from lit.data.synthetic import (
+from hybridvl.lit.data.encoding import encode
+from hybridvl.lit.data.synthetic import (
     COLOURS,
     DEFAULT_TASKS,
     DOCUMENT_NAMES,
@@ -29,9 +29,9 @@ from lit.data.synthetic import (
     VideoMemoryTask,
     build_task,
 )
-from lit.data.types import Conversation
-from models.chat import load_processor
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl.lit.data.types import Conversation
+from hybridvl.models.chat import load_processor
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 WINDOW = 32
 """The sliding window of the ablation models, in tokens: a query sees the keys fewer than this many positions back."""

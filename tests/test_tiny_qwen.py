@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.video_utils import VideoMetadata
 
-from models.tiny_qwen import (
+from hybridvl.models.tiny_qwen import (
     ADDED_TOKENS,
     SPECIAL_TOKENS,
     TinyQwenDims,

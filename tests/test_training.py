@@ -12,13 +12,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lit.callbacks import StepTimer
-from lit.commands.train import main as train_main
-from lit.datamodule import HybridDataModule
-from lit.modules import SFT, DistillEndToEnd, DistillLayerwise, HybridStage, LongSFT
-from models.convert import convert_directory
-from models.hybrid import HybridVLM
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl.lit.callbacks import StepTimer
+from hybridvl.lit.commands.train import main as train_main
+from hybridvl.lit.datamodule import HybridDataModule
+from hybridvl.lit.modules import SFT, DistillEndToEnd, DistillLayerwise, HybridStage, LongSFT
+from hybridvl.models.convert import convert_directory
+from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [{"type": "synthetic", "size_per_task": 20, "split": "train"}]
@@ -95,7 +95,7 @@ def test_distillation_checkpoints_leave_the_teacher_out_and_load_strictly(dirs):
     """The teacher's keys may be missing from a checkpoint (plain or FSDP-wrapped names); the student's may not."""
     from torch.nn.modules.module import _IncompatibleKeys
 
-    from lit.modules import _teacher_keys_may_be_missing
+    from hybridvl.lit.modules import _teacher_keys_may_be_missing
 
     module = DistillLayerwise(model=dirs["student"], teacher=dirs["teacher"])
     module.configure_model()
@@ -119,7 +119,7 @@ def test_distillation_checkpoints_leave_the_teacher_out_and_load_strictly(dirs):
 
 def test_export_from_gathered_weights_equals_the_student_and_checks_them(dirs, tmp_path):
     """The FSDP export path: a full state dict is checked against the config and written without a model."""
-    from models.checkpoint import CheckpointMismatchError
+    from hybridvl.models.checkpoint import CheckpointMismatchError
 
     stage = SFT(model=dirs["student"], generation_max_new_tokens=0)
     stage.configure_model()
@@ -291,7 +291,7 @@ def test_each_stage_trains_validates_and_exports(dirs, tmp_path, stage):
 
 def test_every_yaml_in_experiments_parses(capsys):
     """Stage configs through LightningCLI's --print_config; ablation studies through the study loader."""
-    from lit.ablation import expand, load_study
+    from hybridvl.lit.ablation import expand, load_study
 
     configs = sorted((ROOT / "experiments").rglob("*.yaml"))
     assert len(configs) >= 11
@@ -303,11 +303,11 @@ def test_every_yaml_in_experiments_parses(capsys):
             train_main(["fit", "--config", str(config), "--print_config"])
         assert exit_info.value.code in (0, None), config
         printed = capsys.readouterr().out
-        assert "class_path: lit.modules." in printed and "max_tokens:" in printed, config
+        assert "class_path: hybridvl.lit.modules." in printed and "max_tokens:" in printed, config
 
 
 def test_quickstart_runs_the_whole_pipeline_at_reduced_size(tmp_path, capsys):
-    from lit.commands.quickstart import main as quickstart
+    from hybridvl.lit.commands.quickstart import main as quickstart
 
     assert quickstart(["--out", str(tmp_path), "--scale", "0.01", "--val-size", "1"]) == 0
     printed = capsys.readouterr().out
@@ -328,7 +328,7 @@ def test_pipeline_stage_is_skipped_when_done_with_the_same_arguments_and_weights
     missing export train it again."""
     from safetensors.torch import save_file
 
-    from lit import pipeline
+    from hybridvl.lit import pipeline
 
     runs = []
 
@@ -362,7 +362,7 @@ def test_pipeline_stage_is_skipped_when_done_with_the_same_arguments_and_weights
 
 def test_conversion_is_reproducible_under_a_seed(tmp_path):
     """A stopped distillation cell resumes its stages only if re-converting the teacher gives the same student."""
-    from lit import pipeline
+    from hybridvl.lit import pipeline
 
     make_tiny_qwen2_5_vl(tmp_path / "qwen", seed=0, num_hidden_layers=4, vision_depth=1)
     digests = []
@@ -381,7 +381,7 @@ def test_an_optimizer_and_schedule_given_in_yaml_are_the_ones_used(dirs, tmp_pat
         "trainer: {accelerator: cpu, devices: 1, max_steps: 2, enable_progress_bar: false,\n"
         f"          limit_val_batches: 0, default_root_dir: {tmp_path / 'run'}}}\n"
         "model:\n"
-        "  class_path: lit.modules.SFT\n"
+        "  class_path: hybridvl.lit.modules.SFT\n"
         f"  init_args:\n    model: {dirs['student']}\n    export_dir: {tmp_path / 'export'}\n"
         "    generation_max_new_tokens: 0\n"
         "    optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.9, weight_decay: 0.01}}\n"
@@ -406,15 +406,15 @@ def test_an_optimizer_and_schedule_given_in_yaml_are_the_ones_used(dirs, tmp_pat
 
 
 def test_every_stage_logs_its_throughput_to_tensorboard(dirs, tmp_path):
-    from lit.commands.train import THROUGHPUT_WINDOW
-    from lit.evaluate import latest_run, read_scalars
+    from hybridvl.lit.commands.train import THROUGHPUT_WINDOW
+    from hybridvl.lit.evaluate import latest_run, read_scalars
 
     steps = THROUGHPUT_WINDOW + 2
     config = tmp_path / "stage.yaml"
     config.write_text(
         f"trainer: {{accelerator: cpu, devices: 1, max_steps: {steps}, log_every_n_steps: 1, "
         f"enable_progress_bar: false, limit_val_batches: 0, default_root_dir: {tmp_path / 'run'}}}\n"
-        f"model: {{class_path: lit.modules.SFT, init_args: {{model: {dirs['student']}, "
+        f"model: {{class_path: hybridvl.lit.modules.SFT, init_args: {{model: {dirs['student']}, "
         f"export_dir: {tmp_path / 'export'}, generation_max_new_tokens: 0}}}}\n"
         f"data: {{processor: {dirs['student']}, max_tokens: 256, train: {json.dumps(TRAIN)}}}\n"
     )

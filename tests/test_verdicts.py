@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lit.ablation.verdicts import Outcome, bootstrap_interval, combine, compare, estimate, reaches, tally
+from hybridvl.lit.ablation.verdicts import Outcome, bootstrap_interval, combine, compare, estimate, reaches, tally
 
 CHANCE = 1 / 64
 
@@ -70,7 +70,7 @@ def test_a_claim_over_several_settings_takes_every_telling_setting():
 
 
 def test_conjoin_is_refuted_by_any_part_and_reproduced_only_by_all():
-    from lit.ablation.verdicts import conjoin
+    from hybridvl.lit.ablation.verdicts import conjoin
 
     yes, no, open_, flat = Outcome.REPRODUCED, Outcome.REFUTED, Outcome.INCONCLUSIVE, Outcome.SATURATED
     assert conjoin([yes, yes, flat]) is yes

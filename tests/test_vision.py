@@ -16,7 +16,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-from vision import (
+from hybridvl.vision import (
     VideoInfo,
     VisionInputError,
     VisionPreprocessor,
@@ -474,8 +474,8 @@ GRIDS = [(1, 6, 6), (1, 12, 20), (3, 8, 4), (1, 6, 6), (1, 4, 10)]
 
 def _towers() -> tuple[torch.nn.Module, torch.nn.Module]:
     """Ours and transformers' plain SDPA tower, with the same weights."""
-    from models.tiny_qwen import init_tiny_vision_tower
-    from vision.tower import build_vision_tower
+    from hybridvl.models.tiny_qwen import init_tiny_vision_tower
+    from hybridvl.vision.tower import build_vision_tower
 
     torch.manual_seed(0)
     ours = build_vision_tower(TOWER)
@@ -494,7 +494,7 @@ def _run(tower: torch.nn.Module, pixels: torch.Tensor, grid: torch.Tensor, **tab
 
 
 def test_packed_tower_equals_transformers_tower_with_one_attention_call_per_chunk_length(monkeypatch):
-    from vision.tower import vision_inputs
+    from hybridvl.vision.tower import vision_inputs
 
     ours, plain = _towers()
     grid = torch.tensor(GRIDS)
@@ -517,7 +517,7 @@ def test_packed_tower_equals_transformers_tower_with_one_attention_call_per_chun
 
 
 def test_packed_vision_attention_refuses_what_it_does_not_compute():
-    from vision.tower import packed_vision_attention, vision_inputs
+    from hybridvl.vision.tower import packed_vision_attention, vision_inputs
 
     q = torch.randn(1, 2, 6, 8)
     cu = torch.tensor([0, 2, 6])
@@ -536,7 +536,7 @@ def test_packed_vision_attention_refuses_what_it_does_not_compute():
 
 @pytest.mark.gpu
 def test_packed_tower_equals_transformers_tower_on_cuda():
-    from vision.tower import vision_inputs
+    from hybridvl.vision.tower import vision_inputs
 
     ours, plain = (tower.cuda() for tower in _towers())
     grid = torch.tensor(GRIDS)

@@ -1,21 +1,21 @@
 """The Qwen2.5-VL vision front end: vision tower, image and video preprocessing, frame streaming.
 
-Names are imported on first use, so that a model (``vision.tower``) does not load the preprocessing stack.
+Names are imported on first use, so that a model (``hybridvl.vision.tower``) does not load the preprocessing stack.
 """
 
 import importlib
 from typing import Any
 
 _EXPORTS = {
-    "VideoInfo": "vision.video",
-    "VisionInputError": "vision.video",
-    "VisionPreprocessor": "vision.processing",
-    "build_vision_tower": "vision.tower",
-    "iter_video_frames": "vision.video",
-    "load_image": "vision.video",
-    "probe_video": "vision.video",
-    "read_video": "vision.video",
-    "vision_inputs": "vision.tower",
+    "VideoInfo": "hybridvl.vision.video",
+    "VisionInputError": "hybridvl.vision.video",
+    "VisionPreprocessor": "hybridvl.vision.processing",
+    "build_vision_tower": "hybridvl.vision.tower",
+    "iter_video_frames": "hybridvl.vision.video",
+    "load_image": "hybridvl.vision.video",
+    "probe_video": "hybridvl.vision.video",
+    "read_video": "hybridvl.vision.video",
+    "vision_inputs": "hybridvl.vision.tower",
 }
 
 __all__ = sorted(_EXPORTS)

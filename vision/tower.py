@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixers.ops.varlen import map_sequence_outputs
+from hybridvl.mixers.ops.varlen import map_sequence_outputs
 
 PACKED_VISION_ATTENTION = "packed_sdpa_flash_interface"
 """The name :func:`packed_vision_attention` is registered under (it holds "flash" for the reason above)."""

@@ -21,10 +21,10 @@ module                 what
     hybridvl ablate-report
 """
 
-from lit.ablation.cells import Cell, expand, model_config
-from lit.ablation.runner import run_cell, run_study, summarize
-from lit.ablation.schema import Arm, Study, StudyError, Task, TrainSettings, load_study
-from lit.ablation.verdicts import Estimate, Outcome, compare, estimate, reaches
+from hybridvl.lit.ablation.cells import Cell, expand, model_config
+from hybridvl.lit.ablation.runner import run_cell, run_study, summarize
+from hybridvl.lit.ablation.schema import Arm, Study, StudyError, Task, TrainSettings, load_study
+from hybridvl.lit.ablation.verdicts import Estimate, Outcome, compare, estimate, reaches
 
 __all__ = [
     "Arm",

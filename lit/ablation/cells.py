@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-import mixers
-from lit.ablation.schema import Arm, Study, StudyError, Task
-from lit.ablation.verdicts import SOLVED
-from models.config import HybridConfig
-from models.hybrid import HybridVLM
+from hybridvl import mixers
+from hybridvl.lit.ablation.schema import Arm, Study, StudyError, Task
+from hybridvl.lit.ablation.verdicts import SOLVED
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.ablation")
 

@@ -22,7 +22,7 @@ from filelock import FileLock
 
 logger = logging.getLogger("hybridvl.ablation")
 
-PACKAGES = ("fla", "mixers", "models")
+PACKAGES = ("fla", "hybridvl")
 """Top-level packages whose autotuned kernels are recorded."""
 KERNEL_CONFIGS = "kernel_configs.json"
 

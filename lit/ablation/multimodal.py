@@ -1,6 +1,6 @@
 """Cells of the multimodal tasks: the synthetic suite trained from scratch through the SFT stage (Lightning,
 checkpointed so a cell stopped part-way resumes), and the distillation track (a tiny Transformer teacher
-converted, distilled and fine-tuned by :mod:`lit.pipeline`)."""
+converted, distilled and fine-tuned by :mod:`hybridvl.lit.pipeline`)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from filelock import FileLock
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit.ablation.cells import Cell, matched_intermediate_size, model_config, prepare_run_dir
-from lit.ablation.schema import Study
-from lit.callbacks import StepTimer
-from lit.data.synthetic import SyntheticSuite
-from lit.datamodule import HybridDataModule
-from lit.modules import SFT
-from models.files import write_json
-from models.hybrid import HybridVLM
+from hybridvl.lit.ablation.cells import Cell, matched_intermediate_size, model_config, prepare_run_dir
+from hybridvl.lit.ablation.schema import Study
+from hybridvl.lit.callbacks import StepTimer
+from hybridvl.lit.data.synthetic import SyntheticSuite
+from hybridvl.lit.datamodule import HybridDataModule
+from hybridvl.lit.modules import SFT
+from hybridvl.models.files import write_json
+from hybridvl.models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.ablation")
 
@@ -69,7 +69,7 @@ class CellProgress(L.Callback):
 def vision_tower_config(d_model: int) -> dict[str, Any]:
     """The vision tower of synthetic cells: 2 blocks of width 64 on the tiny processor's patches, its merged
     features ``d_model`` wide."""
-    from models.tiny_qwen import TinyQwenDims
+    from hybridvl.models.tiny_qwen import TinyQwenDims
 
     dims = TinyQwenDims()
     return dict(
@@ -90,7 +90,7 @@ def vision_tower_config(d_model: int) -> dict[str, Any]:
 @functools.cache
 def _processor(directory: Path):
     """The study's tiny Qwen2.5-VL processor (loaded once)."""
-    from models.chat import load_processor
+    from hybridvl.models.chat import load_processor
 
     return load_processor(directory)
 
@@ -134,7 +134,7 @@ def run_synthetic_cell(
         logger.info("%s: resuming from %s", cell_id, checkpoint)
     else:
         checkpoint = None
-        from models.tiny_qwen import init_tiny_vision_tower
+        from hybridvl.models.tiny_qwen import init_tiny_vision_tower
 
         model = HybridVLM(config)
         init_tiny_vision_tower(model.visual)
@@ -210,8 +210,8 @@ def _test_scores(study: Study, cell: Cell, model_dir: Path) -> dict[str, Any]:
     """The trained model on the held-out test split (the same samples for every cell of the task): greedy exact
     match per task (``per_task``) and its mean (``accuracy``, what the tables report), and the mean exact match
     of each of the task's ``eval_sets`` (``eval_sets``: name -> the same keys); ``chance`` is each task's score
-    without looking at the media (:attr:`~lit.data.synthetic.SyntheticTask.chance`)."""
-    from lit.evaluate import evaluate
+    without looking at the media (:attr:`~hybridvl.lit.data.synthetic.SyntheticTask.chance`)."""
+    from hybridvl.lit.evaluate import evaluate
 
     train, task = study.train_for(cell.task), cell.task
     test = {"type": "synthetic", "split": "test", "size_per_task": train.test_size}
@@ -232,11 +232,11 @@ DISTILL_SUITE = {"type": "synthetic", "image_size": 84}
 def run_distillation_cell(study: Study, cell: Cell, out: Path) -> dict[str, Any]:
     """The initialisation track: a tiny Transformer teacher trained on the synthetic suite (one per seed, shared
     by the cells), converted to the cell's layout with the task's initialisation and distilled layer-wise (Stage I
-    alone) for the task's ``stage1_steps``, by :mod:`lit.pipeline` on the device every cell trains on. Measured
+    alone) for the task's ``stage1_steps``, by :mod:`hybridvl.lit.pipeline` on the device every cell trains on. Measured
     after Stage I: against the teacher on the validation split (:func:`stage1_measures`) and by greedy exact match
     on the test split, with the teacher's own test scores and each task's chance beside."""
-    from lit.evaluate import evaluate
-    from lit.pipeline import STEPS, distill_student, train_teacher
+    from hybridvl.lit.evaluate import evaluate
+    from hybridvl.lit.pipeline import STEPS, distill_student, train_teacher
 
     train, init = study.train_for(cell.task), cell.task.get("init")
     steps = cell.task.get("stage1_steps", STEPS["distill_layerwise"])
@@ -281,7 +281,7 @@ TEACHER_SCORES = "test_scores.json"
 def _teacher_scores(path: Path, teacher: Path, sources: list[dict[str, Any]]) -> dict[str, float]:
     """The teacher's test scores, computed by the first cell of its seed that asks for these sources and read
     back by the others (the caller holds the teacher's lock)."""
-    from lit.evaluate import evaluate
+    from hybridvl.lit.evaluate import evaluate
 
     if path.is_file() and (saved := json.loads(path.read_text()))["sources"] == sources:
         return saved["per_task"]
@@ -296,9 +296,9 @@ def stage1_measures(student_dir: Path, teacher_dir: Path, sources: list[dict[str
     the teacher's input to that layer against the teacher layer's output, averaged over layers (Stage I's own
     objective, without its scale), and ``kl``, KL(teacher || student) of the next-token distributions at
     temperature 1 with the student running on its own hidden states."""
-    from lit.datamodule import HybridDataModule
-    from lit.losses import distillation_kl
-    from models.convert import load_teacher
+    from hybridvl.lit.datamodule import HybridDataModule
+    from hybridvl.lit.losses import distillation_kl
+    from hybridvl.models.convert import load_teacher
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(teacher_dir).to(device).eval()

@@ -1,7 +1,7 @@
 """The multimodal studies' part of ``RESULTS.md``: per-task tables and figures of the synthetic-suite studies, and
-InfiniteVL's architecture claims judged with :mod:`lit.ablation.verdicts` (Reproduced / Refuted / Inconclusive /
-Saturated on 95% bootstrap intervals over seeds, at each arm's learning rate chosen on validation, scored on the
-test split).
+InfiniteVL's architecture claims judged with :mod:`hybridvl.lit.ablation.verdicts` (Reproduced / Refuted / Inconclusive
+/ Saturated on 95% bootstrap intervals over seeds, at each arm's learning rate chosen on validation, scored on the test
+split).
 
 Arms are read by their layouts, whatever they are called: a *hybrid* stacks ``S`` layers with one other mixer
 kind (``S,D,D,D``), a *pure* stack one kind alone (``D x4``), a *window-only* stack ``S`` alone. Claims:
@@ -11,7 +11,7 @@ kind (``S,D,D,D``), a *pure* stack one kind alone (``D x4``), a *window-only* st
 * A hybrid beats the same mixer without attention (pure stack of the same depth).
 * More SWA helps with diminishing returns (layouts of ``S`` and ``D`` of one depth at several SWA shares below 1):
   the first share above 0 beats share 0, no further gain lies wholly below zero, and the first gain lies above
-  the last, all three (:func:`~lit.ablation.verdicts.conjoin`).
+  the last, all three (:func:`~hybridvl.lit.ablation.verdicts.conjoin`).
 * Window-only stacks answer a video cue inside one window and within what their stacked windows reach, but not
   beyond that reach, where models with recurrent layers still answer (``eval_sets`` named
   :data:`INSIDE_WINDOW`, :data:`WITHIN_REACH`, :data:`BEYOND_REACH`).
@@ -30,16 +30,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mixers
-from lit.ablation.plots import plot_estimates, pyplot
-from lit.ablation.runner import format_bytes, rows_table, summarize
-from lit.ablation.verdicts import CEILING, Claim, Estimate, Outcome, compare, conjoin, estimate
+from hybridvl import mixers
+from hybridvl.lit.ablation.plots import plot_estimates, pyplot
+from hybridvl.lit.ablation.runner import format_bytes, rows_table, summarize
+from hybridvl.lit.ablation.verdicts import CEILING, Claim, Estimate, Outcome, compare, conjoin, estimate
 
 TEXT_RICH = "document"
-"""The synthetic task whose evidence lies beyond a sliding window (:class:`~lit.data.synthetic.DocumentTask`)."""
+"""The synthetic task whose evidence lies beyond a sliding window
+(:class:`~hybridvl.lit.data.synthetic.DocumentTask`)."""
 INSIDE_WINDOW, WITHIN_REACH, BEYOND_REACH = "inside_window", "within_reach", "beyond_reach"
-"""Names of the video-memory eval sets of the three regimes: the cue inside one window; between one window and
-what the window-only stack's layers reach together; beyond that reach."""
+"""Names of the video-memory eval sets of the three regimes: the cue inside one window; between one window and what the
+window-only stack's layers reach together; beyond that reach."""
 NO_SATURATION = {"chance": -math.inf, "ceiling": math.inf}
 """Margins and gains are differences: no chance or ceiling applies to them."""
 
@@ -115,7 +116,7 @@ class ArmResult:
 
 def chosen_arms(cells: list[dict[str, Any]]) -> dict[str, ArmResult]:
     """Every arm of a study's synthetic cells at its chosen learning rate
-    (:func:`lit.ablation.runner.summarize`)."""
+    (:func:`hybridvl.lit.ablation.runner.summarize`)."""
     cells = [cell for cell in cells if "per_task" in cell]
     best = {(row["task"], row["arm"]): row["best_learning_rate"] for row in summarize(cells)}
     arms: dict[str, ArmResult] = {}

@@ -1,12 +1,12 @@
 """What the ablation reports' figures share: matplotlib without a display, and points drawn with their 95%
-bootstrap intervals (:class:`~lit.ablation.verdicts.Estimate`)."""
+bootstrap intervals (:class:`~hybridvl.lit.ablation.verdicts.Estimate`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from lit.ablation.verdicts import Estimate
+from hybridvl.lit.ablation.verdicts import Estimate
 
 
 def pyplot():

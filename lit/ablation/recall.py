@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lit.ablation.schema import Task, TrainSettings
-from lit.data.mqar import MQARDataset
-from lit.modules import decays, warmup_cosine
-from models.hybrid import HybridVLM
+from hybridvl.lit.ablation.schema import Task, TrainSettings
+from hybridvl.lit.data.mqar import MQARDataset
+from hybridvl.lit.modules import decays, warmup_cosine
+from hybridvl.models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.ablation")
 

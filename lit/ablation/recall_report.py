@@ -1,6 +1,6 @@
 """The recall study's part of ``RESULTS.md``: accuracy against recurrent state bytes, recall by query-to-key
 distance for the windowed hybrids, learning curves, and the literature's recall claims judged with
-:mod:`lit.ablation.verdicts`.
+:mod:`hybridvl.lit.ablation.verdicts`.
 
 Arms are grouped into panels of the same task, depth and MLP setting. Within a panel an arm's *family* is the
 mixer kind it stacks (``D``, ``M``, ``G``, ``L``, ``L-textbook`` for ``L`` with the textbook options, ``A`` for
@@ -19,10 +19,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import mixers
-from lit.ablation.plots import plot_estimates, pyplot
-from lit.ablation.runner import format_bytes, summarize
-from lit.ablation.verdicts import SOLVED, Claim, Estimate, compare, estimate, reaches
+from hybridvl import mixers
+from hybridvl.lit.ablation.plots import plot_estimates, pyplot
+from hybridvl.lit.ablation.runner import format_bytes, summarize
+from hybridvl.lit.ablation.verdicts import SOLVED, Claim, Estimate, compare, estimate, reaches
 
 COLOURS = {"D": "tab:red", "M": "tab:blue", "G": "tab:green", "L": "tab:purple", "L-textbook": "tab:brown",
            "A": "black", "S": "grey"}  # fmt: skip
@@ -40,7 +40,7 @@ def family(cell: dict[str, Any]) -> str:
         return "+".join(linear)
     (kind,) = linear
     if kind == "L":
-        from mixers.linear import LinearAttention
+        from hybridvl.mixers.linear import LinearAttention
 
         options = cell.get("settings", {}).get("mixer_options", {}).get("L", {})
         if all(options.get(key) == value for key, value in LinearAttention.TEXTBOOK.items()):
@@ -77,7 +77,8 @@ class ArmScore:
 
 
 def arm_scores(cells: list[dict[str, Any]]) -> dict[tuple[str, int, bool], list[ArmScore]]:
-    """Per panel, every arm at every size, at its chosen learning rate (:func:`lit.ablation.runner.summarize`)."""
+    """Per panel, every arm at every size, at its chosen learning rate
+    (:func:`hybridvl.lit.ablation.runner.summarize`)."""
     rows = {(row["task"], row["arm"], row["size"], row["d_model"]): row for row in summarize(cells)}
     grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:

@@ -13,9 +13,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lit.ablation.multimodal_report import multimodal_claims, multimodal_section
-from lit.ablation.recall_report import recall_claims, recall_section
-from lit.ablation.runner import INVOCATIONS, OTHER_RUNS, rows_table, summarize
+from hybridvl.lit.ablation.multimodal_report import multimodal_claims, multimodal_section
+from hybridvl.lit.ablation.recall_report import recall_claims, recall_section
+from hybridvl.lit.ablation.runner import INVOCATIONS, OTHER_RUNS, rows_table, summarize
 
 
 def load_cells(study_dir: Path) -> list[dict[str, Any]]:
@@ -188,7 +188,7 @@ def write_report(results: Path, out: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from lit.cli import ArgumentParser
+    from hybridvl.lit.cli import ArgumentParser
 
     parser = ArgumentParser(prog="hybridvl ablate-report", description=__doc__)
     parser.add_argument(

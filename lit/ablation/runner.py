@@ -31,9 +31,9 @@ from typing import Any
 import lightning as L
 import torch
 
-import mixers
-from lit.ablation import kernels
-from lit.ablation.cells import (
+from hybridvl import mixers
+from hybridvl.lit.ablation import kernels
+from hybridvl.lit.ablation.cells import (
     Cell,
     cell_settings,
     choose_learning_rate,
@@ -42,10 +42,10 @@ from lit.ablation.cells import (
     model_config,
     prepare_run_dir,
 )
-from lit.ablation.recall import mqar_sets, train_recall_cell
-from lit.ablation.schema import Study, import_plugins, load_study
-from lit.ablation.verdicts import estimate
-from models.hybrid import HybridVLM
+from hybridvl.lit.ablation.recall import mqar_sets, train_recall_cell
+from hybridvl.lit.ablation.schema import Study, import_plugins, load_study
+from hybridvl.lit.ablation.verdicts import estimate
+from hybridvl.models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.ablation")
 
@@ -107,11 +107,11 @@ def run_cell(
             kernel_record = json.loads(path.read_text()) if path.is_file() else {}
         measured = run_recall_cell(study, cell, out, kernel_record, concurrent_cells)
     elif cell.task.type == "synthetic":
-        from lit.ablation.multimodal import run_synthetic_cell
+        from hybridvl.lit.ablation.multimodal import run_synthetic_cell
 
         measured = run_synthetic_cell(study, cell, out, processor_dir, concurrent_cells)
     else:
-        from lit.ablation.multimodal import run_distillation_cell
+        from hybridvl.lit.ablation.multimodal import run_distillation_cell
 
         measured = run_distillation_cell(study, cell, out)
     settings = cell_settings(study, cell)
@@ -130,7 +130,7 @@ def run_cell(
 def run_recall_cell(
     study: Study, cell: Cell, out: Path, kernel_record: kernels.Record, concurrent_cells: int
 ) -> dict[str, Any]:
-    """Train an MQAR cell (:mod:`lit.ablation.recall`) on the GPU when there is one, and measure its model."""
+    """Train an MQAR cell (:mod:`hybridvl.lit.ablation.recall`) on the GPU when there is one, and measure its model."""
     cell_id, train = cell.id(study), study.train_for(cell.task)
     run_dir = out / "runs" / cell_id
     prepare_run_dir(study, cell, run_dir)
@@ -185,7 +185,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 def finished_results(study: Study, out: Path, cells: list[Cell], quiet: bool = False) -> dict[str, dict[str, Any]]:
     """The results in ``out/cells`` of ``cells`` trained with the study's current settings (see
-    :func:`lit.ablation.cells.cell_settings`); a cell recorded with other settings is left out, to run again."""
+    :func:`hybridvl.lit.ablation.cells.cell_settings`); a cell recorded with other settings is left out, to run
+    again."""
     found = {}
     for cell in cells:
         cell_id = cell.id(study)
@@ -266,7 +267,7 @@ def run_study(
     out = Path(out) if out else (default_out / OTHER_RUNS / "repeat" if repeat else default_out)
     processor_dir = out / "processor"
     if any(task.type == "synthetic" for task in study.tasks) and not processor_dir.is_dir():
-        from models.tiny_qwen import make_tiny_qwen2_5_vl
+        from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
         make_tiny_qwen2_5_vl(processor_dir)
 
@@ -429,7 +430,7 @@ def _start_worker(log_level: int, threads: int) -> None:
     """Set up a process that trains cells: the study's log lines (a spawned process starts without the parent's
     logging setup) and its share of the CPU threads (each process would otherwise start a thread per core, and
     many processes' threads contending for the cores slow the CPU work of every step)."""
-    from lit.cli import show_project_logs
+    from hybridvl.lit.cli import show_project_logs
 
     show_project_logs(log_level)
     torch.set_num_threads(threads)
@@ -483,7 +484,8 @@ def _logged_invocation(out: Path, workers: int) -> Iterator[dict[str, Any]]:
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per group (arm at one size, task, width): the learning rate chosen on validation accuracy
-    (:func:`lit.ablation.cells.choose_learning_rate`; cells without a validation score choose on their accuracy),
+    (:func:`hybridvl.lit.ablation.cells.choose_learning_rate`; cells without a validation score choose on their
+    accuracy),
     and at it the test accuracy over seeds with its bootstrap interval and solved seeds, state size and the mean
     steady-state step time (with how many cells shared the device at most)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}

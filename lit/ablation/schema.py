@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-import mixers
+from hybridvl import mixers
 
 
 class StudyError(ValueError):
@@ -185,7 +185,7 @@ class Arm:
 
     Attributes:
         name: shown in tables and figures, and part of cell ids.
-        layout: the layout string (:func:`mixers.parse_layout`).
+        layout: the layout string (:func:`hybridvl.mixers.parse_layout`).
         mixer_options: mixer letter -> options for every size.
         sizes: one entry per model size, each ``letter -> options`` merged over ``mixer_options``; empty for one
             size.
@@ -248,7 +248,8 @@ class Task:
 
     @property
     def suite_options(self) -> dict[str, Any]:
-        """A synthetic task's options for :class:`~lit.data.synthetic.SyntheticSuite` (without ``eval_sets``)."""
+        """A synthetic task's options for :class:`~hybridvl.lit.data.synthetic.SyntheticSuite` (without
+        ``eval_sets``)."""
         return {key: value for key, value in self.options if key != "eval_sets"}
 
     @property
@@ -270,12 +271,12 @@ class Task:
 
 def _task_option_names(kind: str) -> tuple[str, ...]:
     if kind == "mqar":
-        from lit.data.mqar import MQARDataset
+        from hybridvl.lit.data.mqar import MQARDataset
 
         skip = {"self", "num_examples", "seed"}
         return tuple(name for name in inspect.signature(MQARDataset).parameters if name not in skip)
     if kind == "synthetic":
-        from lit.data.synthetic import SyntheticSuite
+        from hybridvl.lit.data.synthetic import SyntheticSuite
 
         skip = {"self", "seed", "split"}
         return (*(name for name in inspect.signature(SyntheticSuite).parameters if name not in skip), "eval_sets")
@@ -335,7 +336,7 @@ def load_study(path: str | Path, smoke: bool = False) -> Study:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise StudyError(f"{path} is not valid YAML: {error}") from None
-    from lit.ablation.cells import check_models
+    from hybridvl.lit.ablation.cells import check_models
 
     try:
         study = parse_study(raw, smoke)
@@ -524,7 +525,7 @@ def _task(raw: Any, where: str, arms: tuple[Arm, ...], train: TrainSettings) -> 
 def _check_task_options(kind: str, options: dict[str, Any], where: str) -> None:
     """Build the task's data once, small, so a bad option fails here rather than in a cell."""
     if kind == "mqar":
-        from lit.data.mqar import MQARDataset
+        from hybridvl.lit.data.mqar import MQARDataset
 
         try:
             MQARDataset(**options, num_examples=1, seed=0)
@@ -537,7 +538,7 @@ def _check_task_options(kind: str, options: dict[str, Any], where: str) -> None:
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise _fail(f"{where}.stage1_steps", f"Stage I's steps are a positive integer, got {steps!r}")
     else:
-        from lit.data.synthetic import SyntheticSuite
+        from hybridvl.lit.data.synthetic import SyntheticSuite
 
         suite = {key: value for key, value in options.items() if key != "eval_sets"}
         try:

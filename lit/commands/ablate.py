@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lit.ablation.runner import run_study, summary_markdown
-from lit.cli import ArgumentParser, HelpFormatter, run_command
+from hybridvl.lit.ablation.runner import run_study, summary_markdown
+from hybridvl.lit.cli import ArgumentParser, HelpFormatter, run_command
 
 
 def main(argv: list[str]) -> int:
     """Run the study ``argv`` names; a bad study, config path or option is reported in one line with status 2, also
-    when this is called as a function (through :func:`lit.cli.run_command`)."""
+    when this is called as a function (through :func:`hybridvl.lit.cli.run_command`)."""
     return run_command("hybridvl ablate", _ablate, argv)
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 
-from lit.cli import ArgumentParser
-from models.convert import INITS, convert_directory
+from hybridvl.lit.cli import ArgumentParser
+from hybridvl.models.convert import INITS, convert_directory
 
 
 def main(argv: list[str]) -> int:

@@ -14,9 +14,9 @@ import time
 import torch
 from tqdm import tqdm
 
-import mixers
-from lit.cli import ArgumentParser
-from lit.commands.layout import format_bytes
+from hybridvl import mixers
+from hybridvl.lit.cli import ArgumentParser
+from hybridvl.lit.commands.layout import format_bytes
 
 # small, CPU-friendly shapes; every kind keeps its structure
 DEMO_OPTIONS = {

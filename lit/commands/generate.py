@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from lit.cli import ArgumentParser, device_argument, dtype_argument
-from models.chat import chat_inputs, load_processor, vision_kwargs
-from models.generation import check_generation_options
-from models.hybrid import HybridVLM
-from vision import load_image, read_video
+from hybridvl.lit.cli import ArgumentParser, device_argument, dtype_argument
+from hybridvl.models.chat import chat_inputs, load_processor, vision_kwargs
+from hybridvl.models.generation import check_generation_options
+from hybridvl.models.hybrid import HybridVLM
+from hybridvl.vision import load_image, read_video
 
 logger = logging.getLogger("hybridvl.generate")
 

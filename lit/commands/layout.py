@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-import mixers
-from lit.cli import ArgumentParser, dtype_argument
+from hybridvl import mixers
+from hybridvl.lit.cli import ArgumentParser, dtype_argument
 
 logger = logging.getLogger("hybridvl.layout")
 

@@ -7,9 +7,9 @@
    each through ``hybridvl fit``;
 6. validate teacher and student per task and print the table with their cache memory.
 
-Each stage logs a line every 10% of its steps: step, loss, time elapsed and left (:class:`lit.callbacks.StageProgress`).
-TensorBoard logs land in ``<out>/runs``, the loss curves in ``<out>/loss_curves.png``, the table in
-``<out>/results.json``.
+Each stage logs a line every 10% of its steps: step, loss, time elapsed and left
+(:class:`hybridvl.lit.callbacks.StageProgress`). TensorBoard logs land in ``<out>/runs``, the loss curves in
+``<out>/loss_curves.png``, the table in ``<out>/results.json``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from lit.cli import ArgumentParser
-from lit.evaluate import evaluate, plot_losses
-from lit.pipeline import STAGES, distill_student, train_teacher
-from models.hybrid import HybridVLM
+from hybridvl.lit.cli import ArgumentParser
+from hybridvl.lit.evaluate import evaluate, plot_losses
+from hybridvl.lit.pipeline import STAGES, distill_student, train_teacher
+from hybridvl.models.hybrid import HybridVLM
 
 VAL = [{"type": "synthetic", "size_per_task": 25, "split": "val", "image_size": 84}]
 

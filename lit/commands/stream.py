@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from lit.cli import ArgumentParser, device_argument
-from lit.commands.generate import load_model
-from lit.commands.layout import format_bytes
-from models.chat import load_processor
-from models.generation import check_generation_options
-from models.streaming import StreamingSession
-from vision import iter_video_frames
+from hybridvl.lit.cli import ArgumentParser, device_argument
+from hybridvl.lit.commands.generate import load_model
+from hybridvl.lit.commands.layout import format_bytes
+from hybridvl.models.chat import load_processor
+from hybridvl.models.generation import check_generation_options
+from hybridvl.models.streaming import StreamingSession
+from hybridvl.vision import iter_video_frames
 
 
 def parse_ask(text: str) -> tuple[int, str]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lit.cli import ArgumentParser
-from models.tiny_qwen import make_tiny_qwen2_5_vl
+from hybridvl.lit.cli import ArgumentParser
+from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
 
 def main(argv: list[str]) -> int:

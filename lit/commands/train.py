@@ -4,16 +4,16 @@
     hybridvl fit --config experiments/infinitevl/distill_layerwise.yaml --print_config
     hybridvl fit --config experiments/tiny/sft.yaml --ckpt_path runs/sft/checkpoints/last.ckpt   # resume
 
-The model is any :class:`lit.modules.HybridStage` (``model.class_path: lit.modules.SFT`` ...), the data a
-:class:`lit.datamodule.HybridDataModule`. Every run saves its resolved config, logs to TensorBoard, shows a
-progress bar and checkpoints every ``checkpoint.every_n_train_steps`` steps (plus ``last.ckpt``, each written
+The model is any :class:`hybridvl.lit.modules.HybridStage` (``model.class_path: hybridvl.lit.modules.SFT`` ...), the
+data a :class:`hybridvl.lit.datamodule.HybridDataModule`. Every run saves its resolved config, logs to TensorBoard,
+shows a progress bar and checkpoints every ``checkpoint.every_n_train_steps`` steps (plus ``last.ckpt``, each written
 atomically), resumable mid-epoch with ``--ckpt_path``.
 
 ``fit`` succeeds only when the stage finished and exported its student: a run stopped by SIGTERM (or one that
 ended without its export) raises :class:`StageIncompleteError`, so the command exits non-zero and a chain
 ``hybridvl fit a && hybridvl fit b`` stops. Resuming it with ``--ckpt_path`` finishes it and exports, also from a
 checkpoint of the last step. A ``--ckpt_path`` that another run wrote is refused
-(:class:`lit.modules.ForeignCheckpointError`) unless ``--model.init_args.resume_other_run true``.
+(:class:`hybridvl.lit.modules.ForeignCheckpointError`) unless ``--model.init_args.resume_other_run true``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit.data.types import PackedBatch
-from lit.datamodule import HybridDataModule
-from lit.modules import HybridStage
+from hybridvl.lit.data.types import PackedBatch
+from hybridvl.lit.datamodule import HybridDataModule
+from hybridvl.lit.modules import HybridStage
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -60,7 +60,7 @@ class HybridCLI(LightningCLI):
         """Keep the model the config names. LightningCLI would replace its arguments by the hyperparameters stored
         in ``--ckpt_path``, so that a checkpoint of another run silently trained that run's model and exported it
         into that run's folder; instead the stage checks that the checkpoint is this run's
-        (:meth:`lit.modules.HybridStage.on_load_checkpoint`)."""
+        (:meth:`hybridvl.lit.modules.HybridStage.on_load_checkpoint`)."""
 
     def fit(self, model: HybridStage, **kwargs: Any) -> None:
         """``Trainer.fit``, then the check that the stage finished and exported.

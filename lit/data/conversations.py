@@ -40,8 +40,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lit.data.types import Conversation
-from vision import VisionInputError, load_image, probe_video, read_video
+from hybridvl.lit.data.types import Conversation
+from hybridvl.vision import VisionInputError, load_image, probe_video, read_video
 
 __all__ = ["ConversationDataset", "DataError"]
 
@@ -171,8 +171,8 @@ class ConversationDataset(Dataset[Conversation]):
     """The conversations of one LLaVA / ShareGPT JSON or JSONL file (format in the module docstring).
 
     The file is read and every record validated at construction (media files are not opened then); media are
-    decoded in :meth:`__getitem__`: images with :func:`vision.load_image`, videos with :func:`vision.read_video`
-    sampled at ``video_fps``.
+    decoded in :meth:`__getitem__`: images with :func:`hybridvl.vision.load_image`, videos with
+    :func:`hybridvl.vision.read_video` sampled at ``video_fps``.
 
     Bad data raises :class:`DataError` naming the file and the record index (0-based, counting every record
     including bad ones; JSONL messages add the line number): a file that is not valid JSON / JSONL, a record that
@@ -250,7 +250,7 @@ class ConversationDataset(Dataset[Conversation]):
         Image items are ``{"type": "image", "image_size": (height, width)}``, video items ``{"type": "video",
         "video_shape": (frames, height, width), "fps": video_fps}`` where ``frames`` is the number
         :meth:`__getitem__` samples (exact for constant-frame-rate videos). Use it with
-        :func:`lit.data.encoding.count_tokens` to get lengths without decoding pixels. The conversation's
+        :func:`hybridvl.lit.data.encoding.count_tokens` to get lengths without decoding pixels. The conversation's
         ``images`` and ``videos`` properties do not apply. Bad records are handled as in :meth:`__getitem__`, but
         only media whose headers are unreadable are found bad here.
         """

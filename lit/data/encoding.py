@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from lit.data.conversations import DataError
-from lit.data.types import Conversation, Sample
-from models.chat import VISION_KEYS
+from hybridvl.lit.data.conversations import DataError
+from hybridvl.lit.data.types import Conversation, Sample
+from hybridvl.models.chat import VISION_KEYS
 
 __all__ = ["IGNORE_INDEX", "count_tokens", "encode"]
 
@@ -71,7 +71,7 @@ def encode(conversation: Conversation, processor: Any, max_length: int | None = 
 
     Args:
         conversation: messages as :class:`Conversation` describes, ending with an assistant turn.
-        processor: the checkpoint's ``Qwen2_5_VLProcessor`` (:func:`models.chat.load_processor`).
+        processor: the checkpoint's ``Qwen2_5_VLProcessor`` (:func:`hybridvl.models.chat.load_processor`).
         max_length: the most tokens a sample may have; no limit when ``None``.
         truncate: what to do with a longer sample: ``False`` raises :class:`DataError`; ``True`` cuts it to
             ``max_length`` tokens, which is allowed only when the cut falls inside the last assistant reply (the

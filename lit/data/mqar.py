@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lit.data.types import Sample
+from hybridvl.lit.data.types import Sample
 
 
 class MQARDataset(Dataset):

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from lit.data.conversations import ConversationDataset
-from lit.data.encoding import IGNORE_INDEX, count_tokens
-from lit.data.types import PackedBatch, Sample
-from models.chat import VISION_KEYS
+from hybridvl.lit.data.conversations import ConversationDataset
+from hybridvl.lit.data.encoding import IGNORE_INDEX, count_tokens
+from hybridvl.lit.data.types import PackedBatch, Sample
+from hybridvl.models.chat import VISION_KEYS
 
 __all__ = ["LengthGroupedBatchSampler", "collate", "greedy_pack", "lengths", "pack"]
 
@@ -144,12 +144,13 @@ def greedy_pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 def lengths(dataset: ConversationDataset, processor: Any) -> list[int]:
-    """The token count :func:`~lit.data.encoding.encode` gives each conversation of ``dataset`` (before truncation).
+    """The token count :func:`~hybridvl.lit.data.encoding.encode` gives each conversation of ``dataset`` (before
+    truncation).
 
     No encoding and no pixel decoding: the text of each record is rendered and tokenized, and each image or video
-    adds the tokens its size gives (:meth:`ConversationDataset.outline`, :func:`~lit.data.encoding.count_tokens`),
-    which costs one header read per media file. Exact for images and constant-frame-rate videos. Cache the result
-    for large datasets.
+    adds the tokens its size gives (:meth:`ConversationDataset.outline`,
+    :func:`~hybridvl.lit.data.encoding.count_tokens`), which costs one header read per media file. Exact for images and
+    constant-frame-rate videos. Cache the result for large datasets.
     """
     return [count_tokens(dataset.outline(index), processor) for index in range(len(dataset))]
 

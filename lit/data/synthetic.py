@@ -2,11 +2,10 @@
 
 Nothing is downloaded: every sample is drawn with PIL from its own :class:`random.Random`, seeded from
 ``(seed, split, task, index)`` (the global random states are never touched), so the same ``(seed, split, index)``
-gives the same :class:`~lit.data.types.Conversation`, with bit-identical pixels, in every process and worker (for
-given Python and Pillow versions: neither promises its sampling methods or glyph rasterisation across versions).
-Images are small squares (default 56 x 56: 2 x 2 merged tokens of Qwen2.5-VL's 14-pixel patches; document pages
-224 x 224: 8 x 8 tokens), the glyphs and shapes big and plain, the answer spaces small and every answer one word or
-number.
+gives the same :class:`~hybridvl.lit.data.types.Conversation`, with bit-identical pixels, in every process and worker
+(for given Python and Pillow versions: neither promises its sampling methods or glyph rasterisation across versions).
+Images are small squares (default 56 x 56: 2 x 2 merged tokens of Qwen2.5-VL's 14-pixel patches; document pages 224 x
+224: 8 x 8 tokens), the glyphs and shapes big and plain, the answer spaces small and every answer one word or number.
 
 Each conversation has one user turn (the image or video first, then the question) and one assistant turn (the
 answer); ``task`` is the task's name, ``answer`` the answer string, ``source`` ``"synthetic:<task>:<split>:<i>"``
@@ -76,7 +75,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
-from lit.data.types import Conversation
+from hybridvl.lit.data.types import Conversation
 
 __all__ = [
     "COLOURS",

@@ -1,8 +1,8 @@
 """The data types every source and stage share.
 
-A source yields :class:`Conversation` objects (messages with decoded media); :func:`lit.data.encoding.encode`
+A source yields :class:`Conversation` objects (messages with decoded media); :func:`hybridvl.lit.data.encoding.encode`
 turns one into a :class:`Sample` (tokens, assistant-only labels, vision tensors) with the checkpoint's
-processor; :func:`lit.data.packing.pack` concatenates samples into a :class:`PackedBatch` that the model
+processor; :func:`hybridvl.lit.data.packing.pack` concatenates samples into a :class:`PackedBatch` that the model
 runs as one packed row (``cu_seqlens``).
 """
 
@@ -28,7 +28,7 @@ class Conversation:
         source: where it came from (``"data.json:17"``), quoted in errors.
         meta: facts about the sample to group metrics by, such as the lines of a synthetic ``document`` page that
             hold the answer or the frames between a ``video_memory`` cue and the question (see
-            :mod:`lit.data.synthetic`); empty when the source records none.
+            :mod:`hybridvl.lit.data.synthetic`); empty when the source records none.
     """
 
     messages: list[dict]

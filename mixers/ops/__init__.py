@@ -3,12 +3,12 @@
 Each takes ``backend="auto" | "torch" | <kernel backend>``; the PyTorch forms are the reference.
 """
 
-from mixers.ops.attention import attention_over_positions, causal_attention, decode_attention
-from mixers.ops.gated_delta_rule import gated_delta_rule
-from mixers.ops.linear_attention import gated_linear_attention, linear_attention, simple_gated_linear_attention
-from mixers.ops.rotary import apply_rotary, rotary_cos_sin
-from mixers.ops.short_conv import short_conv
-from mixers.ops.utils import l2norm
+from hybridvl.mixers.ops.attention import attention_over_positions, causal_attention, decode_attention
+from hybridvl.mixers.ops.gated_delta_rule import gated_delta_rule
+from hybridvl.mixers.ops.linear_attention import gated_linear_attention, linear_attention, simple_gated_linear_attention
+from hybridvl.mixers.ops.rotary import apply_rotary, rotary_cos_sin
+from hybridvl.mixers.ops.short_conv import short_conv
+from hybridvl.mixers.ops.utils import l2norm
 
 __all__ = [
     "apply_rotary",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import float32_attention_limitations, precision_auto_skips, select_backend
-from mixers.ops.utils import compute_dtype
-from mixers.ops.varlen import check_cu_seqlens, map_sequence_outputs
+from hybridvl.mixers.backends import float32_attention_limitations, precision_auto_skips, select_backend
+from hybridvl.mixers.ops.utils import compute_dtype
+from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequence_outputs
 
 # Measured on H100 (benchmarks/results/mixers.md): for full causal attention PyTorch SDPA (flash kernel)
 # beats fla's parallel_attn; with a window shorter than the sequence fla skips the masked blocks and wins.
@@ -70,10 +70,10 @@ def select_attention_backend(requested: str, device: torch.device, dtype: torch.
     """The backend :func:`causal_attention` runs for ``requested`` on inputs of ``dtype`` on ``device``.
 
     ``"auto"`` gives float32 and float64 inputs to PyTorch's SDPA, which meets their bounds, and passes over the
-    kernels that do not (:func:`~mixers.backends.precision_auto_skips`: fla's float32 attention computes in TF32,
-    1.1e-3 relative error where float32's bound is 1e-4; flash-attn takes only 16-bit inputs); a kernel asked
-    for by name still runs unless it cannot take the dtype here at all
-    (:func:`~mixers.backends.fla_float32_attention_issue`).
+    kernels that do not (:func:`~hybridvl.mixers.backends.precision_auto_skips`: fla's float32 attention computes in
+    TF32, 1.1e-3 relative error where float32's bound is 1e-4; flash-attn takes only 16-bit inputs); a kernel asked for
+    by name still runs unless it cannot take the dtype here at all
+    (:func:`~hybridvl.mixers.backends.fla_float32_attention_issue`).
     """
     preference = FULL_PREFERENCE if window is None else WINDOW_PREFERENCE
     limitations = float32_attention_limitations(device, dtype)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import gated_backward_limitations, precision_auto_skips, select_backend
-from mixers.ops.utils import compute_dtype, l2norm, segment_sums
-from mixers.ops.varlen import check_cu_seqlens, map_sequences
+from hybridvl.mixers.backends import gated_backward_limitations, precision_auto_skips, select_backend
+from hybridvl.mixers.ops.utils import compute_dtype, l2norm, segment_sums
+from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
 
@@ -56,7 +56,7 @@ def gated_delta_rule(
         form: ``"chunk"`` or ``"recurrent"`` (the token loop; fla's fused recurrent kernel on CUDA).
         chunk_size: chunk length of the chunked PyTorch form.
         backend: ``"auto"``, ``"torch"`` or ``"fla"``; ``"auto"`` runs float32 and float64 inputs in
-            PyTorch (:func:`~mixers.backends.precision_auto_skips`).
+            PyTorch (:func:`~hybridvl.mixers.backends.precision_auto_skips`).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
@@ -124,7 +124,7 @@ def _chunk_torch(q, k, v, g, beta, *, scale, initial_state=None, chunk_size=64):
     ``O = (gamma*Q) S0 + ((Q K^T) * L) U`` with ``L_ij = gamma_i / gamma_j`` for ``j <= i``, and
     ``S_end = gamma_C S0 + (K * gamma_C / gamma)^T U``. Every exponent is ``<= 0``, and every ratio
     ``gamma_i / gamma_j`` is ``exp`` of the segment sum ``g_{j+1} + ... + g_i`` summed directly
-    (:func:`~mixers.ops.utils.segment_sums`), never ``exp(G_i - G_j)``: that difference loses the small
+    (:func:`~hybridvl.mixers.ops.utils.segment_sums`), never ``exp(G_i - G_j)``: that difference loses the small
     in-chunk decays to cancellation once ``|G|`` is large (strong decay).
     """
     out_dtype = v.dtype

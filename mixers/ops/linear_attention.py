@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import gated_backward_limitations, precision_auto_skips, select_backend
-from mixers.ops.utils import compute_dtype, segment_sums
-from mixers.ops.varlen import check_cu_seqlens, map_sequences
+from hybridvl.mixers.backends import gated_backward_limitations, precision_auto_skips, select_backend
+from hybridvl.mixers.ops.utils import compute_dtype, segment_sums
+from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
 
@@ -69,7 +69,7 @@ def simple_gated_linear_attention(
         form: ``"chunk"`` or ``"recurrent"``.
         chunk_size: chunk length of the chunked PyTorch form.
         backend: ``"auto"``, ``"torch"`` or ``"fla"``; ``"auto"`` runs float32 and float64 inputs in
-            PyTorch (:func:`~mixers.backends.precision_auto_skips`).
+            PyTorch (:func:`~hybridvl.mixers.backends.precision_auto_skips`).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
@@ -164,7 +164,7 @@ def _chunk_torch(q, k, v, g, *, scale, initial_state=None, chunk_size=64):
     ``A_ij = sum_d q_id k_jd exp(G_id - G_jd)`` for ``j <= i`` (every exponent ``<= 0``), the output
     ``O = (Q * exp(G)) S0 + A V`` and the end state ``exp(G_C) * S0 + (K * exp(G_C - G))^T V``.
     Each ``G_i - G_j`` is formed as the segment sum ``g_{j+1} + ... + g_i`` summed directly
-    (:func:`~mixers.ops.utils.segment_sums`), not as a difference, which cancels catastrophically once
+    (:func:`~hybridvl.mixers.ops.utils.segment_sums`), not as a difference, which cancels catastrophically once
     ``|G|`` is large. A per-key decay makes ``A`` a ``[C, C, K]`` contraction, so GLA uses short chunks."""
     out_dtype, dtype = v.dtype, compute_dtype(v)
     B, T, H, K = q.shape

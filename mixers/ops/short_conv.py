@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixers.backends import select_backend
-from mixers.ops.varlen import check_cu_seqlens, map_sequences
+from hybridvl.mixers.backends import select_backend
+from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
 
