@@ -5,9 +5,10 @@ forward and backward) and Stage II (SFT: the whole student forward and backward,
 layers training) on one packed sample of ``--tokens`` tokens that holds a 448x448 image, and reports
 tokens/s, model FLOPs utilisation and peak memory.
 
-MFU counts matrix-multiply FLOPs analytically (``2 x params x tokens`` per forward matmul, x3 with backward
-where weights or inputs need gradients; attention ``4 x tokens x keys x head_dim x heads`` forward) against
-the GPU's dense bf16 peak (``--peak-tflops``, 989 for H100 SXM).
+MFU counts each stage's model FLOPs as training logs them (:meth:`hybridvl.lit.modules.HybridStage.batch_flops`,
+:mod:`hybridvl.lit.flops`: ``2 x params x tokens`` per forward matmul, x3 with backward; attention
+``4 x causal query-key pairs x head_dim x heads`` forward) against the GPU's dense bf16 peak (``--peak-tflops``,
+989 for H100 SXM).
 
     python -m benchmarks.train_step                # on a CUDA machine; writes results/train_step.{json,md}
     python -m benchmarks.train_step --stages sft   # one stage (a stage measured earlier stays in the JSON)
@@ -66,22 +67,6 @@ def make_batch(config: HybridConfig, tokens: int, device: str) -> PackedBatch:
     return batch.to(device)
 
 
-def matmul_flops(model: HybridVLM, tokens: int, window: int) -> dict[str, float]:
-    """Forward FLOPs of the decoder layers by kind, the LM head, and the attention score/value products."""
-    config = model.config
-    flops = {"head": 2.0 * config.hidden_size * config.vocab_size * tokens}
-    for layer in model.language_model.layers:
-        params = sum(p.numel() for n, p in layer.named_parameters() if p.ndim == 2 or "conv" in n)
-        key = "attention" if layer.kind in ("A", "S") else "linear"
-        flops[key] = flops.get(key, 0.0) + 2.0 * params * tokens
-        if layer.kind in ("A", "S"):
-            keys = tokens / 2 if layer.kind == "A" else min(window, tokens / 2)
-            flops[key] += 4.0 * tokens * keys * config.attention_head_dim * config.num_attention_heads
-    vision = sum(p.numel() for p in model.visual.parameters() if p.ndim >= 2)
-    flops["vision"] = 2.0 * vision * 1024  # 1024 patches
-    return flops
-
-
 def time_steps(stage, batch: PackedBatch, steps: int) -> tuple[float, float]:
     optimizer = torch.optim.AdamW([p for p in stage.student.parameters() if p.requires_grad], lr=1e-5)
     for step in range(steps + 2):
@@ -129,12 +114,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         stage.configure_model()
         stage.to("cuda")
         seconds, peak = time_steps(stage, batch, args.steps)
-        flops = matmul_flops(stage.student, args.tokens, student_config.sliding_window)
-        if isinstance(stage, DistillLayerwise):  # teacher forward + distilled layers forward and backward
-            teacher = matmul_flops(stage.teacher, args.tokens, student_config.sliding_window)
-            total = sum(teacher.values()) - teacher["head"] + 3 * flops["linear"]
-        else:  # forward everything, backward through the trainable layers and the activations below them
-            total = 3 * (flops["linear"] + flops["attention"] + flops["head"]) + flops["vision"]
+        total = stage.batch_flops(batch)
         measured = {
             "stage": STAGES[key],
             "device": torch.cuda.get_device_name(),

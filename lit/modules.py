@@ -47,6 +47,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hybridvl.lit import flops
 from hybridvl.lit.callbacks import use_atomic_checkpoints
 from hybridvl.lit.data.packing import pack
 from hybridvl.lit.data.types import PackedBatch
@@ -173,9 +174,11 @@ class HybridStage(L.LightningModule):
     """
 
     default_trainable: ClassVar[tuple[str, ...]] = SFT_DEFAULT
-    flops_per_batch: ClassVar[int | None] = None
-    """FLOPs of one training batch, which Lightning's throughput monitor turns into MFU: not known for packed
-    batches of mixed text, images and video, so throughput is logged without MFU."""
+    flops_per_batch: int | None = None
+    """FLOPs of the batch being trained (:meth:`batch_flops`, set by :meth:`training_step`), which Lightning's
+    throughput monitor reads after each step and logs as FLOP/s and, on GPUs whose peak it knows, MFU."""
+    student_shape: flops.ModelShape | None = None
+    """The student's sizes for counting FLOPs, read in :meth:`configure_model` before a strategy shards them."""
 
     def __init__(
         self,
@@ -221,6 +224,7 @@ class HybridStage(L.LightningModule):
         for parameter in self.student.parameters():  # decided on whole shapes: FSDP later flattens them into shards
             parameter._weight_decay = decays(parameter)
         self._select_trainable()
+        self.student_shape = flops.model_shape(self.student)
 
     def _select_trainable(self) -> None:
         patterns = self.hparams.trainable or list(self.default_trainable)
@@ -305,7 +309,12 @@ class HybridStage(L.LightningModule):
         """The stage's loss and the parts to log."""
         raise NotImplementedError
 
+    def batch_flops(self, batch: PackedBatch) -> float:
+        """Model FLOPs of a training step on ``batch`` (see :mod:`hybridvl.lit.flops`): fine-tuning's by default."""
+        return flops.fine_tuning_flops(self.student_shape, batch)
+
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        self.flops_per_batch = int(self.batch_flops(batch))
         loss, parts = self.compute_loss(batch)
         size = len(batch.samples)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -523,12 +532,14 @@ class _Distillation(HybridStage):
     def __init__(self, model: str, teacher: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.teacher: HybridVLM | None = None
+        self.teacher_shape: flops.ModelShape | None = None
         self.register_load_state_dict_post_hook(_teacher_keys_may_be_missing)
 
     def configure_model(self) -> None:
         super().configure_model()
         if self.teacher is None:
             self.teacher = load_teacher(self.hparams.teacher).eval().requires_grad_(False)
+            self.teacher_shape = flops.model_shape(self.teacher)
 
     def train(self, mode: bool = True) -> _Distillation:
         super().train(mode)
@@ -564,6 +575,9 @@ class DistillLayerwise(_Distillation):
 
     def __init__(self, model: str, teacher: str, mse_factor: float = 1000.0, **kwargs: Any) -> None:
         super().__init__(model, teacher, **kwargs)
+
+    def batch_flops(self, batch: PackedBatch) -> float:
+        return flops.layerwise_distillation_flops(self.student_shape, self.teacher_shape, batch)
 
     def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         taught = self.teacher_pass(batch, output_hidden_states=True)
@@ -609,6 +623,9 @@ class DistillEndToEnd(_Distillation):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, teacher, **kwargs)
+
+    def batch_flops(self, batch: PackedBatch) -> float:
+        return flops.end_to_end_distillation_flops(self.student_shape, self.teacher_shape, batch)
 
     def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         taught = self.teacher_pass(batch)
@@ -696,6 +713,7 @@ class LongSFT(SFT):
         for name, parameter in self.student.named_parameters():
             if name in extra:
                 parameter.requires_grad_(True)
+        self.student_shape = flops.model_shape(self.student)  # with the adapters
         adapters = sum(p.numel() for n, p in self.student.named_parameters() if "lora_" in n)
         logger.info("LoRA rank %d on %s: %s adapter parameters", self.hparams.lora_rank, targets, f"{adapters:,}")
 

@@ -426,3 +426,6 @@ def test_every_stage_logs_its_throughput_to_tensorboard(dirs, tmp_path):
     found, tokens_per_second = read_scalars(run, "train/device/items_per_sec")
     assert found and all(value > 0 for value in tokens_per_second)
     assert read_scalars(run, "train/device/samples_per_sec")[0]
+    found, flops_per_second = read_scalars(run, "train/device/flops_per_sec")  # model FLOPs (lit/flops.py)
+    assert found and all(value > 0 for value in flops_per_second)
+    assert not read_scalars(run, "train/device/mfu")[0]  # the CPU has no known peak: no MFU rather than a guess

@@ -99,8 +99,10 @@ def batch_tokens(batch: PackedBatch) -> int:
 
 
 def throughput_monitor() -> ThroughputMonitor:
-    """Lightning's throughput logging for every stage: batches, samples and tokens ("items") per second, to the
-    run's logger (TensorBoard) every ``log_every_n_steps``, averaged over :data:`THROUGHPUT_WINDOW` of them."""
+    """Lightning's throughput logging for every stage: batches, samples, tokens ("items") and model FLOPs
+    (:meth:`hybridvl.lit.modules.HybridStage.batch_flops`) per second, and MFU on GPUs whose bf16/fp16/tf32 peak
+    Lightning knows (H100, H200, A100, ...), to the run's logger (TensorBoard) every ``log_every_n_steps``,
+    averaged over :data:`THROUGHPUT_WINDOW` of them."""
     return ThroughputMonitor(batch_samples, batch_tokens, window_size=THROUGHPUT_WINDOW)
 
 
