@@ -35,7 +35,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -160,7 +160,9 @@ class HybridStage(L.LightningModule):
             a ``class_path``. Default: linear warm-up over ``warmup_ratio``, then cosine decay to
             ``min_lr_ratio``.
         gradient_checkpointing: recompute each decoder layer in the backward pass.
-        loss_chunk_size: tokens per chunk of the LM-head losses.
+        loss_chunk_size: tokens per chunk of the LM-head losses (their ``torch`` backend).
+        loss_backend: how the LM-head losses run (:mod:`hybridvl.lit.losses`): ``"auto"`` (fla's fused kernels
+            on CUDA, chunks of PyTorch elsewhere), ``"fla"`` or ``"torch"``.
         tokenizer_dir: directory with the tokenizer and processor files, to decode generated answers and to
             copy next to the export (default: ``model`` when it is a directory).
         generation_max_new_tokens: answer length for generation-based validation (0 turns it off).
@@ -190,6 +192,7 @@ class HybridStage(L.LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
         loss_chunk_size: int = 4096,
+        loss_backend: Literal["auto", "fla", "torch"] = "auto",
         tokenizer_dir: str | None = None,
         generation_max_new_tokens: int = 16,
         export_dir: str | None = None,
@@ -325,7 +328,9 @@ class HybridStage(L.LightningModule):
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         run = self.student.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, **batch.vision)
-        loss_sum, count = next_token_cross_entropy(run.hidden, self.student.lm_head, batch.labels)
+        loss_sum, count = next_token_cross_entropy(
+            run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size, self.hparams.loss_backend
+        )
         self.log("val/loss", loss_sum / count.clamp_min(1), prog_bar=True, batch_size=len(batch.samples))
         self.token_accuracy.update(*next_token_hits(run.hidden, self.student.lm_head, batch.labels))
         if self.hparams.generation_max_new_tokens > 0:
@@ -509,7 +514,7 @@ class SFT(HybridStage):
     def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         run = self.student.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, **batch.vision)
         loss_sum, count = next_token_cross_entropy(
-            run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size
+            run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size, self.hparams.loss_backend
         )
         return loss_sum / count.clamp_min(1), {}
 
@@ -638,12 +643,13 @@ class DistillEndToEnd(_Distillation):
                 self.teacher.lm_head,
                 self.hparams.temperature,
                 self.hparams.loss_chunk_size,
+                self.hparams.loss_backend,
             )
         }
         loss = parts["kl"]
         if self.hparams.ce_weight:
             loss_sum, count = next_token_cross_entropy(
-                run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size
+                run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size, self.hparams.loss_backend
             )
             parts["ce"] = loss_sum / count.clamp_min(1)
             loss = loss + self.hparams.ce_weight * parts["ce"]
