@@ -9,6 +9,9 @@ Two backends compute the same losses (``backend=``, as for the mixers, see :mod:
   ``fused_kl_div_loss``), which compute each chunk's logits once and their gradients in the same pass.
 
 ``"auto"`` takes ``fla`` on a CUDA device where it imports and ``torch`` elsewhere, and logs the choice once.
+fla's kernels form the gradients in the forward pass: for a loss without gradients (validation) ask for
+``"torch"``. Its cross-entropy kernel also forms the head's weight gradient when the head is frozen (one more
+``[tokens, vocab] x [tokens, hidden]`` product and a float32 ``[vocab, hidden]`` buffer); its KL kernel does not.
 """
 
 from __future__ import annotations

@@ -328,8 +328,8 @@ class HybridStage(L.LightningModule):
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         run = self.student.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, **batch.vision)
-        loss_sum, count = next_token_cross_entropy(
-            run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size, self.hparams.loss_backend
+        loss_sum, count = next_token_cross_entropy(  # no gradients: PyTorch's chunks (fla's kernels form them)
+            run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size, backend="torch"
         )
         self.log("val/loss", loss_sum / count.clamp_min(1), prog_bar=True, batch_size=len(batch.samples))
         self.token_accuracy.update(*next_token_hits(run.hidden, self.student.lm_head, batch.labels))
