@@ -1,22 +1,34 @@
-"""Training-step throughput at InfiniteVL's real shape (Qwen2.5-VL-3B dimensions, random bf16 weights).
+"""Training-step throughput of every stage at InfiniteVL's shape, the hybrid beside an all-`A` Transformer trained
+by the same code.
 
-Times Stage I (layer-wise distillation: a full-attention teacher forward plus every Gated DeltaNet layer
-forward and backward) and Stage II (SFT: the whole student forward and backward, the new mixers and SWA
-layers training) on one packed sample of ``--tokens`` tokens that holds a 448x448 image, and reports
-tokens/s, model FLOPs utilisation and peak memory.
+Stages (each a :mod:`hybridvl.lit.modules` stage driven step by step, as Lightning drives it, with AdamW):
 
-MFU counts each stage's model FLOPs as training logs them (:meth:`hybridvl.lit.modules.HybridStage.batch_flops`,
-:mod:`hybridvl.lit.flops`: ``2 x params x tokens`` per forward matmul, x3 with backward; attention
-``4 x causal query-key pairs x head_dim x heads`` forward) against the GPU's dense bf16 peak (``--peak-tflops``,
-989 for H100 SXM).
+* ``distill``: Stage I layer-wise distillation (the teacher's forward, and forward and backward of the layers that
+  train, each fed the teacher's input to it);
+* ``sft``: Stage II SFT (the whole student forward and backward; the mixers train);
+* ``long_sft``: long SFT through LoRA adapters (rank 64) on ``--long-tokens`` tokens (default 32K).
 
-    python -m benchmarks.train_step                # on a CUDA machine; writes results/train_step.{json,md}
-    python -m benchmarks.train_step --stages sft   # one stage (a stage measured earlier stays in the JSON)
+Models: the hybrid ``S,D,D,D x9`` and the Transformer ``A x36``, each training the same layer positions (the
+hybrid's defaults: Stage I its ``D`` layers, Stage II every mixer; long SFT the LoRA adapters alone).
+Qwen2.5-VL-3B dimensions, random bf16 weights under autocast, gradient checkpointing, one packed sample of
+``--tokens`` tokens (default 8K) with a 448x448 image. The ``tiny`` flavor runs the same code at toy size on the
+CPU (``S,D,D,D x2`` against ``A x8``), to check it.
+
+Reported per stage and model: tokens/s, model TFLOP/s and MFU (the FLOPs training logs,
+:meth:`hybridvl.lit.modules.HybridStage.batch_flops`, against the GPU's dense bf16 peak as Lightning knows it, or
+``--peak-tflops``), peak memory, trainable parameters, and the backend each mixer kind and the LM-head loss ran
+(``D`` trains through fla's kernels only where fla's gated backward can run: with tilelang on Hopper with Triton
+< 3.7.1; else through PyTorch, several times slower).
+
+    python -m benchmarks.train_step                      # on a CUDA machine; writes results/train_step.{json,md}
+    python -m benchmarks.train_step --stages sft         # some stages (the others measured earlier stay)
+    python -m benchmarks.train_step --flavor tiny        # a CPU-sized run of the same code, to check it
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,9 +37,28 @@ import torch
 
 from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, report, write_json
 from hybridvl.lit.data.types import PackedBatch, Sample
-from hybridvl.lit.modules import SFT, DistillLayerwise
+from hybridvl.lit.losses import loss_backend
+from hybridvl.lit.modules import SFT, DistillLayerwise, HybridStage, LongSFT
+from hybridvl.mixers.backends import fla_gated_backward_issue, tilelang_enabled
 from hybridvl.models.config import HybridConfig
 from hybridvl.models.hybrid import HybridVLM
+
+STAGES = {"distill": "Stage I layer-wise distillation", "sft": "Stage II SFT", "long_sft": "long SFT (LoRA)"}
+MODELS = ("hybrid", "transformer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flavor:
+    """Model dimensions and batch shape of a run."""
+
+    text: dict
+    vision: dict
+    groups: int  # the hybrid is S,D,D,D x groups, the Transformer A x (4 groups)
+    image_side: int  # patches per side of the image (32: 448 px)
+    tokens: int
+    long_tokens: int
+    vocab_ids: int  # random token ids are drawn below this
+
 
 VISION_3B = dict(
     depth=32,
@@ -44,122 +75,232 @@ VISION_3B = dict(
     in_channels=3,
     hidden_act="silu",
 )
+FLAVORS = {
+    "3b": Flavor({}, VISION_3B, groups=9, image_side=32, tokens=8192, long_tokens=32768, vocab_ids=150_000),
+    "tiny": Flavor(
+        dict(
+            vocab_size=512,
+            num_hidden_layers=8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=16,
+            mrope_section=[2, 3, 3],
+            mixer_options={"D": {"num_heads": 2, "head_dim": 16}},
+            image_token_id=500,
+            video_token_id=501,
+            vision_start_token_id=502,
+            vision_end_token_id=503,
+            bos_token_id=None,
+            eos_token_id=504,
+            pad_token_id=0,
+        ),
+        dict(
+            VISION_3B,
+            depth=2,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=64,
+            out_hidden_size=64,
+            fullatt_block_indexes=[1],
+        ),
+        groups=2,
+        image_side=4,
+        tokens=96,
+        long_tokens=160,
+        vocab_ids=500,
+    ),
+}
 
 
-def make_batch(config: HybridConfig, tokens: int, device: str) -> PackedBatch:
-    """One packed sample: text, then a 448x448 image (32x32 patches, 256 tokens), then text; labels on the end."""
-    image_tokens = 256
-    before = 16
-    ids = torch.randint(0, 150_000, (tokens,))
-    ids[before : before + image_tokens] = config.image_token_id
+def layout(flavor: Flavor, model: str) -> str:
+    return f"S,D,D,D x{flavor.groups}" if model == "hybrid" else f"A x{4 * flavor.groups}"
+
+
+def model_config(flavor: Flavor, model: str) -> HybridConfig:
+    return HybridConfig(layout=layout(flavor, model), vision_config=flavor.vision, **flavor.text)
+
+
+def make_batch(flavor: Flavor, config: HybridConfig, tokens: int, device: torch.device) -> PackedBatch:
+    """One packed sample: 16 text tokens, an image, text; the loss on the second half."""
+    side = flavor.image_side
+    image_tokens = side * side // 4
+    ids = torch.randint(0, flavor.vocab_ids, (tokens,))
+    ids[16 : 16 + image_tokens] = config.image_token_id
     labels = ids.clone()
     labels[: tokens // 2] = -100
-    sample = Sample(
-        ids,
-        labels,
-        tokens // 2,
-        {
-            "pixel_values": torch.randn(32 * 32, 3 * 2 * 14 * 14),
-            "image_grid_thw": torch.tensor([[1, 32, 32]]),
-        },
-    )
-    batch = PackedBatch(ids[None], labels[None], torch.tensor([0, tokens]), sample.vision, [sample])
-    return batch.to(device)
+    patch = 3 * 2 * 14 * 14
+    vision = {"pixel_values": torch.randn(side * side, patch), "image_grid_thw": torch.tensor([[1, side, side]])}
+    sample = Sample(ids, labels, tokens // 2, vision)
+    return PackedBatch(ids[None], labels[None], torch.tensor([0, tokens]), vision, [sample]).to(device)
 
 
-def time_steps(stage, batch: PackedBatch, steps: int) -> tuple[float, float]:
+def transformer_trainable(flavor: Flavor) -> dict[str, list[str] | None]:
+    """Per stage, what the Transformer trains: the hybrid's defaults at the same layer positions (Stage I the
+    positions of its ``D`` layers, Stage II every layer's mixer, long SFT the LoRA adapters alone)."""
+    kinds = model_config(flavor, "hybrid").kinds
+    distilled = [f"language_model.layers.{i}.self_attn.*" for i, kind in enumerate(kinds) if kind not in ("A", "S")]
+    return {"distill": distilled, "sft": ["mixers:*"], "long_sft": None}
+
+
+def build_stage(stage: str, student: Path, teacher: Path, trainable: list[str] | None) -> HybridStage:
+    options = dict(trainable=trainable, gradient_checkpointing=True, generation_max_new_tokens=0)
+    if stage == "distill":
+        return DistillLayerwise(str(student), str(teacher), **options)
+    if stage == "long_sft":
+        return LongSFT(str(student), **options)
+    return SFT(str(student), **options)
+
+
+def time_steps(
+    stage: HybridStage, batch: PackedBatch, steps: int, warmup: int, device: torch.device
+) -> tuple[float, float]:
+    """Seconds per optimizer step (mean of ``steps`` after ``warmup``) and the peak memory in GiB (CUDA)."""
     optimizer = torch.optim.AdamW([p for p in stage.student.parameters() if p.requires_grad], lr=1e-5)
-    for step in range(steps + 2):
-        if step == 2:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+    cuda = device.type == "cuda"
+    for step in range(steps + warmup):
+        if step == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss, _ = stage.compute_loss(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return seconds, (torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
 
 
-STAGES = {"distill": "Stage I layer-wise distillation", "sft": "Stage II SFT"}
+def backends_ran(stage: HybridStage, device: torch.device) -> dict[str, str]:
+    """The backends the student's layers of each mixer kind ran in their last call (``"not run"``: the stage
+    runs no layer of that kind, as Stage I its shared attention layers), and the LM-head loss's."""
+    ran: dict[str, set[str]] = {}
+    for layer in stage.student.language_model.layers:
+        backend = getattr(layer.self_attn, "last_backend", None)
+        ran.setdefault(layer.kind, set()).update([backend] if backend else [])
+    named = {kind: "+".join(sorted(backends)) or "not run" for kind, backends in ran.items()}
+    return {**named, "loss": loss_backend(stage.hparams.loss_backend, device, "next_token_cross_entropy")}
 
 
-def build_stage(name: str, workdir: Path) -> SFT | DistillLayerwise:
-    if name == "distill":
-        return DistillLayerwise(str(workdir / "student"), str(workdir / "teacher"), gradient_checkpointing=True)
-    return SFT(str(workdir / "student"), gradient_checkpointing=True)
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    """The device's dense bf16 FLOP/s: ``override`` (TFLOP/s) or Lightning's table; ``None`` where unknown."""
+    if override is not None:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(device, torch.bfloat16)
 
 
 def run(args: argparse.Namespace, out: Path) -> dict:
-    """Measure the chosen stages; ``out`` is rewritten after each, keeping stages measured by an earlier call."""
+    """Measure the chosen stages for both models; ``out`` is rewritten after each measurement, keeping those of an
+    earlier call that this one does not repeat."""
     torch.manual_seed(0)
-    teacher_config = HybridConfig(layout="A x36", vision_config=VISION_3B)
-    student_config = HybridConfig(layout="S,D,D,D x9", vision_config=VISION_3B)
+    flavor = FLAVORS[args.flavor]
+    flavor = dataclasses.replace(
+        flavor, tokens=args.tokens or flavor.tokens, long_tokens=args.long_tokens or flavor.long_tokens
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     stages = args.stages.split(",")
-    models = [("teacher", teacher_config)] if "distill" in stages else []
-    for name, config in [*models, ("student", student_config)]:
-        with torch.device("cuda"):  # random initialisation of 4B parameters is quick on the GPU
-            model = HybridVLM(config)
-        model.to(torch.bfloat16).save_pretrained(args.workdir / name, overwrite=True)
-        del model
-        torch.cuda.empty_cache()
-    batch = make_batch(student_config, args.tokens, "cuda")
-    earlier = json.loads(out.read_text())["stages"] if out.exists() else []
-    results = {"environment": environment(), "tokens": args.tokens, "steps": args.steps, "stages": earlier}
-    results["peak_tflops"] = args.peak_tflops
+    peak = peak_flops(device, args.peak_tflops)
+    earlier = json.loads(out.read_text())["rows"] if out.exists() else []
+    results = {
+        "environment": environment(),
+        "flavor": args.flavor,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "tilelang": tilelang_enabled(),
+        "gated_backward_issue": fla_gated_backward_issue(device),
+        "rows": earlier,
+    }
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for model in MODELS:
+        with device:  # random initialisation of 4B parameters is quick on the GPU
+            HybridVLM(model_config(flavor, model)).to(dtype).save_pretrained(args.workdir / model, overwrite=True)
+    teacher = args.workdir / "transformer"  # Stage I's teacher, for both students
+    baseline = transformer_trainable(flavor)
     for key in stages:
-        stage = build_stage(key, args.workdir)
-        stage.configure_model()
-        stage.to("cuda")
-        seconds, peak = time_steps(stage, batch, args.steps)
-        total = stage.batch_flops(batch)
-        measured = {
-            "stage": STAGES[key],
-            "device": torch.cuda.get_device_name(),
-            "seconds_per_step": seconds,
-            "tokens_per_second": args.tokens / seconds,
-            "tflops": total / seconds / 1e12,
-            "mfu": total / seconds / (args.peak_tflops * 1e12),
-            "peak_gib": peak,
-            "trainable_parameters": sum(p.numel() for p in stage.student.parameters() if p.requires_grad),
-        }
-        results["stages"] = [s for s in results["stages"] if s["stage"] != measured["stage"]] + [measured]
-        print(measured, flush=True)
-        write_json(out, results)
-        del stage
-        torch.cuda.empty_cache()
+        tokens = flavor.long_tokens if key == "long_sft" else flavor.tokens
+        for model in MODELS:
+            trainable = baseline[key] if model == "transformer" else None  # None: the stage's defaults
+            stage = build_stage(key, args.workdir / model, teacher, trainable)
+            stage.configure_model()
+            stage.to(device)
+            batch = make_batch(flavor, stage.student.config, tokens, device)
+            seconds, peak_gib = time_steps(stage, batch, args.steps, args.warmup, device)
+            total = stage.batch_flops(batch)
+            row = {
+                "stage": STAGES[key],
+                "model": model,
+                "layout": layout(flavor, model),
+                "device": str(results["environment"]["device"]),
+                "tokens": tokens,
+                "seconds_per_step": seconds,
+                "tokens_per_second": tokens / seconds,
+                "tflops": total / seconds / 1e12,
+                "mfu": None if peak is None else total / seconds / peak,
+                "peak_gib": peak_gib,
+                "trainable_parameters": sum(p.numel() for p in stage.student.parameters() if p.requires_grad),
+                "backends": backends_ran(stage, device),
+            }
+            results["rows"] = [
+                r for r in results["rows"] if (r["stage"], r["model"]) != (row["stage"], row["model"])
+            ] + [row]
+            print(row, flush=True)
+            write_json(out, results)
+            del stage
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return results
 
 
 def markdown(results: dict) -> str:
-    measured = {s["stage"]: s for s in results["stages"]}
-    rows = [
-        [
-            s["stage"],
-            s.get("device", results["environment"]["device"]),
-            f"{s['tokens_per_second']:,.0f}",
-            f"{s['tflops']:.0f}",
-            f"{s['mfu']:.1%}",
-            f"{s['peak_gib']:.1f}",
-            f"{s['trainable_parameters'] / 1e6:.0f}M",
-        ]
-        for s in measured.values()
-    ]
-    missing = [label for label in STAGES.values() if label not in measured]
+    rows = []
+    for r in results["rows"]:
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        backends = ", ".join(f"{kind} {backend}" for kind, backend in r["backends"].items())
+        rows.append(
+            [
+                r["stage"],
+                f"`{r['layout']}`",
+                f"{r['tokens']:,}",
+                f"{r['tokens_per_second']:,.0f}",
+                f"{r['tflops']:.1f}",
+                mfu,
+                "n/a" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}",  # NaN off CUDA
+                f"{r['trainable_parameters'] / 1e6:.0f}M",
+                backends,
+            ]
+        )
+    measured = {(r["stage"], r["model"]) for r in results["rows"]}
+    missing = [f"{stage} ({model})" for stage in STAGES.values() for model in MODELS if (stage, model) not in measured]
+    peak = results["peak_tflops"]
+    backward = results["gated_backward_issue"] or "fla's gated backward runs here"
     return "\n".join(
         [
-            "# Training step at the InfiniteVL shape",
+            "# Training step of every stage: hybrid and Transformer",
             "",
             environment_lines(results["environment"]),
             "",
-            f"Qwen2.5-VL-3B dimensions, layout `S,D,D,D x9`, random bf16 weights (autocast), one packed sample of "
-            f"{results['tokens']:,} tokens with a 448x448 image, gradient checkpointing, AdamW. Mean of "
-            f"{results.get('steps', 5)} steps after 2 warm-ups; MFU against {results['peak_tflops']:.0f} dense bf16 "
-            "TFLOP/s. Regenerate with `python -m benchmarks.train_step` on a CUDA machine.",
+            f"Flavor `{results['flavor']}` (`3b`: Qwen2.5-VL-3B dimensions), random bf16 weights (autocast), one "
+            "packed sample with an image (448x448 at `3b`), gradient checkpointing, AdamW; both models train the same "
+            f"layer positions. Mean of {results['steps']} steps after {results['warmup']} warm-ups. "
+            "MFU: model FLOPs (`hybridvl/lit/flops.py`) against "
+            + ("an unknown peak." if peak is None else f"{peak:.0f} dense bf16 TFLOP/s.")
+            + f" tilelang installed: {results['tilelang']} ({backward}). Regenerate with "
+            "`python -m benchmarks.train_step` on a CUDA machine.",
             "",
-            markdown_table(["stage", "device", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "trainable"], rows),
+            markdown_table(
+                ["stage", "layout", "tokens", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "trainable", "backends"], rows
+            ),
             *(["", "Not measured yet: " + ", ".join(missing) + "."] if missing else []),
             "",
         ]
@@ -168,17 +309,28 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--stages", default="distill,sft", help="comma-separated, of: " + ", ".join(STAGES))
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    parser.add_argument("--out", type=Path, default=RESULTS / "train_step")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/hybridvl-train-step"))
+    parser.add_argument("--flavor", choices=sorted(FLAVORS), default="3b", help="model and batch size")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per batch (default: the flavor's, 8K)")
+    parser.add_argument("--long-tokens", type=int, default=None, help="long SFT's tokens (default: the flavor's, 32K)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, of: " + ", ".join(STAGES))
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: Lightning's table)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_step", help="results path without suffix")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/hybridvl-train-step"), help="model folders")
     parser.add_argument("--plot-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args()
     if unknown := set(args.stages.split(",")) - set(STAGES):
         raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {list(STAGES)}")
-    report("train_step", args.out, args.plot_only, lambda path: run(args, path), markdown, None)
+    report(
+        "train_step",
+        args.out,
+        args.plot_only,
+        lambda path: run(args, path),
+        markdown,
+        None,
+        needs_cuda=args.flavor != "tiny",
+    )
 
 
 if __name__ == "__main__":

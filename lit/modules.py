@@ -692,7 +692,7 @@ class LongSFT(SFT):
         from peft import LoraConfig
         from peft.tuners.lora import LoraModel
 
-        if isinstance(self.trainer.strategy, FSDPStrategy):
+        if self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
             raise ValueError(
                 "LongSFT trains LoRA adapters, whose export merges them into a whole model: use strategy 'ddp' "
                 "(experiments/infinitevl/long_sft.yaml), not FSDP"
