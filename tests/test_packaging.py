@@ -178,6 +178,9 @@ def test_wheel_ships_the_quickstart_yamls(tmp_path):
         packaged = zipfile.ZipFile(wheel).read(f"hybridvl/lit/experiments/tiny/{name}")
         assert packaged == (ROOT / "experiments" / "tiny" / name).read_bytes()
     assert not any(name.startswith(("model/", "experiments/", "tests/")) for name in names)
+    for module in ("__init__.py", "mixers/__init__.py", "models/hybrid.py", "vision/tower.py", "lit/cli.py"):
+        assert f"hybridvl/{module}" in names  # the folders install under hybridvl.
+    assert not any(name.startswith(("mixers/", "models/", "vision/", "lit/")) for name in names)  # no top-level
 
 
 def test_pipeline_finds_the_packaged_yamls_without_a_checkout(tmp_path, monkeypatch):
