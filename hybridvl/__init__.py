@@ -13,13 +13,23 @@ names (``package-dir`` in ``pyproject.toml``), so a project's own ``models`` pac
 
     hybridvl.parse_layout("S,D,D,D x2")          # ['S', 'D', 'D', 'D', 'S', 'D', 'D', 'D']
     mixer = hybridvl.build_mixer("D", 256)      # a Gated DeltaNet layer of width 256
+
+Importing it registers :class:`HybridConfig` and :class:`HybridVLM` (``model_type: hybridvl``) with transformers'
+``AutoConfig``, ``AutoModel`` and ``AutoModelForImageTextToText``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
 from hybridvl.mixers import build_mixer, parse_layout, register_mixer
-from hybridvl.models.config import HybridConfig
+from hybridvl.models.config import MODEL_TYPE, HybridConfig
 from hybridvl.models.hybrid import HybridVLM
+
+# transformers' Auto classes know model_type "hybridvl" from here on
+AutoConfig.register(MODEL_TYPE, HybridConfig, exist_ok=True)
+AutoModel.register(HybridConfig, HybridVLM, exist_ok=True)
+AutoModelForImageTextToText.register(HybridConfig, HybridVLM, exist_ok=True)
 
 try:
     __version__ = version("hybridvl")

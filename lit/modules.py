@@ -55,17 +55,12 @@ from hybridvl.lit.losses import distillation_kl, next_token_cross_entropy, next_
 from hybridvl.lit.metrics import ANLS, ExactMatch, RelaxedAccuracy, TokenAccuracy, VQAAccuracy
 from hybridvl.lit.params import DISTILL_DEFAULT, SFT_DEFAULT, freeze_all_but, select_parameters
 from hybridvl.models.chat import load_processor
-from hybridvl.models.checkpoint import (
-    check_weights,
-    load_torch_checkpoint,
-    load_weights_strict,
-    model_to_load,
-    save_weights,
-)
-from hybridvl.models.config import HybridConfig
-from hybridvl.models.convert import copy_processor_files, load_teacher
+from hybridvl.models.checkpoint import check_weights, save_weights
+from hybridvl.models.convert import copy_processor_files
 from hybridvl.models.files import EXPORT_RECORD, check_output, write_json
+from hybridvl.models.generation import generate
 from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.loading import STAGE_CONFIG_KEY
 
 logger = logging.getLogger("hybridvl.train")
 
@@ -77,20 +72,6 @@ class ForeignCheckpointError(ValueError):
 
 
 GENERATION_METRICS = {"exact_match": ExactMatch, "vqa_accuracy": VQAAccuracy, "anls": ANLS, "relaxed": RelaxedAccuracy}
-
-
-def load_student(source: str | Path) -> HybridVLM:
-    """A model directory, or a Lightning checkpoint of an earlier stage (its ``student.*`` weights)."""
-    source = Path(source)
-    if source.suffix != ".ckpt":
-        return HybridVLM.from_pretrained(source)
-    checkpoint_data = load_torch_checkpoint(source, map_location="cpu", weights_only=False)
-    if "hybrid_config" not in checkpoint_data:
-        raise ValueError(f"{source} is not a hybridvl stage checkpoint (no hybrid_config in it)")
-    model = model_to_load(HybridConfig.from_dict(checkpoint_data["hybrid_config"], f"the hybrid_config of {source}"))
-    weights = {k[len("student.") :]: v for k, v in checkpoint_data["state_dict"].items() if k.startswith("student.")}
-    load_weights_strict(model, weights, str(source))
-    return model
 
 
 def warmup_cosine(step: int, total: int, warmup_ratio: float, min_lr_ratio: float) -> float:
@@ -222,7 +203,7 @@ class HybridStage(L.LightningModule):
     def configure_model(self) -> None:
         if self.student is not None:
             return
-        self.student = load_student(self.hparams.model)
+        self.student = HybridVLM.from_pretrained(self.hparams.model).train()
         self.student.language_model.gradient_checkpointing = self.hparams.gradient_checkpointing
         for parameter in self.student.parameters():  # decided on whole shapes: FSDP later flattens them into shards
             parameter._weight_decay = decays(parameter)
@@ -367,7 +348,8 @@ class HybridStage(L.LightningModule):
         for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
             ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, 1
         vision = {k: v.to(self.device) for k, v in pack(samples).vision.items()}
-        tokens = self.student.generate(
+        tokens = generate(
+            self.student,
             ids.to(self.device),
             attention_mask=mask.to(self.device),
             **vision,
@@ -410,7 +392,8 @@ class HybridStage(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["hybrid_config"] = self.student.config.to_dict()
+        self.student.config.check_mixer_modules()
+        checkpoint[STAGE_CONFIG_KEY] = self.student.config.to_diff_dict()
         checkpoint[RUN_KEY] = self.run_record()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -543,7 +526,7 @@ class _Distillation(HybridStage):
     def configure_model(self) -> None:
         super().configure_model()
         if self.teacher is None:
-            self.teacher = load_teacher(self.hparams.teacher).eval().requires_grad_(False)
+            self.teacher = HybridVLM.from_pretrained(self.hparams.teacher).requires_grad_(False)
             self.teacher_shape = flops.model_shape(self.teacher)
 
     def train(self, mode: bool = True) -> _Distillation:

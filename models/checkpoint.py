@@ -1,7 +1,10 @@
-"""Saving and loading hybrid models: ``config.json`` (with the layout) + safetensors weights.
+"""The checkpoint format of hybrid models: ``config.json`` (with the layout) + safetensors weights, one file or
+shards with an index.
 
 Saving writes each file atomically (a temporary file beside it, renamed into place) and refuses a folder that
 holds files unless asked to overwrite it, then removes the stale shards and index an older checkpoint left there.
+Weights above ``max_shard_size`` are split into ``model-NNNNN-of-NNNNN.safetensors`` shards named by
+``model.safetensors.index.json`` (transformers' layout); every file records the layout in its metadata.
 
 Loading checks what it loads and stops naming the problem; nothing is silently left at random initialisation
 or read as something else:
@@ -11,26 +14,38 @@ or read as something else:
 * every tensor name and shape matches the model the config describes;
 * no tensor changes kind on loading (integers where the model holds floating-point weights, or the reverse);
   floating-point precisions convert (bf16 weights into an fp32 model);
-* every floating-point value is finite (unless ``allow_nonfinite``).
+* every floating-point value is finite (unless ``allow_nonfinite``);
+* a folder holding both ``model.safetensors`` and a shard index (one of them left over) is refused.
+
+This module reads and checks tensors; :meth:`hybridvl.models.hybrid.HybridVLM.from_pretrained` (through
+:mod:`hybridvl.models.loading`) turns them into a model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers.initialization import no_init_weights
+from torch import nn
 
 from hybridvl import mixers
-from hybridvl.models.config import CONFIG_NAME, HybridConfig, read_config_json
-from hybridvl.models.files import INDEX_NAME, WEIGHTS_NAME, atomic_write, check_output, remove_stale_weights
-from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.config import CONFIG_NAME, HybridConfig
+from hybridvl.models.files import (
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    check_output,
+    remove_stale_weights,
+    write_json,
+)
 
 logger = logging.getLogger("hybridvl.models")
 
@@ -47,34 +62,85 @@ class CheckpointReadError(ValueError):
     """A checkpoint file that cannot be read: truncated (a write that was cut off), damaged or not a checkpoint."""
 
 
-def save_model(model: HybridVLM, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (tied head stored once) into ``directory``."""
-    return save_weights(model.config, model.state_dict(), directory, overwrite=overwrite)
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def shard_size_bytes(size: int | str) -> int:
+    """``max_shard_size`` in bytes: an integer, or a string such as ``"5GB"``, ``"500MB"`` or ``"2GiB"``.
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    if isinstance(size, str):
+        text = size.strip().upper().replace(" ", "")
+        unit = next((u for u in sorted(_SIZE_UNITS, key=len, reverse=True) if text.endswith(u)), None)
+        try:
+            value = float(text[: -len(unit)]) * _SIZE_UNITS[unit] if unit else float(text)
+        except ValueError:
+            value = -1
+        size = int(value)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '5GB', got {size!r}")
+    return size
 
 
 def save_weights(
-    config: HybridConfig, state_dict: dict[str, torch.Tensor], directory: str | Path, overwrite: bool = False
+    config: HybridConfig,
+    state_dict: dict[str, torch.Tensor],
+    directory: str | Path,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """:func:`save_model` from a config and a state dict, for weights gathered without a model object (e.g.
-    from FSDP shards); check them first with :func:`check_weights`.
+    """Write ``config.json`` and the weights (tied head stored once) into ``directory``; weights gathered without a
+    model object (e.g. from FSDP shards) are checked first with :func:`check_weights`.
 
     ``directory`` must be new or empty unless ``overwrite``; then its stale weight files (a shard index and its
-    shards) are removed. The weights are written before ``config.json``, each file atomically.
+    shards, or a single file) are removed, the index first. Weights larger than ``max_shard_size`` go into shards
+    and an index; the weights are written before ``config.json``, each file atomically.
 
     Raises:
         hybridvl.models.files.OutputExistsError: ``directory`` holds files and ``overwrite`` is false.
         hybridvl.models.files.WriteError: a file could not be written (the message names it).
+        hybridvl.models.config.ConfigError: a mixer of the layout could not be imported by a loading process.
     """
     directory = Path(directory)
+    limit = shard_size_bytes(max_shard_size)
+    config.check_mixer_modules()
     check_output(directory, overwrite=overwrite)
     state = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    remove_stale_weights(directory)
+    shards = _split(state, limit)
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    remove_stale_weights(directory, keep=names)
     metadata = {"format": "pt", "layout": config.layout}
-    atomic_write(directory / WEIGHTS_NAME, lambda temporary: _save_safetensors(state, temporary, metadata))
+    for name, shard in zip(names, shards):
+        atomic_write(directory / name, lambda temporary, shard=shard: _save_safetensors(shard, temporary, metadata))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        write_json(directory / INDEX_NAME, {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map})
     config.save(directory)
     return directory
+
+
+def _split(state: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """Tensors in order, a new shard whenever the next would pass ``limit`` bytes (a larger tensor alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -86,9 +152,29 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory: the shards its index names, or ``model.safetensors``."""
+    """The safetensors files of a checkpoint directory: the shards its index names, or ``model.safetensors``.
+
+    Raises:
+        CheckpointReadError: both an index and ``model.safetensors`` are there (one is stale), or the index is
+            not a shard index.
+        FileNotFoundError: neither is there, or a shard the index names is missing.
+    """
     if (directory / INDEX_NAME).is_file():
-        names = sorted(set(json.loads((directory / INDEX_NAME).read_text())["weight_map"].values()))
+        if (directory / WEIGHTS_NAME).is_file():
+            raise CheckpointReadError(
+                f"{directory} holds both {WEIGHTS_NAME} and the shard index {INDEX_NAME}: one of them is left over "
+                "from an earlier save, and loading either could read stale weights; remove the stale one (saving "
+                "into the folder with overwrite=True does)"
+            )
+        try:
+            names = sorted(set(json.loads((directory / INDEX_NAME).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointReadError(
+                f"{directory / INDEX_NAME} is not a shard index ({type(error).__name__}: {error})"
+            ) from error
+        missing = [name for name in names if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory / INDEX_NAME} names shards that are missing: {', '.join(missing)}")
         return [directory / name for name in names]
     if (directory / WEIGHTS_NAME).is_file():
         return [directory / WEIGHTS_NAME]
@@ -96,19 +182,37 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors checkpoint directory (single file or sharded with an index)."""
+    """All tensors of a safetensors checkpoint directory (single file or sharded with an index).
+
+    Raises:
+        CheckpointReadError: a file is truncated or damaged (named), or the files are ambiguous (see
+            :func:`_weight_files`).
+    """
     tensors: dict[str, torch.Tensor] = {}
     for path in _weight_files(Path(directory)):
-        with safe_open(path, framework="pt") as handle:
+        with _open_weights(path) as handle:
             for key in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
                 tensors[key] = handle.get_tensor(key)
     return tensors
 
 
+@contextlib.contextmanager
+def _open_weights(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``, a file safetensors cannot read reported by name as :class:`CheckpointReadError`."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise CheckpointReadError(
+            f"cannot read the weights in {path} ({error}): the safetensors file is truncated or damaged; save or "
+            "convert the model again"
+        ) from error
+
+
 def weights_layout(directory: str | Path) -> str | None:
     """The layout recorded in the metadata of a directory's weights (``None`` when none is recorded)."""
     for path in _weight_files(Path(directory)):
-        with safe_open(path, framework="pt") as handle:
+        with _open_weights(path) as handle:
             layout = (handle.metadata() or {}).get("layout")
         if layout is not None:
             return layout
@@ -134,24 +238,18 @@ def check_layout(directory: str | Path, config: HybridConfig) -> None:
         )
 
 
-def model_to_load(config: HybridConfig) -> HybridVLM:
-    """A model whose weights are left uninitialised (allocated, not randomised), to be filled by
-    :func:`load_weights_strict`: a 3B model builds in well under a second instead of half a minute on CPU."""
-    with no_init_weights():
-        return HybridVLM(config)
-
-
 def load_weights_strict(
-    model: HybridVLM, tensors: dict[str, torch.Tensor], source: str, allow_nonfinite: bool = False
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str, allow_nonfinite: bool = False
 ) -> None:
     """Copy ``tensors`` into ``model`` after :func:`check_weights`."""
     model.load_state_dict(check_weights(model, tensors, source, allow_nonfinite), strict=False)
 
 
 def check_weights(
-    model: HybridVLM, tensors: dict[str, torch.Tensor], source: str, allow_nonfinite: bool = False
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str, allow_nonfinite: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Return ``tensors`` without a tied LM head if they fit ``model`` (a model on the meta device will do).
+    """Return ``tensors`` without a tied LM head if they fit ``model`` (a :class:`~hybridvl.models.hybrid.HybridVLM`;
+    one on the meta device will do).
 
     Raises:
         CheckpointMismatchError: names, shapes or kinds of dtype (integer vs floating point) differ.
@@ -213,27 +311,6 @@ def _listing(title: str, names: list[str], limit: int = 12) -> str:
     shown = "\n    ".join(names[:limit])
     more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
     return f"\n  {title} ({len(names)}):\n    {shown}{more}"
-
-
-def load_model(
-    directory: str | Path,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    allow_nonfinite: bool = False,
-) -> HybridVLM:
-    """Load a hybridvl directory, or an InfiniteVL checkpoint (``model_type: infinite_vl``), checking the config,
-    the layout and the weights as the module docstring lists."""
-    config = read_config_json(directory)
-    if config.get("model_type") == "infinite_vl":
-        from hybridvl.models.infinitevl import load_infinitevl
-
-        model = load_infinitevl(directory, allow_nonfinite=allow_nonfinite)
-    else:
-        hybrid = HybridConfig.from_dict(config, str(Path(directory) / CONFIG_NAME))
-        check_layout(directory, hybrid)
-        model = model_to_load(hybrid)
-        load_weights_strict(model, read_weights(directory), str(directory), allow_nonfinite)
-    return model.to(device=device, dtype=dtype)
 
 
 def load_torch_checkpoint(path: str | Path, **kwargs: Any) -> Any:

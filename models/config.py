@@ -4,13 +4,15 @@ the Qwen2.5-VL vision tower's configuration."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from transformers import PretrainedConfig
 
 from hybridvl import mixers
 from hybridvl.models.files import write_text
@@ -22,15 +24,21 @@ CONFIG_NAME = "config.json"
 MODEL_TYPE = "hybridvl"
 # fields a saved config may lack (they came after the first configs were saved), with the value such a config meant
 OPTIONAL_FIELDS: dict[str, Any] = {"video_position_rule": TRANSFORMERS5, "mixer_modules": {}}
+DEFAULT_MROPE_SECTION = (16, 24, 24)
+DEFAULT_MIXER_OPTIONS: dict[str, dict[str, Any]] = {"D": {"num_heads": 16, "head_dim": 128, "expand_v": 2.0}}
 
 
 class ConfigError(ValueError):
     """A saved config that does not describe a hybridvl model completely."""
 
 
-@dataclasses.dataclass
-class HybridConfig:
+class HybridConfig(PretrainedConfig):
     """A hybrid decoder (and, with ``vision_config``, a VLM). Defaults are Qwen2.5-VL-3B as InfiniteVL.
+
+    A transformers ``PretrainedConfig`` (``model_type = "hybridvl"``, registered with ``AutoConfig`` by
+    ``import hybridvl``), built by keyword. Its ``config.json`` lists every field below (not only those that
+    differ from the defaults, as transformers' configs do), because a missing field — the layout above all —
+    would load as a default that changes what the weights compute; see :meth:`from_dict`.
 
     Attributes:
         layout: one mixer per layer, e.g. ``"S,D,D,D x9"`` (see :mod:`hybridvl.mixers.layout`).
@@ -54,44 +62,78 @@ class HybridConfig:
         mixer_modules: the module that registers each mixer of the layout from outside this package, e.g.
             ``{"E": "my_pkg.mixers"}``; filled in from the registry (the registered class's ``__module__``) and
             imported before the layout is read, so a saved model rebuilds in a fresh process.
+
+    Raises:
+        ConfigError: a mixer module cannot be imported or does not register its letter.
+        hybridvl.mixers.LayoutError: the layout does not parse or does not fit ``num_hidden_layers``.
+        ValueError: a dimension or special token is out of range (the message names the field and the fix).
     """
 
-    layout: str = "S,D,D,D x9"
-    vocab_size: int = 151936
-    hidden_size: int = 2048
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 36
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 2
-    head_dim: int | None = None
-    attention_bias: bool = True
-    rope_theta: float = 1_000_000.0
-    mrope_section: list[int] | None = dataclasses.field(default_factory=lambda: [16, 24, 24])
-    sliding_window: int = 8192
-    mixer_options: dict[str, dict[str, Any]] = dataclasses.field(
-        default_factory=lambda: {"D": {"num_heads": 16, "head_dim": 128, "expand_v": 2.0}}
-    )
-    vision_config: dict[str, Any] | None = None
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    bos_token_id: int | None = 151643
-    eos_token_id: int | list[int] | None = 151645
-    pad_token_id: int | None = 151643
-    initializer_range: float = 0.02
-    video_position_rule: str = TRANSFORMERS5
-    mixer_modules: dict[str, str] = dataclasses.field(default_factory=dict)
+    model_type = MODEL_TYPE
 
-    def __post_init__(self) -> None:
-        import_mixer_modules(self.mixer_modules)
+    def __init__(
+        self,
+        layout: str = "S,D,D,D x9",
+        vocab_size: int = 151936,
+        hidden_size: int = 2048,
+        intermediate_size: int = 11008,
+        num_hidden_layers: int = 36,
+        rms_norm_eps: float = 1e-6,
+        tie_word_embeddings: bool = True,
+        num_attention_heads: int = 16,
+        num_key_value_heads: int = 2,
+        head_dim: int | None = None,
+        attention_bias: bool = True,
+        rope_theta: float = 1_000_000.0,
+        mrope_section: list[int] | None = DEFAULT_MROPE_SECTION,
+        sliding_window: int = 8192,
+        mixer_options: dict[str, dict[str, Any]] = DEFAULT_MIXER_OPTIONS,
+        vision_config: dict[str, Any] | None = None,
+        image_token_id: int = 151655,
+        video_token_id: int = 151656,
+        vision_start_token_id: int = 151652,
+        vision_end_token_id: int = 151653,
+        bos_token_id: int | None = 151643,
+        eos_token_id: int | list[int] | None = 151645,
+        pad_token_id: int | None = 151643,
+        initializer_range: float = 0.02,
+        video_position_rule: str = TRANSFORMERS5,
+        mixer_modules: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        import_mixer_modules(mixer_modules or {})
+        self.layout = layout
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.rms_norm_eps = rms_norm_eps
+        self.tie_word_embeddings = tie_word_embeddings
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.attention_bias = attention_bias
+        self.rope_theta = rope_theta
+        self.mrope_section = None if mrope_section is None else list(mrope_section)
+        self.sliding_window = sliding_window
+        self.mixer_options = {mixers.resolve_kind(kind): dict(opts) for kind, opts in mixer_options.items()}
+        self.vision_config = copy.deepcopy(vision_config)
+        self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.vision_start_token_id = vision_start_token_id
+        self.vision_end_token_id = vision_end_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+        self.pad_token_id = pad_token_id
+        self.initializer_range = initializer_range
+        self.video_position_rule = video_position_rule
         self.mixer_modules = {
             spec.letter: spec.module for spec in map(mixers.get_spec, dict.fromkeys(self.kinds)) if not spec.built_in
         }
-        self.mixer_options = {mixers.resolve_kind(kind): dict(opts) for kind, opts in self.mixer_options.items()}
-        self.kinds  # noqa: B018  (validates the layout against num_hidden_layers)
+        self._validate()
+
+    def _validate(self) -> None:
         check_video_position_rule(self.video_position_rule)
         if self.intermediate_size < 0:
             raise ValueError(
@@ -165,57 +207,69 @@ class HybridConfig:
                     "importable module (a file on PYTHONPATH or in an installed package) and register it there"
                 )
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as saved (``config.json``, a stage checkpoint's ``hybrid_config``); see
-        :meth:`check_mixer_modules` for what it refuses."""
+    def fields(self) -> dict[str, Any]:
+        """The hybridvl fields (the constructor's keywords) and their values, without transformers' bookkeeping:
+        ``HybridConfig(**config.fields())`` is an equal config."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in FIELDS}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What ``config.json`` holds: ``model_type``, every hybridvl field (defaults included, see the class
+        docstring) and the transformers bookkeeping that differs from a bare ``PretrainedConfig``."""
+        base = {k: v for k, v in super().to_diff_dict().items() if k not in FIELDS}
+        return {"model_type": MODEL_TYPE, **self.fields(), **base}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` into ``directory`` (atomically); see :meth:`check_mixer_modules` for what it
+        refuses."""
         self.check_mixer_modules()
-        return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
+        return write_text(Path(directory) / CONFIG_NAME, self.to_json_string(use_diff=True))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "the config") -> HybridConfig:
-        """Build from a saved config (``config.json`` or a stage checkpoint's ``hybrid_config``).
+    def from_dict(cls, config_dict: dict[str, Any], source: str = "the config", **kwargs: Any) -> Any:
+        """Build from a saved config (``config.json`` or a stage checkpoint's ``hybrid_config``); ``AutoConfig``
+        calls this too, with transformers' keyword arguments (``return_unused_kwargs`` and the like).
 
         Every field must be present: a saved config lists them all, and a missing one (``layout`` above all)
         would otherwise load as a default that changes what the weights compute. Only the fields of
         :data:`OPTIONAL_FIELDS`, which came later, may be missing; each then takes the value configs without it
-        meant, with a log line.
+        meant, with a log line. transformers' own keys (``transformers_version``, ``architectures``, ...) pass.
 
         Raises:
             ConfigError: a field is missing or unknown, or ``model_type`` is not hybridvl; ``source`` names where
                 the config came from.
         """
-        data = dict(data)
+        data = dict(config_dict)
         model_type = data.pop("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ConfigError(
                 f"{source} is not a hybridvl config: model_type is {model_type!r}, expected {MODEL_TYPE!r}"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(FIELDS) - TRANSFORMERS_KEYS)
         if unknown:
             raise ConfigError(f"{source} has unknown hybridvl config fields: {', '.join(unknown)}")
-        missing = sorted(known - set(data) - set(OPTIONAL_FIELDS))
+        missing = sorted(set(FIELDS) - set(data) - set(OPTIONAL_FIELDS))
         if missing:
             raise ConfigError(
                 f"{source} lacks the required field(s) {', '.join(missing)}: a hybridvl config lists every field, and "
                 "a default would silently change the model (a missing layout would load every layer as "
-                f"{cls.layout!r}); restore the field(s) from the run or conversion that wrote these weights (the "
+                f"{FIELDS['layout']!r}); restore the field(s) from the run or conversion that wrote these weights (the "
                 "layout is also recorded in the safetensors metadata of model.safetensors)"
             )
         for name, value in OPTIONAL_FIELDS.items():
             if name not in data:
                 logger.info("%s has no %s (saved before the field existed); using %r", source, name, value)
                 data[name] = copy.deepcopy(value)
-        return cls(**data)
+        return super().from_dict(data, **kwargs)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` into ``directory`` (atomically)."""
-        return write_text(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
-    @classmethod
-    def load(cls, directory: str | Path) -> HybridConfig:
-        """The config saved in ``directory``'s ``config.json`` (see :meth:`from_dict`)."""
-        return cls.from_dict(read_config_json(directory), str(Path(directory) / CONFIG_NAME))
+# the hybridvl fields and their defaults, in the constructor's order
+FIELDS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(HybridConfig.__init__).parameters.items()
+    if name not in ("self", "kwargs")
+}
+# keys transformers writes into every config.json (or reads from one), accepted beside the hybridvl fields
+TRANSFORMERS_KEYS = set(PretrainedConfig().to_dict()) | {"torch_dtype", "auto_map", "use_cache"}
 
 
 def import_mixer_modules(modules: dict[str, str]) -> None:

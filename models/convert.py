@@ -24,6 +24,7 @@ files go); every file is written atomically.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,10 @@ from torch import nn
 
 from hybridvl import mixers
 from hybridvl.mixers.base import AttentionWeights
-from hybridvl.models.checkpoint import load_weights_strict, model_to_load, read_weights
-from hybridvl.models.config import HybridConfig, read_config_json
+from hybridvl.models.config import HybridConfig
 from hybridvl.models.files import EXPORT_RECORD, check_output, copy_file, write_json
 from hybridvl.models.hybrid import HybridVLM
-from hybridvl.models.qwen import ConversionError, canonical_name, hybrid_config_from_qwen, read_qwen_config
+from hybridvl.models.qwen import ConversionError
 
 INITS = ("mimic", "transfer")
 REPORT_NAME = "conversion_report.json"
@@ -82,24 +82,6 @@ class ConversionReport:
         return write_json(Path(directory) / REPORT_NAME, dataclasses.asdict(self))
 
 
-def load_qwen2_5_vl(directory: str | Path) -> HybridVLM:
-    """A transformers Qwen2.5-VL checkpoint as an all-attention hybrid, which computes exactly what
-    ``Qwen2_5_VLForConditionalGeneration`` computes (names and shapes checked)."""
-    qwen = read_qwen_config(directory)
-    num_layers = {**qwen, **qwen.get("text_config", {})}["num_hidden_layers"]
-    model = model_to_load(hybrid_config_from_qwen(qwen, f"A x{num_layers}"))
-    weights = {canonical_name(name): tensor for name, tensor in read_weights(directory).items()}
-    load_weights_strict(model, weights, f"{directory} (Qwen2.5-VL)")
-    return model
-
-
-def load_teacher(directory: str | Path) -> HybridVLM:
-    """A teacher from a Qwen2.5-VL, hybridvl or InfiniteVL checkpoint directory."""
-    if read_config_json(directory).get("model_type") in ("hybridvl", "infinite_vl"):
-        return HybridVLM.from_pretrained(directory)
-    return load_qwen2_5_vl(directory)
-
-
 def convert_model(
     teacher: HybridVLM,
     layout: str,
@@ -117,7 +99,7 @@ def convert_model(
     """
     if init not in INITS:
         raise ConversionError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    fields = {k: v for k, v in teacher.config.to_dict().items() if k != "model_type"}
+    fields = teacher.config.fields()
     fields["layout"] = layout
     if sliding_window is not None:
         fields["sliding_window"] = sliding_window
@@ -131,6 +113,7 @@ def convert_model(
         ) from error
     torch.manual_seed(seed)
     student = HybridVLM(config)
+    student.generation_config = copy.deepcopy(teacher.generation_config)  # decode as the teacher was tuned to
     report = ConversionReport(teacher_name, mixers.format_layout(config.kinds), init)
     teacher_weights = teacher.state_dict()
     new_layers = [i for i, (a, b) in enumerate(zip(config.kinds, teacher.kinds)) if not _same_weights(a, b)]
@@ -174,8 +157,10 @@ def convert_checkpoint(
     mixer_options: dict[str, dict[str, Any]] | None = None,
     seed: int = 0,
 ) -> tuple[HybridVLM, ConversionReport]:
-    """Build the student for ``layout`` from the checkpoint in ``teacher`` (Qwen2.5-VL, hybridvl or InfiniteVL)."""
-    return convert_model(load_teacher(teacher), layout, init, sliding_window, mixer_options, seed, str(teacher))
+    """Build the student for ``layout`` from the checkpoint in ``teacher`` (Qwen2.5-VL, hybridvl or InfiniteVL, as
+    :meth:`HybridVLM.from_pretrained` reads them)."""
+    model = HybridVLM.from_pretrained(teacher)
+    return convert_model(model, layout, init, sliding_window, mixer_options, seed, str(teacher))
 
 
 def _same_weights(student_kind: str, teacher_kind: str) -> bool:

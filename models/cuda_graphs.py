@@ -27,7 +27,8 @@ import torch
 
 from hybridvl.mixers.ops.attention import DECODE_BLOCK
 from hybridvl.mixers.state import KVCache
-from hybridvl.models.hybrid import HybridVLM, ModelState
+from hybridvl.models.cache import ModelState
+from hybridvl.models.hybrid import HybridVLM
 from hybridvl.vision.tower import vision_inputs
 
 

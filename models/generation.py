@@ -1,7 +1,12 @@
-"""Text generation over the hybrid model's fixed-size state (only ``A`` layers' caches grow).
+"""This project's own decoding loop over the hybrid model's fixed-size state (only ``A`` layers' caches grow).
+
+``model.generate`` is transformers' (all its strategies, ``generation_config.json``, streamers); this function is
+the lean path that also decodes by CUDA-graph replay (``decoder=``) and continues a :class:`ModelState` (a stream,
+a fork of one), used by streaming, training-time evaluation and the benchmarks. It returns only the new tokens.
 
 The prompt is prefilled in one pass (or in chunks of ``prefill_chunk_size`` tokens, which gives the same
-state), then each new token is one step from the state.
+state), then each new token is one step from the state. Greedy decoding gives the tokens transformers' greedy
+``model.generate`` gives.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import types
 import torch
 
 from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
+from hybridvl.models.cache import ModelState
 from hybridvl.models.cuda_graphs import GraphedDecoder
-from hybridvl.models.hybrid import HybridVLM, ModelState
+from hybridvl.models.hybrid import HybridVLM
 
 
 def check_generation_options(

@@ -6,11 +6,16 @@ Each decoder layer is ``x + mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))`` 
 transformers' Qwen2.5-VL (``language_model.layers.N.self_attn.q_proj``, ``visual.blocks...``), so the
 weights of attention layers, MLPs, norms, embeddings and the vision tower carry over by name.
 
+The model is a transformers ``PreTrainedModel`` with ``GenerationMixin`` (registered with the Auto classes by
+``import hybridvl``): ``model.generate(**inputs)`` runs transformers' generation loop over the fixed-size state,
+carried as a :class:`~hybridvl.models.cache.HybridCache`, and honours ``generation_config.json``.
+
 .. code-block:: python
 
     model = HybridVLM(HybridConfig(layout="S,D,D,D x9", vision_config=...))
     out = model(input_ids, pixel_values=..., image_grid_thw=...)          # logits, state
     out = model(next_ids, state=out.state)                                  # continue
+    tokens = model.generate(**processor_inputs, max_new_tokens=32)         # prompt + new tokens
 """
 
 from __future__ import annotations
@@ -18,61 +23,36 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.initialization import no_init_weights
+from transformers.utils import ModelOutput
 
 from hybridvl import mixers
 from hybridvl.mixers.modules import RMSNorm
 from hybridvl.mixers.ops.varlen import packed_positions, seqlens_to_cu_seqlens, sequence_bounds
 from hybridvl.mixers.state import MixerState
+from hybridvl.models.cache import HybridCache, ModelState
+from hybridvl.models.checkpoint import DEFAULT_MAX_SHARD_SIZE, load_weights_strict, save_weights
 from hybridvl.models.config import HybridConfig
+from hybridvl.models.files import write_text
+from hybridvl.models.loading import read_checkpoint, resolve
 from hybridvl.models.positions import sequence_positions
 from hybridvl.vision.tower import build_vision_tower, vision_inputs
 
+__all__ = ["HybridCache", "HybridConfig", "HybridOutput", "HybridVLM", "ModelState"]
 
-@dataclasses.dataclass
-class ModelState:
-    """Everything needed to continue ``N`` sequences: one state per layer and where positions resume."""
-
-    layers: list[MixerState]
-    next_position: torch.Tensor  # [N] int64
-
-    @property
-    def batch_size(self) -> int:
-        return self.next_position.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(state.nbytes for state in self.layers) + self.next_position.numel() * 8
-
-    def clone(self) -> Self:
-        """A deep copy (fork): calls on the copy leave this state untouched."""
-        return ModelState([state.clone() for state in self.layers], self.next_position.clone())
-
-    def copy_(self, other: ModelState) -> Self:
-        """Write ``other`` into this state's tensors in place (see :meth:`MixerState.copy_`)."""
-        if len(self.layers) != len(other.layers) or self.batch_size != other.batch_size:
-            raise ValueError(
-                f"cannot copy a state of {len(other.layers)} layers and {other.batch_size} sequences into one of "
-                f"{len(self.layers)} layers and {self.batch_size} sequences"
-            )
-        for mine, theirs in zip(self.layers, other.layers):
-            mine.copy_(theirs)
-        self.next_position.copy_(other.next_position)
-        return self
-
-    def zero_(self) -> Self:
-        """Empty the state in place (as :meth:`HybridVLM.init_state` makes it)."""
-        for state in self.layers:
-            state.zero_()
-        self.next_position.zero_()
-        return self
-
-    def detach(self) -> Self:
-        return ModelState([state.detach() for state in self.layers], self.next_position.clone())
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+GENERATION_CONFIG_NAME = "generation_config.json"
+# arguments of generate itself that transformers passes on with the model inputs
+_GENERATION_ONLY = ("tokenizer", "assistant_tokenizer")
+_DECODE_DROPS = (*_GENERATION_ONLY, *VISION_KEYS)
+# keyword arguments transformers' Auto classes pass to from_pretrained that a local load has no use for
+_HUB_KWARGS = {"local_files_only", "force_download", "proxies", "token", "trust_remote_code", "code_revision"}
 
 
 @dataclasses.dataclass
@@ -97,21 +77,27 @@ class DecoderPass:
 
 
 @dataclasses.dataclass
-class HybridOutput:
-    """Result of a forward pass.
+class HybridOutput(ModelOutput):
+    """Result of a forward pass (a transformers ``ModelOutput``).
 
     Attributes:
+        loss: mean next-token cross-entropy when ``labels`` are given (``-100`` ignored).
         logits: ``[B, T, vocab]`` (zeros at padded positions), or only the last ``logits_to_keep``.
-        state: the state after the input, to continue from.
+        cache: the state after the input in a :class:`HybridCache` (the one passed in, updated), to continue
+            from; ``None`` with ``use_cache=False``.
         hidden_states: with ``output_hidden_states``: the input of every layer and the final output
             (before the last norm), each ``[B, T, hidden]``; ``len == num_layers + 1``.
-        loss: mean next-token cross-entropy when ``labels`` are given (``-100`` ignored).
     """
 
-    logits: torch.Tensor
-    state: ModelState
-    hidden_states: tuple[torch.Tensor, ...] | None = None
     loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: HybridCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def state(self) -> ModelState | None:
+        """The :class:`ModelState` after the input (the cache's), to pass as ``state=`` to continue."""
+        return None if self.cache is None else self.cache.state
 
 
 class SwiGLU(nn.Module):
@@ -194,34 +180,59 @@ class HybridDecoder(nn.Module):
         return self.norm(hidden), new_states, tuple(all_hidden) if output_hidden_states else None
 
 
-class HybridVLM(nn.Module):
+class HybridVLM(PreTrainedModel, GenerationMixin):
     """A hybrid decoder, optionally on the Qwen2.5-VL vision tower (``config.vision_config``).
 
     The vision tower is transformers' ``Qwen2_5_VisionTransformerPretrainedModel``; its merged patch
     features replace the image/video placeholder tokens, and attention layers get Qwen2.5-VL's 3-D
     M-RoPE positions. Padded batches (``attention_mask``) run packed, so no mixer sees padding.
+
+    As a transformers model: :meth:`from_pretrained` is the one way to load (this project's checkpoints,
+    Qwen2.5-VL, InfiniteVL, a training stage's ``.ckpt``, hub ids from the local cache), :meth:`save_pretrained`
+    writes atomically and shards large models, and ``generate`` is transformers' (greedy, sampling, beam search,
+    repetition penalty, stop strings, streamers, ``generation_config.json``). For decoding by CUDA-graph replay
+    use :func:`hybridvl.models.generation.generate`.
     """
 
+    config_class = HybridConfig
+    base_model_prefix = "language_model"
+    main_input_name = "input_ids"
+    _no_split_modules: ClassVar[list[str]] = ["HybridDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    # tied when config.tie_word_embeddings
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "language_model.embed_tokens.weight"}
+
     def __init__(self, config: HybridConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.visual = None if config.vision_config is None else build_vision_tower(config.vision_config)
         self.language_model = HybridDecoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._init_weights()
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.post_init()
 
     @torch.no_grad()
-    def _init_weights(self) -> None:
-        """Normal(0, ``initializer_range``) linear and embedding weights, zero biases, in the decoder and
-        head; mixer-specific parameters (decays, convolutions, norms) and the vision tower keep their own."""
-        std = self.config.initializer_range
-        for module in [*self.language_model.modules(), self.lm_head]:
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, ``initializer_range``) linear and embedding weights, zero biases; transformers calls it once per
+        module of the decoder and head, children first (so in the order the modules were built).
+
+        Nothing else is touched: mixer-specific parameters (decays, convolutions, norms) keep what their
+        constructors set, and the vision tower, a transformers model of its own, was initialised (and marked so)
+        when it was built. Loading (:meth:`from_pretrained`) skips initialisation altogether.
+        """
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
 
     @property
     def kinds(self) -> list[str]:
@@ -377,41 +388,105 @@ class HybridVLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
-        *,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         logits_to_keep: int | None = None,
-        **inputs: Any,
-    ) -> HybridOutput:
-        """Run the model over new tokens, from scratch or continuing ``state``.
+        *,
+        state: ModelState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: HybridCache | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> HybridOutput | tuple:
+        """Run the model over new tokens, from scratch or continuing a state.
 
         Args:
             input_ids: ``[B, T]`` tokens (or give ``inputs_embeds`` and ``position_ids``).
-            attention_mask: ``[B, T]``, 0 at padding (either side); padded rows run packed.
+            attention_mask: ``[B, T]``, 0 at padding (either side); padded rows run packed. When continuing, a
+                longer mask (transformers' generation loop passes the whole sequence's) is cut to its last ``T``
+                columns, those of the new tokens.
+            position_ids: M-RoPE positions ``[3, B, T]``; computed from the tokens and the vision grids when omitted.
+            cache, past_key_values (the same, transformers' former name): a :class:`HybridCache` to continue from;
+                it is updated in place and returned.
+            inputs_embeds: ``[B, T, hidden]`` instead of ``input_ids``.
             labels: ``[B, T]`` next-token targets aligned with ``input_ids`` (shifted inside), -100 ignored.
-            logits_to_keep: compute logits only for the last this many positions; for padded or packed input
-                only 1 is allowed and the logits are each sequence's last token, ``[N, 1, vocab]``.
-            **inputs: as :meth:`decode`: ``inputs_embeds``, ``cu_seqlens`` (a packed batch, ``B == 1``),
-                ``position_ids`` (M-RoPE ``[3, B, T]``, computed from the tokens when omitted), the vision inputs
-                as Qwen2.5-VL's processor returns them (``pixel_values``, ``image_grid_thw``,
-                ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``), ``state`` to continue, and
-                ``output_hidden_states`` (every layer's input, plus the last layer's output).
+            use_cache: ``False``: return no cache.
+            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts: the vision
+                inputs as Qwen2.5-VL's processor returns them (only with the tokens holding their placeholders).
+            logits_to_keep: compute logits only for the last this many positions (0: all); for padded or packed
+                input only 1 is allowed and the logits are each sequence's last token, ``[N, 1, vocab]``.
+            state: a :class:`ModelState` to continue from (instead of ``cache``); it is left unchanged.
+            cu_seqlens: sequence boundaries of a packed batch (``B == 1``).
+            output_hidden_states: return every layer's input, plus the last layer's output.
+            mm_token_type_ids, cache_position: accepted from processors and transformers and not needed: vision
+                tokens are known by their ids, and positions resume from the state.
+            return_dict: ``False``: a tuple instead of :class:`HybridOutput`.
         """
-        run = self.decode(input_ids, attention_mask=attention_mask, **inputs)
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("give cache or past_key_values (its former name), not both")
+            cache = past_key_values
+        if cache is not None and not isinstance(cache, HybridCache):
+            raise TypeError(
+                f"HybridVLM continues from a HybridCache (its fixed-size state), got {type(cache).__name__}; pass "
+                "none (generate makes one) or the cache a previous call returned"
+            )
+        if cache is not None and state is not None:
+            raise ValueError("give cache or state to continue from, not both")
+        start = cache.state if cache is not None else state
+        tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if attention_mask is not None and attention_mask.shape[-1] != tokens:
+            if start is None or attention_mask.shape[-1] < tokens:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} tokens but the input has {tokens}; a longer "
+                    "mask is only taken when continuing a cache (its last columns are the new tokens')"
+                )
+            attention_mask = attention_mask[:, -tokens:]
+        run = self.decode(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cu_seqlens=cu_seqlens,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            state=start,
+            output_hidden_states=bool(output_hidden_states),
+        )
         hidden = run.hidden
-        if logits_to_keep is not None and run.cu_seqlens is not None:
+        if logits_to_keep and run.cu_seqlens is not None:
             if logits_to_keep != 1:
                 raise ValueError("with padding or packing, logits_to_keep can only be 1 (each sequence's last token)")
             logits = self.lm_head(hidden[0, run.cu_seqlens[1:] - 1])[:, None]  # [N, 1, vocab]
         else:
-            logits = self.lm_head(hidden if logits_to_keep is None else hidden[:, -logits_to_keep:])
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
             if run.unpad_index is not None:
                 logits = _pad(logits, run.unpad_index, *attention_mask.shape)
         layer_inputs = run.layer_inputs
         if run.unpad_index is not None and layer_inputs is not None:
             layer_inputs = tuple(_pad(h, run.unpad_index, *attention_mask.shape) for h in layer_inputs)
         loss = None if labels is None else next_token_loss(logits, labels)
-        return HybridOutput(logits, run.state, layer_inputs, loss)
+        if use_cache is False:
+            cache = None
+        else:
+            cache = cache if cache is not None else HybridCache()
+            cache.advance(run.state, tokens)
+        out = HybridOutput(loss=loss, logits=logits, cache=cache, hidden_states=layer_inputs)
+        return out if return_dict is not False else out.to_tuple()
 
     # --- states -------------------------------------------------------------------------------------
 
@@ -425,35 +500,146 @@ class HybridVLM(nn.Module):
 
     # --- save / load --------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write ``config.json`` (with the layout) and ``model.safetensors``, each atomically; a folder that holds
-        files is refused unless ``overwrite`` (see :func:`hybridvl.models.checkpoint.save_weights`), and so is a model
-        with a mixer a loading process could not import (see :meth:`HybridConfig.check_mixer_modules`)."""
-        from hybridvl.models.checkpoint import save_model
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        overwrite: bool = False,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        **kwargs: Any,
+    ) -> Path:
+        """Write ``config.json`` (every field, the layout included), the weights (the layout also in their
+        metadata; shards and an index above ``max_shard_size``, e.g. ``"5GB"``) and ``generation_config.json``,
+        each atomically.
 
-        self.config.check_mixer_modules()
-        return save_model(self, directory, overwrite=overwrite)
+        A folder that holds files is refused unless ``overwrite`` (then its stale weight files go), and so is a
+        model with a mixer a loading process could not import (see :meth:`HybridConfig.check_mixer_modules`);
+        see :func:`hybridvl.models.checkpoint.save_weights`. transformers' other options (``push_to_hub``,
+        ``safe_serialization``, ...) do not apply and are refused.
+        """
+        if kwargs:
+            raise TypeError(
+                f"save_pretrained takes save_directory, overwrite and max_shard_size; {', '.join(sorted(kwargs))} "
+                "do not apply to hybridvl checkpoints"
+            )
+        directory = save_weights(self.config, self.state_dict(), save_directory, overwrite, max_shard_size)
+        if self.generation_config is not None:
+            write_text(directory / GENERATION_CONFIG_NAME, self.generation_config.to_json_string())
+        return directory
 
     @classmethod
     def from_pretrained(
         cls,
-        directory: str | Path,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
+        pretrained_model_name_or_path: str | Path,
+        *model_args: Any,
+        config: HybridConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: str | torch.device | dict[str, Any] | None = None,
         allow_nonfinite: bool = False,
+        cache_dir: str | Path | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
     ) -> HybridVLM:
-        """Load a directory written by :meth:`save_pretrained`; mismatching configs and tensors raise with their
-        names (see :func:`hybridvl.models.checkpoint.load_model`)."""
-        from hybridvl.models.checkpoint import load_model
+        """The one way to load a model, in eval mode.
 
-        return load_model(directory, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
+        Args:
+            pretrained_model_name_or_path: a model directory, a training stage's ``.ckpt``, or a hub id found in the
+                local Hugging Face cache (nothing is downloaded). A directory's ``config.json`` is read once and
+                dispatched by ``model_type``: this project's checkpoints, Qwen2.5-VL (as an all-``A`` model, e.g. a
+                teacher) or InfiniteVL's format (see :mod:`hybridvl.models.loading`).
+            config: the directory's config, already read (``AutoModel`` passes it).
+            dtype, torch_dtype (the same, transformers' former name): the parameters' dtype; ``"auto"``: the saved
+                weights'; unset: float32.
+            device_map: the device to load onto (``"cpu"``, ``"cuda:0"``, ``{"": "cuda:0"}``; ``"auto"``: the GPU if
+                there is one). The model runs on one device, as its state does.
+            allow_nonfinite: load weights holding NaN or inf (refused by default, naming the tensor).
+            cache_dir, revision: where and which snapshot of a hub id to find in the local cache.
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Generate new tokens; see :func:`hybridvl.models.generation.generate`."""
-        from hybridvl.models.generation import generate
+        The names, shapes and kinds of dtype of the tensors are checked against the model the config describes,
+        and every mismatch is named (see :mod:`hybridvl.models.checkpoint`). ``generation_config.json`` beside the
+        weights becomes ``model.generation_config``, which ``generate`` follows.
+        """
+        if model_args:
+            raise TypeError("from_pretrained takes the model's name or path and keyword arguments only")
+        if "_adapter_model_path" in (kwargs.pop("adapter_kwargs", None) or {}):
+            raise ValueError(f"{pretrained_model_name_or_path} holds a PEFT adapter; load its base model instead")
+        unknown = sorted(set(kwargs) - _HUB_KWARGS - {k for k in kwargs if k.startswith("_")})
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected keyword argument(s): {', '.join(unknown)}")
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError("give dtype or torch_dtype (its former name), not both")
+        dtype = dtype if dtype is not None else torch_dtype
+        device = _single_device(device_map)
+        path = resolve(pretrained_model_name_or_path, cache_dir=cache_dir, revision=revision)
+        checkpoint = read_checkpoint(path, config)
+        with no_init_weights():
+            model = cls(checkpoint.config)
+        model.tie_weights()  # no_init_weights skips the tying that building does
+        load_weights_strict(model, checkpoint.tensors, checkpoint.source, allow_nonfinite)
+        if dtype == "auto":
+            dtype = next((t.dtype for t in checkpoint.tensors.values() if t.is_floating_point()), None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if checkpoint.directory is not None and (checkpoint.directory / GENERATION_CONFIG_NAME).is_file():
+            model.generation_config = GenerationConfig.from_pretrained(checkpoint.directory)
+        model.name_or_path = str(pretrained_model_name_or_path)
+        return model.to(device=device, dtype=dtype).eval()
 
-        return generate(self, input_ids, **kwargs)
+    # --- transformers generation --------------------------------------------------------------------
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """No ``DynamicCache``: the forward pass makes its :class:`HybridCache` on the prefill step."""
+        return False
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> None:
+        """No positions from the generation loop: the model computes M-RoPE positions from the tokens and vision
+        grids on the prefill step and resumes them from the state (``next_position``) on each decode step."""
+        return None
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        next_sequence_length: int | None = None,
+        cache: HybridCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """transformers' inputs, with every vision input (grids included, which transformers keeps) given only on
+        the prefill step: decode steps feed generated tokens, which hold no placeholders. The tokenizers that
+        ``generate`` takes for stop strings reach here among the model inputs too, and are dropped."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        dropped = _GENERATION_ONLY if is_first_iteration or not kwargs.get("use_cache", True) else _DECODE_DROPS
+        for key in dropped:
+            inputs.pop(key, None)
+        return inputs
+
+
+def _single_device(device_map: str | torch.device | dict[str, Any] | None) -> torch.device | None:
+    """The one device a ``device_map`` names (``None``: stay on the CPU)."""
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if set(device_map) != {""} or len(devices) != 1:
+            raise ValueError(
+                f"device_map {device_map} splits the model across devices; a hybrid model and its state run on one "
+                'device: pass a device ("cuda:0") or {"": device}'
+            )
+        device_map = devices.pop()
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return None if device_map is None else torch.device(device_map)
 
 
 def _pad(packed: torch.Tensor, index: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Loading checkpoints in the public InfiniteVL format.
+"""Reading checkpoints in the public InfiniteVL format (``HybridVLM.from_pretrained`` loads them).
 
 InfiniteVL (``model_type: infinite_vl``) saves a Qwen2.5-VL-style ``config.json`` whose text fields sit at the
 top level (or under ``text_config``) with its linear-layer fields — ``layer_types``
@@ -20,16 +20,12 @@ it through conversion and saving.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
-from hybridvl.models.checkpoint import load_weights_strict, model_to_load, read_weights
-from hybridvl.models.config import HybridConfig, read_config_json
-from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.config import HybridConfig
 from hybridvl.models.positions import TRANSFORMERS4
-from hybridvl.models.qwen import canonical_name, hybrid_config_from_qwen
+from hybridvl.models.qwen import hybrid_config_from_qwen
 
 logger = logging.getLogger("hybridvl.models")
 
@@ -41,7 +37,8 @@ class InfiniteVLFormatError(ValueError):
 
 
 def infinitevl_config(config: dict[str, Any], tensor_names: set[str]) -> HybridConfig:
-    """Translate an InfiniteVL ``config.json`` (and the layer kinds its weights reveal) to a HybridConfig."""
+    """Translate an InfiniteVL ``config.json`` (and the layer kinds its weights reveal, ``tensor_names`` in this
+    project's naming: :func:`hybridvl.models.qwen.canonical_name`) to a HybridConfig."""
     text = {**config, **config.get("text_config", {})}
     num_layers = text["num_hidden_layers"]
     declared = text.get("layer_types") or [
@@ -85,15 +82,6 @@ def infinitevl_config(config: dict[str, Any], tensor_names: set[str]) -> HybridC
         "conv_size": text.get("conv_size", 4),
         "norm_eps": text.get("norm_eps", 1e-5),
     }
-    hybrid = hybrid_config_from_qwen(config, ",".join(kinds), sliding_window=window, mixer_options={"D": gdn})
-    return dataclasses.replace(hybrid, video_position_rule=TRANSFORMERS4)
-
-
-def load_infinitevl(directory: str | Path, allow_nonfinite: bool = False) -> HybridVLM:
-    """Load an InfiniteVL checkpoint directory into a :class:`HybridVLM` (names, shapes, dtypes and values
-    checked as :func:`hybridvl.models.checkpoint.check_weights` does)."""
-    config = read_config_json(directory)
-    tensors = {canonical_name(name): tensor for name, tensor in read_weights(directory).items()}
-    model = model_to_load(infinitevl_config(config, set(tensors)))
-    load_weights_strict(model, tensors, f"{directory} (InfiniteVL format)", allow_nonfinite)
-    return model
+    return hybrid_config_from_qwen(
+        config, ",".join(kinds), sliding_window=window, mixer_options={"D": gdn}, video_position_rule=TRANSFORMERS4
+    )

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from hybridvl import mixers
-from hybridvl.models.config import HybridConfig, read_config_json
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.positions import TRANSFORMERS5
 
 
 class ConversionError(ValueError):
     """A checkpoint cannot be read or converted as asked."""
-
-
-def read_qwen_config(teacher: str | Path) -> dict[str, Any]:
-    """The teacher's ``config.json``; raises if the directory or file is missing or not Qwen2.5-VL."""
-    config = read_config_json(teacher)
-    if config.get("model_type") != "qwen2_5_vl":
-        raise ConversionError(
-            f"{Path(teacher) / 'config.json'} has model_type {config.get('model_type')!r}; the teacher must be a "
-            "Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl')"
-        )
-    return config
 
 
 def hybrid_config_from_qwen(
@@ -29,8 +18,10 @@ def hybrid_config_from_qwen(
     layout: str,
     sliding_window: int | None = None,
     mixer_options: dict[str, dict[str, Any]] | None = None,
+    video_position_rule: str = TRANSFORMERS5,
 ) -> HybridConfig:
-    """A :class:`HybridConfig` with the teacher's dimensions (flat or nested ``text_config``) and ``layout``."""
+    """A :class:`HybridConfig` with the dimensions of a Qwen2.5-VL ``config.json`` (flat or nested
+    ``text_config``) and ``layout``."""
     text = {**qwen, **qwen.get("text_config", {})}
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     num_layers = text["num_hidden_layers"]
@@ -60,6 +51,7 @@ def hybrid_config_from_qwen(
             eos_token_id=text.get("eos_token_id"),
             pad_token_id=text.get("pad_token_id"),
             initializer_range=text.get("initializer_range", 0.02),
+            video_position_rule=video_position_rule,
         )
     except mixers.LayoutError as error:
         raise ConversionError(f"the layout does not fit the teacher's {num_layers} layers:\n{error}") from error

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from hybridvl.models.cache import ModelState
 from hybridvl.models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
-from hybridvl.models.generation import check_generation_options
-from hybridvl.models.hybrid import HybridVLM, ModelState
+from hybridvl.models.generation import check_generation_options, generate
+from hybridvl.models.hybrid import HybridVLM
 
 
 @dataclasses.dataclass
@@ -136,7 +137,7 @@ class StreamingSession:
         ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
         if self.cuda_graphs and self._decoder is None:
             self._decoder = GraphedDecoder(self.model, batch_size=1)
-        tokens = self.model.generate(ids, state=fork, max_new_tokens=max_new_tokens, decoder=self._decoder)
+        tokens = generate(self.model, ids, state=fork, max_new_tokens=max_new_tokens, decoder=self._decoder)
         text = self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
         return Answer(text, tokens.shape[1], time.perf_counter() - start)
 

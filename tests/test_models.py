@@ -242,7 +242,7 @@ def test_conversion_errors_name_the_problem(teacher_dir, tmp_path):
         convert_checkpoint(tmp_path / "missing", "A x4")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ConversionError, match=r"model_type .llama.; the teacher must be a Qwen2\.5-VL"):
+    with pytest.raises(ConversionError, match=r"model_type .llama.; HybridVLM loads 'hybridvl' .* 'qwen2_5_vl'"):
         convert_checkpoint(tmp_path / "llama", "A x4")
     with pytest.raises(ConversionError, match="init must be one of mimic, transfer"):
         convert_checkpoint(teacher_dir, "A x4", init="copy")
@@ -289,9 +289,10 @@ def test_convert_save_reload_generate(teacher_dir, tmp_path, processor):
     model = HybridVLM.from_pretrained(tmp_path).eval()
     reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
     inputs = image_inputs(reloaded_processor)
-    tokens = model.generate(inputs["input_ids"], **hybrid_inputs(inputs), max_new_tokens=6, eos_token_id=[])
-    assert tokens.shape == (1, 6)
-    text = reloaded_processor.batch_decode(tokens)
+    tokens = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6)
+    prompt = inputs["input_ids"].shape[1]
+    assert tokens.shape == (1, prompt + 6) and torch.equal(tokens[:, :prompt], inputs["input_ids"])
+    text = reloaded_processor.batch_decode(tokens[:, prompt:])
     assert isinstance(text[0], str)
 
 

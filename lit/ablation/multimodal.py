@@ -298,11 +298,10 @@ def stage1_measures(student_dir: Path, teacher_dir: Path, sources: list[dict[str
     temperature 1 with the student running on its own hidden states."""
     from hybridvl.lit.datamodule import HybridDataModule
     from hybridvl.lit.losses import distillation_kl
-    from hybridvl.models.convert import load_teacher
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = load_teacher(teacher_dir).to(device).eval()
-    student = HybridVLM.from_pretrained(student_dir).to(device).eval()
+    teacher = HybridVLM.from_pretrained(teacher_dir, device_map=device)
+    student = HybridVLM.from_pretrained(student_dir, device_map=device)
     data = HybridDataModule(processor=str(teacher_dir), val=sources, max_tokens=2048)
     data.setup("validate")
     mse, kl, tokens = 0.0, 0.0, 0

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from hybridvl.lit.cli import ArgumentParser, device_argument
-from hybridvl.lit.commands.generate import load_model
 from hybridvl.lit.commands.layout import format_bytes
 from hybridvl.models.chat import load_processor
 from hybridvl.models.generation import check_generation_options
+from hybridvl.models.hybrid import HybridVLM
 from hybridvl.models.streaming import StreamingSession
 from hybridvl.vision import iter_video_frames
 
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         parser.error(str(error))
     frames = iter_video_frames(args.video, args.fps)
-    model = load_model(args.model, args.device)
+    model = HybridVLM.from_pretrained(args.model, device_map=args.device)
     session = StreamingSession(model, load_processor(args.model))
     asks = sorted(args.ask)
     start, feeding = time.perf_counter(), 0.0
