@@ -559,7 +559,9 @@ def test_a_users_dataset_class_is_a_source_by_its_import_path(tmp_path, monkeypa
         build_source({"type": "lab_sources_for_test.Greetings", "count": 3, "wrd": "hi"})
     with pytest.raises(ValueError, match="needs 'count'"):
         build_source({"type": "lab_sources_for_test.Greetings"})
-    with pytest.raises(TypeError, match=r"must yield hybridvl\.lit\.data\.types\.Conversation items, its first is a dict"):
+    with pytest.raises(
+        TypeError, match=r"must yield hybridvl\.lit\.data\.types\.Conversation items, its first is a dict"
+    ):
         build_source({"type": "lab_sources_for_test.NotConversations", "count": 1})
     with pytest.raises(ValueError, match="cannot import 'no_such_lab'"):
         build_source({"type": "no_such_lab.Data"})
