@@ -5,7 +5,8 @@
 2. convert it into an ``S,D,D,D`` hybrid student (mimic initialisation);
 3. distil layer-wise, 4. end-to-end, 5. fine-tune (``experiments/tiny/{distill_layerwise,distill_e2e,sft}.yaml``),
    each through ``hybridvl fit``;
-6. validate teacher and student per task and print the table with their cache memory.
+6. validate teacher and student per task and print the table: each task's chance, the teacher's and the student's
+   accuracy and their ratio, and their cache memory.
 
 Each stage logs a line every 10% of its steps: step, loss, time elapsed and left
 (:class:`hybridvl.lit.callbacks.StageProgress`). TensorBoard logs land in ``<out>/runs``, the loss curves in
