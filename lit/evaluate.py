@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 
 from hybridvl.lit.datamodule import HybridDataModule
 from hybridvl.lit.modules import SFT
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def evaluate(
@@ -54,8 +57,23 @@ def read_scalars(run: Path, tag: str) -> tuple[list[int], list[float]]:
     return [s.step for s in scalars], [s.value for s in scalars]
 
 
-def plot_losses(runs_root: Path, stages: Sequence[str], path: Path) -> Path:
-    """One panel per stage with its training loss (and validation loss where logged); saved as PNG."""
+def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, ``ema = weight * ema + (1 - weight) * value``,
+    divided by ``1 - weight ** n`` after ``n`` values so the start is not pulled towards zero (the first smoothed
+    value is the first value). ``weight`` 0 returns the values unchanged; closer to 1 smooths more."""
+    if not 0 <= weight < 1:
+        raise ValueError(f"the smoothing weight must be in [0, 1), got {weight}")
+    smoothed, ema, mass = [], 0.0, 0.0
+    for value in values:
+        ema = weight * ema + (1 - weight) * value
+        mass = weight * mass + (1 - weight)
+        smoothed.append(ema / mass)
+    return smoothed
+
+
+def loss_figure(runs_root: Path, stages: Sequence[str], weight: float = 0.8) -> Figure:
+    """One panel per stage (``runs_root/<stage>``, its newest TensorBoard run): the training loss raw (a faint
+    line) and smoothed (:func:`smooth` with ``weight``, on top), and the validation loss where logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,17 +82,29 @@ def plot_losses(runs_root: Path, stages: Sequence[str], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         run = latest_run(runs_root / stage)
-        for tag, style in (("train/loss", "-"), ("val/loss", "o--")):
-            steps, values = read_scalars(run, tag)
-            if steps:
-                ax.plot(steps, values, style, label=tag, markersize=4)
+        steps, values = read_scalars(run, "train/loss")
+        if steps:
+            (raw,) = ax.plot(steps, values, alpha=0.25, linewidth=1, label="train/loss")
+            ax.plot(steps, smooth(values, weight), color=raw.get_color(), linewidth=2, label=f"smoothed ({weight:g})")
+        steps, values = read_scalars(run, "val/loss")
+        if steps:
+            ax.plot(steps, values, "o", markersize=5, label="val/loss")
         ax.set_title(stage)
         ax.set_xlabel("step")
+        ax.set_ylabel("loss (log scale)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(runs_root: Path, stages: Sequence[str], path: Path, weight: float = 0.8) -> Path:
+    """:func:`loss_figure` saved as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(runs_root, stages, weight)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -265,7 +265,7 @@ def run_distillation_cell(study: Study, cell: Cell, out: Path) -> dict[str, Any]
         "stage1_steps": steps,
         "accuracy": accuracy,
         "per_task": per_task,
-        "chance": {task.name: task.chance for task in SyntheticSuite(image_size=84).tasks},
+        "chance": {task.name: task.chance for task in SyntheticSuite(image_size=DISTILL_SUITE["image_size"]).tasks},
         "stage1": {**measures, "accuracy": accuracy},
         "teacher_accuracy": statistics.fmean(teacher_per_task.values()),
         "teacher_per_task": teacher_per_task,

@@ -5,7 +5,8 @@
 2. convert it into an ``S,D,D,D`` hybrid student (mimic initialisation);
 3. distil layer-wise, 4. end-to-end, 5. fine-tune (``experiments/tiny/{distill_layerwise,distill_e2e,sft}.yaml``),
    each through ``hybridvl fit``;
-6. validate teacher and student per task and print the table with their cache memory.
+6. validate teacher and student per task and print the table: each task's chance, the teacher's and the student's
+   accuracy and their ratio, and their cache memory.
 
 Each stage logs a line every 10% of its steps: step, loss, time elapsed and left
 (:class:`hybridvl.lit.callbacks.StageProgress`). TensorBoard logs land in ``<out>/runs``, the loss curves in
@@ -22,11 +23,16 @@ from pathlib import Path
 import torch
 
 from hybridvl.lit.cli import ArgumentParser
+from hybridvl.lit.datamodule import build_source
 from hybridvl.lit.evaluate import evaluate, plot_losses
 from hybridvl.lit.pipeline import STAGES, distill_student, train_teacher
 from hybridvl.models.hybrid import HybridVLM
 
 VAL = [{"type": "synthetic", "size_per_task": 25, "split": "val", "image_size": 84}]
+"""The validation source teacher and student are scored on: the teacher's training suite (``experiments/tiny``),
+held-out split."""
+LEARNED = 3.0
+"""A teacher has learned a task when its accuracy is at least this many times the task's chance."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -56,7 +62,7 @@ def main(argv: list[str]) -> int:
     print(report.summary())
 
     val = [{**VAL[0], "size_per_task": args.val_size}]
-    results = {}
+    results: dict = {"chance": chances(val[0])}
     for role, directory in (("teacher", teacher), ("student", student)):
         accuracy = evaluate(directory, val)
         model = HybridVLM.from_pretrained(directory)
@@ -70,33 +76,58 @@ def main(argv: list[str]) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_losses(out / "runs", STAGES, out / "loss_curves.png")
     print(table(results))
-    print(f"\nTensorBoard: tensorboard --logdir {out / 'runs'}    loss curves: {out / 'loss_curves.png'}")
+    print(
+        f"\nresults: {out / 'results.json'}    loss curves: {out / 'loss_curves.png'}    "
+        f"TensorBoard logs: tensorboard --logdir {out / 'runs'}"
+    )
     return 0
 
 
+def chances(source: dict) -> dict[str, float]:
+    """Each task's chance score on a synthetic ``source``: the exact match of the best answer given without
+    looking at the image or video (:attr:`~hybridvl.lit.data.synthetic.SyntheticTask.chance`)."""
+    return {task.name: task.chance for task in build_source(source).tasks}
+
+
 def table(results: dict) -> str:
-    """Teacher vs student accuracy per task, their ratio, and cache memory."""
-    teacher, student = results["teacher"], results["student"]
+    """Each task's chance beside the teacher's and the student's accuracy and their ratio (the share of the
+    teacher's accuracy the student recovers), cache memory, and a verdict on whether the teacher learned every
+    task (at least :data:`LEARNED` times its chance); without that the recovery means little."""
+    teacher, student, chance = results["teacher"], results["student"], results["chance"]
     tasks = list(teacher["accuracy"])
-    rows = [("task", f"teacher ({teacher['layout']})", f"student ({student['layout']})", "student / teacher")]
+    rows = [("task", "chance", f"teacher ({teacher['layout']})", f"student ({student['layout']})", "student / teacher")]
     for task in tasks:
         t, s = teacher["accuracy"][task], student["accuracy"][task]
-        rows.append((task, f"{t:.3f}", f"{s:.3f}", f"{s / t:.0%}" if t else "-"))
-    mean_t = sum(teacher["accuracy"].values()) / len(tasks)
-    mean_s = sum(student["accuracy"].values()) / len(tasks)
-    rows.append(("mean", f"{mean_t:.3f}", f"{mean_s:.3f}", f"{mean_s / mean_t:.0%}" if mean_t else "-"))
+        rows.append((task, f"{chance[task]:.3f}", f"{t:.3f}", f"{s:.3f}", _ratio(s, t)))
+    mean_c, mean_t, mean_s = (
+        sum(values[task] for task in tasks) / len(tasks)
+        for values in (chance, teacher["accuracy"], student["accuracy"])
+    )
+    rows.append(("mean", f"{mean_c:.3f}", f"{mean_t:.3f}", f"{mean_s:.3f}", _ratio(mean_s, mean_t)))
     for tokens, key in ((1024, "cache_bytes_1k"), (65536, "cache_bytes_64k")):
-        rows.append((f"cache @ {tokens // 1024}K tokens", _kib(teacher[key]), _kib(student[key]), ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        rows.append((f"cache @ {tokens // 1024}K tokens", "", _kib(teacher[key]), _kib(student[key]), ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(
-        f"\nthe student recovers {mean_s / mean_t:.0%} of the teacher's accuracy "
-        f"({results['minutes']:.1f} minutes in all)"
-        if mean_t
-        else ""
-    )
+    unlearned = [task for task in tasks if teacher["accuracy"][task] < LEARNED * chance[task]]
+    lines.append("")
+    if unlearned:
+        lines.append(
+            f"the teacher scores below {LEARNED:g}x chance on {', '.join(unlearned)}: it has not learned "
+            "(enough of) these tasks, so the student's recovery there means little; train it longer (--scale)"
+        )
+    else:
+        lines.append(f"the teacher scores at least {LEARNED:g}x chance on every task")
+    if mean_t:
+        lines.append(
+            f"the student recovers {mean_s / mean_t:.0%} of the teacher's mean accuracy "
+            f"({results['minutes']:.1f} minutes in all)"
+        )
     return "\n".join(lines)
+
+
+def _ratio(student: float, teacher: float) -> str:
+    return f"{student / teacher:.0%}" if teacher else "-"
 
 
 def _kib(n: int) -> str:
