@@ -4,6 +4,10 @@ checkpoints under the separate names (float64 on CPU where numerics matter)."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from torch import nn
 
 from hybridvl import mixers
 from hybridvl.mixers.base import AttentionWeights
-from hybridvl.mixers.modules import FusedLinear
+from hybridvl.mixers.modules import FusedLinear, with_part_names
 from hybridvl.mixers.testing import assert_states_equal
 from hybridvl.models.config import HybridConfig
 from hybridvl.models.hybrid import HybridVLM, SwiGLU
@@ -300,3 +304,104 @@ def test_mimic_and_transfer_init_write_their_parts_of_the_fused_weights():
         for name in ("a_proj.weight", "b_proj.weight", "g_proj.weight"):  # the gates keep their values
             if name in after:
                 assert torch.equal(state[name], after[name]), (kind, name)
+
+
+# --- training: parameter patterns, LoRA, FSDP ------------------------------------------------------------------
+
+
+def test_trainable_patterns_select_fused_weights_and_refuse_their_parts():
+    from hybridvl.lit.params import select_parameters
+
+    model = tiny_model()
+    assert "language_model.layers.0.self_attn.qkv_proj.bias" in select_parameters(model, ["*.qkv_proj.*"])
+    assert "language_model.layers.1.mlp.gate_up_proj.weight" in select_parameters(model, ["*.mlp.*"])
+    with pytest.raises(ValueError, match=r"names parts of fused projections.*q_proj\.bias is part of .*qkv_proj\.bias"):
+        select_parameters(model, ["language_model.layers.0.self_attn.q_proj.*"])
+    with pytest.raises(ValueError, match=r"up_proj\.weight is part of .*gate_up_proj\.weight"):
+        select_parameters(model, ["*.mlp.[du]*_proj.weight"])  # matches down_proj; up_proj only as a part
+
+
+def test_lora_on_fused_projections_trains_merges_and_exports_under_todays_names(tmp_path):
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    from hybridvl.lit.modules import _check_lora_targets
+
+    model = tiny_model(dtype=torch.float32).train()
+    with pytest.raises(ValueError, match=r"q_proj \(in in_proj / qkv_proj\).*target the fused modules"):
+        _check_lora_targets(model, ["q_proj", "o_proj"])
+    targets = ["qkv_proj", "in_proj", "o_proj", "gate_up_proj", "down_proj"]
+    _check_lora_targets(model, targets)
+    lora = LoraModel(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False), "default")
+    adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert (
+        "language_model.layers.0.self_attn.qkv_proj" in adapted
+        and "language_model.layers.1.mlp.gate_up_proj" in adapted
+    )
+    assert (
+        "language_model.layers.1.self_attn.in_proj" in adapted
+        and "language_model.layers.5.self_attn.in_proj" in adapted
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.ndim == 2 for p in trainable)
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    ids = torch.randint(3, 64, (2, 9))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        adapted_logits = model(ids).logits
+    merged = lora.merge_and_unload()
+    assert isinstance(merged.language_model.layers[1].self_attn.in_proj, FusedLinear)
+    assert set(merged.state_dict()) == todays_names()
+    with torch.no_grad():
+        assert rel_err(merged(ids).logits, adapted_logits) < 1e-5
+    merged.save_pretrained(tmp_path / "merged")
+    assert set(load_file(tmp_path / "merged" / "model.safetensors")) == todays_names() - {"lm_head.weight"}
+    reloaded = HybridVLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, merged(ids).logits)
+
+
+FSDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType, FullStateDictConfig
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+sys.path.insert(0, {tests!r})
+from test_fused_projections import tiny_model, random_weights, todays_names
+from hybridvl.mixers.modules import with_part_names
+from hybridvl.models.hybrid import HybridDecoderLayer
+dist.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
+plain = tiny_model(dtype=torch.float32)
+sharded = FSDP(tiny_model(dtype=torch.float32), auto_wrap_policy=ModuleWrapPolicy({{HybridDecoderLayer}}),
+               use_orig_params=True, device_id=torch.device("cpu"))
+full = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT, full):
+    gathered = with_part_names(sharded.module, sharded.state_dict())
+expected = plain.state_dict()
+assert set(gathered) == set(expected) == todays_names(), sorted(set(gathered) ^ todays_names())
+assert all(torch.equal(gathered[n], expected[n]) for n in expected)
+weights = {{n: t.float() for n, t in random_weights(plain, seed=3).items()}}
+with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT, full):
+    sharded.load_state_dict(weights)
+    again = with_part_names(sharded.module, sharded.state_dict())
+assert all(torch.equal(again[n], weights[n]) for n in weights if n != "lm_head.weight")
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fsdp_gathers_fused_names_that_with_part_names_renames_and_loads_todays_names(tmp_path):
+    """FSDP's full state dict (one process over gloo, one unit per decoder layer) keeps the fused names while it
+    gathers; :func:`with_part_names` gives today's names, and a state dict under today's names loads."""
+    script = FSDP_SCRIPT.format(tests=str(Path(__file__).parent), store=str(tmp_path / "store"))
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_with_part_names_leaves_split_names_alone():
+    model = tiny_model()
+    state = model.state_dict()
+    assert with_part_names(model, state) == state
