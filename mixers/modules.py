@@ -167,11 +167,14 @@ def _fused_children(owner: nn.Module) -> list[tuple[str, FusedLinear]]:
 
 
 def _split_fused(state_dict: dict[str, Any], prefix: str, name: str, fused: FusedLinear) -> None:
-    """Replace ``<prefix><name>.weight`` (and ``.bias``) in ``state_dict`` by the parts' tensors (views)."""
+    """Replace ``<prefix><name>.weight`` (and ``.bias``) in ``state_dict`` by the parts' tensors (views); a
+    weight flattened to 1-D (as FSDP holds parameters) splits into its parts' flat rows."""
     for kind in _KINDS:
         tensor = state_dict.pop(f"{prefix}{name}.{kind}", None)
         if tensor is not None:
-            for part, piece in zip(fused.parts, tensor.split(fused.sizes)):
+            per_row = tensor.numel() // fused.out_features if tensor.ndim == 1 else 1
+            pieces = tensor.split([size * per_row for size in fused.sizes])
+            for part, piece in zip(fused.parts, pieces):
                 state_dict[f"{prefix}{part}.{kind}"] = piece
 
 
