@@ -54,6 +54,7 @@ from hybridvl.lit.data.types import PackedBatch
 from hybridvl.lit.losses import distillation_kl, next_token_cross_entropy, next_token_hits
 from hybridvl.lit.metrics import ANLS, ExactMatch, RelaxedAccuracy, TokenAccuracy, VQAAccuracy
 from hybridvl.lit.params import DISTILL_DEFAULT, SFT_DEFAULT, freeze_all_but, select_parameters
+from hybridvl.mixers.modules import fused_part_names, with_part_names
 from hybridvl.models.chat import load_processor
 from hybridvl.models.checkpoint import check_weights, save_weights
 from hybridvl.models.convert import copy_processor_files
@@ -393,6 +394,7 @@ class HybridStage(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.student.config.check_mixer_modules()
+        checkpoint["state_dict"] = with_part_names(self, checkpoint["state_dict"])  # FSDP gathers fused names
         checkpoint[STAGE_CONFIG_KEY] = self.student.config.to_diff_dict()
         checkpoint[RUN_KEY] = self.run_record()
 
@@ -434,6 +436,7 @@ class HybridStage(L.LightningModule):
         with _sigterm_raises():
             if isinstance(self.trainer.strategy, FSDPStrategy):
                 state = self.trainer.strategy.lightning_module_state_dict()  # every rank: gathers shards on rank 0
+                state = with_part_names(self, state)  # FSDP gathers fused projections under their fused names
                 if self.trainer.is_global_zero:
                     weights = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
                     self.export(directory, weights)
@@ -500,6 +503,21 @@ class SFT(HybridStage):
             run.hidden, self.student.lm_head, batch.labels, self.hparams.loss_chunk_size, self.hparams.loss_backend
         )
         return loss_sum / count.clamp_min(1), {}
+
+
+def _check_lora_targets(model: nn.Module, targets: list[str]) -> None:
+    """Raise if a LoRA target names no module but a part of fused projections (peft adapts whole modules)."""
+    modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    fused = {}
+    for part, parameter in fused_part_names(model).items():
+        fused.setdefault(part.split(".")[-2], set()).add(parameter.split(".")[-2])
+    parts = [target for target in targets if target not in modules and target in fused]
+    if parts:
+        named = ", ".join(f"{part} (in {' / '.join(sorted(fused[part]))})" for part in parts)
+        raise ValueError(
+            f"the LoRA targets {named} are parts of fused projections, which take one adapter for all their parts: "
+            "target the fused modules instead (e.g. qkv_proj, in_proj, gate_up_proj)"
+        )
 
 
 def _teacher_keys_may_be_missing(module: nn.Module, incompatible_keys: Any) -> None:
@@ -648,7 +666,9 @@ class LongSFT(SFT):
     Args:
         model: the student (normally the SFT stage's export).
         lora_rank, lora_alpha, lora_dropout: LoRA's shape (InfiniteVL published no rank).
-        lora_targets: module names that get adapters (projections of mixers and MLPs).
+        lora_targets: module names that get adapters (projections of mixers and MLPs). Fused input projections
+            (``qkv_proj``, ``in_proj``, ``gate_up_proj``) take one adapter for all their parts; naming a part
+            (``q_proj``, ``gate_proj``, ...) of one raises.
         **kwargs: as :class:`HybridStage` (``trainable`` selects extra fully-trained parameters; default none).
 
     The export merges the adapters into the weights.
@@ -681,16 +701,8 @@ class LongSFT(SFT):
                 "(experiments/infinitevl/long_sft.yaml), not FSDP"
             )
         super().configure_model()
-        targets = self.hparams.lora_targets or [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "g_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
+        targets = self.hparams.lora_targets or ["qkv_proj", "in_proj", "o_proj", "gate_up_proj", "down_proj"]
+        _check_lora_targets(self.student, targets)
         config = LoraConfig(
             r=self.hparams.lora_rank,
             lora_alpha=self.hparams.lora_alpha,

@@ -8,6 +8,11 @@ or a mixer selector:
 * ``"mixers:*"`` — every layer's mixer.
 
 InfiniteVL trains ``["mixers:new"]`` when distilling and ``["mixers:new", "mixers:S"]`` in SFT.
+
+Globs match parameter names, where fused input projections have one name for all their parts
+(``self_attn.qkv_proj.weight``, ``self_attn.in_proj.weight``, ``mlp.gate_up_proj.weight``), not the parts' names
+that checkpoints use (``q_proj.weight``, ...): a part trains with the rest of its fused weight, and a pattern
+that names a part without its fused weight raises.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 
 from torch import nn
 
+from hybridvl.mixers.modules import fused_part_names
 from hybridvl.models.hybrid import HybridVLM
 
 logger = logging.getLogger("hybridvl.train")
@@ -39,6 +45,7 @@ def _mixer_prefixes(model: HybridVLM, selector: str) -> list[str]:
 def select_parameters(model: HybridVLM, patterns: list[str] | tuple[str, ...]) -> list[str]:
     """Names of the parameters ``patterns`` select; raises if a pattern selects nothing."""
     names = [name for name, _ in model.named_parameters()]
+    parts = fused_part_names(model)
     selected: set[str] = set()
     for pattern in patterns:
         if pattern.startswith("mixers:"):
@@ -46,6 +53,14 @@ def select_parameters(model: HybridVLM, patterns: list[str] | tuple[str, ...]) -
             matched = {name for name in names if name.startswith(tuple(prefixes))} if prefixes else set()
         else:
             matched = set(fnmatch.filter(names, pattern))
+            split = sorted(part for part in fnmatch.filter(parts, pattern) if parts[part] not in matched)
+            if split:
+                raise ValueError(
+                    f"the trainable pattern {pattern!r} names parts of fused projections, which train whole: "
+                    f"{split[0]} is part of {parts[split[0]]}"
+                    + (f" (and {len(split) - 1} more)" if split[1:] else "")
+                    + "; select the fused parameter (e.g. '*.qkv_proj.*', '*.in_proj.*', '*.gate_up_proj.*')"
+                )
         if not matched:
             raise ValueError(
                 f"the trainable pattern {pattern!r} matches no parameter of a model with layout "

@@ -3,7 +3,10 @@
 Grouped-query heads, optional q/k/v biases (Qwen2.5-VL has them, ``o_proj`` has none), RoPE or M-RoPE
 (``mrope_section``) on queries and keys. ``S`` attends the last ``window`` tokens (itself included) and keeps
 them in a ring buffer (:class:`hybridvl.mixers.state.KVCache`), so its state is fixed-size; ``A``'s cache grows.
-Parameter names follow transformers' ``Qwen2_5_VLAttention``.
+
+``q_proj``, ``k_proj`` and ``v_proj`` (with their biases) are one :class:`~hybridvl.mixers.modules.FusedLinear`
+``qkv_proj`` (one matrix multiplication); checkpoints keep the separate names, which follow transformers'
+``Qwen2_5_VLAttention``, so a Qwen2.5-VL attention layer loads as it is.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 
 from hybridvl.mixers.backends import float32_attention_limitations, log_once
 from hybridvl.mixers.base import Mixer, check_int, check_positive
+from hybridvl.mixers.modules import FusedLinear
 from hybridvl.mixers.ops.attention import (
     FULL_PREFERENCE,
     WINDOW_PREFERENCE,
@@ -78,9 +82,9 @@ class Attention(Mixer):
             raise ValueError(f"{owner}: qkv_bias must be True or False, got qkv_bias={qkv_bias!r}")
         self.rope_theta = check_positive(owner, "rope_theta", rope_theta)
         self.mrope_section = None if mrope_section is None else _mrope_section(owner, mrope_section, self.head_dim)
-        self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = FusedLinear(hidden_size, {"q_proj": q_dim, "k_proj": kv_dim, "v_proj": kv_dim}, bias=qkv_bias)
+        self._qkv_sizes = self.qkv_proj.sizes  # kept here too: a LoRA layer wrapping qkv_proj hides its attributes
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
 
     @property
@@ -97,9 +101,9 @@ class Attention(Mixer):
         cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         n = self._check_input(x, state, cu_seqlens)
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k, v = (t.unflatten(-1, (self.num_kv_heads, self.head_dim)) for t in (k, v))
         start = torch.zeros(n, dtype=torch.long, device=x.device) if state is None else state.length
         tokens = _token_positions(start, x.shape[0], x.shape[1], cu_seqlens)
         cos, sin = rotary_cos_sin(

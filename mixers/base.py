@@ -19,7 +19,10 @@
 
 A new mixer subclasses :class:`Mixer` in one file, implements ``forward`` and ``init_state`` (``state_bytes``
 has a default), and registers with :func:`hybridvl.mixers.register_mixer`, which sets its ``letter`` and ``name`` and
-checks those methods. Two optional hooks let ``hybridvl convert`` initialise it from a teacher's layer:
+checks those methods. The built-in mixers compute all their input projections in one matrix multiplication
+(a :class:`~hybridvl.mixers.modules.FusedLinear` child, e.g. ``in_proj`` or ``qkv_proj``) and still save and load
+each projection under its own name (``q_proj.weight``, ...); a new mixer may do the same or keep one
+``nn.Linear`` per projection. Two optional hooks let ``hybridvl convert`` initialise it from a teacher's layer:
 :meth:`Mixer.mimic_init` and :meth:`Mixer.transfer_init`. :func:`hybridvl.mixers.testing.check_mixer` checks the
 contract above on any registered kind.
 """
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from hybridvl.mixers.backends import precision_auto_skips, select_backend
-from hybridvl.mixers.modules import ShortConv
+from hybridvl.mixers.modules import FusedLinear, ShortConv, keep_part_names
 from hybridvl.mixers.ops.utils import compute_dtype
 from hybridvl.mixers.ops.varlen import check_cu_seqlens
 from hybridvl.mixers.state import MixerState, RecurrentState
@@ -101,6 +104,9 @@ class Mixer(nn.Module):
     grows) and set ``backends`` (supported backends, fastest first, ``"torch"`` last) and ``fixed_size_state``.
     :func:`hybridvl.mixers.register_mixer` sets ``letter`` and ``name``.
 
+    Checkpoints name the parts of each :class:`~hybridvl.mixers.modules.FusedLinear` child, not the fused module
+    (:func:`~hybridvl.mixers.modules.keep_part_names`).
+
     Conversion hooks, used by :func:`hybridvl.models.convert.convert_model` on the layers a conversion gives a new
     mixer:
     :meth:`mimic_init` (default: keep the constructor's initialisation) and :meth:`transfer_init` (default:
@@ -128,6 +134,7 @@ class Mixer(nn.Module):
         self.hidden_size = hidden_size
         self.backend = backend
         self.last_backend: str | None = None
+        keep_part_names(self)
 
     @property
     def _owner(self) -> str:
@@ -271,17 +278,22 @@ class RecurrentMixer(Mixer):
 
 
 class ShortConvQKV:
-    """Optional causal depthwise short convolutions with SiLU on the ``q``, ``k``, ``v`` projections, shared by
-    the mixers that have them (``D``, ``L`` and ``G``): modules ``q_conv1d``, ``k_conv1d``, ``v_conv1d``
-    (fla's names) and the state's conv tails under ``"q"``, ``"k"``, ``"v"``. ``conv_size == 0``: no
-    convolution (no modules, nothing in the state, no SiLU either); the projections pass through unchanged.
-    Also the conversion hooks of such mixers: ``mimic`` makes the convolutions the identity, ``transfer`` copies
-    the attention's projections into ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``.
+    """The input projections and optional causal depthwise short convolutions with SiLU on ``q``, ``k``, ``v``,
+    shared by the mixers that have them (``D``, ``L`` and ``G``).
 
-    A mixin for :class:`Mixer` subclasses that set ``key_dim``, ``value_dim`` (flat widths of ``q``/``k`` and
-    ``v``), ``num_heads`` and ``head_v_dim`` before calling :meth:`_init_short_convs`.
+    One :class:`~hybridvl.mixers.modules.FusedLinear` ``in_proj`` computes ``q_proj``, ``k_proj``, ``v_proj`` and
+    the mixer's gate projections (e.g. ``a_proj``, ``b_proj``, ``g_proj`` for ``D``) in one matrix multiplication;
+    checkpoints keep those names. Convolution modules ``q_conv1d``, ``k_conv1d``, ``v_conv1d`` (fla's names) and
+    the state's conv tails under ``"q"``, ``"k"``, ``"v"``; ``conv_size == 0``: no convolution (no modules, nothing
+    in the state, no SiLU either), the projections pass through unchanged. Also the conversion hooks of such
+    mixers: ``mimic`` makes the convolutions the identity, ``transfer`` copies the attention's projections into
+    ``q_proj``, ``k_proj``, ``v_proj`` (rows of ``in_proj``) and ``o_proj``.
+
+    A mixin for :class:`Mixer` subclasses that set ``hidden_size``, ``key_dim``, ``value_dim`` (flat widths of
+    ``q``/``k`` and ``v``), ``num_heads`` and ``head_v_dim`` before calling :meth:`_init_inputs`.
     """
 
+    hidden_size: int
     conv_size: int
     key_dim: int
     value_dim: int
@@ -308,15 +320,22 @@ class ShortConvQKV:
                 f"dim {self.head_v_dim} (set the mixer's options to match the attention)"
             )
         repeat = self.head_v_dim // head_dim
-        self.q_proj.weight.copy_(attention.q)
-        self.k_proj.weight.copy_(attention.k)
-        self.v_proj.weight.copy_(attention.v.unflatten(0, (heads, head_dim)).repeat(1, repeat, 1).flatten(0, 1))
+        self.in_proj.weight_part("q_proj").copy_(attention.q)
+        self.in_proj.weight_part("k_proj").copy_(attention.k)
+        self.in_proj.weight_part("v_proj").copy_(
+            attention.v.unflatten(0, (heads, head_dim)).repeat(1, repeat, 1).flatten(0, 1)
+        )
         self.o_proj.weight.copy_(
             attention.o.unflatten(1, (heads, head_dim)).repeat(1, 1, repeat).flatten(1, 2) / repeat
         )
         return {"q_proj.weight": ["q"], "k_proj.weight": ["k"], "v_proj.weight": ["v"], "o_proj.weight": ["o"]}
 
-    def _init_short_convs(self, conv_size: int) -> None:
+    def _init_inputs(self, conv_size: int, gates: dict[str, int]) -> None:
+        """Create ``in_proj`` (``q_proj``, ``k_proj``, ``v_proj``, then ``gates``: part name -> width) and the
+        short convolutions of ``conv_size``."""
+        parts = {"q_proj": self.key_dim, "k_proj": self.key_dim, "v_proj": self.value_dim, **gates}
+        self.in_proj = FusedLinear(self.hidden_size, parts)
+        self._in_sizes = self.in_proj.sizes  # kept here too: a LoRA layer wrapping in_proj hides its attributes
         if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
             raise ValueError(
                 f"{self._owner}: conv_size must be a non-negative integer (0: no short convolution), got "
@@ -327,6 +346,10 @@ class ShortConvQKV:
             self.q_conv1d = ShortConv(self.key_dim, conv_size)
             self.k_conv1d = ShortConv(self.key_dim, conv_size)
             self.v_conv1d = ShortConv(self.value_dim, conv_size)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``q``, ``k``, ``v`` and the gates' projections of ``x`` ``[B, T, C]`` (views of one product)."""
+        return self.in_proj(x).split(self._in_sizes, dim=-1)
 
     def _short_convs(
         self,
@@ -394,10 +417,11 @@ class ConvQKVMixer(ShortConvQKV, RecurrentMixer):
             )
         self.expand_v = expand_v
         self.key_dim, self.value_dim = self.num_heads * head_dim, self.num_heads * self.head_v_dim
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        self._init_short_convs(conv_size)
+        self._init_inputs(conv_size, self._gates())
+
+    def _gates(self) -> dict[str, int]:
+        """The gate projections ``in_proj`` computes after ``q``, ``k``, ``v``: part name -> width (none here)."""
+        return {}
 
     @property
     def state_v_dim(self) -> int:
@@ -405,10 +429,17 @@ class ConvQKVMixer(ShortConvQKV, RecurrentMixer):
         return self.head_v_dim
 
     def _conv_qkv(
-        self, x: torch.Tensor, state: RecurrentState | None, cu_seqlens: torch.Tensor | None, backend: str
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: RecurrentState | None,
+        cu_seqlens: torch.Tensor | None,
+        backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """``q``, ``k`` ``[B, T, H, head_dim]``, ``v`` ``[B, T, H, head_v_dim]`` and the new conv states."""
-        q, k, v, conv = self._short_convs(self.q_proj(x), self.k_proj(x), self.v_proj(x), state, cu_seqlens, backend)
+        """The flat projections (:meth:`_project`) convolved, as ``q``, ``k`` ``[B, T, H, head_dim]``, ``v``
+        ``[B, T, H, head_v_dim]``, and the new conv states."""
+        q, k, v, conv = self._short_convs(q, k, v, state, cu_seqlens, backend)
         q, k = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in (q, k))
         v = v.unflatten(-1, (self.num_heads, self.head_v_dim))
         return q, k, v, conv

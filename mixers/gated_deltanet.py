@@ -4,7 +4,11 @@ Per head: ``q``, ``k``, ``v`` each pass a causal depthwise short convolution wit
 L2-normalised; the decay ``alpha_t = exp(-exp(A_log) * softplus(a_proj(x) + dt_bias))`` and the write
 strength ``beta_t = sigmoid(b_proj(x))`` drive the gated delta rule
 (:func:`hybridvl.mixers.ops.gated_delta_rule`); the output passes an RMSNorm gated by ``silu(g_proj(x))`` per head,
-then ``o_proj``. No positional encoding, no biases. Parameter names follow fla and InfiniteVL.
+then ``o_proj``. No positional encoding, no biases.
+
+The input projections ``q_proj``, ``k_proj``, ``v_proj``, ``a_proj``, ``b_proj`` and ``g_proj`` are one
+:class:`~hybridvl.mixers.modules.FusedLinear` ``in_proj`` (one matrix multiplication); checkpoints keep the
+separate names, which follow fla and InfiniteVL.
 """
 
 from __future__ import annotations
@@ -68,9 +72,6 @@ class GatedDeltaNet(ConvQKVMixer):
         super().__init__(hidden_size, num_heads, head_dim, expand_v, conv_size, mode, backend)
         self.chunk_size = check_int(self._owner, "chunk_size", chunk_size)
         check_positive(self._owner, "norm_eps", norm_eps)
-        self.a_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
-        self.b_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.empty(self.num_heads).uniform_(1, 16)))
         self.dt_bias = nn.Parameter(init_dt_bias(self.num_heads))
@@ -78,13 +79,17 @@ class GatedDeltaNet(ConvQKVMixer):
         self.dt_bias._no_weight_decay = True
         self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
 
+    def _gates(self) -> dict[str, int]:
+        """``a_proj`` (decay) and ``b_proj`` (write strength) per head, ``g_proj`` (output gate) per value channel."""
+        return {"a_proj": self.num_heads, "b_proj": self.num_heads, "g_proj": self.value_dim}
+
     @torch.no_grad()
     def mimic_init(self) -> None:
         """``A_log = 0``, ``a_proj`` and ``b_proj`` zero (``beta = 0.5``), ``dt = 1e-3`` (``alpha ~ 0.999``) and
         the short convolutions the identity."""
         self.A_log.zero_()
-        self.a_proj.weight.zero_()
-        self.b_proj.weight.zero_()
+        self.in_proj.weight_part("a_proj").zero_()
+        self.in_proj.weight_part("b_proj").zero_()
         self.dt_bias.copy_(inverse_softplus(torch.full_like(self.dt_bias, 1e-3)))
         super().mimic_init()
 
@@ -98,10 +103,11 @@ class GatedDeltaNet(ConvQKVMixer):
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
         backend = self._resolve_backend(x, gated_backward_limitations(x.device, x, *self.parameters()))
-        q, k, v, conv = self._conv_qkv(x, state, cu_seqlens, backend)
+        q, k, v, a, b, gate = self._project(x)
+        q, k, v, conv = self._conv_qkv(q, k, v, state, cu_seqlens, backend)
         dtype = compute_dtype(x)
-        beta = self.b_proj(x).to(dtype).sigmoid()
-        g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
+        beta = b.to(dtype).sigmoid()
+        g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
         o, recurrent = gated_delta_rule(
             q,
             k,
@@ -115,5 +121,5 @@ class GatedDeltaNet(ConvQKVMixer):
             chunk_size=self.chunk_size,
             backend=backend,
         )
-        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        gate = gate.unflatten(-1, (self.num_heads, self.head_v_dim))
         return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent, conv)

@@ -5,6 +5,10 @@ key dimension.
 :func:`hybridvl.mixers.ops.gated_linear_attention`, a per-head RMSNorm gated by ``silu(g_proj(x))``, ``o_proj``.
 Optionally (``conv_size > 0``, fla's ``use_short_conv``) ``q``, ``k``, ``v`` first pass causal depthwise short
 convolutions with SiLU, as in ``D``. Parameter names follow fla's ``GatedLinearAttention``.
+
+``q_proj``, ``k_proj``, ``v_proj`` and ``g_proj`` are one :class:`~hybridvl.mixers.modules.FusedLinear` ``in_proj``
+(one matrix multiplication); checkpoints keep the separate names. The low-rank ``gk_proj`` stays a module of its
+own.
 """
 
 from __future__ import annotations
@@ -78,11 +82,7 @@ class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
         check_int(owner, "gate_low_rank_dim", gate_low_rank_dim)
         self.gate_logit_normalizer = check_positive(owner, "gate_logit_normalizer", gate_logit_normalizer)
         check_positive(owner, "norm_eps", norm_eps)
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        self._init_short_convs(conv_size)
+        self._init_inputs(conv_size, {"g_proj": self.value_dim})
         self.gk_proj = nn.Sequential(
             nn.Linear(hidden_size, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, self.key_dim, bias=True)
         )
@@ -99,7 +99,8 @@ class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
         backend = self._resolve_backend(x)
-        q, k, v, conv = self._short_convs(self.q_proj(x), self.k_proj(x), self.v_proj(x), state, cu_seqlens, backend)
+        q, k, v, gate = self._project(x)
+        q, k, v, conv = self._short_convs(q, k, v, state, cu_seqlens, backend)
         q, k = (t.unflatten(-1, (self.num_heads, self.head_k_dim)) for t in (q, k))
         v = v.unflatten(-1, (self.num_heads, self.head_v_dim))
         gk = F.logsigmoid(self.gk_proj(x).to(compute_dtype(x))) / self.gate_logit_normalizer
@@ -113,7 +114,7 @@ class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
             form=self._form(x.shape[1]),
             backend=backend,
         )
-        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        gate = gate.unflatten(-1, (self.num_heads, self.head_v_dim))
         return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent, conv)
 
     @torch.no_grad()

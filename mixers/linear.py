@@ -7,6 +7,9 @@ then a per-head RMSNorm and ``o_proj``.
 Options turn it into textbook linear attention (Katharopoulos et al., 2020) piece by piece: no short
 convolution, the feature map ``phi(x) = elu(x) + 1`` on ``q`` and ``k``, no L2 norm, outputs divided by
 ``phi(q_t) . sum_{s<=t} phi(k_s)``, no output norm. :attr:`LinearAttention.TEXTBOOK` names all of them at once.
+
+``q_proj``, ``k_proj`` and ``v_proj`` are one :class:`~hybridvl.mixers.modules.FusedLinear` ``in_proj`` (one matrix
+multiplication); checkpoints keep the separate names.
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ class LinearAttention(ConvQKVMixer):
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
         backend = self._resolve_backend(x)
-        q, k, v, conv = self._conv_qkv(x, state, cu_seqlens, backend)
+        q, k, v, conv = self._conv_qkv(*self._project(x), state, cu_seqlens, backend)
         if self.normalize:  # v' = [v, 1]: the op's last output column is the denominator
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         o, recurrent = linear_attention(

@@ -16,13 +16,16 @@ Each check takes a mixer in float64 on the CPU (so exact properties hold to roun
   packed states = continuing each alone;
 * :func:`check_state_size`: the state keeps its size over calls (``fixed_size_state``) or grows, and
   :meth:`~hybridvl.mixers.base.Mixer.state_bytes` reports the size of :meth:`~hybridvl.mixers.base.Mixer.init_state`'s
-  state.
+  state;
+* :func:`check_state_dict_round_trip`: the state dict loads strictly into a mixer built with another seed, which
+  then computes the same outputs (fused projections included, under their parts' names).
 
 :data:`CHECKS` lists them, for ``pytest.mark.parametrize`` over them and over :func:`hybridvl.mixers.registered`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from collections.abc import Callable
@@ -178,11 +181,33 @@ def check_state_size(mixer: nn.Module, seed: int = 0, tol: float = TOLERANCE) ->
         raise AssertionError(f"{owner}: declares fixed_size_state = False but its state did not grow over 63 tokens")
 
 
+@torch.no_grad()
+def check_state_dict_round_trip(mixer: nn.Module, seed: int = 0, tol: float = TOLERANCE) -> None:
+    """``mixer.state_dict()`` loads strictly into a copy with other weights, which then gives ``mixer``'s outputs
+    and the same state dict, tensor for tensor."""
+    torch.manual_seed(seed)
+    owner = _owner(mixer)
+    other = copy.deepcopy(mixer)
+    for parameter in other.parameters():
+        parameter.add_(torch.randn_like(parameter))
+    saved = {name: tensor.clone() for name, tensor in mixer.state_dict().items()}
+    other.load_state_dict(saved)  # strict: raises naming missing and unexpected keys
+    reloaded = other.state_dict()
+    if reloaded.keys() != saved.keys():
+        raise AssertionError(f"{owner}: reloaded state dict has keys {sorted(reloaded)} against {sorted(saved)}")
+    for name, tensor in saved.items():
+        if not torch.equal(reloaded[name], tensor):
+            raise AssertionError(f"{owner}: {name} changed through state_dict -> load_state_dict -> state_dict")
+    x = _inputs(mixer, 2, 9)
+    assert_close(other(x)[0], mixer(x)[0], f"{owner}: outputs after loading the state dict into another copy", tol)
+
+
 CHECKS: tuple[Callable[..., None], ...] = (
     check_forms_agree,
     check_split_continues,
     check_packed_equals_separate,
     check_state_size,
+    check_state_dict_round_trip,
 )
 
 

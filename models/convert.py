@@ -143,7 +143,7 @@ def convert_model(
                 for target, sources in transfer_init_(mixer, attention, config).items():
                     report.transferred[prefix + target] = [prefix + s for s in sources]
                     used.update(prefix + s for s in sources)
-            report.fresh += [prefix + n for n, _ in mixer.named_parameters() if prefix + n not in report.transferred]
+            report.fresh += [prefix + n for n in mixer.state_dict() if prefix + n not in report.transferred]
     tied = {"lm_head.weight"} if teacher.config.tie_word_embeddings else set()
     report.dropped = sorted(set(teacher_weights) - used - tied)
     return student, report

@@ -33,7 +33,7 @@ from transformers.initialization import no_init_weights
 from transformers.utils import ModelOutput
 
 from hybridvl import mixers
-from hybridvl.mixers.modules import RMSNorm
+from hybridvl.mixers.modules import FusedLinear, RMSNorm, keep_part_names
 from hybridvl.mixers.ops.varlen import packed_positions, seqlens_to_cu_seqlens, sequence_bounds
 from hybridvl.mixers.state import MixerState
 from hybridvl.models.cache import HybridCache, ModelState
@@ -101,16 +101,19 @@ class HybridOutput(ModelOutput):
 
 
 class SwiGLU(nn.Module):
-    """Qwen2's MLP: ``down(silu(gate(x)) * up(x))``."""
+    """Qwen2's MLP: ``down(silu(gate(x)) * up(x))``, with ``gate_proj`` and ``up_proj`` one
+    :class:`~hybridvl.mixers.modules.FusedLinear` ``gate_up_proj`` (one matrix multiplication) that checkpoints
+    keep as ``gate_proj`` and ``up_proj``."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.gate_up_proj = FusedLinear(hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size})
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        keep_part_names(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class HybridDecoderLayer(nn.Module):

@@ -130,6 +130,12 @@ def test_state_bytes_reports_growth_for_full_attention():
     assert mixer.state_bytes(1, seq_len=2000) > mixer.state_bytes(1, seq_len=1000)
 
 
+def project(mixer: torch.nn.Module, part: str, x: torch.Tensor) -> torch.Tensor:
+    """Projection ``part`` (e.g. ``"q_proj"``) of ``x``, as the mixer computes it: its columns of the fused
+    ``in_proj``'s output."""
+    return mixer.in_proj(x).split(mixer.in_proj.sizes, dim=-1)[list(mixer.in_proj.parts).index(part)]
+
+
 def elu1(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.elu(t) + 1
 
@@ -138,8 +144,8 @@ def test_textbook_linear_attention_is_katharopoulos():
     """``y_t = o_proj(sum_s phi(q_t).phi(k_s) v_s / sum_s phi(q_t).phi(k_s))`` with ``phi(x) = elu(x) + 1``
     (Katharopoulos et al., 2020), written as causal quadratic attention."""
     mixer, x = make("L-textbook"), x_of(2, 13)
-    q, k = (elu1(proj(x).unflatten(-1, (2, 8))) for proj in (mixer.q_proj, mixer.k_proj))
-    v = mixer.v_proj(x).unflatten(-1, (2, 16))
+    q, k = (elu1(project(mixer, part, x).unflatten(-1, (2, 8))) for part in ("q_proj", "k_proj"))
+    v = project(mixer, "v_proj", x).unflatten(-1, (2, 16))
     scores = torch.einsum("bihd,bjhd->bhij", q, k).tril()
     o = torch.einsum("bhij,bjhv->bihv", scores / scores.sum(-1, keepdim=True), v)
     assert rel_err(mixer(x)[0], mixer.o_proj(o.flatten(-2))) < 1e-12
@@ -155,7 +161,7 @@ def test_textbook_linear_attention_state_has_no_conv_tails_and_a_key_sum_column(
     x = x_of(3, 11)
     with torch.no_grad():
         _, state = mixer(x)
-        key_sum = elu1(mixer.k_proj(x).unflatten(-1, (2, 8))).sum(1)
+        key_sum = elu1(project(mixer, "k_proj", x).unflatten(-1, (2, 8))).sum(1)
     assert state.conv == {} and torch.allclose(state.recurrent[..., -1], key_sum, atol=1e-12, rtol=0)
 
 
@@ -178,7 +184,7 @@ def test_gla_short_convolutions_use_fla_names_and_state_layout():
     assert sorted(missing) == ["k_conv1d.weight", "q_conv1d.weight", "v_conv1d.weight"] and not unexpected
     x = x_of(2, 9)
     _, state = conv(x)
-    assert torch.equal(state.conv["v"], conv.v_proj(x).transpose(1, 2)[..., -4:])  # the last 4 inputs
+    assert torch.equal(state.conv["v"], project(conv, "v_proj", x).transpose(1, 2)[..., -4:])  # the last 4 inputs
     assert not torch.allclose(conv(x)[0], plain(x)[0])
 
 

@@ -188,7 +188,12 @@ def test_hybrid_layout_converts_runs_and_reports(teacher_dir, processor):
     assert dropped_layers == {1, 2, 3} and all(".self_attn." in n for n in report.dropped)
     assert "language_model.layers.0.self_attn.q_proj.bias" in report.inherited  # the S layer keeps its attention
     mixer = student.language_model.layers[1].self_attn  # mimic init
-    assert torch.all(mixer.A_log == 0) and torch.all(mixer.a_proj.weight == 0) and torch.all(mixer.b_proj.weight == 0)
+    weights = mixer.state_dict()
+    assert (
+        torch.all(mixer.A_log == 0)
+        and torch.all(weights["a_proj.weight"] == 0)
+        and torch.all(weights["b_proj.weight"] == 0)
+    )
     assert torch.allclose(torch.nn.functional.softplus(mixer.dt_bias), torch.full_like(mixer.dt_bias, 1e-3))
     assert torch.all(mixer.q_conv1d.weight[:, 0, -1] == 1) and torch.all(mixer.q_conv1d.weight[:, 0, :-1] == 0)
     inputs = image_inputs(processor)
@@ -211,18 +216,19 @@ def test_transfer_init_carries_attention_weights(teacher_dir, teacher):
     )
     layers = teacher.model.language_model.layers
     gdn = student.language_model.layers[1].self_attn
+    saved = gdn.state_dict()  # the projections under their own names (rows of the fused in_proj)
     attention = layers[1].self_attn
-    assert torch.equal(gdn.q_proj.weight, attention.q_proj.weight)
+    assert torch.equal(saved["q_proj.weight"], attention.q_proj.weight)
     # 2 KV heads expanded to 4 heads: head h reads KV head h // 2
     k = attention.k_proj.weight.unflatten(0, (2, 16))
-    assert torch.equal(gdn.k_proj.weight.unflatten(0, (4, 16))[3], k[1])
-    assert torch.equal(gdn.k_proj.weight.unflatten(0, (4, 16))[1], k[0])
+    assert torch.equal(saved["k_proj.weight"].unflatten(0, (4, 16))[3], k[1])
+    assert torch.equal(saved["k_proj.weight"].unflatten(0, (4, 16))[1], k[0])
     # value heads tiled to head_v_dim 32 and the output projection halved: o(v) is preserved
     v = attention.v_proj.weight.unflatten(0, (2, 16)).repeat_interleave(2, 0)
-    assert torch.equal(gdn.v_proj.weight.unflatten(0, (4, 32))[:, 16:], v)
+    assert torch.equal(saved["v_proj.weight"].unflatten(0, (4, 32))[:, 16:], v)
     x = torch.randn(3, 64)
     expected = attention.o_proj(torch.nn.functional.linear(x, v.flatten(0, 1)))
-    assert torch.allclose(gdn.o_proj(gdn.v_proj(x)), expected, atol=1e-6)
+    assert torch.allclose(gdn.o_proj(torch.nn.functional.linear(x, saved["v_proj.weight"])), expected, atol=1e-6)
     mamba = student.language_model.layers[2].self_attn
     rows = mamba.in_proj.weight
     assert torch.equal(rows[2 * 64 + 64 : 2 * 64 + 128], layers[2].self_attn.q_proj.weight)  # C <- Q
