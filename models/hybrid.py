@@ -2,9 +2,11 @@
 vision front end.
 
 Each decoder layer is ``x + mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))`` (without the second step when
-``intermediate_size`` is 0, as in Zoology's recall models). Parameter names follow
-transformers' Qwen2.5-VL (``language_model.layers.N.self_attn.q_proj``, ``visual.blocks...``), so the
-weights of attention layers, MLPs, norms, embeddings and the vision tower carry over by name.
+``intermediate_size`` is 0, as in Zoology's recall models). Checkpoint (state-dict) names follow transformers'
+Qwen2.5-VL (``language_model.layers.N.self_attn.q_proj``, ``visual.blocks...``), so the weights of attention
+layers, MLPs, norms, embeddings and the vision tower carry over by name; in the module, each layer's input
+projections are one fused matrix (``qkv_proj``, ``in_proj``, ``gate_up_proj``: see
+:func:`hybridvl.mixers.modules.keep_part_names`), saved and loaded under those separate names.
 
 The model is a transformers ``PreTrainedModel`` with ``GenerationMixin`` (registered with the Auto classes by
 ``import hybridvl``): ``model.generate(**inputs)`` runs transformers' generation loop over the fixed-size state,
