@@ -181,9 +181,8 @@ def backends_ran(stage: HybridStage, device: torch.device) -> dict[str, str]:
     """The backends the student's layers of each mixer kind ran in their last call (``"not run"``: the stage
     runs no layer of that kind, as Stage I its shared attention layers), and the LM-head loss's."""
     ran: dict[str, set[str]] = {}
-    for layer in stage.student.language_model.layers:
-        backend = getattr(layer.self_attn, "last_backend", None)
-        ran.setdefault(layer.kind, set()).update([backend] if backend else [])
+    for kind, backend in zip(stage.student.kinds, stage.student.mixer_backends()):
+        ran.setdefault(kind, set()).update([backend] if backend else [])
     named = {kind: "+".join(sorted(backends)) or "not run" for kind, backends in ran.items()}
     return {**named, "loss": loss_backend(stage.hparams.loss_backend, device, "next_token_cross_entropy")}
 

@@ -243,6 +243,11 @@ class HybridVLM(PreTrainedModel, GenerationMixin):
     def kinds(self) -> list[str]:
         return self.config.kinds
 
+    def mixer_backends(self) -> list[str | None]:
+        """The backend each layer's mixer chose in its latest call (``None``: not called yet, or a mixer that
+        records none)."""
+        return [getattr(layer.self_attn, "last_backend", None) for layer in self.language_model.layers]
+
     # --- inputs -------------------------------------------------------------------------------------
 
     def embed(

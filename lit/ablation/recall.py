@@ -344,7 +344,7 @@ def train_recall_cell(
 
 def _backends(model: HybridVLM) -> list[str]:
     """The backend each layer's mixer chose in its latest call."""
-    return [getattr(layer.self_attn, "last_backend", None) or "not recorded" for layer in model.language_model.layers]
+    return [backend or "not recorded" for backend in model.mixer_backends()]
 
 
 def _reached(accuracy: float, threshold: float | None) -> bool:
