@@ -325,6 +325,32 @@ def test_a_failing_cell_is_reported_and_the_others_still_run(tmp_path, monkeypat
     assert ablate(["--config", str(path), "--out", str(tmp_path / "out")]) == 0  # retried, then complete
 
 
+def test_a_worker_process_that_dies_fails_its_cells_and_the_study_goes_on(tmp_path, monkeypatch):
+    """A cell whose process dies (a CUDA fault can abort one) is reported failed with its exit code; it takes no
+    other cell with it, and the run returns rather than raise."""
+    (tmp_path / "crashing_mixer.py").write_text(
+        "import multiprocessing, os\n"
+        "from hybridvl import mixers\n"
+        "from hybridvl.mixers.linear import LinearAttention\n\n"
+        "@mixers.register_mixer('K', 'crashing_linear')\n"
+        "class CrashingLinear(LinearAttention):\n"
+        "    letter, name = 'K', 'crashing_linear'\n\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        super().__init__(*args, **kwargs)\n"
+        "        if multiprocessing.parent_process() is not None:  # in a worker: die as an aborted process does\n"
+        "            os._exit(3)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    study = TINY.replace('arms: ["S,D", "A,A"]', "plugins: [crashing_mixer]\narms: ['K,K', 'A,A']")
+    path = _write(tmp_path, study.replace("seed: [0]", "seed: [0, 1, 2]"))
+    summary = runner.run_study(path, out=tmp_path / "out", workers=2)
+    assert set(summary["failed"]) == {f"KK__mqar_T16_kv2__d16__s{seed}__lr0.001" for seed in range(3)}
+    assert set(summary["failed"].values()) == {"its process died (exit code 3)"}
+    assert len(list((tmp_path / "out" / "cells").glob("AA__*.json"))) == 3  # every cell beside them trained
+    assert not summary["complete"]
+
+
 def test_a_user_mixer_from_a_plugin_joins_a_study(tmp_path, monkeypatch):
     """A mixer registered by a module the study names under ``plugins`` can be an arm, also in worker processes."""
     package = tmp_path / "my_lab_mixers.py"

@@ -287,7 +287,7 @@ def train_recall_cell(
     device = next(model.parameters()).device
     data = {name: QuerySet.from_dataset(dataset, device) for name, dataset in sets.items()}
     trainer = RecallTrainer(model, data["train"], settings, learning_rate, seed)
-    eval_batch = 4 * trainer.batch_size
+    eval_batch = trainer.batch_size  # the logits of a bigger batch took GBs beside the training step's memory
     checkpoint = run_dir / CHECKPOINT
     curve: list[dict[str, float]] = []
     backends: list[str] = []

@@ -10,7 +10,6 @@ folder, each pinned to the kernel configurations it recorded, to check that a ce
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import fnmatch
@@ -25,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -364,34 +364,48 @@ class _Schedule:
                     self._count(cell.id(self.study))
             self._log_left(defined, failed)
             return failed
-        context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // self.workers)
-        logger.info("%d cells at once, %d CPU threads each", self.workers, threads)
-        pool = concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_start_worker, initargs=(logger.getEffectiveLevel(), threads)
-        )
-        with pool:
-            running: dict[concurrent.futures.Future, Cell] = {}
+        logger.info("%d cells at once, %d CPU threads each, each cell in a process of its own", self.workers, threads)
+        running: dict[int, tuple[multiprocessing.Process, Connection, Cell]] = {}
+        try:
             while True:
-                pending = self._pending(defined, {c.id(self.study) for c in running.values()}, failed)
+                pending = self._pending(defined, {cell.id(self.study) for *_, cell in running.values()}, failed)
                 while pending and len(running) < self.workers and time.monotonic() < self.deadline:
-                    cell = pending.pop(_next_cell(pending, running.values(), self.tuned))
-                    arguments = (self.study, cell, self.out, self.processor_dir, self.workers)
-                    running[pool.submit(_attempt, *arguments, self._kernel_record(cell))] = cell
+                    cell = pending.pop(_next_cell(pending, [cell for *_, cell in running.values()], self.tuned))
+                    process, result = self._start(cell, threads)
+                    running[process.sentinel] = (process, result, cell)
                 if not running:
                     break
-                completed, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in completed:
-                    cell = running.pop(future)
-                    error = future.result()
+                for sentinel in wait(list(running)):
+                    process, result, cell = running.pop(sentinel)
+                    process.join()
+                    error = _received(result, f"its process died (exit code {process.exitcode})")
+                    result.close()
                     if error:
                         failed[cell.id(self.study)] = error
                     else:
                         self._count(cell.id(self.study))
                         self.tuned.add(cell.group)
-                    logger.info("%s%s", cell.id(self.study), " FAILED" if error else " done")
+                    logger.info("%s%s", cell.id(self.study), f" FAILED: {error.splitlines()[0]}" if error else " done")
+        finally:
+            for process, *_ in running.values():
+                process.terminate()
         self._log_left(defined, failed)
         return failed
+
+    def _start(self, cell: Cell, threads: int) -> tuple[multiprocessing.Process, Connection]:
+        """Train ``cell`` in a process of its own, which sends back its error (or ``None``) and exits: a cell never
+        inherits another's GPU memory or a CUDA context that an earlier fault left unusable (CUDA errors are
+        sticky to their process), and a cell whose process dies takes no other cell with it."""
+        context = multiprocessing.get_context("spawn")
+        result, sender = context.Pipe(duplex=False)
+        arguments = (self.study, cell, self.out, self.processor_dir, self.workers, self._kernel_record(cell))
+        process = context.Process(
+            target=_cell_process, args=(sender, logger.getEffectiveLevel(), threads, *arguments), name=cell.arm
+        )
+        process.start()
+        sender.close()
+        return process, result
 
     def _log_left(self, defined, failed: dict[str, str]) -> None:
         left = self._pending(defined, set(), failed)
@@ -424,6 +438,21 @@ def _attempt(
         logger.exception("%s failed", cell.id(study))
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def _received(result: Connection, otherwise: str) -> str | None:
+    """What a cell's process sent back (its error, or ``None``), or ``otherwise`` when it died before sending."""
+    try:
+        return result.recv() if result.poll() else otherwise
+    except EOFError:
+        return otherwise
+
+
+def _cell_process(result: Connection, log_level: int, threads: int, *arguments) -> None:
+    """The body of a cell's process: set up as :func:`_start_worker`, train, send the error (or ``None``) back."""
+    _start_worker(log_level, threads)
+    result.send(_attempt(*arguments))
+    result.close()
 
 
 def _start_worker(log_level: int, threads: int) -> None:
