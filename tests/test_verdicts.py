@@ -46,6 +46,15 @@ def test_one_arm_at_the_ceiling_and_one_below_is_not_saturated():
     assert compare(estimate([1.0] * 5), estimate([0.9, 0.92, 0.91, 0.9, 0.93]), chance=CHANCE) is Outcome.REPRODUCED
 
 
+def test_arms_of_fewer_than_three_seeds_get_no_verdict():
+    """One seed has a zero-width interval and two hardly more: far apart or not, the answer is Inconclusive."""
+    assert compare(estimate([0.98]), estimate([0.01]), chance=CHANCE) is Outcome.INCONCLUSIVE
+    assert compare(estimate([0.98, 0.97]), estimate([0.01, 0.02, 0.01]), chance=CHANCE) is Outcome.INCONCLUSIVE
+    assert compare(estimate([0.98, 0.97, 0.99]), estimate([0.01, 0.02, 0.01]), chance=CHANCE) is Outcome.REPRODUCED
+    assert reaches(estimate([1.0, 1.0]), 0.9) is Outcome.INCONCLUSIVE
+    assert reaches(estimate([0.1, 0.2]), 0.9) is Outcome.INCONCLUSIVE
+
+
 @pytest.mark.parametrize(
     ("values", "outcome"),
     [

@@ -6,7 +6,8 @@ outcomes are often bimodal (a seed learns the task or stays near chance) and a m
 
 * :func:`compare` judges "``better`` scores above ``worse``": **Reproduced** when ``better``'s interval lies
   wholly above ``worse``'s, **Refuted** when wholly below, **Saturated** when both intervals sit at the ceiling or
-  both at chance (the setting cannot tell the arms apart), **Inconclusive** when the intervals overlap.
+  both at chance (the setting cannot tell the arms apart), **Inconclusive** when the intervals overlap or either
+  arm has fewer than :data:`MIN_SEEDS` seeds.
 * :func:`reaches` judges "``arm`` scores at least ``threshold``" (attention solves every setting).
 * :func:`combine` turns the verdicts of one claim over several settings into one: Saturated when every setting
   is; otherwise Reproduced (or Refuted) when every setting that can tell is, and Inconclusive when they disagree.
@@ -30,6 +31,9 @@ SOLVED = 0.9
 """Accuracy at which a seed counts as having solved the task (reported as ``k/n seeds >= 0.9``)."""
 CEILING = 0.99
 """Interval bound at or above which an arm sits at the ceiling (Zoology stops training at 0.99)."""
+MIN_SEEDS = 3
+"""Seeds each arm needs before a verdict: with fewer the bootstrap interval (zero-width for one seed) says nothing
+about seed-to-seed spread, so :func:`compare` and :func:`reaches` answer Inconclusive."""
 
 
 class Outcome(enum.StrEnum):
@@ -93,6 +97,8 @@ def compare(better: Estimate, worse: Estimate, chance: float, ceiling: float = C
             intervals wholly at or below it are at chance.
         ceiling: intervals wholly at or above it are at the ceiling.
     """
+    if min(better.seeds, worse.seeds) < MIN_SEEDS:
+        return Outcome.INCONCLUSIVE
     if (better.low >= ceiling and worse.low >= ceiling) or (better.high <= chance and worse.high <= chance):
         return Outcome.SATURATED
     if better.low > worse.high:
@@ -104,7 +110,10 @@ def compare(better: Estimate, worse: Estimate, chance: float, ceiling: float = C
 
 def reaches(arm: Estimate, threshold: float) -> Outcome:
     """The verdict on "``arm`` scores at least ``threshold``": Reproduced when its whole interval does,
-    Refuted when its whole interval lies below, Inconclusive when the interval straddles it."""
+    Refuted when its whole interval lies below, Inconclusive when the interval straddles it or the arm has fewer
+    than :data:`MIN_SEEDS` seeds."""
+    if arm.seeds < MIN_SEEDS:
+        return Outcome.INCONCLUSIVE
     if arm.low >= threshold:
         return Outcome.REPRODUCED
     if arm.high < threshold:
