@@ -10,9 +10,10 @@ Stages (each a :mod:`hybridvl.lit.modules` stage driven step by step, as Lightni
 
 Models: the hybrid ``S,D,D,D x9`` and the Transformer ``A x36``, each training the same layer positions (the
 hybrid's defaults: Stage I its ``D`` layers, Stage II every mixer; long SFT the LoRA adapters alone).
-Qwen2.5-VL-3B dimensions, random bf16 weights under autocast, gradient checkpointing, one packed sample of
-``--tokens`` tokens (default 8K) with a 448x448 image. The ``tiny`` flavor runs the same code at toy size on the
-CPU (``S,D,D,D x2`` against ``A x8``), to check it.
+Qwen2.5-VL-3B dimensions, random bf16 weights under autocast, one packed sample of ``--tokens`` tokens (default
+8K) with a 448x448 image, activation checkpointing as ``--checkpointing`` selects (whole layers by default; give
+the option several times to compare selections, such as ``mlp`` or ``mlp,S``, each a row with its peak memory).
+The ``tiny`` flavor runs the same code at toy size on the CPU (``S,D,D,D x2`` against ``A x8``), to check it.
 
 Reported per stage and model: tokens/s, model TFLOP/s and MFU (the FLOPs training logs,
 :meth:`hybridvl.lit.modules.HybridStage.batch_flops`, against the GPU's dense bf16 peak as Lightning knows it, or
@@ -23,12 +24,14 @@ Reported per stage and model: tokens/s, model TFLOP/s and MFU (the FLOPs trainin
     python -m benchmarks.train_step                      # on a CUDA machine; writes results/train_step.{json,md}
     python -m benchmarks.train_step --stages sft         # some stages (the others measured earlier stay)
     python -m benchmarks.train_step --flavor tiny        # a CPU-sized run of the same code, to check it
+    python -m benchmarks.train_step --stages sft --checkpointing true --checkpointing mlp   # memory for speed
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -145,8 +148,25 @@ def transformer_trainable(flavor: Flavor) -> dict[str, list[str] | None]:
     return {"distill": distilled, "sft": ["mixers:*"], "long_sft": None}
 
 
-def build_stage(stage: str, student: Path, teacher: Path, trainable: list[str] | None) -> HybridStage:
-    options = dict(trainable=trainable, gradient_checkpointing=True, generation_max_new_tokens=0)
+def checkpointing_option(text: str) -> bool | str:
+    """``--checkpointing``'s value as a stage takes it: ``true``/``false``, else a selection such as ``mlp,S``."""
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def transformer_selection(recompute: bool | str) -> bool | str:
+    """The Transformer's counterpart of the hybrid's checkpointing selection: its MLPs where the hybrid's are
+    recomputed, its attention layers where the hybrid's attention-type mixers (``S``, ``A``) are."""
+    if isinstance(recompute, bool) or recompute == "layers":
+        return recompute
+    parts = recompute.split(",")
+    chosen = [name for name, wanted in (("mlp", "mlp" in parts), ("A", "S" in parts or "A" in parts)) if wanted]
+    return ",".join(chosen) or False
+
+
+def build_stage(
+    stage: str, student: Path, teacher: Path, trainable: list[str] | None, checkpointing: bool | str = True
+) -> HybridStage:
+    options = dict(trainable=trainable, gradient_checkpointing=checkpointing, generation_max_new_tokens=0)
     if stage == "distill":
         return DistillLayerwise(str(student), str(teacher), **options)
     if stage == "long_sft":
@@ -226,39 +246,45 @@ def run(args: argparse.Namespace, out: Path) -> dict:
             HybridVLM(model_config(flavor, model)).to(dtype).save_pretrained(args.workdir / model, overwrite=True)
     teacher = args.workdir / "transformer"  # Stage I's teacher, for both students
     baseline = transformer_trainable(flavor)
-    for key in stages:
+    for key, model, checkpointing in itertools.product(stages, MODELS, args.checkpointing or ["true"]):
         tokens = flavor.long_tokens if key == "long_sft" else flavor.tokens
-        for model in MODELS:
-            trainable = baseline[key] if model == "transformer" else None  # None: the stage's defaults
-            stage = build_stage(key, args.workdir / model, teacher, trainable)
-            stage.configure_model()
-            stage.to(device)
-            batch = make_batch(flavor, stage.student.config, tokens, device)
-            seconds, peak_gib = time_steps(stage, batch, args.steps, args.warmup, device)
-            total = stage.batch_flops(batch)
-            row = {
-                "stage": STAGES[key],
-                "model": model,
-                "layout": layout(flavor, model),
-                "device": str(results["environment"]["device"]),
-                "tokens": tokens,
-                "seconds_per_step": seconds,
-                "tokens_per_second": tokens / seconds,
-                "tflops": total / seconds / 1e12,
-                "mfu": None if peak is None else total / seconds / peak,
-                "peak_gib": peak_gib,
-                "trainable_parameters": sum(p.numel() for p in stage.student.parameters() if p.requires_grad),
-                "backends": backends_ran(stage, device),
-            }
-            results["rows"] = [
-                r for r in results["rows"] if (r["stage"], r["model"]) != (row["stage"], row["model"])
-            ] + [row]
-            print(row, flush=True)
-            write_json(out, results)
-            del stage
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        trainable = baseline[key] if model == "transformer" else None  # None: the stage's defaults
+        recompute = checkpointing_option(checkpointing)
+        if model == "transformer":
+            recompute = transformer_selection(recompute)
+        stage = build_stage(key, args.workdir / model, teacher, trainable, recompute)
+        stage.configure_model()
+        stage.to(device)
+        batch = make_batch(flavor, stage.student.config, tokens, device)
+        seconds, peak_gib = time_steps(stage, batch, args.steps, args.warmup, device)
+        total = stage.batch_flops(batch)
+        row = {
+            "stage": STAGES[key],
+            "model": model,
+            "layout": layout(flavor, model),
+            "device": str(results["environment"]["device"]),
+            "tokens": tokens,
+            "recompute": "layers" if recompute is True else (recompute or "nothing"),
+            "seconds_per_step": seconds,
+            "tokens_per_second": tokens / seconds,
+            "tflops": total / seconds / 1e12,
+            "mfu": None if peak is None else total / seconds / peak,
+            "peak_gib": peak_gib,
+            "trainable_parameters": sum(p.numel() for p in stage.student.parameters() if p.requires_grad),
+            "backends": backends_ran(stage, device),
+        }
+        results["rows"] = [r for r in results["rows"] if _key(r) != _key(row)] + [row]
+        print(row, flush=True)
+        write_json(out, results)
+        del stage
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
+
+
+def _key(row: dict) -> tuple[str, str, str]:
+    """A row's identity: stage, model and what it recomputes (rows from before the option recomputed layers)."""
+    return row["stage"], row["model"], row.get("recompute", "layers")
 
 
 def markdown(results: dict) -> str:
@@ -270,6 +296,7 @@ def markdown(results: dict) -> str:
             [
                 r["stage"],
                 f"`{r['layout']}`",
+                f"`{r.get('recompute', 'layers')}`",
                 f"{r['tokens']:,}",
                 f"{r['tokens_per_second']:,.0f}",
                 f"{r['tflops']:.1f}",
@@ -290,15 +317,29 @@ def markdown(results: dict) -> str:
             environment_lines(results["environment"]),
             "",
             f"Flavor `{results['flavor']}` (`3b`: Qwen2.5-VL-3B dimensions), random bf16 weights (autocast), one "
-            "packed sample with an image (448x448 at `3b`), gradient checkpointing, AdamW; both models train the same "
+            "packed sample with an image (448x448 at `3b`), AdamW; both models train the same "
             f"layer positions. Mean of {results['steps']} steps after {results['warmup']} warm-ups. "
             "MFU: model FLOPs (`hybridvl/lit/flops.py`) against "
             + ("an unknown peak." if peak is None else f"{peak:.0f} dense bf16 TFLOP/s.")
             + f" tilelang installed: {results['tilelang']} ({backward}). Regenerate with "
-            "`python -m benchmarks.train_step` on a CUDA machine.",
+            "`python -m benchmarks.train_step` on a CUDA machine. *recompute*: what activation checkpointing "
+            "recomputes in the backward pass (`layers`: whole decoder layers; `mlp`, mixer letters: those parts "
+            "alone; the Transformer recomputes the counterparts of the hybrid's: its MLPs, its attention for `S`).",
             "",
             markdown_table(
-                ["stage", "layout", "tokens", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "trainable", "backends"], rows
+                [
+                    "stage",
+                    "layout",
+                    "recompute",
+                    "tokens",
+                    "tokens/s",
+                    "TFLOP/s",
+                    "MFU",
+                    "peak GiB",
+                    "trainable",
+                    "backends",
+                ],
+                rows,
             ),
             *(["", "Not measured yet: " + ", ".join(missing) + "."] if missing else []),
             "",
@@ -314,6 +355,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per batch (default: the flavor's, 8K)")
     parser.add_argument("--long-tokens", type=int, default=None, help="long SFT's tokens (default: the flavor's, 32K)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, of: " + ", ".join(STAGES))
+    parser.add_argument(
+        "--checkpointing",
+        action="append",
+        default=None,
+        help="what activation checkpointing recomputes: true (whole layers, the default), false, or parts such as "
+        "'mlp' or 'mlp,S'; give it several times to compare (a row each)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: Lightning's table)")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_step", help="results path without suffix")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hybridvl-train-step"), help="model folders")

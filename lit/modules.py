@@ -60,7 +60,7 @@ from hybridvl.models.checkpoint import check_weights, save_weights
 from hybridvl.models.convert import copy_processor_files
 from hybridvl.models.files import EXPORT_RECORD, check_output, write_json
 from hybridvl.models.generation import generate
-from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.hybrid import HybridVLM, checkpoint_selection
 from hybridvl.models.loading import STAGE_CONFIG_KEY
 
 logger = logging.getLogger("hybridvl.train")
@@ -141,7 +141,10 @@ class HybridStage(L.LightningModule):
         lr_scheduler: builds the learning-rate schedule (stepped every optimizer step) from the optimizer; in YAML
             a ``class_path``. Default: linear warm-up over ``warmup_ratio``, then cosine decay to
             ``min_lr_ratio``.
-        gradient_checkpointing: recompute each decoder layer in the backward pass.
+        gradient_checkpointing: what the backward pass recomputes instead of storing
+            (:func:`~hybridvl.models.hybrid.checkpoint_selection`): ``false`` nothing, ``true`` (or ``"layers"``)
+            every whole decoder layer, or parts, comma-separated: ``"mlp"`` and mixer letters (``"mlp,S"``:
+            the MLPs and the sliding-window layers' mixers; the other activations stay stored).
         loss_chunk_size: tokens per chunk of the LM-head losses (their ``torch`` backend).
         loss_backend: how the LM-head losses run (:mod:`hybridvl.lit.losses`): ``"auto"`` (fla's fused kernels
             on CUDA, chunks of PyTorch elsewhere), ``"fla"`` or ``"torch"``.
@@ -172,7 +175,7 @@ class HybridStage(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.01,
         min_lr_ratio: float = 0.0,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
         loss_chunk_size: int = 4096,
         loss_backend: Literal["auto", "fla", "torch"] = "auto",
         tokenizer_dir: str | None = None,
@@ -205,6 +208,7 @@ class HybridStage(L.LightningModule):
         if self.student is not None:
             return
         self.student = HybridVLM.from_pretrained(self.hparams.model).train()
+        checkpoint_selection(self.hparams.gradient_checkpointing, self.student.config.kinds)  # a bad part fails here
         self.student.language_model.gradient_checkpointing = self.hparams.gradient_checkpointing
         for parameter in self.student.parameters():  # decided on whole shapes: FSDP later flattens them into shards
             parameter._weight_decay = decays(parameter)
@@ -594,10 +598,11 @@ class DistillLayerwise(_Distillation):
             if not any(p.requires_grad for p in layer.parameters()):
                 continue
             args = (inputs[index], None, taught.rope_position_ids, taught.cu_seqlens)
-            if self.hparams.gradient_checkpointing:
+            recompute = checkpoint_selection(self.hparams.gradient_checkpointing, self.student.config.kinds)
+            if "layers" in recompute:
                 output, _ = checkpoint(layer, *args, use_reentrant=False)
             else:
-                output, _ = layer(*args)
+                output, _ = layer(*args, recompute)
             losses[f"mse/layer{index}"] = F.mse_loss(output.float(), inputs[index + 1].float())
         if not losses:
             raise ValueError("no decoder layer has trainable parameters: nothing to distill")
@@ -683,7 +688,7 @@ class LongSFT(SFT):
         lora_alpha: float = 128.0,
         lora_dropout: float = 0.0,
         lora_targets: list[str] | None = None,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, gradient_checkpointing=gradient_checkpointing, **kwargs)

@@ -23,13 +23,14 @@ carried as a :class:`~hybridvl.models.cache.HybridCache`, and honours ``generati
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.utils import ModelOutput
@@ -102,6 +103,31 @@ class HybridOutput(ModelOutput):
         return None if self.cache is None else self.cache.state
 
 
+def checkpoint_selection(spec: bool | str, kinds: Sequence[str]) -> frozenset[str]:
+    """What the decoder recomputes in the backward pass instead of storing, from a ``gradient_checkpointing``
+    setting, for a layout of layer ``kinds``.
+
+    ``False`` stores everything; ``True`` or ``"layers"`` recomputes every whole layer (``{"layers"}``); otherwise
+    ``spec`` names parts, comma-separated: ``"mlp"`` (each layer's norm + MLP) and mixer letters (each layer of that
+    kind's norm + mixer), e.g. ``"mlp"`` or ``"mlp,S"``: selective checkpointing that keeps the activations of the
+    other parts (recomputing the MLPs frees their wide intermediate activations at the cost of one more MLP
+    forward; a recurrent mixer's activations are worth keeping when its forward is the expensive part).
+    """
+    if spec is False:
+        return frozenset()
+    if spec is True:
+        return frozenset({"layers"})
+    parts = [part.strip() for part in str(spec).split(",")]
+    layout = set(kinds)
+    valid = "'layers', or parts: 'mlp' and mixer letters of the layout (" + ", ".join(sorted(layout)) + ")"
+    for part in parts:
+        if part == "layers" and len(parts) > 1:
+            raise ValueError(f"gradient_checkpointing {spec!r}: 'layers' recomputes whole layers, name it alone")
+        if part not in ("layers", "mlp") and part not in layout:
+            raise ValueError(f"gradient_checkpointing {spec!r}: unknown part {part!r}; use true/false, {valid}")
+    return frozenset(parts)
+
+
 class SwiGLU(nn.Module):
     """Qwen2's MLP: ``down(silu(gate(x)) * up(x))``, with ``gate_proj`` and ``up_proj`` one
     :class:`~hybridvl.mixers.modules.FusedLinear` ``gate_up_proj`` (one matrix multiplication) that checkpoints
@@ -142,12 +168,26 @@ class HybridDecoderLayer(nn.Module):
         state: MixerState | None,
         position_ids: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
+        recompute: frozenset[str] = frozenset(),
     ) -> tuple[torch.Tensor, MixerState]:
-        mixed, state = self.self_attn(self.input_layernorm(x), state, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        """The layer; ``recompute`` (from :func:`checkpoint_selection`) names parts whose activations the backward
+        pass recomputes: ``"mlp"``, and this layer's mixer letter."""
+        if self.kind in recompute:
+            mixed, state = checkpoint(self._mix, x, state, position_ids, cu_seqlens, use_reentrant=False)
+        else:
+            mixed, state = self._mix(x, state, position_ids, cu_seqlens)
         x = x + mixed
         if self.mlp is None:
             return x, state
-        return x + self.mlp(self.post_attention_layernorm(x)), state
+        if "mlp" in recompute:
+            return x + checkpoint(self._feed_forward, x, use_reentrant=False), state
+        return x + self._feed_forward(x), state
+
+    def _mix(self, x, state, position_ids, cu_seqlens) -> tuple[torch.Tensor, MixerState]:
+        return self.self_attn(self.input_layernorm(x), state, position_ids=position_ids, cu_seqlens=cu_seqlens)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 class HybridDecoder(nn.Module):
@@ -158,7 +198,9 @@ class HybridDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(HybridDecoderLayer(config, kind) for kind in config.kinds)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: bool | str = False
+        """What training recomputes in the backward pass (:func:`checkpoint_selection`): ``True`` whole layers,
+        or parts such as ``"mlp,S"``."""
 
     def forward(
         self,
@@ -169,16 +211,17 @@ class HybridDecoder(nn.Module):
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, list[MixerState], tuple[torch.Tensor, ...] | None]:
         hidden, new_states, all_hidden = inputs_embeds, [], []
+        recompute = frozenset()
+        if self.training and torch.is_grad_enabled():
+            recompute = checkpoint_selection(self.gradient_checkpointing, [layer.kind for layer in self.layers])
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(hidden)
             state = None if states is None else states[i]
-            if self.gradient_checkpointing and self.training:
-                hidden, state = torch.utils.checkpoint.checkpoint(
-                    layer, hidden, state, position_ids, cu_seqlens, use_reentrant=False
-                )
+            if "layers" in recompute:
+                hidden, state = checkpoint(layer, hidden, state, position_ids, cu_seqlens, use_reentrant=False)
             else:
-                hidden, state = layer(hidden, state, position_ids, cu_seqlens)
+                hidden, state = layer(hidden, state, position_ids, cu_seqlens, recompute)
             new_states.append(state)
         if output_hidden_states:
             all_hidden.append(hidden)

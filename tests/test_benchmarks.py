@@ -39,4 +39,22 @@ def test_train_step_measures_every_stage_for_the_hybrid_and_the_transformer(tmp_
     sft, distill = by_key[("Stage II SFT", "S,D,D,D x2")], by_key[("Stage I layer-wise distillation", "S,D,D,D x2")]
     assert sft["backends"]["D"] == "torch" and distill["backends"]["S"] == "not run"  # Stage I runs the D layers
     assert by_key[("long SFT (LoRA)", "A x8")]["tokens"] > sft["tokens"]
-    assert "| Stage II SFT | `A x8` |" in out.with_suffix(".md").read_text()
+    assert "| Stage II SFT | `A x8` | `layers` |" in out.with_suffix(".md").read_text()
+    assert {row["recompute"] for row in rows} == {"layers"}
+
+
+def test_train_step_compares_checkpointing_selections_by_peak_memory(tmp_path):
+    out = tmp_path / "train_step"
+    command = [sys.executable, "-m", "benchmarks.train_step", "--flavor", "tiny", "--steps", "1", "--warmup", "0"]
+    command += ["--stages", "sft", "--checkpointing", "false", "--checkpointing", "mlp,S", "--out", str(out)]
+    result = subprocess.run(
+        [*command, "--workdir", str(tmp_path / "models")], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {(row["layout"], row["recompute"]) for row in rows} == {
+        ("S,D,D,D x2", "nothing"),
+        ("S,D,D,D x2", "mlp,S"),
+        ("A x8", "nothing"),
+        ("A x8", "mlp,A"),  # the Transformer recomputes the counterparts: its MLPs and its attention
+    }
