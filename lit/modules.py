@@ -132,12 +132,18 @@ class HybridStage(L.LightningModule):
         model: the student: a model directory or an earlier stage's ``.ckpt``.
         trainable: parameter patterns that train (see :mod:`hybridvl.lit.params`); default per stage.
         learning_rate: peak learning rate of the default optimizer.
+        vision_learning_rate: peak learning rate of the vision tower's parameters (``visual.*``: patch embedding,
+            blocks and merger), which then form groups of their own, given to an ``optimizer`` too as their
+            ``lr``; the schedule scales every group alike. ``None``: the vision tower trains at the rate of the
+            rest. A tower trained from scratch under a language model may need another rate than the model's (the
+            tiny teacher's learns best at a tenth of it: ``experiments/tiny/teacher.yaml``).
         weight_decay: weight decay of the default optimizer (never on biases, norms, decays).
         warmup_ratio: share of the steps the default schedule spends warming up linearly.
         min_lr_ratio: the default schedule's cosine decays to ``learning_rate * min_lr_ratio``.
         optimizer: builds the optimizer from two parameter groups, the matrices and the rest (the rest with
-            ``weight_decay: 0``); in YAML a ``class_path`` with ``init_args`` (``torch.optim.SGD``, ``lr: 0.01``).
-            Default: AdamW at ``learning_rate`` with betas (0.9, 0.95) and ``weight_decay`` on the matrices.
+            ``weight_decay: 0``), and with ``vision_learning_rate`` the vision tower's two apart; in YAML a
+            ``class_path`` with ``init_args`` (``torch.optim.SGD``, ``lr: 0.01``). Default: AdamW at
+            ``learning_rate`` with betas (0.9, 0.95) and ``weight_decay`` on the matrices.
         lr_scheduler: builds the learning-rate schedule (stepped every optimizer step) from the optimizer; in YAML
             a ``class_path``. Default: linear warm-up over ``warmup_ratio``, then cosine decay to
             ``min_lr_ratio``.
@@ -172,6 +178,7 @@ class HybridStage(L.LightningModule):
         model: str,
         trainable: list[str] | None = None,
         learning_rate: float = 2e-4,
+        vision_learning_rate: float | None = None,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.01,
         min_lr_ratio: float = 0.0,
@@ -240,16 +247,31 @@ class HybridStage(L.LightningModule):
     # --- optimisation -------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict:
-        decay, no_decay = [], []
-        for _, parameter in self.student.named_parameters():
+        # the matrices and the rest (no weight decay); with a vision rate, the vision tower's matrices and rest apart
+        vision_lr = self.hparams.get("vision_learning_rate")
+        decay, no_decay, vision_decay, vision_no_decay = [], [], [], []
+        for name, parameter in self.student.named_parameters():
             if not parameter.requires_grad:
                 continue
-            (decay if getattr(parameter, "_weight_decay", decays(parameter)) else no_decay).append(parameter)
+            decayed = getattr(parameter, "_weight_decay", decays(parameter))
+            if vision_lr is not None and name.startswith("visual."):
+                (vision_decay if decayed else vision_no_decay).append(parameter)
+            else:
+                (decay if decayed else no_decay).append(parameter)
+        vision = [
+            group
+            for group in ({"params": vision_decay}, {"params": vision_no_decay, "weight_decay": 0.0})
+            if group["params"]
+        ]
+        for group in vision:
+            group["lr"] = vision_lr
         if self.optimizer_factory is None:
-            groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay}]
+            for group in vision:
+                group.setdefault("weight_decay", self.hparams.weight_decay)
+            groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay}, *vision]
             optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
         else:
-            optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+            optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}, *vision])
         if self.lr_scheduler_factory is None:
             total, warmup, floor = self._schedule_length(), self.hparams.warmup_ratio, self.hparams.min_lr_ratio
             factor = functools.partial(warmup_cosine, total=total, warmup_ratio=warmup, min_lr_ratio=floor)

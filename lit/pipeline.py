@@ -42,7 +42,7 @@ TEACHER_DIMS = dict(
     vision_depth=2,
     vision_hidden_size=64,
 )
-STEPS = {"teacher": 2000, "distill_layerwise": 300, "distill_e2e": 300, "sft": 300}
+STEPS = {"teacher": 3500, "distill_layerwise": 300, "distill_e2e": 300, "sft": 300}
 STAGES = tuple(STEPS)
 
 

@@ -187,6 +187,37 @@ def test_fsdp_clipping_and_export_go_through_the_sharded_model(dirs, tmp_path):
         long_sft.configure_model()
 
 
+def test_the_vision_tower_trains_at_its_own_learning_rate(dirs, tmp_path):
+    """``vision_learning_rate`` is the rate of the vision tower's parameters alone, under the same schedule: at 0
+    the tower stays as it was while the rest trains, and otherwise its groups' rates stand to the others' as asked."""
+    frozen = SFT(model=dirs["teacher"], trainable=["*"], vision_learning_rate=0.0, generation_max_new_tokens=0)
+    frozen.configure_model()
+    before = {name: p.detach().clone() for name, p in frozen.student.named_parameters()}
+    fit(frozen, dirs, tmp_path / "frozen", max_steps=2)
+    after = dict(frozen.student.named_parameters())
+    vision = [name for name in before if name.startswith("visual.")]
+    assert vision and all(torch.equal(before[name], after[name]) for name in vision)
+    assert not torch.equal(before["language_model.embed_tokens.weight"], after["language_model.embed_tokens.weight"])
+
+    stage = SFT(
+        model=dirs["teacher"],
+        trainable=["*"],
+        learning_rate=1e-3,
+        vision_learning_rate=3e-3,
+        min_lr_ratio=0.5,  # the rates after the last step are not 0
+        generation_max_new_tokens=0,
+    )
+    trainer = fit(stage, dirs, tmp_path / "faster", max_steps=2)
+    towers = {id(p) for name, p in stage.student.named_parameters() if name.startswith("visual.")}
+    rates = {}
+    for group in trainer.optimizers[0].param_groups:
+        kinds = {id(p) in towers for p in group["params"]}
+        assert len(kinds) == 1  # no group mixes the tower with the rest
+        rates.setdefault(kinds.pop(), set()).add(group["lr"])
+    (tower_rate,), (rest_rate,) = rates[True], rates[False]
+    assert rest_rate > 0 and tower_rate == pytest.approx(3 * rest_rate)
+
+
 def test_weight_decay_groups_survive_fsdp_flattening(dirs, tmp_path):
     """FSDP turns every parameter into a flat 1-D shard before the optimizer is built: the decay groups are
     still those of the whole shapes (matrices decay; biases, norms, A_log, dt_bias do not)."""

@@ -225,7 +225,7 @@ def _test_scores(study: Study, cell: Cell, model_dir: Path) -> dict[str, Any]:
     return {**scores(task.suite_options), "eval_sets": sets}
 
 
-DISTILL_SUITE = {"type": "synthetic", "image_size": 84}
+DISTILL_SUITE = {"type": "synthetic", "image_size": 112}
 """The suite the tiny pipeline's teacher trains on (``experiments/tiny/teacher.yaml``)."""
 
 

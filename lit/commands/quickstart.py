@@ -28,7 +28,7 @@ from hybridvl.lit.evaluate import evaluate, plot_losses
 from hybridvl.lit.pipeline import STAGES, distill_student, train_teacher
 from hybridvl.models.hybrid import HybridVLM
 
-VAL = [{"type": "synthetic", "size_per_task": 25, "split": "val", "image_size": 84}]
+VAL = [{"type": "synthetic", "size_per_task": 100, "split": "val", "image_size": 112}]
 """The validation source teacher and student are scored on: the teacher's training suite (``experiments/tiny``),
 held-out split."""
 LEARNED = 3.0
@@ -41,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--layout", default="S,D,D,D", help="the student's layout (4 layers)")
     parser.add_argument("--window", type=int, default=64, help="the student's sliding window (tokens)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05 for a smoke run)")
-    parser.add_argument("--val-size", type=int, default=25, help="validation samples per task")
+    parser.add_argument("--val-size", type=int, default=VAL[0]["size_per_task"], help="validation samples per task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the teacher's random weights")
     return parser.parse_args(argv)
 
