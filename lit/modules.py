@@ -247,31 +247,28 @@ class HybridStage(L.LightningModule):
     # --- optimisation -------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict:
-        # the matrices and the rest (no weight decay); with a vision rate, the vision tower's matrices and rest apart
+        # the matrices and the rest (no weight decay); with a vision rate, the vision tower's two groups apart
         vision_lr = self.hparams.get("vision_learning_rate")
-        decay, no_decay, vision_decay, vision_no_decay = [], [], [], []
+        params: dict[tuple[bool, bool], list[torch.nn.Parameter]] = defaultdict(list)  # (vision, decayed) -> params
         for name, parameter in self.student.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            decayed = getattr(parameter, "_weight_decay", decays(parameter))
-            if vision_lr is not None and name.startswith("visual."):
-                (vision_decay if decayed else vision_no_decay).append(parameter)
-            else:
-                (decay if decayed else no_decay).append(parameter)
-        vision = [
+            if parameter.requires_grad:
+                vision = vision_lr is not None and name.startswith("visual.")
+                params[vision, getattr(parameter, "_weight_decay", decays(parameter))].append(parameter)
+        default = self.optimizer_factory is None
+        decayed = {"weight_decay": self.hparams.weight_decay} if default else {}
+        groups = [{"params": params[False, True], **decayed}, {"params": params[False, False], "weight_decay": 0.0}]
+        groups += [
             group
-            for group in ({"params": vision_decay}, {"params": vision_no_decay, "weight_decay": 0.0})
+            for group in (
+                {"params": params[True, True], "lr": vision_lr, **decayed},
+                {"params": params[True, False], "lr": vision_lr, "weight_decay": 0.0},
+            )
             if group["params"]
         ]
-        for group in vision:
-            group["lr"] = vision_lr
-        if self.optimizer_factory is None:
-            for group in vision:
-                group.setdefault("weight_decay", self.hparams.weight_decay)
-            groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay}, *vision]
+        if default:
             optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
         else:
-            optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}, *vision])
+            optimizer = self.optimizer_factory(groups)
         if self.lr_scheduler_factory is None:
             total, warmup, floor = self._schedule_length(), self.hparams.warmup_ratio, self.hparams.min_lr_ratio
             factor = functools.partial(warmup_cosine, total=total, warmup_ratio=warmup, min_lr_ratio=floor)
@@ -615,12 +612,12 @@ class DistillLayerwise(_Distillation):
         taught = self.teacher_pass(batch, output_hidden_states=True)
         inputs = taught.layer_inputs
         layers = self.student.language_model.layers
+        recompute = checkpoint_selection(self.hparams.gradient_checkpointing, self.student.config.kinds)
         losses = {}
         for index, layer in enumerate(layers):
             if not any(p.requires_grad for p in layer.parameters()):
                 continue
             args = (inputs[index], None, taught.rope_position_ids, taught.cu_seqlens)
-            recompute = checkpoint_selection(self.hparams.gradient_checkpointing, self.student.config.kinds)
             if "layers" in recompute:
                 output, _ = checkpoint(layer, *args, use_reentrant=False)
             else:

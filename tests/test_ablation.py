@@ -325,10 +325,20 @@ def test_a_failing_cell_is_reported_and_the_others_still_run(tmp_path, monkeypat
     assert ablate(["--config", str(path), "--out", str(tmp_path / "out")]) == 0  # retried, then complete
 
 
+def _plugin(tmp_path: Path, monkeypatch, module: str, source: str) -> None:
+    """Write a plugin module a study can name, importable here and in the cells' processes."""
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+
 def test_a_worker_process_that_dies_fails_its_cells_and_the_study_goes_on(tmp_path, monkeypatch):
     """A cell whose process dies (a CUDA fault can abort one) is reported failed with its exit code; it takes no
     other cell with it, and the run returns rather than raise."""
-    (tmp_path / "crashing_mixer.py").write_text(
+    _plugin(
+        tmp_path,
+        monkeypatch,
+        "crashing_mixer",
         "import multiprocessing, os\n"
         "from hybridvl import mixers\n"
         "from hybridvl.mixers.linear import LinearAttention\n\n"
@@ -338,10 +348,8 @@ def test_a_worker_process_that_dies_fails_its_cells_and_the_study_goes_on(tmp_pa
         "    def __init__(self, *args, **kwargs):\n"
         "        super().__init__(*args, **kwargs)\n"
         "        if multiprocessing.parent_process() is not None:  # in a worker: die as an aborted process does\n"
-        "            os._exit(3)\n"
+        "            os._exit(3)\n",
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     study = TINY.replace('arms: ["S,D", "A,A"]', "plugins: [crashing_mixer]\narms: ['K,K', 'A,A']")
     path = _write(tmp_path, study.replace("seed: [0]", "seed: [0, 1, 2]"))
     summary = runner.run_study(path, out=tmp_path / "out", workers=2)
@@ -353,16 +361,16 @@ def test_a_worker_process_that_dies_fails_its_cells_and_the_study_goes_on(tmp_pa
 
 def test_a_user_mixer_from_a_plugin_joins_a_study(tmp_path, monkeypatch):
     """A mixer registered by a module the study names under ``plugins`` can be an arm, also in worker processes."""
-    package = tmp_path / "my_lab_mixers.py"
-    package.write_text(
+    _plugin(
+        tmp_path,
+        monkeypatch,
+        "my_lab_mixers",
         "from hybridvl import mixers\n"
         "from hybridvl.mixers.linear import LinearAttention\n\n"
         "@mixers.register_mixer('E', 'echo_linear')\n"
         "class EchoLinear(LinearAttention):\n"
-        "    letter, name = 'E', 'echo_linear'\n"
+        "    letter, name = 'E', 'echo_linear'\n",
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     arms = "plugins: [my_lab_mixers]\narms: [{name: E, layout: 'E,E', sizes: [{E: {head_dim: 4}}, {E: {head_dim: 8}}]}]"
     path = _write(tmp_path, TINY.replace('arms: ["S,D", "A,A"]', arms))
     summary = runner.run_study(path, out=tmp_path / "out", workers=2)
