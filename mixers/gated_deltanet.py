@@ -104,7 +104,7 @@ class GatedDeltaNet(ConvQKVMixer):
         self._check_input(x, state, cu_seqlens)
         backend = self._resolve_backend(x, gated_backward_limitations(x.device, x, *self.parameters()))
         q, k, v, a, b, gate = self._project(x)
-        q, k, v, conv = self._conv_qkv(q, k, v, state, cu_seqlens, backend)
+        q, k, v, conv = self._conv_qkv(q, k, v, state, cu_seqlens, self._conv_backend())
         dtype = compute_dtype(x)
         beta = b.to(dtype).sigmoid()
         g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))

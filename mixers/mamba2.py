@@ -98,9 +98,7 @@ class Mamba2(RecurrentMixer):
             limitations["mamba_ssm"] = "mamba-ssm has no backward pass for packed sequences' final states"
         backend = self._resolve_backend(x, limitations)
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC, conv = self.conv1d(
-            xBC, None if state is None else state.conv["xBC"], cu_seqlens, "fla" if backend == "fla" else "torch"
-        )
+        xBC, conv = self.conv1d(xBC, None if state is None else state.conv["xBC"], cu_seqlens, self._conv_backend())
         xs, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         xs = xs.unflatten(-1, (self.nheads, self.headdim))
         B, C = (t.unflatten(-1, (self.ngroups, self.d_state)) for t in (B, C))

@@ -353,8 +353,30 @@ def test_auto_backend_logs_its_choice_once(caplog):
         mixer(x_of(1, 3))
         mixer(x_of(1, 3))
     lines = [r.getMessage() for r in caplog.records if "uses backend" in r.getMessage()]
+    lines = [line for line in lines if line.startswith("mixer")]  # the short convolutions log their own choice
     expected = "mixer D (gdn) on cpu uses backend 'torch' (fla skipped: its kernels need a CUDA device"
     assert len(lines) == 1 and lines[0].startswith(expected)
+
+
+@pytest.mark.parametrize("letter", ["D", "G", "L", "M"])
+@pytest.mark.parametrize(("requested", "conv"), [("auto", "auto"), ("torch", "torch")])
+def test_short_convolutions_choose_their_own_backend(monkeypatch, letter, requested, conv):
+    """The convolutions keep fla's kernel where only the recurrence falls back to PyTorch (``auto``); a mixer
+    asked for PyTorch runs its convolutions in PyTorch too."""
+    import hybridvl.mixers.modules as modules
+
+    asked = []
+    original = modules.short_conv
+
+    def spy(*args, backend, **kwargs):
+        asked.append(backend)
+        return original(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(modules, "short_conv", spy)
+    options = {"G": dict(conv_size=4)}.get(letter, {})
+    mixer = make(letter, backend=requested, **options)
+    mixer(x_of(1, 5))
+    assert asked and set(asked) == {conv}
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridvl.mixers.backends import select_backend
+from hybridvl.mixers.backends import precision_auto_skips, select_backend
 from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
@@ -41,7 +41,8 @@ def short_conv(
         raise ValueError(
             f"conv state must be [N, C, kernel_size] = [{n}, {C}, {weight.shape[1]}], got {tuple(initial_state.shape)}"
         )
-    if select_backend(backend, x.device, _PREFERENCE, "short_conv") == "fla":
+    auto_skips = precision_auto_skips(x.device, x.dtype, _PREFERENCE)
+    if select_backend(backend, x.device, _PREFERENCE, "short_conv", auto_skips=auto_skips) == "fla":
         from fla.modules.causal_conv1d import causal_conv1d
 
         return causal_conv1d(
