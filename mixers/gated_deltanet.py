@@ -122,4 +122,4 @@ class GatedDeltaNet(ConvQKVMixer):
             backend=backend,
         )
         gate = gate.unflatten(-1, (self.num_heads, self.head_v_dim))
-        return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent, conv)
+        return self.o_proj(self.o_norm(o, gate, backend).flatten(-2)), RecurrentState(recurrent, conv)

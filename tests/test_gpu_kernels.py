@@ -22,6 +22,7 @@ from hybridvl.mixers.ops import (
     causal_attention,
     gated_delta_rule,
     gated_linear_attention,
+    gated_rms_norm,
     linear_attention,
     short_conv,
     simple_gated_linear_attention,
@@ -115,6 +116,45 @@ def test_gated_delta_rule_fla_varlen_and_recurrent_form():
     o_k, s_k = gated_delta_rule(*short, initial_state=h0[:1], form="recurrent", backend="fla")
     o_r, s_r = gated_delta_rule(*(t.float() for t in short), initial_state=h0[:1], backend="torch")
     assert rel_err(o_k, o_r) < OUT_TOL and rel_err(s_k, s_r) < OUT_TOL
+
+
+@pytest.mark.parametrize(
+    ("shape", "norm_before_gate", "group_size"),
+    [
+        ((2, 1000, 8, 256), True, None),  # D: per head, head_v_dim 256 (fla's multi-row kernel, D <= 512)
+        ((1, 3000, 4, 64), True, None),  # G: per head, 64
+        ((2, 1000, 1024), True, None),  # one wide row (fla's one-row kernel, D > 512)
+        ((2, 1000, 2048), False, 1024),  # M: gate first, two groups
+        ((1, 3000, 512), False, 512),  # M: gate first, one group
+    ],
+)
+def test_gated_rms_norm_fla_matches_torch(shape, norm_before_gate, group_size):
+    """fla's fused gated RMSNorm (bf16 input and gate, float32 weight as under bf16 autocast) against the
+    PyTorch form in fp32 on the same values, forward and the gradients of input, gate and weight."""
+    x, gate = torch.randn(shape, device=CUDA), torch.randn(shape, device=CUDA) * 2
+    weight = torch.rand(shape[-1], device=CUDA) + 0.5
+    low = [x.to(BF16).requires_grad_(), gate.to(BF16).requires_grad_(), weight.clone().requires_grad_()]
+    high = [t.detach().float().requires_grad_() for t in low]
+    options = dict(eps=1e-6, norm_before_gate=norm_before_gate, group_size=group_size)
+    y_k = gated_rms_norm(*low, **options, backend="fla")
+    y_r = gated_rms_norm(*high, **options, backend="torch")
+    assert y_k.dtype == BF16 and rel_err(y_k, y_r) < OUT_TOL
+    cotangent = torch.randn_like(y_r)
+    y_k.float().backward(cotangent)
+    y_r.backward(cotangent)
+    for name, t_k, t_r in zip(["x", "gate", "weight"], low, high):
+        assert t_k.grad.dtype == t_k.dtype, name
+        assert rel_err(t_k.grad, t_r.grad) < GRAD_TOL, (name, rel_err(t_k.grad, t_r.grad))
+
+
+def test_gated_rms_norm_fla_float32_matches_torch():
+    """float32 in: fla's kernel computes in float32 throughout (no dot products), so it meets the float32 bound
+    and ``auto`` runs it."""
+    x, gate = torch.randn(2, 500, 4, 128, device=CUDA), torch.randn(2, 500, 4, 128, device=CUDA)
+    weight = torch.rand(128, device=CUDA) + 0.5
+    for options in (dict(norm_before_gate=True), dict(norm_before_gate=False, group_size=64)):
+        ref = gated_rms_norm(x, gate, weight, **options, backend="torch")
+        assert rel_err(gated_rms_norm(x, gate, weight, **options, backend="fla"), ref) < 1e-5, options
 
 
 @pytest.mark.parametrize("variant", ["gla", "simple_gla", "linear"])
