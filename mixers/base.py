@@ -196,9 +196,10 @@ class Mixer(nn.Module):
         self.last_backend = select_backend(self.backend, x.device, self.backends, self._owner, limitations, skips)
         return self.last_backend
 
-    def _conv_backend(self) -> str:
-        """The short convolutions' backend: PyTorch when the mixer is asked for PyTorch, else ``"auto"``, so the
-        convolutions keep fla's kernel where the recurrence alone falls back to PyTorch (a broken backward)."""
+    def _glue_backend(self) -> str:
+        """The backend of the short convolutions and the gated output norm: PyTorch when the mixer is asked for
+        PyTorch, else ``"auto"``, so they keep fla's kernels where the recurrence alone falls back to PyTorch (a
+        broken backward, or a study that runs one mixer's recurrence in PyTorch)."""
         return "torch" if self.backend == "torch" else "auto"
 
     def _dtype(self, dtype: torch.dtype | None) -> torch.dtype:

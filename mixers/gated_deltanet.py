@@ -4,7 +4,9 @@ Per head: ``q``, ``k``, ``v`` each pass a causal depthwise short convolution wit
 L2-normalised; the decay ``alpha_t = exp(-exp(A_log) * softplus(a_proj(x) + dt_bias))`` and the write
 strength ``beta_t = sigmoid(b_proj(x))`` drive the gated delta rule
 (:func:`hybridvl.mixers.ops.gated_delta_rule`); the output passes an RMSNorm gated by ``silu(g_proj(x))`` per head,
-then ``o_proj``. No positional encoding, no biases.
+then ``o_proj``. No positional encoding, no biases. On fla's backend fla computes the decay and ``beta`` from the
+raw projections (the decay inside the kernel that sums it over each chunk), and the gated RMSNorm is one fused
+kernel.
 
 The input projections ``q_proj``, ``k_proj``, ``v_proj``, ``a_proj``, ``b_proj`` and ``g_proj`` are one
 :class:`~hybridvl.mixers.modules.FusedLinear` ``in_proj`` (one matrix multiplication); checkpoints keep the
@@ -16,14 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridvl.mixers.backends import gated_backward_limitations
 from hybridvl.mixers.base import ConvQKVMixer, check_int, check_positive
 from hybridvl.mixers.modules import GatedRMSNorm
 from hybridvl.mixers.ops.gated_delta_rule import gated_delta_rule
-from hybridvl.mixers.ops.utils import compute_dtype
 from hybridvl.mixers.registry import register_mixer
 from hybridvl.mixers.state import RecurrentState
 
@@ -104,22 +104,22 @@ class GatedDeltaNet(ConvQKVMixer):
         self._check_input(x, state, cu_seqlens)
         backend = self._resolve_backend(x, gated_backward_limitations(x.device, x, *self.parameters()))
         q, k, v, a, b, gate = self._project(x)
-        q, k, v, conv = self._conv_qkv(q, k, v, state, cu_seqlens, self._conv_backend())
-        dtype = compute_dtype(x)
-        beta = b.to(dtype).sigmoid()
-        g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
+        q, k, v, conv = self._conv_qkv(q, k, v, state, cu_seqlens, self._glue_backend())
         o, recurrent = gated_delta_rule(
             q,
             k,
             v,
-            g,
-            beta,
+            a,
+            b,
             initial_state=None if state is None else state.recurrent,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm=True,
+            A_log=self.A_log,
+            dt_bias=self.dt_bias,
+            use_beta_sigmoid=True,
             form=self._form(x.shape[1]),
             chunk_size=self.chunk_size,
             backend=backend,
         )
         gate = gate.unflatten(-1, (self.num_heads, self.head_v_dim))
-        return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent, conv)
+        return self.o_proj(self.o_norm(o, gate, self._glue_backend()).flatten(-2)), RecurrentState(recurrent, conv)

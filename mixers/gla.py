@@ -100,7 +100,7 @@ class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
         self._check_input(x, state, cu_seqlens)
         backend = self._resolve_backend(x)
         q, k, v, gate = self._project(x)
-        q, k, v, conv = self._short_convs(q, k, v, state, cu_seqlens, self._conv_backend())
+        q, k, v, conv = self._short_convs(q, k, v, state, cu_seqlens, self._glue_backend())
         q, k = (t.unflatten(-1, (self.num_heads, self.head_k_dim)) for t in (q, k))
         v = v.unflatten(-1, (self.num_heads, self.head_v_dim))
         gk = F.logsigmoid(self.gk_proj(x).to(compute_dtype(x))) / self.gate_logit_normalizer
@@ -115,7 +115,7 @@ class GatedLinearAttention(ShortConvQKV, RecurrentMixer):
             backend=backend,
         )
         gate = gate.unflatten(-1, (self.num_heads, self.head_v_dim))
-        return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent, conv)
+        return self.o_proj(self.o_norm(o, gate, self._glue_backend()).flatten(-2)), RecurrentState(recurrent, conv)
 
     @torch.no_grad()
     def mimic_init(self) -> None:

@@ -138,7 +138,7 @@ class LinearAttention(ConvQKVMixer):
     ) -> tuple[torch.Tensor, RecurrentState]:
         self._check_input(x, state, cu_seqlens)
         backend = self._resolve_backend(x)
-        q, k, v, conv = self._conv_qkv(*self._project(x), state, cu_seqlens, self._conv_backend())
+        q, k, v, conv = self._conv_qkv(*self._project(x), state, cu_seqlens, self._glue_backend())
         if self.normalize:  # v' = [v, 1]: the op's last output column is the denominator
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         o, recurrent = linear_attention(

@@ -98,7 +98,8 @@ class Mamba2(RecurrentMixer):
             limitations["mamba_ssm"] = "mamba-ssm has no backward pass for packed sequences' final states"
         backend = self._resolve_backend(x, limitations)
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC, conv = self.conv1d(xBC, None if state is None else state.conv["xBC"], cu_seqlens, self._conv_backend())
+        glue = self._glue_backend()
+        xBC, conv = self.conv1d(xBC, None if state is None else state.conv["xBC"], cu_seqlens, glue)
         xs, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         xs = xs.unflatten(-1, (self.nheads, self.headdim))
         B, C = (t.unflatten(-1, (self.ngroups, self.d_state)) for t in (B, C))
@@ -124,7 +125,7 @@ class Mamba2(RecurrentMixer):
                 backend=backend,
             )
             y = y + xs * self.D[:, None].to(xs.dtype)
-        y = self.norm(y.flatten(-2), z)
+        y = self.norm(y.flatten(-2), z, glue)
         return self.out_proj(y), RecurrentState(recurrent, {"xBC": conv})
 
     def _mamba_ssm(self, xs, dt, B, C, initial, cu_seqlens):

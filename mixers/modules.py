@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridvl.mixers.ops.norm import gated_rms_norm
 from hybridvl.mixers.ops.short_conv import short_conv
-from hybridvl.mixers.ops.utils import compute_dtype
 
 
 class ShortConv(nn.Conv1d):
@@ -66,6 +66,7 @@ class GatedRMSNorm(nn.Module):
 
     ``norm_before_gate=True``: ``rmsnorm(x) * w * silu(g)`` (fla's ``FusedRMSNormGated``, Gated DeltaNet).
     ``norm_before_gate=False``: ``rmsnorm(x * silu(g)) * w`` (Mamba2), normalised in groups of ``group_size``.
+    :func:`~hybridvl.mixers.ops.norm.gated_rms_norm` computes it, with fla's fused kernel for ``backend="fla"``.
     """
 
     def __init__(
@@ -80,16 +81,17 @@ class GatedRMSNorm(nn.Module):
         self.norm_before_gate = norm_before_gate
         self.group_size = group_size
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        xc, gate = x.to(dtype), F.silu(gate.to(dtype))
-        if not self.norm_before_gate:
-            xc = xc * gate
-        groups = F.rms_norm(xc.unflatten(-1, (-1, self.group_size)), (self.group_size,), eps=self.eps)
-        y = groups.flatten(-2) * self.weight.to(dtype)
-        if self.norm_before_gate:
-            y = y * gate
-        return y.to(x.dtype)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        """``x`` and ``gate`` ``[..., dim]`` -> the gated norm in ``x``'s dtype."""
+        return gated_rms_norm(
+            x,
+            gate,
+            self.weight,
+            eps=self.eps,
+            norm_before_gate=self.norm_before_gate,
+            group_size=self.group_size,
+            backend=backend,
+        )
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, norm_before_gate={self.norm_before_gate}"

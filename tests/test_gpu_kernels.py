@@ -18,10 +18,12 @@ from hybridvl.mixers.backends import (
     fla_gated_backward_issue,
     triton_version,
 )
+from hybridvl.mixers.gated_deltanet import init_dt_bias
 from hybridvl.mixers.ops import (
     causal_attention,
     gated_delta_rule,
     gated_linear_attention,
+    gated_rms_norm,
     linear_attention,
     short_conv,
     simple_gated_linear_attention,
@@ -115,6 +117,105 @@ def test_gated_delta_rule_fla_varlen_and_recurrent_form():
     o_k, s_k = gated_delta_rule(*short, initial_state=h0[:1], form="recurrent", backend="fla")
     o_r, s_r = gated_delta_rule(*(t.float() for t in short), initial_state=h0[:1], backend="torch")
     assert rel_err(o_k, o_r) < OUT_TOL and rel_err(s_k, s_r) < OUT_TOL
+
+
+def gdn_raw_gates(B, T, H=4):
+    """Gated DeltaNet's raw gates: the decay's pre-activation ``a``, the write strength's logits ``b``, and the
+    per-head ``A_log`` and ``dt_bias`` (D's initialisation ranges)."""
+    a, b = torch.randn(B, T, H, device=CUDA) * 2, torch.randn(B, T, H, device=CUDA) * 2
+    A_log = torch.log(torch.empty(H, device=CUDA).uniform_(1, 16))
+    dt_bias = init_dt_bias(H).to(CUDA)
+    return a, b, A_log, dt_bias
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gated_delta_rule_fla_gates_in_kernel_match_torch(varlen):
+    """The decay ``-exp(A_log) softplus(a + dt_bias)`` and ``beta = sigmoid(b)`` computed inside fla's chunked
+    kernels from bf16 projections (``A_log`` and ``dt_bias`` float32 parameters, as under bf16 autocast), against
+    the PyTorch form in fp32 on the same values: outputs, final states, and the gradients of every input,
+    ``A_log`` and ``dt_bias`` included."""
+    lengths = [700, 1, 64, 1235] if varlen else [2000]
+    cu = seqlens_to_cu_seqlens(lengths, device=CUDA) if varlen else None
+    q, k, v, _, _, h0 = gdn_tensors(1, sum(lengths), N=len(lengths))
+    a, b, A_log, dt_bias = gdn_raw_gates(1, sum(lengths))
+    low = [t.to(BF16).requires_grad_() for t in (q, k, v, a, b)]
+    low += [t.clone().requires_grad_() for t in (A_log, dt_bias)]  # float32 parameters
+    high = [t.detach().float().requires_grad_() for t in low]
+    issue = fla_gated_backward_issue(torch.device(CUDA), "gated_delta_rule")
+
+    def run(q, k, v, a, b, A_log, dt_bias, backend):
+        gates = dict(A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=True)
+        return gated_delta_rule(
+            q, k, v, a, b, initial_state=h0, cu_seqlens=cu, use_qk_l2norm=True, **gates, backend=backend
+        )
+
+    if issue:
+        with torch.no_grad():
+            (o_k, s_k), (o_r, s_r) = run(*low, "fla"), run(*high, "torch")
+        assert rel_err(o_k, o_r) < OUT_TOL and rel_err(s_k, s_r) < OUT_TOL
+        pytest.skip(f"forward checked; backward not run: {issue}")
+    (o_k, s_k), (o_r, s_r) = run(*low, "fla"), run(*high, "torch")
+    assert rel_err(o_k, o_r) < OUT_TOL and rel_err(s_k, s_r) < OUT_TOL, (rel_err(o_k, o_r), rel_err(s_k, s_r))
+    cotangents = torch.randn_like(o_r), torch.randn_like(s_r)
+    torch.autograd.backward([o_k.float(), s_k], cotangents)
+    torch.autograd.backward([o_r, s_r], cotangents)
+    for name, t_k, t_r in zip(["q", "k", "v", "a", "b", "A_log", "dt_bias"], low, high):
+        bound = HEAD_SCALAR_GRAD_TOL if name in ("A_log", "dt_bias") else GRAD_TOL
+        assert rel_err(t_k.grad, t_r.grad) < bound, (name, rel_err(t_k.grad, t_r.grad))
+
+
+def test_gated_delta_rule_fla_recurrent_gates_in_kernel_match_torch():
+    """fla's token loop with the decay and ``beta`` computed per step in the kernel (decoding; no backward),
+    packed sequences continuing from states."""
+    lengths = [5, 1, 17]
+    cu = seqlens_to_cu_seqlens(lengths, device=CUDA)
+    q, k, v, _, _, h0 = gdn_tensors(1, sum(lengths), N=len(lengths))
+    a, b, A_log, dt_bias = gdn_raw_gates(1, sum(lengths))
+    gates = dict(A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=True)
+    common = dict(initial_state=h0, cu_seqlens=cu, use_qk_l2norm=True, form="recurrent", **gates)
+    low = [t.to(BF16) for t in (q, k, v, a, b)]
+    o_k, s_k = gated_delta_rule(*low, **common, backend="fla")
+    o_r, s_r = gated_delta_rule(*(t.float() for t in low), **common, backend="torch")
+    assert rel_err(o_k, o_r) < OUT_TOL and rel_err(s_k, s_r) < OUT_TOL
+
+
+@pytest.mark.parametrize(
+    ("shape", "norm_before_gate", "group_size"),
+    [
+        ((2, 1000, 8, 256), True, None),  # D: per head, head_v_dim 256 (fla's multi-row kernel, D <= 512)
+        ((1, 3000, 4, 64), True, None),  # G: per head, 64
+        ((2, 1000, 1024), True, None),  # one wide row (fla's one-row kernel, D > 512)
+        ((2, 1000, 2048), False, 1024),  # M: gate first, two groups
+        ((1, 3000, 512), False, 512),  # M: gate first, one group
+    ],
+)
+def test_gated_rms_norm_fla_matches_torch(shape, norm_before_gate, group_size):
+    """fla's fused gated RMSNorm (bf16 input and gate, float32 weight as under bf16 autocast) against the
+    PyTorch form in fp32 on the same values, forward and the gradients of input, gate and weight."""
+    x, gate = torch.randn(shape, device=CUDA), torch.randn(shape, device=CUDA) * 2
+    weight = torch.rand(shape[-1], device=CUDA) + 0.5
+    low = [x.to(BF16).requires_grad_(), gate.to(BF16).requires_grad_(), weight.clone().requires_grad_()]
+    high = [t.detach().float().requires_grad_() for t in low]
+    options = dict(eps=1e-6, norm_before_gate=norm_before_gate, group_size=group_size)
+    y_k = gated_rms_norm(*low, **options, backend="fla")
+    y_r = gated_rms_norm(*high, **options, backend="torch")
+    assert y_k.dtype == BF16 and rel_err(y_k, y_r) < OUT_TOL
+    cotangent = torch.randn_like(y_r)
+    y_k.float().backward(cotangent)
+    y_r.backward(cotangent)
+    for name, t_k, t_r in zip(["x", "gate", "weight"], low, high):
+        assert t_k.grad.dtype == t_k.dtype, name
+        assert rel_err(t_k.grad, t_r.grad) < GRAD_TOL, (name, rel_err(t_k.grad, t_r.grad))
+
+
+def test_gated_rms_norm_fla_float32_matches_torch():
+    """float32 in: fla's kernel computes in float32 throughout (no dot products), so it meets the float32 bound
+    and ``auto`` runs it."""
+    x, gate = torch.randn(2, 500, 4, 128, device=CUDA), torch.randn(2, 500, 4, 128, device=CUDA)
+    weight = torch.rand(128, device=CUDA) + 0.5
+    for options in (dict(norm_before_gate=True), dict(norm_before_gate=False, group_size=64)):
+        ref = gated_rms_norm(x, gate, weight, **options, backend="torch")
+        assert rel_err(gated_rms_norm(x, gate, weight, **options, backend="fla"), ref) < 1e-5, options
 
 
 @pytest.mark.parametrize("variant", ["gla", "simple_gla", "linear"])

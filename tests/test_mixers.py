@@ -360,23 +360,30 @@ def test_auto_backend_logs_its_choice_once(caplog):
 
 @pytest.mark.parametrize("letter", ["D", "G", "L", "M"])
 @pytest.mark.parametrize(("requested", "conv"), [("auto", "auto"), ("torch", "torch")])
-def test_short_convolutions_choose_their_own_backend(monkeypatch, letter, requested, conv):
-    """The convolutions keep fla's kernel where only the recurrence falls back to PyTorch (``auto``); a mixer
-    asked for PyTorch runs its convolutions in PyTorch too."""
+def test_glue_chooses_its_own_backend(monkeypatch, letter, requested, conv):
+    """The short convolutions and the gated output norm keep fla's kernels where only the recurrence falls back to
+    PyTorch (``auto``); a mixer asked for PyTorch runs them in PyTorch too."""
     import hybridvl.mixers.modules as modules
 
-    asked = []
-    original = modules.short_conv
+    asked = {"short_conv": [], "gated_rms_norm": []}
 
-    def spy(*args, backend, **kwargs):
-        asked.append(backend)
-        return original(*args, backend=backend, **kwargs)
+    def spy(name):
+        original = getattr(modules, name)
 
-    monkeypatch.setattr(modules, "short_conv", spy)
+        def run(*args, backend, **kwargs):
+            asked[name].append(backend)
+            return original(*args, backend=backend, **kwargs)
+
+        return run
+
+    for name in asked:
+        monkeypatch.setattr(modules, name, spy(name))
     options = {"G": dict(conv_size=4)}.get(letter, {})
     mixer = make(letter, backend=requested, **options)
     mixer(x_of(1, 5))
-    assert asked and set(asked) == {conv}
+    assert asked["short_conv"] and set(asked["short_conv"]) == {conv}
+    if letter != "L":  # L's output norm is a plain RMSNorm
+        assert asked["gated_rms_norm"] == [conv]
 
 
 @pytest.mark.parametrize(

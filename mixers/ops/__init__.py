@@ -1,4 +1,5 @@
-"""The core recurrences and attention as plain functions, fla's layout ``[batch, time, heads, dim]``.
+"""The core recurrences, attention and the gated output norm as plain functions, fla's layout
+``[batch, time, heads, dim]``.
 
 Each takes ``backend="auto" | "torch" | <kernel backend>``; the PyTorch forms are the reference.
 """
@@ -6,6 +7,7 @@ Each takes ``backend="auto" | "torch" | <kernel backend>``; the PyTorch forms ar
 from hybridvl.mixers.ops.attention import attention_over_positions, causal_attention, decode_attention
 from hybridvl.mixers.ops.gated_delta_rule import gated_delta_rule
 from hybridvl.mixers.ops.linear_attention import gated_linear_attention, linear_attention, simple_gated_linear_attention
+from hybridvl.mixers.ops.norm import gated_rms_norm
 from hybridvl.mixers.ops.rotary import apply_rotary, rotary_cos_sin
 from hybridvl.mixers.ops.short_conv import short_conv
 from hybridvl.mixers.ops.utils import l2norm
@@ -17,6 +19,7 @@ __all__ = [
     "decode_attention",
     "gated_delta_rule",
     "gated_linear_attention",
+    "gated_rms_norm",
     "l2norm",
     "linear_attention",
     "rotary_cos_sin",

@@ -37,6 +37,9 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    use_beta_sigmoid: bool = False,
     form: str = "chunk",
     chunk_size: int = 64,
     backend: str = "auto",
@@ -46,13 +49,18 @@ def gated_delta_rule(
     Args:
         q, k: ``[B, T, H, K]`` queries and keys.
         v: ``[B, T, H, V]`` values.
-        g: ``[B, T, H]`` log decay (``<= 0``; the state is multiplied by ``exp(g)`` each step).
-        beta: ``[B, T, H]`` write strength in ``[0, 1]``.
+        g: ``[B, T, H]`` log decay (``<= 0``; the state is multiplied by ``exp(g)`` each step); with ``A_log``,
+            the decay's pre-activation instead.
+        beta: ``[B, T, H]`` write strength in ``[0, 1]``; with ``use_beta_sigmoid``, its logits instead.
         scale: query scale, default ``K ** -0.5``.
         initial_state: ``[N, H, K, V]`` state to continue from (``N = B``, or the number of packed
             sequences); zeros when ``None``.
         cu_seqlens: packed-batch boundaries (``B`` must be 1); each sequence starts from its own state.
         use_qk_l2norm: L2-normalise ``q`` and ``k`` over ``K`` first (in float32, eps 1e-6).
+        A_log: ``[H]``; when given, the log decay is Gated DeltaNet's ``-exp(A_log) * softplus(g + dt_bias)``,
+            computed in float32 (fla: inside its kernels, with the gradients of ``g``, ``A_log`` and ``dt_bias``).
+        dt_bias: ``[H]`` bias of the decay's pre-activation (only with ``A_log``).
+        use_beta_sigmoid: ``beta`` holds logits: the write strength is ``sigmoid(beta)``, computed in float32.
         form: ``"chunk"`` or ``"recurrent"`` (the token loop; fla's fused recurrent kernel on CUDA).
         chunk_size: chunk length of the chunked PyTorch form.
         backend: ``"auto"``, ``"torch"`` or ``"fla"``; ``"auto"`` runs float32 and float64 inputs in
@@ -62,14 +70,21 @@ def gated_delta_rule(
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
     """
     _check_shapes(q, k, v, g, beta, initial_state, cu_seqlens)
+    _check_gate_parameters(q.shape[2], A_log, dt_bias)
     if form not in ("chunk", "recurrent"):
         raise ValueError(f"form must be 'chunk' or 'recurrent', got {form!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    limitations = gated_backward_limitations(q.device, q, k, v, g, beta, initial_state)
+    limitations = gated_backward_limitations(q.device, q, k, v, g, beta, initial_state, A_log, dt_bias)
     auto_skips = precision_auto_skips(q.device, q.dtype, _PREFERENCE)
     chosen = select_backend(backend, q.device, _PREFERENCE, "gated_delta_rule", limitations, auto_skips)
     if chosen == "fla":
-        return _fla(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, form)
+        gates = dict(A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=use_beta_sigmoid)
+        return _fla(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, form, **gates)
+    dtype = compute_dtype(q)
+    if A_log is not None:
+        g = gdn_decay(g, A_log, dt_bias, dtype)
+    if use_beta_sigmoid:
+        beta = beta.to(dtype).sigmoid()
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     fn = _chunk_torch if form == "chunk" else _recurrent_torch
@@ -98,6 +113,23 @@ def _check_shapes(q, k, v, g, beta, initial_state, cu_seqlens) -> None:
         raise ValueError(
             f"initial_state must be [N, H, K, V] = [{n}, {H}, {K}, {v.shape[-1]}], got {tuple(initial_state.shape)}"
         )
+
+
+def gdn_decay(
+    g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Gated DeltaNet's log decay ``-exp(A_log) * softplus(g + dt_bias)`` (``g`` ``[..., H]``, ``A_log`` and
+    ``dt_bias`` ``[H]``) in ``dtype``."""
+    pre = g.to(dtype) if dt_bias is None else g.to(dtype) + dt_bias.to(dtype)
+    return -A_log.to(dtype).exp() * F.softplus(pre)
+
+
+def _check_gate_parameters(H, A_log, dt_bias) -> None:
+    if dt_bias is not None and A_log is None:
+        raise ValueError("dt_bias is the bias of the decay computed from A_log: pass A_log with it")
+    for name, t in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if t is not None and t.shape != (H,):
+            raise ValueError(f"{name} must be [H] = [{H}], got {tuple(t.shape)}")
 
 
 def _recurrent_torch(q, k, v, g, beta, *, scale, initial_state=None, chunk_size=None):
@@ -166,7 +198,7 @@ def _chunk_torch(q, k, v, g, beta, *, scale, initial_state=None, chunk_size=64):
     return o.transpose(1, 2).to(out_dtype), S
 
 
-def _fla(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, form):
+def _fla(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, form, A_log, dt_bias, use_beta_sigmoid):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
     fn = chunk_gated_delta_rule if form == "chunk" else fused_recurrent_gated_delta_rule
@@ -181,5 +213,9 @@ def _fla(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, form
         output_final_state=True,
         cu_seqlens=cu_seqlens,
         use_qk_l2norm_in_kernel=use_qk_l2norm,
+        use_gate_in_kernel=A_log is not None,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid,
     )
     return o, state.float()

@@ -1,0 +1,305 @@
+"""The mixers' glue on fla's fused kernels, checked without a GPU: the gated RMSNorm and Gated DeltaNet's gates
+(decay and write strength) handed to fla raw, which backend each call chooses and that every fallback is logged,
+the PyTorch forms against the formulas (float64), and fla's kernels themselves run by Triton's interpreter at tiny
+shapes. Their accuracy on a GPU, forward and backward, is tested in ``test_gpu_kernels.py``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import rel_err
+
+from hybridvl import mixers
+from hybridvl.mixers import backends
+from hybridvl.mixers.backends import BackendUnavailableError
+from hybridvl.mixers.modules import GatedRMSNorm
+from hybridvl.mixers.ops import gated_delta_rule, gated_rms_norm
+from hybridvl.mixers.ops import norm as norm_module
+
+# the module, which the package's function of the same name hides
+gdr_module = importlib.import_module("hybridvl.mixers.ops.gated_delta_rule")
+F64 = torch.float64
+ROOT = Path(__file__).parent.parent
+
+
+def norm_formula(x, gate, weight, eps, norm_before_gate, group_size):
+    """The gated RMSNorm written out: ``x / sqrt(mean(x^2) + eps)`` per group, the weight, the SiLU gate."""
+    silu = gate * torch.sigmoid(gate)
+    if not norm_before_gate:
+        x = x * silu
+    groups = x.unflatten(-1, (-1, group_size))
+    y = (groups / torch.sqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight
+    return y * silu if norm_before_gate else y
+
+
+@pytest.fixture
+def kernels_run_here(monkeypatch):
+    """Every backend counts as runnable on the input's device (as on a GPU with fla installed); log lines start
+    afresh."""
+    monkeypatch.setattr(backends, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(backends, "_logged", set())
+
+
+def backend_lines(caplog, owner):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{owner} on ")]
+
+
+@pytest.mark.parametrize(("norm_before_gate", "group_size"), [(True, 16), (True, 4), (False, 16), (False, 8)])
+def test_gated_rms_norm_matches_the_formula(norm_before_gate, group_size):
+    x, gate = torch.randn(2, 5, 3, 16, dtype=F64), torch.randn(2, 5, 3, 16, dtype=F64)
+    weight = torch.randn(16, dtype=F64)
+    options = dict(eps=1e-6, norm_before_gate=norm_before_gate, group_size=group_size)
+    y = gated_rms_norm(x, gate, weight, **options, backend="torch")
+    assert rel_err(y, norm_formula(x, gate, weight, **options)) < 1e-12
+    module = GatedRMSNorm(16, **options).double()
+    module.weight.data.copy_(weight)
+    assert torch.equal(module(x, gate), y)
+    low = gated_rms_norm(x.bfloat16(), gate.bfloat16(), weight.float(), **options, backend="torch")
+    assert low.dtype == torch.bfloat16  # computed in float32, returned in the input's dtype
+
+
+def test_gated_rms_norm_rejects_bad_inputs():
+    x, weight = torch.randn(2, 3, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="gate must have x's shape"):
+        gated_rms_norm(x, x[..., :4], weight)
+    with pytest.raises(ValueError, match="weight must be"):
+        gated_rms_norm(x, x, weight[:4])
+    with pytest.raises(ValueError, match="group_size must divide"):
+        gated_rms_norm(x, x, weight, group_size=3)
+    with pytest.raises(BackendUnavailableError, match=r"needs? a CUDA device|not installed"):
+        gated_rms_norm(x, x, weight, backend="fla")
+
+
+def test_gated_rms_norm_logs_its_fallback_on_the_cpu(monkeypatch, caplog):
+    monkeypatch.setattr(backends, "_logged", set())
+    x = torch.randn(2, 3, 8)
+    with caplog.at_level("INFO", logger="hybridvl.mixers"):
+        gated_rms_norm(x, x, torch.ones(8))
+    (line,) = backend_lines(caplog, "gated_rms_norm")
+    assert line.startswith("gated_rms_norm on cpu uses backend 'torch' (fla skipped:")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "backend", "chosen"),
+    [
+        (torch.bfloat16, "auto", "fla"),
+        (torch.float32, "auto", "fla"),  # no dot products: float32 in, float32 arithmetic
+        (torch.float64, "auto", "torch"),  # the kernel computes in float32
+        (torch.float64, "fla", "fla"),  # asked for by name, it runs
+        (torch.bfloat16, "torch", "torch"),
+    ],
+)
+def test_gated_rms_norm_chooses_fla_where_it_meets_the_dtype(
+    kernels_run_here, monkeypatch, caplog, dtype, backend, chosen
+):
+    calls = []
+    monkeypatch.setattr(norm_module, "_fla", lambda x, *rest: calls.append(rest) or x)
+    x = torch.randn(2, 3, 8, dtype=dtype)
+    with caplog.at_level("INFO", logger="hybridvl.mixers"):
+        gated_rms_norm(x, x, torch.ones(8), norm_before_gate=False, group_size=4, backend=backend)
+    assert len(calls) == (chosen == "fla")
+    if chosen == "fla":
+        assert calls[0][-2:] == (False, 4)  # norm_before_gate, group_size
+    if backend == "auto":
+        (line,) = backend_lines(caplog, "gated_rms_norm")
+        assert line.startswith(f"gated_rms_norm on cpu uses backend {chosen!r}")
+        if chosen == "torch":
+            assert "fla skipped: its fused norm computes float64 inputs in float32" in line
+
+
+def gdn_raw_inputs(B=2, T=21, H=3, K=8, V=16, dtype=F64):
+    """``q``, ``k``, ``v``, the decay's pre-activation ``a``, the write strength's logits ``b``, ``A_log``,
+    ``dt_bias`` and a state, all requiring grad."""
+    tensors = (
+        torch.randn(B, T, H, K, dtype=dtype),
+        F.normalize(torch.randn(B, T, H, K, dtype=dtype), dim=-1),
+        torch.randn(B, T, H, V, dtype=dtype),
+        torch.randn(B, T, H, dtype=dtype) * 2,
+        torch.randn(B, T, H, dtype=dtype) * 2,
+        torch.log(torch.empty(H, dtype=dtype).uniform_(1, 16)),
+        torch.randn(H, dtype=dtype),
+        torch.randn(B, H, K, V, dtype=dtype) * 0.1,
+    )
+    return [t.requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+def test_gated_delta_rule_with_raw_gates_equals_the_explicit_gates(form):
+    """``A_log``/``dt_bias``/``use_beta_sigmoid``: the PyTorch form computes ``g`` and ``beta`` from the raw inputs,
+    giving the outputs, states and gradients (``A_log`` and ``dt_bias`` included) of the gates passed computed."""
+    q, k, v, a, b, A_log, dt_bias, h0 = inputs = gdn_raw_inputs()
+    common = dict(initial_state=h0, use_qk_l2norm=True, form=form, chunk_size=8, backend="torch")
+    o, s = gated_delta_rule(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=True, **common)
+    g = -A_log.exp() * F.softplus(a + dt_bias)
+    o_ref, s_ref = gated_delta_rule(q, k, v, g, b.sigmoid(), **common)
+    assert rel_err(o, o_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+    cotangents = torch.randn_like(o), torch.randn_like(s)
+    grads = torch.autograd.grad((o, s), inputs, cotangents)
+    grads_ref = torch.autograd.grad((o_ref, s_ref), inputs, cotangents)
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert rel_err(grad, grad_ref) < 1e-12
+
+
+def test_gated_delta_rule_rejects_bad_gate_parameters():
+    q, k, v, a, b, A_log, dt_bias, _ = gdn_raw_inputs(T=4)
+    with pytest.raises(ValueError, match=r"A_log must be \[H\] = \[3\]"):
+        gated_delta_rule(q, k, v, a, b, A_log=A_log[:2])
+    with pytest.raises(ValueError, match=r"dt_bias must be \[H\]"):
+        gated_delta_rule(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias[None])
+    with pytest.raises(ValueError, match="pass A_log with it"):
+        gated_delta_rule(q, k, v, a, b, dt_bias=dt_bias)
+
+
+def test_gated_deltanet_equals_its_formula_with_the_gates_computed_apart():
+    """``D`` hands the rule its raw projections ``a`` and ``b`` with ``A_log`` and ``dt_bias``: the same output and
+    parameter gradients as computing ``g = -exp(A_log) softplus(a + dt_bias)`` and ``beta = sigmoid(b)`` first."""
+    mixer = mixers.build_mixer("D", 32, num_heads=2, head_dim=8, backend="torch").double()
+    x = torch.randn(2, 19, 32, dtype=F64)
+    y, _ = mixer(x)
+    q, k, v, a, b, gate = mixer._project(x)
+    q, k, v, _ = mixer._conv_qkv(q, k, v, None, None, "torch")
+    g = -mixer.A_log.exp() * F.softplus(a + mixer.dt_bias)
+    o, _ = gated_delta_rule(q, k, v, g, b.sigmoid(), use_qk_l2norm=True, chunk_size=mixer.chunk_size, backend="torch")
+    gate = gate.unflatten(-1, (mixer.num_heads, mixer.head_v_dim))
+    normed = norm_formula(o, gate, mixer.o_norm.weight, mixer.o_norm.eps, True, mixer.head_v_dim)
+    y_ref = mixer.o_proj(normed.flatten(-2))
+    assert rel_err(y, y_ref) < 1e-12
+    cotangent = torch.randn_like(y)
+    params = [mixer.A_log, mixer.dt_bias, mixer.in_proj.weight]
+    for grad, grad_ref in zip(torch.autograd.grad(y, params, cotangent), torch.autograd.grad(y_ref, params, cotangent)):
+        assert rel_err(grad, grad_ref) < 1e-12
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+def test_gated_delta_rule_hands_fla_the_raw_gates(kernels_run_here, monkeypatch, form):
+    """On fla's backend the raw ``g`` and ``beta`` go to fla's kernel with ``use_gate_in_kernel``, ``A_log``,
+    ``dt_bias`` and ``use_beta_sigmoid_in_kernel`` (misspelt, fla's chunked entry point would ignore them)."""
+    fla_ops = pytest.importorskip("fla.ops.gated_delta_rule")
+    calls = []
+
+    def fake(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros_like(v), torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+
+    name = "chunk_gated_delta_rule" if form == "chunk" else "fused_recurrent_gated_delta_rule"
+    monkeypatch.setattr(fla_ops, name, fake)
+    q, k, v, a, b, A_log, dt_bias, _ = (t.detach().bfloat16() for t in gdn_raw_inputs(T=4))
+    gated_delta_rule(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=True, form=form)
+    gated_delta_rule(q, k, v, a, b, form=form)
+    fused, plain = calls
+    assert fused["g"] is a and fused["beta"] is b and fused["A_log"] is A_log and fused["dt_bias"] is dt_bias
+    assert fused["use_gate_in_kernel"] is True and fused["use_beta_sigmoid_in_kernel"] is True
+    assert plain["use_gate_in_kernel"] is False and plain["use_beta_sigmoid_in_kernel"] is False
+    assert plain["A_log"] is None and plain["dt_bias"] is None
+
+
+def test_gradients_of_the_gate_parameters_count_for_fla_640(kernels_run_here, monkeypatch, caplog):
+    """Where fla's gated backward cannot run (fla #640), a call whose only trained inputs are ``A_log`` or
+    ``dt_bias`` falls back to PyTorch under ``auto`` (logged) and refuses ``backend="fla"``."""
+    issue = "fla's gated chunk backward gives wrong gradients here (fla issue #640)"
+
+    def limitations(device, *tensors):
+        return {"fla": issue} if any(t is not None and t.requires_grad for t in tensors) else None
+
+    monkeypatch.setattr(gdr_module, "gated_backward_limitations", limitations)
+    monkeypatch.setattr(gdr_module, "_fla", lambda *args, **kwargs: pytest.fail("fla ran"))
+    q, k, v, a, b, A_log, dt_bias, _ = (t.detach().bfloat16() for t in gdn_raw_inputs(T=4))
+    for trained in ("A_log", "dt_bias"):
+        parameters = {"A_log": A_log.clone(), "dt_bias": dt_bias.clone()}
+        parameters[trained].requires_grad_()
+        monkeypatch.setattr(backends, "_logged", set())
+        with caplog.at_level("INFO", logger="hybridvl.mixers"):
+            o, _ = gated_delta_rule(q, k, v, a, b, **parameters, use_beta_sigmoid=True)
+        assert o.requires_grad
+        assert f"uses backend 'torch' (fla skipped: {issue})" in backend_lines(caplog, "gated_delta_rule")[-1]
+        with pytest.raises(BackendUnavailableError, match="#640"):
+            gated_delta_rule(q, k, v, a, b, **parameters, use_beta_sigmoid=True, backend="fla")
+
+
+INTERPRETED = """
+import torch
+import triton.runtime.autotuner as autotuner
+
+# no GPU to time an autotuned kernel's configurations on: each runs its first
+autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
+
+from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum
+
+from hybridvl.mixers import backends
+from hybridvl.mixers.ops import gated_delta_rule, gated_rms_norm
+from hybridvl.mixers.ops.gated_delta_rule import gdn_decay
+
+backends.unavailable_reason = lambda backend, device: None  # fla's Triton kernels run here, interpreted
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+torch.manual_seed(0)
+for norm_before_gate, group_size in [(True, None), (False, 8)]:
+    inputs = [torch.randn(2, 7, 3, 16).requires_grad_() for _ in range(2)] + [torch.randn(16).requires_grad_()]
+    options = dict(eps=1e-6, norm_before_gate=norm_before_gate, group_size=group_size)
+    y_fla = gated_rms_norm(*inputs, **options, backend="fla")
+    y_ref = gated_rms_norm(*inputs, **options, backend="torch")
+    cotangent = torch.randn_like(y_ref)
+    grads_fla = torch.autograd.grad(y_fla, inputs, cotangent)
+    grads_ref = torch.autograd.grad(y_ref, inputs, cotangent)
+    errors = [rel_err(y_fla, y_ref)] + [rel_err(a, b) for a, b in zip(grads_fla, grads_ref)]
+    assert max(errors) < 1e-5, (norm_before_gate, errors)
+
+# the token loop with the decay and beta computed in the kernel, packed sequences continuing from states
+H, K, V = 2, 16, 16
+cu_seqlens = torch.tensor([0, 3, 4, 9])
+q, k, v = torch.randn(1, 9, H, K), torch.randn(1, 9, H, K), torch.randn(1, 9, H, V)
+a, b = torch.randn(1, 9, H) * 3, torch.randn(1, 9, H) * 2
+A_log, dt_bias, h0 = torch.rand(H) * 2, torch.randn(H), torch.randn(3, H, K, V) * 0.1
+common = dict(initial_state=h0, cu_seqlens=cu_seqlens, use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias,
+              use_beta_sigmoid=True, form="recurrent")
+o_fla, s_fla = gated_delta_rule(q, k, v, a, b, **common, backend="fla")
+o_ref, s_ref = gated_delta_rule(q, k, v, a, b, **common, backend="torch")
+assert rel_err(o_fla, o_ref) < 1e-5 and rel_err(s_fla, s_ref) < 1e-5, (rel_err(o_fla, o_ref), rel_err(s_fla, s_ref))
+
+# the chunked kernel's gate: the decay summed within chunks forward, gradients for g, A_log and dt_bias backward
+g = (torch.randn(2, 40, H) * 3).requires_grad_()
+A_log.requires_grad_()
+dt_bias.requires_grad_()
+decay = gdn_decay(g, A_log, dt_bias)
+summed = gdn_gate_chunk_cumsum(g.detach(), A_log.detach(), 16, dt_bias=dt_bias.detach())
+chunks = torch.cat([part.cumsum(1) for part in decay.split(16, dim=1)], dim=1)
+assert rel_err(summed, chunks) < 1e-6, rel_err(summed, chunks)
+cotangent = torch.randn_like(decay)
+grads_ref = torch.autograd.grad(decay, (g, A_log, dt_bias), cotangent)
+grads_fla = gdn_gate_bwd(g.detach(), A_log.detach(), dt_bias.detach(), cotangent)
+errors = [rel_err(a, b) for a, b in zip(grads_fla, grads_ref)]
+assert max(errors) < 1e-5, errors
+print("ok")
+"""
+
+
+def test_fla_kernels_interpreted_equal_the_pytorch_forms():
+    """fla's fused gated RMSNorm (both forms, forward and backward), its token-loop gated delta rule with the
+    decay and ``beta`` computed in the kernel, and the gate kernels of its chunked form (the decay summed in
+    chunks; gradients for ``g``, ``A_log`` and ``dt_bias``), run on the CPU by Triton's interpreter against the
+    PyTorch forms in float32. On the CPU fla's softplus is the plain ``log(1 + exp(x))`` below 20; on NVIDIA GPUs
+    it is inline PTX, which the gpu tests cover."""
+    pytest.importorskip("fla")
+    pytest.importorskip("triton")
+    environment = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(INTERPRETED)],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
