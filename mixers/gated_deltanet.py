@@ -3,8 +3,10 @@
 Per head: ``q``, ``k``, ``v`` each pass a causal depthwise short convolution with SiLU; ``q`` and ``k`` are
 L2-normalised; the decay ``alpha_t = exp(-exp(A_log) * softplus(a_proj(x) + dt_bias))`` and the write
 strength ``beta_t = sigmoid(b_proj(x))`` drive the gated delta rule
-(:func:`hybridvl.mixers.ops.gated_delta_rule`); the output passes an RMSNorm gated by ``silu(g_proj(x))`` per head,
-then ``o_proj``. No positional encoding, no biases.
+(:func:`hybridvl.mixers.ops.gated_delta_rule`; the token loop on fla, as in decoding, is
+:func:`~hybridvl.mixers.ops.gated_delta_rule_step`, which computes the gates, the L2 norms and the recurrence in
+one kernel); the output passes an RMSNorm gated by ``silu(g_proj(x))`` per head, then ``o_proj``.
+No positional encoding, no biases.
 
 The input projections ``q_proj``, ``k_proj``, ``v_proj``, ``a_proj``, ``b_proj`` and ``g_proj`` are one
 :class:`~hybridvl.mixers.modules.FusedLinear` ``in_proj`` (one matrix multiplication); checkpoints keep the
@@ -22,7 +24,7 @@ from torch import nn
 from hybridvl.mixers.backends import gated_backward_limitations
 from hybridvl.mixers.base import ConvQKVMixer, check_int, check_positive
 from hybridvl.mixers.modules import GatedRMSNorm
-from hybridvl.mixers.ops.gated_delta_rule import gated_delta_rule
+from hybridvl.mixers.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from hybridvl.mixers.ops.utils import compute_dtype
 from hybridvl.mixers.registry import register_mixer
 from hybridvl.mixers.state import RecurrentState
@@ -105,21 +107,39 @@ class GatedDeltaNet(ConvQKVMixer):
         backend = self._resolve_backend(x, gated_backward_limitations(x.device, x, *self.parameters()))
         q, k, v, a, b, gate = self._project(x)
         q, k, v, conv = self._conv_qkv(q, k, v, state, cu_seqlens, self._conv_backend())
-        dtype = compute_dtype(x)
-        beta = b.to(dtype).sigmoid()
-        g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
-        o, recurrent = gated_delta_rule(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            initial_state=None if state is None else state.recurrent,
-            cu_seqlens=cu_seqlens,
-            use_qk_l2norm=True,
-            form=self._form(x.shape[1]),
-            chunk_size=self.chunk_size,
-            backend=backend,
-        )
+        initial_state = None if state is None else state.recurrent
+        form = self._form(x.shape[1])
+        if backend == "fla" and form == "recurrent":
+            # decoding: the gates, the L2 norms and the recurrence in one kernel
+            o, recurrent = gated_delta_rule_step(
+                q,
+                k,
+                v,
+                a,
+                b,
+                self.A_log,
+                self.dt_bias,
+                initial_state=initial_state,
+                cu_seqlens=cu_seqlens,
+                use_qk_l2norm=True,
+                backend=backend,
+            )
+        else:
+            dtype = compute_dtype(x)
+            beta = b.to(dtype).sigmoid()
+            g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
+            o, recurrent = gated_delta_rule(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                initial_state=initial_state,
+                cu_seqlens=cu_seqlens,
+                use_qk_l2norm=True,
+                form=form,
+                chunk_size=self.chunk_size,
+                backend=backend,
+            )
         gate = gate.unflatten(-1, (self.num_heads, self.head_v_dim))
         return self.o_proj(self.o_norm(o, gate).flatten(-2)), RecurrentState(recurrent, conv)

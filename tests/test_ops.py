@@ -12,6 +12,7 @@ from hybridvl.mixers.ops import (
     attention_over_positions,
     causal_attention,
     gated_delta_rule,
+    gated_delta_rule_step,
     gated_linear_attention,
     linear_attention,
     rotary_cos_sin,
@@ -70,6 +71,25 @@ def test_gated_delta_rule_matches_qwen3_next():
     # transformers computes in float32
     assert rel_err(o, o_ref) < 1e-5
     assert rel_err(state, state_ref) < 1e-5
+
+
+def test_gated_delta_rule_step_is_the_token_loop_from_raw_gates():
+    """Gated DeltaNet's gates from their raw projections (softplus past its threshold included), then the token
+    loop: the formula on the same values."""
+    q, k, v, _, _, h0 = gdn_inputs(T=7)
+    a, b = torch.randn(2, 7, 3, dtype=F64) * 10, torch.randn(2, 7, 3, dtype=F64) * 3
+    a[0, 0] = 30.0
+    A_log, dt_bias = torch.randn(3, dtype=F64), torch.randn(3, dtype=F64)
+    o, state = gated_delta_rule_step(q, k, v, a, b, A_log, dt_bias, initial_state=h0, backend="torch")
+    g = -A_log.exp() * torch.log1p((a + dt_bias).exp())
+    o_ref, state_ref = gated_delta_rule_formula(q, k, v, g, b.sigmoid(), h0, scale=8**-0.5)
+    assert rel_err(o, o_ref) < 1e-12 and rel_err(state, state_ref) < 1e-12
+    with pytest.raises(ValueError, match="b must be"):
+        gated_delta_rule_step(q, k, v, a, b[..., :1], A_log, dt_bias)
+    with pytest.raises(ValueError, match="dt_bias must be"):
+        gated_delta_rule_step(q, k, v, a, b, A_log, dt_bias[:1])
+    with pytest.raises(BackendUnavailableError, match=r"needs? a CUDA device|not installed"):
+        gated_delta_rule_step(q, k, v, a, b, A_log, dt_bias, backend="fla")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])

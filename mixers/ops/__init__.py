@@ -4,7 +4,7 @@ Each takes ``backend="auto" | "torch" | <kernel backend>``; the PyTorch forms ar
 """
 
 from hybridvl.mixers.ops.attention import attention_over_positions, causal_attention, decode_attention
-from hybridvl.mixers.ops.gated_delta_rule import gated_delta_rule
+from hybridvl.mixers.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from hybridvl.mixers.ops.linear_attention import gated_linear_attention, linear_attention, simple_gated_linear_attention
 from hybridvl.mixers.ops.rotary import apply_rotary, rotary_cos_sin
 from hybridvl.mixers.ops.short_conv import short_conv
@@ -16,6 +16,7 @@ __all__ = [
     "causal_attention",
     "decode_attention",
     "gated_delta_rule",
+    "gated_delta_rule_step",
     "gated_linear_attention",
     "l2norm",
     "linear_attention",

@@ -11,7 +11,8 @@ which is ``S_t = S_{t-1} a_t (I - b_t k_t k_t^T) + b_t v_t k_t^T`` written with 
 Two PyTorch forms are given (``"chunk"``: the WY/UT form, parallel inside chunks, a loop over chunks;
 ``"recurrent"``: a loop over tokens) beside fla's Triton kernels. All take fla's layout
 ``[batch, time, heads, dim]``, keep the state in float32 (float64 for float64 input) and return
-``(output, final_state)``.
+``(output, final_state)``. :func:`gated_delta_rule_step` is the token loop that also computes the decay and the
+write strength from their raw projections, as Gated DeltaNet defines them (one fla kernel per call: decoding).
 """
 
 from __future__ import annotations
@@ -80,6 +81,76 @@ def gated_delta_rule(
     if cu_seqlens is not None:
         return map_sequences(run, cu_seqlens, (q, k, v, g, beta), initial_state)
     return run(q, k, v, g, beta, initial_state)
+
+
+def gated_delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule's token loop from Gated DeltaNet's raw gate projections, for decoding.
+
+    The log decay and the write strength are computed per token and head, in float32 (float64 for float64
+    input), as::
+
+        g_t = -exp(A_log) * softplus(a_t + dt_bias)
+        beta_t = sigmoid(b_t)
+
+    then the recurrence runs as :func:`gated_delta_rule` with ``form="recurrent"``. fla runs it all (gates, L2
+    norms, recurrence) in one kernel, its ``fused_recurrent_gated_delta_rule`` with the gate and the sigmoid in the
+    kernel; it has no backward pass. ``"torch"`` is the reference: the gates with PyTorch operations, then the
+    PyTorch token loop.
+
+    Args:
+        q, k: ``[B, T, H, K]`` queries and keys.
+        v: ``[B, T, H, V]`` values.
+        a: ``[B, T, H]`` decay projection (before ``dt_bias`` and the softplus).
+        b: ``[B, T, H]`` write-strength projection (before the sigmoid).
+        A_log: ``[H]`` log decay rate.
+        dt_bias: ``[H]`` bias of ``a``.
+        scale, initial_state, cu_seqlens, use_qk_l2norm, backend: as :func:`gated_delta_rule`.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
+    """
+    B, T, H, _ = q.shape
+    for name, t in (("a", a), ("b", b)):
+        if t.shape != (B, T, H):
+            raise ValueError(f"{name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(t.shape)}")
+    for name, t in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if t.shape != (H,):
+            raise ValueError(f"{name} must be [H] = [{H}], got {tuple(t.shape)}")
+    auto_skips = precision_auto_skips(q.device, q.dtype, _PREFERENCE)
+    chosen = select_backend(backend, q.device, _PREFERENCE, "gated_delta_rule_step", None, auto_skips)
+    if chosen == "fla":
+        _check_shapes(q, k, v, a, b, initial_state, cu_seqlens)
+        return _fla_step(q, k, v, a, b, A_log, dt_bias, scale, initial_state, cu_seqlens, use_qk_l2norm)
+    dtype = compute_dtype(v)
+    g = -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+    beta = b.to(dtype).sigmoid()
+    return gated_delta_rule(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        initial_state=initial_state,
+        cu_seqlens=cu_seqlens,
+        use_qk_l2norm=use_qk_l2norm,
+        form="recurrent",
+        backend="torch",
+    )
 
 
 def _check_shapes(q, k, v, g, beta, initial_state, cu_seqlens) -> None:
@@ -183,3 +254,25 @@ def _fla(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, form
         use_qk_l2norm_in_kernel=use_qk_l2norm,
     )
     return o, state.float()
+
+
+def _fla_step(q, k, v, a, b, A_log, dt_bias, scale, initial_state, cu_seqlens, use_qk_l2norm):
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    o, state = fused_recurrent_gated_delta_rule(
+        q,
+        k,
+        v,
+        g=a,
+        beta=b,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=use_qk_l2norm,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=True,
+        cu_seqlens=cu_seqlens,
+    )
+    return o, state
