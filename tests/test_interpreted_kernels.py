@@ -14,7 +14,7 @@ import pytest
 SCRIPT = Path(__file__).with_name("interpreted_kernels.py")
 
 
-@pytest.mark.parametrize("check", ["gated_delta_rule_step_fla"])
+@pytest.mark.parametrize("check", ["gated_delta_rule_step_fla", "decode_attention_step_triton"])
 def test_kernel_matches_reference_in_the_interpreter(check):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
