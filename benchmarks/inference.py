@@ -8,7 +8,11 @@ on one GPU. Measured:
 * **decode**: ms per token by CUDA-graph replay (:class:`hybridvl.models.cuda_graphs.GraphedDecoder`), at a context of
   ``C`` tokens. The state at context ``C`` is built directly (ring buffers full of random keys and values, random
   recurrent states, positions at ``C``): decoding costs the same whatever the values, and it spares prefilling
-  1M tokens. Eager decoding is timed at 4K for comparison;
+  1M tokens. Eager decoding is timed at 4K for comparison. Both models decode through the same code: fused input
+  projections and MLP, a static state (the Transformer's cache reserved up front), one graph per step, attention
+  steps written into the cache and attended in one Triton kernel pair
+  (:func:`hybridvl.mixers.ops.decode_attention.decode_attention_step`); the kernels of a step are counted from
+  graph replays (torch.profiler);
 * **weight-bandwidth floor**: the bytes of the decoder's weights (vision tower excluded) over the measured
   device-to-device copy bandwidth (bytes read plus written): no decoder reading every weight once per token is
   faster;
@@ -94,25 +98,27 @@ def prefill_ms(model: HybridVLM, tokens: int, repeats: int, chunk: int | None = 
     return {"tokens": tokens, "chunk": chunk, "ms": ms, "tokens_per_second": tokens / ms * 1e3, "peak_gib": _peak_gib()}
 
 
-def kernel_profile(step) -> dict:
-    """The GPU kernels of one eager ``step``: how many, their summed time, and the costliest by name. Under a
-    CUDA graph the same kernels run back to back, so their summed time bounds the replay from below."""
+def kernel_profile(step, repeats: int = 1) -> dict:
+    """The GPU kernels of one ``step`` (eager, or a graph replay), averaged over ``repeats`` calls after one
+    warm-up: how many, their summed time, and the costliest by name. Under a CUDA graph the same kernels run back
+    to back, so their summed time bounds the replay from below."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
         step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
+            for _ in range(repeats):
+                step()
             torch.cuda.synchronize()
     kernels = []
     for event in prof.key_averages():
         micros = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         if micros > 0:
-            kernels.append({"name": event.key[:90], "count": event.count, "ms": micros / 1e3})
+            kernels.append({"name": event.key[:90], "count": event.count / repeats, "ms": micros / 1e3 / repeats})
     kernels.sort(key=lambda k: -k["ms"])
     return {
-        "kernels": sum(k["count"] for k in kernels),
+        "kernels": round(sum(k["count"] for k in kernels)),
         "kernel_ms": sum(k["ms"] for k in kernels),
         "top": kernels[:8],
     }
@@ -162,6 +168,19 @@ def decode_ms(model: HybridVLM, context: int, steps: int) -> dict:
         decoder = None
         torch.cuda.empty_cache()
     return result
+
+
+def graph_decode_profile(model: HybridVLM, context: int, replays: int = 20) -> dict:
+    """The kernels of one decode step as the CUDA graph replays it at ``context`` (:func:`kernel_profile` over
+    ``replays`` replays): what the per-token time is made of, counted the same way for both models."""
+    torch.cuda.empty_cache()
+    decoder = GraphedDecoder(model, batch_size=1, max_context=context + replays + 8)
+    fill_context(decoder, context)
+    token = torch.randint(0, 150_000, (1,), device="cuda")
+    profile = kernel_profile(lambda: decoder.step(token), repeats=replays)
+    decoder = None
+    torch.cuda.empty_cache()
+    return profile
 
 
 def eager_decode_ms(model: HybridVLM, context: int, steps: int) -> float:
@@ -274,6 +293,13 @@ def run(args: argparse.Namespace, out: Path) -> dict:
             entry["decode"].append(decode_ms(model, context, args.decode_steps))
             print(name, entry["decode"][-1], flush=True)
             write_json(out, results)
+        entry["decode_graph_profile_at_4k"] = graph_decode_profile(model, 4096)
+        print(
+            name,
+            "graph decode kernels",
+            {k: v for k, v in entry["decode_graph_profile_at_4k"].items() if k != "top"},
+            flush=True,
+        )
         if name == "hybrid":
             entry["streaming"] = streaming(model, args.frames, args.eager_frames)
             print(name, {k: v for k, v in entry["streaming"].items() if k != "memory_bytes"}, flush=True)
@@ -366,6 +392,13 @@ def markdown(results: dict) -> str:
         f"{transformer['eager_decode_ms_per_token_at_4k']:.1f} ms/token.",
         "",
     ]
+    counts = [
+        f"{label} {entry['decode_graph_profile_at_4k']['kernels']:,}"
+        for label, entry in (("hybrid", hybrid), ("Transformer", transformer))
+        if "decode_graph_profile_at_4k" in entry
+    ]
+    if counts:
+        lines += [f"Kernels per decode step (graph replay at 4K): {', '.join(counts)}.", ""]
     decode_t = {d["context"]: d for d in transformer["decode"]}
     rows = []
     for d in hybrid["decode"]:
@@ -377,12 +410,21 @@ def markdown(results: dict) -> str:
                 f"{d['ms_per_token'] / hybrid['floor_ms_per_token']:.2f}x" if d.get("ms_per_token") else "-",
                 f"{d.get('state_gib', 0):.3f}",
                 _ms(t.get("ms_per_token")) if t else "not run",
+                f"{t['ms_per_token'] / transformer['floor_ms_per_token']:.2f}x" if t.get("ms_per_token") else "-",
                 f"{t.get('state_gib', 0):.2f}" if t.get("ms_per_token") else "-",
             ]
         )
     lines += [
         markdown_table(
-            ["context", "hybrid ms", "hybrid / floor", "hybrid state GiB", "Transformer ms", "Transformer cache GiB"],
+            [
+                "context",
+                "hybrid ms",
+                "hybrid / floor",
+                "hybrid state GiB",
+                "Transformer ms",
+                "Transformer / floor",
+                "Transformer cache GiB",
+            ],
             rows,
         ),
         "",
@@ -421,7 +463,7 @@ def _profile_lines(label: str, profile: dict, measured_ms: float | None) -> list
         "",
         markdown_table(
             ["kernel", "launches", "ms"],
-            [[f"`{k['name'][:70]}`", str(k["count"]), f"{k['ms']:.2f}"] for k in profile["top"]],
+            [[f"`{k['name'][:70]}`", f"{k['count']:g}", f"{k['ms']:.2f}"] for k in profile["top"]],
         ),
         "",
     ]
@@ -429,19 +471,23 @@ def _profile_lines(label: str, profile: dict, measured_ms: float | None) -> list
 
 
 def where_the_time_goes(results: dict) -> list[str]:
-    """Kernel profiles of one eager step (a graph replays the same kernels without the launch gaps)."""
+    """Kernel profiles of one eager step and of one graph replay (the same kernels without the launch gaps)."""
     hybrid, transformer = results["models"]["hybrid"], results["models"]["transformer"]
     lines = ["## Where the time goes", ""]
     lines += [
-        "Kernels of one eager step (torch.profiler); a CUDA graph replays the same kernels without launch gaps, so "
-        "their summed time bounds the replay from below.",
+        "Kernels of one eager step, and of one decode step as the CUDA graph replays it (averaged over 20 replays), "
+        "by torch.profiler; a graph replays the eager step's kernels without launch gaps, so their summed time "
+        "bounds the replay from below.",
         "",
     ]
     for name, entry in (("hybrid", hybrid), ("Transformer", transformer)):
+        graph = next((d["ms_per_token"] for d in entry["decode"] if d["context"] == 4096), None)
         profile = entry.get("decode_profile_at_4k")
         if profile:
-            graph = next((d["ms_per_token"] for d in entry["decode"] if d["context"] == 4096), None)
             lines += _profile_lines(f"{name} decode step at 4K", profile, graph)
+        profile = entry.get("decode_graph_profile_at_4k")
+        if profile:
+            lines += _profile_lines(f"{name} decode step at 4K, as the graph replays it", profile, graph)
     stream = hybrid.get("streaming") or {}
     if "frame_profile" in stream:
         lines += _profile_lines(

@@ -47,7 +47,10 @@ class Attention(Mixer):
             ``None`` for 1-D RoPE.
         backend: ``"auto"``, ``"flash_attn"``, ``"torch"`` (SDPA) or ``"fla"``; ``auto`` takes them in that
             order for full attention and prefers ``fla`` over SDPA for sliding windows. Calls that continue
-            from a state attend over the cache with PyTorch SDPA.
+            from a state attend over the cache with PyTorch SDPA, except single-token steps on CUDA, which write
+            and attend the cache in one Triton kernel
+            (:func:`~hybridvl.mixers.ops.decode_attention.decode_attention_step`) unless the backend is
+            ``"torch"``.
     """
 
     backends = FULL_PREFERENCE
@@ -117,8 +120,14 @@ class Attention(Mixer):
         if state is not None and cu_seqlens is None and x.shape[1] == 1:
             # one new token per sequence: store it first (it evicts only a key outside its window), then read
             # the cache alone; no host synchronisation, so the step can be captured in a CUDA graph
-            self._write(state, k, v, tokens, None)
-            o = decode_attention(q, state.key.to(k.dtype), state.value.to(v.dtype), state.slot_positions() >= 0)
+            if self._decodes_in_kernel(q, k, v, state):
+                from hybridvl.mixers.ops.decode_attention import decode_attention_step
+
+                self._make_room(state, tokens)
+                o = decode_attention_step(q, k, v, state.key, state.value, state.length)
+            else:
+                self._write(state, k, v, tokens, None)
+                o = decode_attention(q, state.key.to(k.dtype), state.value.to(v.dtype), state.slot_positions() >= 0)
             return self.o_proj(o.flatten(-2)), state
         if state is None:
             backend = self._resolve_backend(x, float32_attention_limitations(x.device, q.dtype), q.dtype)
@@ -173,14 +182,26 @@ class Attention(Mixer):
             self._put_window(cache, lengths, ends, tokens, k, v)
         cache.length.add_(lengths)
 
+    def _decodes_in_kernel(self, q, k, v, cache: KVCache) -> bool:
+        """Whether a single-token step runs :func:`~hybridvl.mixers.ops.decode_attention.decode_attention_step`
+        (write and attention in one Triton kernel): on CUDA, unless the PyTorch backend was asked for or autograd
+        needs the step's gradient (the kernel has no backward)."""
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, cache.key, cache.value))
+        return cache.key.is_cuda and self.backend != "torch" and not needs_grad
+
     @staticmethod
-    def _put_all(cache: KVCache, lengths, tokens, k, v) -> None:
-        """A growing cache: token at position ``p`` of sequence ``n`` goes to slot ``(n, p)``."""
+    def _make_room(cache: KVCache, tokens: torch.Tensor) -> None:
+        """Grow a growing cache to hold the positions ``tokens``; a ring buffer always has room."""
         # a CUDA graph cannot grow the cache (nor read positions on the host): its owner reserves the room
-        if not (cache.key.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if cache.window is None and not (cache.key.is_cuda and torch.cuda.is_current_stream_capturing()):
             needed = int(tokens.max()) + 1
             if needed > cache.key.shape[1]:
                 cache.reserve(max(needed, 2 * cache.key.shape[1]))
+
+    @classmethod
+    def _put_all(cls, cache: KVCache, lengths, tokens, k, v) -> None:
+        """A growing cache: token at position ``p`` of sequence ``n`` goes to slot ``(n, p)``."""
+        cls._make_room(cache, tokens)
         rows = torch.repeat_interleave(torch.arange(len(lengths), device=k.device), lengths, output_size=len(tokens))
         index = (rows, tokens)
         k, v = k.to(cache.key.dtype), v.to(cache.value.dtype)

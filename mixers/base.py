@@ -115,8 +115,9 @@ class Mixer(nn.Module):
     Attributes:
         last_backend: the backend the latest call chose for its computation (``"fla"``, ``"torch"``, ...), so a
             training script can record which one each layer really ran (e.g. fla or the PyTorch fallback);
-            ``None`` before the first call. Attention mixers continuing from a KV cache compute over it with
-            PyTorch operations without choosing a backend and leave it as it was.
+            ``None`` before the first call. Attention mixers continuing from a KV cache attend over it without
+            choosing a backend (PyTorch operations, or one Triton kernel for single tokens on CUDA) and leave it
+            as it was.
     """
 
     letter: ClassVar[str] = ""

@@ -6,7 +6,8 @@ buffers: each graph here owns a *static* :class:`~hybridvl.models.hybrid.ModelSt
 (the sliding-window ring buffers are indexed by device tensors, full-attention caches are reserved up front),
 and static input buffers that callers fill before each replay.
 
-* :class:`GraphedDecoder` — one new token per sequence (text generation).
+* :class:`GraphedDecoder` — one new token per sequence (text generation); with ``next_token=True`` the graph also
+  picks the next token (greedy or sampled from a device generator), so no logits leave it.
 * :class:`GraphedFramePrefill` — one image or video frame of a fixed size through the vision tower and the
   decoder into the state (streaming), one graph per frame-size bucket.
 
@@ -17,6 +18,10 @@ Both replay exactly the kernels the eager model runs for the same step, so resul
     decoder = GraphedDecoder(model, batch_size=1)
     decoder.load(state)                       # a state from a prefill
     logits = decoder.step(next_token)         # [B, vocab], then the state holds the new token
+
+    sampler = GraphedDecoder(model, next_token=True, do_sample=True, top_p=0.9, generator=generator)
+    sampler.load(state)
+    token = sampler.step(token)               # [B] token ids picked inside the graph
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from hybridvl.mixers.ops.attention import DECODE_BLOCK
 from hybridvl.mixers.state import KVCache
 from hybridvl.models.cache import ModelState
 from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.sampling import check_generation_options, sample_next_token
 from hybridvl.vision.tower import vision_inputs
 
 
@@ -64,9 +70,10 @@ class _StaticGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._tokens_held = 0  # most tokens in a full-attention cache, tracked on the host (no device sync)
 
-    def _capture(self, body: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Warm up ``body`` (compiles kernels, runs autotuning) and capture it; afterwards the state is what it
-        was (``keep_state``: a caller's state) or empty. Returns the graph's static output."""
+    def _capture(self, body: Callable[[], torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Warm up ``body`` (compiles kernels, runs autotuning) and capture it, drawing random numbers from
+        ``generator`` at each replay if given (else from the device's default generator); afterwards the state is
+        what it was (``keep_state``: a caller's state) or empty. Returns the graph's static output."""
         snapshot = self.state.clone() if self.keep_state else None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -75,6 +82,8 @@ class _StaticGraph:
                 body()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            self.graph.register_generator_state(generator)
         with torch.no_grad(), torch.cuda.graph(self.graph):
             output = body()
         if snapshot is not None:
@@ -107,32 +116,70 @@ class GraphedDecoder(_StaticGraph):
         batch_size: sequences decoded together.
         max_context: for layouts with full-attention (``A``) layers, the most tokens a sequence may hold.
         warmup: eager runs before capture (kernel compilation and autotuning happen there).
+        next_token: end the graph with the choice of the next token
+            (:func:`~hybridvl.models.sampling.sample_next_token` with the options below): :meth:`step` returns
+            token ids instead of logits, and no logits leave the graph.
+        do_sample, temperature, top_k, top_p: with ``next_token``, greedy (``do_sample=False``) or sampled after
+            these filters, fixed for the graph.
+        generator: with ``next_token`` and ``do_sample``, the CUDA generator the graph draws from at each replay
+            (its state advances as in eager sampling; re-seed it to repeat a run); the device's default when
+            ``None``.
 
     Attributes:
         state: the static state, empty after construction; :meth:`load` a state into it before stepping, read it
             (or ``clone()`` it) after.
+        sampling: with ``next_token``, the options the graph picks tokens with (``do_sample``, ``temperature``,
+            ``top_k``, ``top_p``); ``None`` otherwise.
     """
 
-    def __init__(self, model: HybridVLM, batch_size: int = 1, max_context: int | None = None, warmup: int = 3) -> None:
-        state = model.init_state(batch_size, _check_cuda(model))
+    def __init__(
+        self,
+        model: HybridVLM,
+        batch_size: int = 1,
+        max_context: int | None = None,
+        warmup: int = 3,
+        *,
+        next_token: bool = False,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        device = _check_cuda(model)
+        self.sampling = None
+        if next_token:
+            check_generation_options(temperature=temperature, top_k=top_k, top_p=top_p)
+            self.sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        if generator is not None and (self.sampling is None or not do_sample or generator.device.type != "cuda"):
+            raise ValueError("a generator goes with next_token=True and do_sample=True, and must be a CUDA generator")
+        self.generator = generator
+        state = model.init_state(batch_size, device)
         super().__init__(model, state, max_context, warmup, keep_state=False)
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        self.logits = self._capture(self._body)
+        self.output = self._capture(self._body, generator)
+
+    @property
+    def next_token(self) -> bool:
+        """Whether :meth:`step` returns the next tokens (picked inside the graph) rather than logits."""
+        return self.sampling is not None
 
     def _body(self) -> torch.Tensor:
         batch = self.input_ids.shape[0]
         positions = self.state.next_position.view(1, batch, 1).expand(3, batch, 1)
         out = self.model(self.input_ids, position_ids=positions, state=self.state, logits_to_keep=1)
         self.state.copy_(out.state)
-        return out.logits[:, -1]
+        if self.sampling is None:
+            return out.logits[:, -1]
+        return sample_next_token(out.logits[:, -1], **self.sampling, generator=self.generator)
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Feed ``input_ids`` ``[B]`` (or ``[B, 1]``); return the next-token logits ``[B, vocab]`` (a static
-        buffer the next step overwrites: clone to keep)."""
+        """Feed ``input_ids`` ``[B]`` (or ``[B, 1]``); return the next-token logits ``[B, vocab]``, or with
+        ``next_token`` the next tokens ``[B]`` (a static buffer the next step overwrites: clone to keep)."""
         self._check_room(1)
         self.input_ids.copy_(input_ids.reshape(self.input_ids.shape))
         self.graph.replay()
-        return self.logits
+        return self.output
 
 
 class GraphedFramePrefill(_StaticGraph):

@@ -11,61 +11,15 @@ state), then each new token is one step from the state. Greedy decoding gives th
 
 from __future__ import annotations
 
-import math
-import types
-
 import torch
 
 from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
 from hybridvl.models.cache import ModelState
 from hybridvl.models.cuda_graphs import GraphedDecoder
 from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.sampling import check_generation_options, sample_next_token
 
-
-def check_generation_options(
-    max_new_tokens: int = 1, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
-) -> None:
-    """Raise ``ValueError`` naming the option unless ``max_new_tokens`` and ``top_k`` are integers >= 1 (``top_k``
-    or ``None``), ``temperature`` is a positive finite number and ``top_p`` lies in (0, 1] (or is ``None``)."""
-    if not _is_number(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if top_k is not None and (not _is_number(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 when given, got {top_k!r}")
-    if not _is_number(temperature, int | float) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    if top_p is not None and (not _is_number(top_p, int | float) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must lie in (0, 1] when given, got {top_p!r}")
-
-
-def _is_number(value: object, kind: type | types.UnionType) -> bool:
-    """Whether ``value`` is an instance of ``kind`` and not a bool."""
-    return isinstance(value, kind) and not isinstance(value, bool)
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick the next token from ``logits`` ``[B, vocab]``: argmax, or a sample after temperature, top-k and
-    top-p (nucleus) filtering (options checked by :func:`check_generation_options`)."""
-    if not do_sample:
-        return logits.argmax(-1)
-    check_generation_options(temperature=temperature, top_k=top_k, top_p=top_p)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+__all__ = ["check_generation_options", "generate", "prefill", "sample_next_token"]
 
 
 def prefill(
@@ -144,7 +98,9 @@ def generate(
         pad_token_id: fills rows that stopped, default the config's (or the first stop token).
         prefill_chunk_size: prefill the prompt this many tokens at a time (same result, less memory).
         decoder: decode by replaying this CUDA graph (built for the same model and batch size) instead of
-            running the model eagerly; the prompt is still prefilled eagerly.
+            running the model eagerly; the prompt is still prefilled eagerly. A decoder built with
+            ``next_token=True`` picks each token inside its graph: the sampling options must be the ones it was
+            built with, and ``generator`` none or its own.
 
     Returns:
         ``[B, n]`` new tokens, ``n <= max_new_tokens`` (stopped rows padded).
@@ -163,24 +119,36 @@ def generate(
         video_grid_thw=video_grid_thw,
         second_per_grid_ts=second_per_grid_ts,
     )
-    logits, state = prefill(model, input_ids, attention_mask, prefill_chunk_size, state, **vision)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     if decoder is not None:
         if decoder.model is not model:
             raise ValueError("the CUDA-graph decoder was built for another model")
+        if decoder.next_token:
+            if sampling != decoder.sampling or generator not in (None, decoder.generator):
+                raise ValueError(
+                    f"the CUDA-graph decoder picks tokens with {decoder.sampling} and its own generator; generate "
+                    f"was asked for {sampling}{' and another generator' if generator is not None else ''}"
+                )
+            generator = decoder.generator
+    logits, state = prefill(model, input_ids, attention_mask, prefill_chunk_size, state, **vision)
+    if decoder is not None:
         decoder.load(state)
     stop_ids = torch.tensor(stops, device=input_ids.device, dtype=torch.long)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
+    token = sample_next_token(logits, **sampling, generator=generator)
     for step in range(max_new_tokens):
-        token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad), token)
+        token = torch.where(finished, torch.full_like(token, pad), token)  # a new tensor: the graph's buffer is reused
         tokens.append(token)
         finished |= torch.isin(token, stop_ids)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        if decoder is not None:
-            logits = decoder.step(token)
-        else:
+        if decoder is None:
             out = model(token[:, None], state=state, logits_to_keep=1)
-            logits, state = out.logits[:, -1], out.state
+            state = out.state
+            token = sample_next_token(out.logits[:, -1], **sampling, generator=generator)
+        elif decoder.next_token:
+            token = decoder.step(token)
+        else:
+            token = sample_next_token(decoder.step(token), **sampling, generator=generator)
     return torch.stack(tokens, dim=1)

@@ -16,6 +16,7 @@ from hybridvl.models.config import HybridConfig
 from hybridvl.models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
 from hybridvl.models.generation import generate
 from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.sampling import sample_next_token
 from hybridvl.models.tiny_qwen import init_tiny_vision_tower
 
 pytestmark = pytest.mark.gpu
@@ -102,6 +103,52 @@ def test_graph_decoding_equals_eager_through_window_wraparound():
     assert torch.equal(
         generate(model, prompt, max_new_tokens=20, decoder=decoder), generate(model, prompt, max_new_tokens=20)
     )
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)])
+@torch.no_grad()
+def test_graph_picks_the_next_token_as_eager_over_1000_steps(sampling):
+    """With next_token=True the LM head and the choice of the token run inside the graph: over 1,000 steps (the
+    ring buffers wrap 60 times) the graph picks the tokens eager decoding picks from its logits with a generator
+    seeded alike, and generate through the graph gives eager generate's tokens."""
+    model = tiny_model("S,D,A")
+    prompt = torch.randint(0, 500, (2, 11), device="cuda")
+    steps = 1000
+    generator = torch.Generator("cuda") if sampling else None
+    decoder = GraphedDecoder(
+        model, batch_size=2, max_context=prompt.shape[1] + steps + 64, next_token=True, generator=generator, **sampling
+    )
+    eager_generator = torch.Generator("cuda").manual_seed(5) if sampling else None
+    if sampling:
+        generator.manual_seed(5)  # the capture's warm-up drew from it
+    out = model(prompt, logits_to_keep=1)
+    decoder.load(out.state)
+    state, token = out.state, prompt[:, -1]
+    for step in range(steps):
+        picked = decoder.step(token).clone()
+        eager = model(token[:, None], state=state, logits_to_keep=1)
+        state = eager.state
+        assert torch.equal(picked, sample_next_token(eager.logits[:, -1], **sampling, generator=eager_generator)), step
+        token = picked
+    prompt = torch.randint(0, 500, (2, 5), device="cuda")
+    if sampling:
+        generator.manual_seed(9)
+        eager_generator.manual_seed(9)
+    graphed = generate(model, prompt, max_new_tokens=20, decoder=decoder, **sampling)
+    assert torch.equal(graphed, generate(model, prompt, max_new_tokens=20, generator=eager_generator, **sampling))
+
+
+@torch.no_grad()
+def test_graph_next_token_checks_its_options():
+    model = tiny_model("S,D")
+    with pytest.raises(ValueError, match="generator goes with next_token=True and do_sample=True"):
+        GraphedDecoder(model, generator=torch.Generator("cuda"))
+    with pytest.raises(ValueError, match="top_p must lie"):
+        GraphedDecoder(model, next_token=True, do_sample=True, top_p=1.5)
+    greedy = GraphedDecoder(model, next_token=True)
+    assert greedy.next_token and not GraphedDecoder(model).next_token
+    with pytest.raises(ValueError, match="picks tokens with"):
+        generate(model, torch.randint(0, 500, (1, 5), device="cuda"), do_sample=True, decoder=greedy)
 
 
 @torch.no_grad()

@@ -6,10 +6,6 @@ shapes. Their accuracy on a GPU, forward and backward, is tested in ``test_gpu_k
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -222,84 +218,3 @@ def test_gradients_of_the_gate_parameters_count_for_fla_640(kernels_run_here, mo
         assert f"uses backend 'torch' (fla skipped: {issue})" in backend_lines(caplog, "gated_delta_rule")[-1]
         with pytest.raises(BackendUnavailableError, match="#640"):
             gated_delta_rule(q, k, v, a, b, **parameters, use_beta_sigmoid=True, backend="fla")
-
-
-INTERPRETED = """
-import torch
-import triton.runtime.autotuner as autotuner
-
-# no GPU to time an autotuned kernel's configurations on: each runs its first
-autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
-
-from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum
-
-from hybridvl.mixers import backends
-from hybridvl.mixers.ops import gated_delta_rule, gated_rms_norm
-from hybridvl.mixers.ops.gated_delta_rule import gdn_decay
-
-backends.unavailable_reason = lambda backend, device: None  # fla's Triton kernels run here, interpreted
-
-
-def rel_err(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-torch.manual_seed(0)
-for norm_before_gate, group_size in [(True, None), (False, 8)]:
-    inputs = [torch.randn(2, 7, 3, 16).requires_grad_() for _ in range(2)] + [torch.randn(16).requires_grad_()]
-    options = dict(eps=1e-6, norm_before_gate=norm_before_gate, group_size=group_size)
-    y_fla = gated_rms_norm(*inputs, **options, backend="fla")
-    y_ref = gated_rms_norm(*inputs, **options, backend="torch")
-    cotangent = torch.randn_like(y_ref)
-    grads_fla = torch.autograd.grad(y_fla, inputs, cotangent)
-    grads_ref = torch.autograd.grad(y_ref, inputs, cotangent)
-    errors = [rel_err(y_fla, y_ref)] + [rel_err(a, b) for a, b in zip(grads_fla, grads_ref)]
-    assert max(errors) < 1e-5, (norm_before_gate, errors)
-
-# the token loop with the decay and beta computed in the kernel, packed sequences continuing from states
-H, K, V = 2, 16, 16
-cu_seqlens = torch.tensor([0, 3, 4, 9])
-q, k, v = torch.randn(1, 9, H, K), torch.randn(1, 9, H, K), torch.randn(1, 9, H, V)
-a, b = torch.randn(1, 9, H) * 3, torch.randn(1, 9, H) * 2
-A_log, dt_bias, h0 = torch.rand(H) * 2, torch.randn(H), torch.randn(3, H, K, V) * 0.1
-common = dict(initial_state=h0, cu_seqlens=cu_seqlens, use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias,
-              use_beta_sigmoid=True, form="recurrent")
-o_fla, s_fla = gated_delta_rule(q, k, v, a, b, **common, backend="fla")
-o_ref, s_ref = gated_delta_rule(q, k, v, a, b, **common, backend="torch")
-assert rel_err(o_fla, o_ref) < 1e-5 and rel_err(s_fla, s_ref) < 1e-5, (rel_err(o_fla, o_ref), rel_err(s_fla, s_ref))
-
-# the chunked kernel's gate: the decay summed within chunks forward, gradients for g, A_log and dt_bias backward
-g = (torch.randn(2, 40, H) * 3).requires_grad_()
-A_log.requires_grad_()
-dt_bias.requires_grad_()
-decay = gdn_decay(g, A_log, dt_bias)
-summed = gdn_gate_chunk_cumsum(g.detach(), A_log.detach(), 16, dt_bias=dt_bias.detach())
-chunks = torch.cat([part.cumsum(1) for part in decay.split(16, dim=1)], dim=1)
-assert rel_err(summed, chunks) < 1e-6, rel_err(summed, chunks)
-cotangent = torch.randn_like(decay)
-grads_ref = torch.autograd.grad(decay, (g, A_log, dt_bias), cotangent)
-grads_fla = gdn_gate_bwd(g.detach(), A_log.detach(), dt_bias.detach(), cotangent)
-errors = [rel_err(a, b) for a, b in zip(grads_fla, grads_ref)]
-assert max(errors) < 1e-5, errors
-print("ok")
-"""
-
-
-def test_fla_kernels_interpreted_equal_the_pytorch_forms():
-    """fla's fused gated RMSNorm (both forms, forward and backward), its token-loop gated delta rule with the
-    decay and ``beta`` computed in the kernel, and the gate kernels of its chunked form (the decay summed in
-    chunks; gradients for ``g``, ``A_log`` and ``dt_bias``), run on the CPU by Triton's interpreter against the
-    PyTorch forms in float32. On the CPU fla's softplus is the plain ``log(1 + exp(x))`` below 20; on NVIDIA GPUs
-    it is inline PTX, which the gpu tests cover."""
-    pytest.importorskip("fla")
-    pytest.importorskip("triton")
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(INTERPRETED)],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

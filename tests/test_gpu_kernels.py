@@ -218,6 +218,101 @@ def test_gated_rms_norm_fla_float32_matches_torch():
         assert rel_err(gated_rms_norm(x, gate, weight, **options, backend="fla"), ref) < 1e-5, options
 
 
+def test_gated_deltanet_decodes_through_the_fused_step(monkeypatch):
+    """A D layer's single-token calls on fla run the token loop with the gates inside fla's kernel (one kernel),
+    its prompts the chunked kernel; the decoded outputs match the PyTorch backend."""
+    from hybridvl.mixers import gated_deltanet
+
+    calls, rule = [], gated_deltanet.gated_delta_rule
+
+    def counted(*args, **kwargs):
+        if kwargs["form"] == "recurrent" and kwargs["A_log"] is not None:
+            calls.append(1)
+        return rule(*args, **kwargs)
+
+    monkeypatch.setattr(gated_deltanet, "gated_delta_rule", counted)
+    kernel = mixers.build_mixer("D", 512, head_dim=128).to(CUDA)
+    reference = mixers.build_mixer("D", 512, head_dim=128, backend="torch").to(CUDA)
+    reference.load_state_dict(kernel.state_dict())
+    kernel.to(BF16)
+    x = torch.randn(2, 300, 512, device=CUDA)
+    with torch.no_grad():
+        _, state_k = kernel(x.to(BF16))
+        _, state_r = reference(x)
+        assert not calls
+        for _ in range(16):
+            x_t = torch.randn(2, 1, 512, device=CUDA)
+            y_k, state_k = kernel(x_t.to(BF16), state_k)
+            y_r, state_r = reference(x_t, state_r)
+            assert rel_err(y_k, y_r) < OUT_TOL
+    assert len(calls) == 16 and kernel.last_backend == "fla"
+    assert rel_err(state_k.recurrent, state_r.recurrent) < OUT_TOL
+
+
+def decode_token(N: int):
+    """Random bf16 q, k, v of one token per sequence at Qwen2.5-VL-3B's attention shape (16 query heads on 2 KV
+    heads, head dim 128)."""
+    return torch.randn(N, 1, 16, 128, device=CUDA).to(BF16), *(
+        torch.randn(N, 1, 2, 128, device=CUDA).to(BF16) for _ in range(2)
+    )
+
+
+def decode_cache(N: int, slots: int):
+    """A random bf16 key and value cache for :func:`decode_token`'s shape."""
+    return (torch.randn(N, slots, 2, 128, device=CUDA).to(BF16) for _ in range(2))
+
+
+@pytest.mark.parametrize(
+    ("slots", "lengths"),
+    [(8192, [0, 5000, 8191, 8192, 50_001]), (1 << 17, [100_000, 3])],  # ring buffers (wrapped); a growing cache
+)
+def test_decode_attention_step_matches_reference(slots, lengths):
+    """The Triton write + split-K attention against the PyTorch step, bf16 at the 3B shape (16 query heads on 2
+    KV heads, head dim 128): output, every cache slot and the advanced lengths."""
+    from hybridvl.mixers.ops.decode_attention import decode_attention_step, decode_attention_step_reference
+
+    (q, k, v), (key, value) = decode_token(len(lengths)), decode_cache(len(lengths), slots)
+    length = torch.tensor(lengths, device=CUDA)
+    key_ref, value_ref, length_ref = key.float(), value.float(), length.clone()
+    o = decode_attention_step(q, k, v, key, value, length)
+    o_ref = decode_attention_step_reference(q.float(), k.float(), v.float(), key_ref, value_ref, length_ref)
+    assert o.dtype == BF16 and rel_err(o, o_ref) < OUT_TOL
+    assert torch.equal(key.float(), key_ref) and torch.equal(value.float(), value_ref)
+    assert torch.equal(length, length_ref)
+
+
+def test_decode_attention_step_graph_equals_eager_over_1000_steps():
+    """The step captured in a CUDA graph and replayed 1,000 times over a ring buffer of 256 slots (it wraps
+    about four times) gives the eager kernel's outputs and cache exactly, and the reference's to bf16 bounds."""
+    from hybridvl.mixers.ops.decode_attention import decode_attention_step, decode_attention_step_reference
+
+    steps, slots = 1000, 256
+    (q, k, v), (key, value) = decode_token(2), decode_cache(2, slots)
+    length = torch.zeros(2, dtype=torch.long, device=CUDA)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_attention_step(q, k, v, key, value, length)  # compiles the kernels
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention_step(q, k, v, key, value, length)
+    length.copy_(torch.tensor([0, 37], device=CUDA))  # the second sequence wraps first
+    eager = [key.clone(), value.clone(), length.clone()]
+    reference = [key.float(), value.float(), length.clone()]
+    for step in range(steps):
+        inputs = decode_token(2)
+        for static, new in zip((q, k, v), inputs):
+            static.copy_(new)
+        graph.replay()
+        o_eager = decode_attention_step(*inputs, *eager)
+        o_ref = decode_attention_step_reference(*(t.float() for t in inputs), *reference)
+        assert torch.equal(out, o_eager), step
+        assert rel_err(out, o_ref) < OUT_TOL, step
+    assert torch.equal(key, eager[0]) and torch.equal(value, eager[1]) and torch.equal(length, eager[2])
+    assert torch.equal(length, torch.tensor([steps, steps + 37], device=CUDA))
+
+
 @pytest.mark.parametrize("variant", ["gla", "simple_gla", "linear"])
 @pytest.mark.parametrize("T", [2048, 16384])
 def test_linear_attention_family_fla_matches_torch(variant, T):

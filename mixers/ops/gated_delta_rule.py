@@ -11,7 +11,8 @@ which is ``S_t = S_{t-1} a_t (I - b_t k_t k_t^T) + b_t v_t k_t^T`` written with 
 Two PyTorch forms are given (``"chunk"``: the WY/UT form, parallel inside chunks, a loop over chunks;
 ``"recurrent"``: a loop over tokens) beside fla's Triton kernels. All take fla's layout
 ``[batch, time, heads, dim]``, keep the state in float32 (float64 for float64 input) and return
-``(output, final_state)``.
+``(output, final_state)``. Given ``A_log``, ``dt_bias`` and ``use_beta_sigmoid``, they take Gated DeltaNet's raw gate
+projections; fla then computes the gates inside its kernels (decoding: gates, L2 norms and recurrence in one kernel).
 """
 
 from __future__ import annotations

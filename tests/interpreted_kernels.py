@@ -1,0 +1,113 @@
+"""Triton kernels on the CPU under Triton's interpreter, against their PyTorch references, at tiny shapes; used by
+tests/test_interpreted_kernels.py.
+
+``TRITON_INTERPRET=1`` must be set before a kernel is defined (Triton reads it when it decorates the function), so
+each check runs in a process of its own: ``python interpreted_kernels.py CHECK``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from helpers import rel_err
+
+from hybridvl.mixers.ops import gated_delta_rule
+from hybridvl.mixers.ops.decode_attention import decode_attention_step, decode_attention_step_reference
+
+
+def fla_glue() -> None:
+    """fla's fused gated RMSNorm (both forms, forward and backward), its token-loop gated delta rule with the decay
+    and ``beta`` computed in the kernel (packed sequences continuing from states), and the gate kernels of its
+    chunked form (the decay summed in chunks; gradients for ``g``, ``A_log`` and ``dt_bias``) against the PyTorch
+    forms in float32. On the CPU fla's softplus is the plain ``log(1 + exp(x))`` below 20; on NVIDIA GPUs it is
+    inline PTX, which the gpu tests cover."""
+    import triton.runtime.autotuner as autotuner
+    from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum
+
+    from hybridvl.mixers import backends
+    from hybridvl.mixers.ops import gated_rms_norm
+    from hybridvl.mixers.ops.gated_delta_rule import gdn_decay
+
+    # no GPU to time an autotuned kernel's configurations on: each runs its first
+    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
+    backends.unavailable_reason = lambda backend, device: None  # fla's Triton kernels run here, interpreted
+    torch.manual_seed(0)
+    for norm_before_gate, group_size in [(True, None), (False, 8)]:
+        inputs = [torch.randn(2, 7, 3, 16).requires_grad_() for _ in range(2)] + [torch.randn(16).requires_grad_()]
+        options = dict(eps=1e-6, norm_before_gate=norm_before_gate, group_size=group_size)
+        y_fla = gated_rms_norm(*inputs, **options, backend="fla")
+        y_ref = gated_rms_norm(*inputs, **options, backend="torch")
+        cotangent = torch.randn_like(y_ref)
+        grads_fla = torch.autograd.grad(y_fla, inputs, cotangent)
+        grads_ref = torch.autograd.grad(y_ref, inputs, cotangent)
+        errors = [rel_err(y_fla, y_ref)] + [rel_err(a, b) for a, b in zip(grads_fla, grads_ref)]
+        assert max(errors) < 1e-5, (norm_before_gate, errors)
+
+    # the token loop with the decay and beta computed in the kernel, packed sequences continuing from states
+    H, K, V = 2, 16, 16
+    cu_seqlens = torch.tensor([0, 3, 4, 9])
+    q, k, v = torch.randn(1, 9, H, K), torch.randn(1, 9, H, K), torch.randn(1, 9, H, V)
+    a, b = torch.randn(1, 9, H) * 3, torch.randn(1, 9, H) * 2
+    A_log, dt_bias, h0 = torch.rand(H) * 2, torch.randn(H), torch.randn(3, H, K, V) * 0.1
+    common = dict(
+        initial_state=h0,
+        cu_seqlens=cu_seqlens,
+        use_qk_l2norm=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid=True,
+        form="recurrent",
+    )
+    o_fla, s_fla = gated_delta_rule(q, k, v, a, b, **common, backend="fla")
+    o_ref, s_ref = gated_delta_rule(q, k, v, a, b, **common, backend="torch")
+    assert rel_err(o_fla, o_ref) < 1e-5 and rel_err(s_fla, s_ref) < 1e-5, (rel_err(o_fla, o_ref), rel_err(s_fla, s_ref))
+
+    # the chunked kernel's gate: the decay summed within chunks forward, gradients for g, A_log and dt_bias backward
+    g = (torch.randn(2, 40, H) * 3).requires_grad_()
+    A_log.requires_grad_()
+    dt_bias.requires_grad_()
+    decay = gdn_decay(g, A_log, dt_bias)
+    summed = gdn_gate_chunk_cumsum(g.detach(), A_log.detach(), 16, dt_bias=dt_bias.detach())
+    chunks = torch.cat([part.cumsum(1) for part in decay.split(16, dim=1)], dim=1)
+    assert rel_err(summed, chunks) < 1e-6, rel_err(summed, chunks)
+    cotangent = torch.randn_like(decay)
+    grads_ref = torch.autograd.grad(decay, (g, A_log, dt_bias), cotangent)
+    grads_fla = gdn_gate_bwd(g.detach(), A_log.detach(), dt_bias.detach(), cotangent)
+    errors = [rel_err(a, b) for a, b in zip(grads_fla, grads_ref)]
+    assert max(errors) < 1e-5, errors
+
+
+def decode_attention_step_triton() -> None:
+    """The decode step's write and split-K attention against the reference, grouped heads over a head width that
+    is not a power of two: ring buffers empty, filling, full and wrapped, a growing cache, more splits than
+    blocks. float32 and float16: the interpreter's bf16 dots are wrong (bf16 is checked on the GPU)."""
+    Hq, Hkv, D = 4, 2, 24
+    cases = ((8, [0, 3, 7, 8, 21], 3), (40, [5, 39, 0, 17, 2], 4), (200, [150, 199], 1), (200, [130, 70], 7))
+    for dtype, bound in ((torch.float32, 1e-5), (torch.float16, 1e-3)):
+        for slots, lengths, splits in cases:
+            N = len(lengths)
+            key, value = torch.randn(N, slots, Hkv, D).to(dtype), torch.randn(N, slots, Hkv, D).to(dtype)
+            q, k, v = torch.randn(N, 1, Hq, D), torch.randn(N, 1, Hkv, D), torch.randn(N, 1, Hkv, D)
+            length = torch.tensor(lengths)
+            key_ref, value_ref, length_ref = key.float(), value.float(), length.clone()
+            o = decode_attention_step(*(t.to(dtype) for t in (q, k, v)), key, value, length, num_splits=splits)
+            o_ref = decode_attention_step_reference(
+                *(t.to(dtype).float() for t in (q, k, v)), key_ref, value_ref, length_ref
+            )
+            assert o.dtype == dtype and rel_err(o, o_ref) < bound, (dtype, slots, rel_err(o, o_ref))
+            assert torch.equal(key.float(), key_ref) and torch.equal(value.float(), value_ref)
+            assert torch.equal(length, length_ref) and torch.equal(length, torch.tensor(lengths) + 1)
+
+
+CHECKS = {
+    "fla_glue": fla_glue,
+    "decode_attention_step_triton": decode_attention_step_triton,
+}
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    CHECKS[sys.argv[1]]()

@@ -1,0 +1,23 @@
+"""Triton kernels (fla's fused glue, the decode step's attention) run on the CPU by Triton's interpreter at tiny
+shapes against their PyTorch references (each in a process of its own: see tests/interpreted_kernels.py). The same
+kernels at real shapes on a GPU: tests/test_gpu_kernels.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("interpreted_kernels.py")
+
+
+@pytest.mark.parametrize("check", ["fla_glue", "decode_attention_step_triton"])
+def test_kernel_matches_reference_in_the_interpreter(check):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), check], capture_output=True, text=True, timeout=300, env=env, cwd=SCRIPT.parent
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
