@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -357,6 +358,39 @@ def test_a_worker_process_that_dies_fails_its_cells_and_the_study_goes_on(tmp_pa
     assert set(summary["failed"].values()) == {"its process died (exit code 3)"}
     assert len(list((tmp_path / "out" / "cells").glob("AA__*.json"))) == 3  # every cell beside them trained
     assert not summary["complete"]
+
+
+def test_a_worker_trains_cells_one_after_another_and_a_failed_cell_ends_it(tmp_path, monkeypatch):
+    """Two workers train five cells: a worker takes cell after cell in one process (imports and kernels serve many
+    cells), and a cell that fails ends its worker, so the next cell gets a fresh process."""
+    log = tmp_path / "pids.txt"
+    _plugin(
+        tmp_path,
+        monkeypatch,
+        "pid_mixer",
+        "import multiprocessing, os\n"
+        "from hybridvl import mixers\n"
+        "from hybridvl.mixers.linear import LinearAttention\n\n"
+        "@mixers.register_mixer('P', 'pid_linear')\n"
+        "class PidLinear(LinearAttention):\n"
+        "    letter, name = 'P', 'pid_linear'\n\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        super().__init__(*args, **kwargs)\n"
+        "        with open(os.environ['PID_LOG'], 'a') as log:\n"
+        "            log.write(f'{os.getpid()}\\n')\n"
+        "        if multiprocessing.parent_process() and not os.path.exists(os.environ['PID_LOG'] + '.failed'):\n"
+        "            open(os.environ['PID_LOG'] + '.failed', 'w').close()\n"
+        "            raise RuntimeError('the first cell breaks')\n",
+    )
+    monkeypatch.setenv("PID_LOG", str(log))
+    study = TINY.replace('arms: ["S,D", "A,A"]', "plugins: [pid_mixer]\narms: ['P,A']")
+    path = _write(tmp_path, study.replace("seed: [0]", "seed: [0, 1, 2, 3, 4]"))
+    summary = runner.run_study(path, out=tmp_path / "out", workers=2)
+    assert summary["cells"] == 4 and len(summary["failed"]) == 1
+    assert set(summary["failed"].values()) == {"RuntimeError: the first cell breaks"}
+    pids = [pid for pid in log.read_text().split() if pid != str(os.getpid())]  # this process sizes the models
+    assert len(pids) == 5 and len(set(pids)) == 3  # two workers, and a fresh one after the failure
+    assert pids.count(pids[0]) == 1  # the worker whose cell failed trained nothing more
 
 
 def test_a_user_mixer_from_a_plugin_joins_a_study(tmp_path, monkeypatch):

@@ -59,6 +59,13 @@ def chosen_configs() -> Record:
     return record
 
 
+def forget_configs() -> None:
+    """Drop what every loaded autotuned kernel has chosen in this process, so that a cell trained after another in
+    the same process tunes (or pins) its kernels as a fresh process would, and records only its own."""
+    for _, tuner in _autotuners():
+        tuner.cache.clear()
+
+
 def _plain(key: Any) -> list[Any]:
     return [value if isinstance(value, int | float | str | bool) or value is None else str(value) for value in key]
 

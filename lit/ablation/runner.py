@@ -2,9 +2,10 @@
 
 Finished cells are skipped (a cell recorded with other settings runs again); a cell stopped part-way resumes
 from its last checkpoint; ``time_budget`` starts no cell after that many seconds; ``workers`` trains that many
-cells at once in separate processes (small models leave a GPU mostly idle: run them under CUDA MPS). Every run
+cells at once in worker processes, each training one cell after another (small models leave a GPU mostly idle:
+run them under CUDA MPS); a worker whose cell fails or dies is replaced by a fresh one. Every run
 that trains cells appends to ``invocations.json`` its start, wall seconds, device, the cell-steps it trained and
-their rate, also when SIGTERM ends it. ``repeat`` trains finished cells again in fresh processes into another
+their rate, also when SIGTERM ends it. ``repeat`` trains finished cells again, each in a fresh process, into another
 folder, each pinned to the kernel configurations it recorded, to check that a cell's number reproduces.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import gc
 import json
 import logging
 import math
@@ -143,6 +145,7 @@ def run_recall_cell(
     if device.type == "cuda":
         with contextlib.suppress(ImportError):
             import fla.ops  # noqa: F401  (loads every autotuned kernel, so that all recorded ones can be pinned)
+        kernels.forget_configs()  # a worker's earlier cells chose for their own shapes
         logger.info("%s: %d kernel configurations pinned", cell_id, kernels.pin_configs(kernel_record))
 
     def progress(step: int, loss: float, accuracy: float) -> None:
@@ -244,7 +247,7 @@ def run_study(
         smoke: merge its ``smoke`` section (tiny sizes, a CPU check).
         out: the results folder (default ``<config's folder>/results/<name>``; with ``repeat``,
             ``<that>/other_runs/repeat``).
-        workers: cells trained at once, each in its own process.
+        workers: cells trained at once, in as many worker processes (a fresh one for each cell with ``repeat``).
         time_budget: seconds after which no cell starts; running cells finish (run again to go on).
         repeat: a glob of cell ids: train those finished cells again into ``out``, each pinned to the kernel
             configurations its first run recorded.
@@ -365,47 +368,43 @@ class _Schedule:
             self._log_left(defined, failed)
             return failed
         threads = max(1, (os.cpu_count() or 1) // self.workers)
-        logger.info("%d cells at once, %d CPU threads each, each cell in a process of its own", self.workers, threads)
-        running: dict[int, tuple[multiprocessing.Process, Connection, Cell]] = {}
+        logger.info("%d cells at once, %d CPU threads each, in worker processes", self.workers, threads)
+        pool: list[_Worker] = []
         try:
             while True:
-                pending = self._pending(defined, {cell.id(self.study) for *_, cell in running.values()}, failed)
-                while pending and len(running) < self.workers and time.monotonic() < self.deadline:
-                    cell = pending.pop(_next_cell(pending, [cell for *_, cell in running.values()], self.tuned))
-                    process, result = self._start(cell, threads)
-                    running[process.sentinel] = (process, result, cell)
-                if not running:
+                busy = [worker for worker in pool if worker.cell is not None]
+                pending = self._pending(defined, {worker.cell.id(self.study) for worker in busy}, failed)
+                while pending and len(busy) < self.workers and time.monotonic() < self.deadline:
+                    idle = [worker for worker in pool if worker.cell is None]
+                    worker = idle[0] if idle else _Worker.start(logger.getEffectiveLevel(), threads)
+                    if not idle:
+                        pool.append(worker)
+                    running = [w.cell for w in busy]
+                    cell = pending.pop(_next_cell(pending, running, self.tuned, worker.group))
+                    worker.send(
+                        cell, (self.study, cell, self.out, self.processor_dir, self.workers, self._kernel_record(cell))
+                    )
+                    busy.append(worker)
+                if not busy:
                     break
-                for sentinel in wait(list(running)):
-                    process, result, cell = running.pop(sentinel)
-                    process.join()
-                    error = _received(result, f"its process died (exit code {process.exitcode})")
-                    result.close()
+                for worker in _ready(busy):
+                    cell, error = worker.cell, worker.receive()
                     if error:
                         failed[cell.id(self.study)] = error
+                        pool.remove(worker)  # a failed cell may leave its CUDA context unusable: the worker ends
+                        worker.stop()
                     else:
                         self._count(cell.id(self.study))
                         self.tuned.add(cell.group)
+                        if self.reference:  # a repeated cell shows what a fresh process computes: one per cell
+                            pool.remove(worker)
+                            worker.stop()
                     logger.info("%s%s", cell.id(self.study), f" FAILED: {error.splitlines()[0]}" if error else " done")
         finally:
-            for process, *_ in running.values():
-                process.terminate()
+            for worker in pool:
+                worker.stop()
         self._log_left(defined, failed)
         return failed
-
-    def _start(self, cell: Cell, threads: int) -> tuple[multiprocessing.Process, Connection]:
-        """Train ``cell`` in a process of its own, which sends back its error (or ``None``) and exits: a cell never
-        inherits another's GPU memory or a CUDA context that an earlier fault left unusable (CUDA errors are
-        sticky to their process), and a cell whose process dies takes no other cell with it."""
-        context = multiprocessing.get_context("spawn")
-        result, sender = context.Pipe(duplex=False)
-        arguments = (self.study, cell, self.out, self.processor_dir, self.workers, self._kernel_record(cell))
-        process = context.Process(
-            target=_cell_process, args=(sender, logger.getEffectiveLevel(), threads, *arguments), name=cell.arm
-        )
-        process.start()
-        sender.close()
-        return process, result
 
     def _log_left(self, defined, failed: dict[str, str]) -> None:
         left = self._pending(defined, set(), failed)
@@ -413,13 +412,16 @@ class _Schedule:
             logger.info("time budget spent: %d cells left for the next run", len(left))
 
 
-def _next_cell(pending: list[Cell], running: Iterable[Cell], tuned: set[tuple]) -> int:
-    """Which pending cell to start: the first whose group (:attr:`Cell.group`: arm, size, task and width, so the
-    shapes its autotuned kernels depend on) no running cell is still tuning (several cells of one shape started
-    together would each autotune every kernel, which took minutes a cell with 8 sharing a GPU); the first pending
-    cell when every one waits on such a group. Cells of a group pin the configurations the first one records."""
+def _next_cell(pending: list[Cell], running: Iterable[Cell], tuned: set[tuple], prefer: tuple | None = None) -> int:
+    """Which pending cell to start: the first of group ``prefer`` (the group a worker trained last: its kernels are
+    loaded and specialised for those shapes there), else the first whose group (:attr:`Cell.group`: arm, size,
+    task and width, so the shapes its autotuned kernels depend on) no running cell is still tuning (several cells
+    of one shape started together would each autotune every kernel, which took minutes a cell with 8 sharing a
+    GPU); the first pending cell when every one waits on such a group. Cells of a group pin the configurations the
+    first one records."""
     tuning = {cell.group for cell in running} - tuned
-    return next((i for i, cell in enumerate(pending) if cell.group not in tuning), 0)
+    free = [i for i, cell in enumerate(pending) if cell.group not in tuning]
+    return next((i for i in free if pending[i].group == prefer), free[0] if free else 0)
 
 
 def _attempt(
@@ -440,19 +442,77 @@ def _attempt(
     return None
 
 
-def _received(result: Connection, otherwise: str) -> str | None:
-    """What a cell's process sent back (its error, or ``None``), or ``otherwise`` when it died before sending."""
-    try:
-        return result.recv() if result.poll() else otherwise
-    except EOFError:
-        return otherwise
+class _Worker:
+    """A process that trains cells one after another, sent to it one at a time, so that the imports, the CUDA
+    context and the loaded kernels serve many cells. It sends back each cell's error (or ``None``) and ends after
+    a failed cell: CUDA errors are sticky to their process, and a cell must not inherit a context that a fault left
+    unusable. A cell whose process dies takes no other cell with it."""
+
+    def __init__(self, process: multiprocessing.Process, connection: Connection) -> None:
+        self.process, self.connection = process, connection
+        self.cell: Cell | None = None  # the cell it trains now
+        self.group: tuple | None = None  # the group of the last cell it was sent
+
+    @classmethod
+    def start(cls, log_level: int, threads: int) -> _Worker:
+        context = multiprocessing.get_context("spawn")
+        connection, remote = context.Pipe()
+        process = context.Process(target=_worker_process, args=(remote, log_level, threads), name="cells")
+        process.start()
+        remote.close()
+        return cls(process, connection)
+
+    def send(self, cell: Cell, arguments: tuple) -> None:
+        self.cell, self.group = cell, cell.group
+        self.connection.send(arguments)
+
+    def receive(self) -> str | None:
+        """The error of the cell it trained (``None`` when the cell finished), once it answered or died."""
+        try:
+            if not self.connection.poll():
+                raise EOFError
+            error = self.connection.recv()
+        except EOFError:  # it died before answering
+            self.process.join()
+            error = f"its process died (exit code {self.process.exitcode})"
+        self.cell = None
+        return error
+
+    def stop(self) -> None:
+        """End the process: told to, when it waits for a cell; terminated, when it trains one."""
+        if self.process.is_alive() and self.cell is None:
+            with contextlib.suppress(OSError):
+                self.connection.send(None)
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self.connection.close()
 
 
-def _cell_process(result: Connection, log_level: int, threads: int, *arguments) -> None:
-    """The body of a cell's process: set up as :func:`_start_worker`, train, send the error (or ``None``) back."""
+def _ready(workers: list[_Worker]) -> list[_Worker]:
+    """The workers among ``workers`` that answered or died (waits for at least one)."""
+    by_handle = {}
+    for worker in workers:
+        by_handle[worker.connection] = worker
+        by_handle[worker.process.sentinel] = worker
+    ready = wait(list(by_handle))
+    return list({id(by_handle[handle]): by_handle[handle] for handle in ready}.values())
+
+
+def _worker_process(connection: Connection, log_level: int, threads: int) -> None:
+    """The body of a worker process: set up as :func:`_start_worker`, then train each cell it is sent and send back
+    its error (or ``None``), until told to stop or a cell fails."""
     _start_worker(log_level, threads)
-    result.send(_attempt(*arguments))
-    result.close()
+    while (arguments := connection.recv()) is not None:
+        error = _attempt(*arguments)
+        connection.send(error)
+        if error:
+            break
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next cell starts from the memory this one held, given back
+    connection.close()
 
 
 def _start_worker(log_level: int, threads: int) -> None:
