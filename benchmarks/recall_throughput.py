@@ -1,5 +1,6 @@
 """How fast MQAR cells train: milliseconds per training step of each arm of the recall study, as the runner
-trains them (the step captured as one CUDA graph) against the same step run eagerly and against the Lightning
+trains them (the step captured as one CUDA graph; also with ``compile: true``, the step compiled first) against
+the same step run eagerly and against the Lightning
 loop the ablations used before (the SFT stage over packed batches, logits at every position), each alone on the
 GPU; then each arm's step with ``--concurrent`` copies sharing the GPU (one process each; start CUDA MPS first
 for them to overlap). Same model, batch and data in every column.
@@ -34,7 +35,7 @@ def _cell(arm: str, size: int | None):
     return study, cell
 
 
-def _trainer(arm: str, size: int | None, graphs: bool, steps: int):
+def _trainer(arm: str, size: int | None, graphs: bool, steps: int, compiled: bool = False):
     import dataclasses
 
     from hybridvl.lit.ablation.cells import model_config
@@ -42,7 +43,9 @@ def _trainer(arm: str, size: int | None, graphs: bool, steps: int):
     from hybridvl.models.hybrid import HybridVLM
 
     study, cell = _cell(arm, size)
-    train = dataclasses.replace(study.train_for(cell.task), max_steps=steps, cuda_graphs=graphs, train_examples=8192)
+    train = dataclasses.replace(
+        study.train_for(cell.task), max_steps=steps, cuda_graphs=graphs, compile=compiled, train_examples=8192
+    )
     sets = mqar_sets(cell.task, train, 0)
     torch.manual_seed(0)
     model = HybridVLM(model_config(study, cell, sets["train"].vocab_size)).cuda()
@@ -50,9 +53,9 @@ def _trainer(arm: str, size: int | None, graphs: bool, steps: int):
     return trainer, train
 
 
-def step_ms(arm: str, size: int | None, graphs: bool, steps: int) -> float:
-    """Median of five timings of ``steps // 5`` steps each, after warm-up (and capture)."""
-    trainer, _ = _trainer(arm, size, graphs, steps + 10)
+def step_ms(arm: str, size: int | None, graphs: bool, steps: int, compiled: bool = False) -> float:
+    """Median of five timings of ``steps // 5`` steps each, after warm-up (and compilation, and capture)."""
+    trainer, _ = _trainer(arm, size, graphs, steps + 10, compiled)
     trainer.train_until(4)
     trainer.capture()
     trainer.train_until(10)
@@ -138,6 +141,7 @@ def run(path: Path, arms: list[str], steps: int, copies: int, baseline: list[str
     results = {"environment": environment(), "steps": steps, "copies": copies, "rows": []}
     for arm in arms:
         row = {"arm": arm, "graphed_ms": step_ms(arm, None, True, steps), "eager_ms": step_ms(arm, None, False, steps)}
+        row["compiled_graphed_ms"] = step_ms(arm, None, True, steps, compiled=True)
         if arm in baseline:
             row["lightning_ms"] = lightning_ms(arm, None, steps)
         if copies > 1:
@@ -157,6 +161,7 @@ def markdown(results: dict) -> str:
             [
                 f"`{row['arm']}`",
                 f"{row['graphed_ms']:.2f}",
+                f"{row['compiled_graphed_ms']:.2f}" if "compiled_graphed_ms" in row else "not run",
                 f"{row['eager_ms']:.2f}",
                 f"{lightning:.2f}" if lightning else "not run",
                 f"{lightning / row['graphed_ms']:.1f}x" if lightning else "",
@@ -173,7 +178,15 @@ def markdown(results: dict) -> str:
             f"warm-up); the last column: {results['copies']} processes at once, cell-steps per second in all.",
             "",
             markdown_table(
-                ["arm", "graphed ms", "eager ms", "Lightning ms", "Lightning / graphed", "cell-steps/s, concurrent"],
+                [
+                    "arm",
+                    "graphed ms",
+                    "compiled + graphed ms",
+                    "eager ms",
+                    "Lightning ms",
+                    "Lightning / graphed",
+                    "cell-steps/s, concurrent",
+                ],
                 rows,
             ),
         ]

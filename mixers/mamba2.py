@@ -128,6 +128,7 @@ class Mamba2(RecurrentMixer):
         y = self.norm(y.flatten(-2), z, glue)
         return self.out_proj(y), RecurrentState(recurrent, {"xBC": conv})
 
+    @torch.compiler.disable  # under torch.compile mamba-ssm runs as it is
     def _mamba_ssm(self, xs, dt, B, C, initial, cu_seqlens):
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 

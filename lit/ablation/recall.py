@@ -7,7 +7,8 @@ Lightning loop (a Python-driven step, a device synchronisation for its timer, lo
 vocabulary) spends most of its time waiting. Here every batch is gathered on the device from the training set
 held there, the learning-rate schedule is a device tensor indexed by a step counter the graph itself advances,
 and the loss is taken at the ``kv`` query positions of each sequence (the only positions MQAR labels, so the
-loss is the one Zoology trains on). On the CPU, and with ``cuda_graphs: false``, the same step runs eagerly.
+loss is the one Zoology trains on). On the CPU, and with ``cuda_graphs: false``, the same step runs eagerly. With
+``compile: true`` the step's forward and loss go through ``torch.compile`` first (:func:`query_loss`).
 
 Sets: the training set is drawn with the cell's seed; the validation set (learning-rate choice, learning curve,
 early stop) and the test set (the reported accuracy) are the same for every cell of a task, each drawn with its
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -83,6 +85,32 @@ def query_logits(model: HybridVLM, input_ids: torch.Tensor, positions: torch.Ten
     return model.lm_head(picked)
 
 
+def query_loss(
+    model: HybridVLM, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, precision: str
+) -> torch.Tensor:
+    """The training loss: cross-entropy of :func:`query_logits` (in float32) against the values asked for."""
+    with _autocast(input_ids.device, precision):
+        logits = query_logits(model, input_ids, positions)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@functools.cache
+def _compiled_query_loss() -> Callable[..., torch.Tensor]:
+    """:func:`query_loss` through ``torch.compile``, in Inductor's deterministic mode: no kernel configuration is
+    chosen by timing on the device, so every process compiles the same kernels and a cell reruns to the same
+    numbers. Kernel libraries (fla, flash-attn) run as they are between the compiled parts. One compiled function
+    per process, shared by its cells (models of one shape reuse its code)."""
+    import torch._inductor.config as inductor
+
+    if not hasattr(inductor, "deterministic"):
+        raise RuntimeError(
+            f"train.compile needs Inductor's deterministic mode (torch >= 2.10), not torch {torch.__version__}; "
+            "set compile: false"
+        )
+    inductor.deterministic = True
+    return torch.compile(query_loss)
+
+
 @dataclasses.dataclass
 class Evaluation:
     """Accuracy and loss over a set, and how many queries were asked and answered at each query-to-key distance
@@ -143,6 +171,8 @@ class RecallTrainer:
         length = train_set.input_ids.shape[1]
         self.batch_size = max(1, settings.max_tokens // length)
         self.graphs = settings.cuda_graphs and self.device.type == "cuda"
+        self.compiled = settings.compile and self.device.type == "cuda"
+        self.loss = _compiled_query_loss() if self.compiled else query_loss
         # on a GPU the learning rate is a device tensor the step reads (so a captured step can take each step's),
         # with graphs or without, so that a graphed and an eager run compute the same
         self.device_rate = self.device.type == "cuda"
@@ -179,9 +209,7 @@ class RecallTrainer:
         input_ids, positions = self.data.input_ids[rows], self.data.positions[rows]
         if self.device_rate:
             self.rate.copy_(self.device_rates.index_select(0, at).squeeze(0))
-        with _autocast(self.device, self.settings.precision):
-            logits = query_logits(self.model, input_ids, positions)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), self.data.targets[rows].flatten())
+        loss = self.loss(self.model, input_ids, positions, self.data.targets[rows], self.settings.precision)
         loss.backward()
         self.optimizer.step()
         self.loss_sum += loss.detach()
@@ -262,6 +290,7 @@ class RecallResult:
     seconds_per_step: float | None
     first_steps_seconds: float
     cuda_graphs: bool
+    compiled: bool
     batch_size: int
     backends: list[str]
     """The backend each layer's mixer trained with (its forward and backward; evaluation may pick another, a
@@ -337,6 +366,7 @@ def train_recall_cell(
         seconds_per_step=timed_seconds / timed_steps if timed_steps else None,
         first_steps_seconds=first_steps,
         cuda_graphs=trainer.graphs,
+        compiled=trainer.compiled,
         batch_size=trainer.batch_size,
         backends=backends,
     )

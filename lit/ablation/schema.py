@@ -126,6 +126,9 @@ class TrainSettings:
         pipeline_scale: steps of the distillation pipeline's stages relative to the tiny configs.
         backends: mixer letter -> backend for every cell (default: each mixer's ``"auto"``).
         cuda_graphs: MQAR cells on a GPU capture their training step as one CUDA graph.
+        compile: MQAR cells on a GPU compile the step's forward and loss with ``torch.compile`` (Inductor's
+            deterministic mode; kernel libraries such as fla run as they are) before capturing it: fuses the
+            elementwise work of PyTorch backends and of the loss, at a compile per worker process and shape.
     """
 
     max_steps: int = 1000
@@ -146,6 +149,7 @@ class TrainSettings:
     pipeline_scale: float = 1.0
     backends: dict[str, str] = dataclasses.field(default_factory=dict)
     cuda_graphs: bool = True
+    compile: bool = False
 
     def check(self, where: str) -> None:
         positive = (

@@ -56,9 +56,7 @@ def causal_attention(
     scale = D**-0.5 if scale is None else scale
     chosen = select_attention_backend(backend, q.device, q.dtype, window)
     if chosen == "fla":
-        from fla.ops.attn import parallel_attn
-
-        return parallel_attn(q, k, v, scale=scale, window_size=window, cu_seqlens=cu_seqlens)
+        return _fla(q, k, v, window, scale, cu_seqlens)
     if chosen == "flash_attn":
         return _flash_attn(q, k, v, window, scale, cu_seqlens)
     if cu_seqlens is None:
@@ -156,6 +154,14 @@ def _sdpa(q, k, v, mask, scale):
     return out.transpose(1, 2)
 
 
+@torch.compiler.disable  # under torch.compile the kernel library runs as it is (no tracing of its autotuners)
+def _fla(q, k, v, window, scale, cu_seqlens):
+    from fla.ops.attn import parallel_attn
+
+    return parallel_attn(q, k, v, scale=scale, window_size=window, cu_seqlens=cu_seqlens)
+
+
+@torch.compiler.disable  # under torch.compile the kernel library runs as it is (no tracing of its autotuners)
 def _flash_attn(q, k, v, window, scale, cu_seqlens):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 

@@ -199,6 +199,7 @@ def _chunk_torch(q, k, v, g, beta, *, scale, initial_state=None, chunk_size=64):
     return o.transpose(1, 2).to(out_dtype), S
 
 
+@torch.compiler.disable  # under torch.compile the kernel library runs as it is (no tracing of its autotuners)
 def _fla(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, form, A_log, dt_bias, use_beta_sigmoid):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 

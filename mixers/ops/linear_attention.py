@@ -209,6 +209,7 @@ def _chunk_torch(q, k, v, g, *, scale, initial_state=None, chunk_size=64):
     return o.transpose(1, 2).to(out_dtype), S
 
 
+@torch.compiler.disable  # under torch.compile the kernel library runs as it is (no tracing of its autotuners)
 def _fla(variant, q, k, v, g, scale, initial_state, cu_seqlens, form, chunk_size=None):
     K, V = q.shape[-1], v.shape[-1]
     pad_k, pad_v = K % 2, V % 2

@@ -67,6 +67,7 @@ def gated_rms_norm(
     return y.to(x.dtype)
 
 
+@torch.compiler.disable  # under torch.compile the kernel library runs as it is (no tracing of its autotuners)
 def _fla(x, gate, weight, eps, norm_before_gate, group_size):
     if norm_before_gate and group_size == x.shape[-1]:
         from fla.modules.norm.fused_norm_gate import rms_norm_gated

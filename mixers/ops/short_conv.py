@@ -43,17 +43,7 @@ def short_conv(
         )
     auto_skips = precision_auto_skips(x.device, x.dtype, _PREFERENCE)
     if select_backend(backend, x.device, _PREFERENCE, "short_conv", auto_skips=auto_skips) == "fla":
-        from fla.modules.causal_conv1d import causal_conv1d
-
-        return causal_conv1d(
-            x,
-            weight=weight,
-            bias=bias,
-            initial_state=initial_state,
-            output_final_state=True,
-            activation=activation,
-            cu_seqlens=cu_seqlens,
-        )
+        return _fla(x, weight, bias, activation, initial_state, cu_seqlens)
 
     def run(x, initial_state):
         return _conv_torch(x, weight, bias, activation, initial_state)
@@ -61,6 +51,21 @@ def short_conv(
     if cu_seqlens is not None:
         return map_sequences(run, cu_seqlens, (x,), initial_state)
     return run(x, initial_state)
+
+
+@torch.compiler.disable  # under torch.compile the kernel library runs as it is (no tracing of its autotuners)
+def _fla(x, weight, bias, activation, initial_state, cu_seqlens):
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    return causal_conv1d(
+        x,
+        weight=weight,
+        bias=bias,
+        initial_state=initial_state,
+        output_final_state=True,
+        activation=activation,
+        cu_seqlens=cu_seqlens,
+    )
 
 
 def _conv_torch(x, weight, bias, activation, initial_state):
