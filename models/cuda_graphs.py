@@ -49,10 +49,20 @@ class _StaticGraph:
     """A captured callable over a static state: warm-up on a side stream, capture, replay."""
 
     def __init__(
-        self, model: HybridVLM, state: ModelState, max_context: int | None, warmup: int, keep_state: bool
+        self,
+        model: HybridVLM,
+        state: ModelState,
+        max_context: int | None,
+        warmup: int,
+        keep_state: bool,
+        compile: bool,
     ) -> None:
         self.model = model.eval()
         self.device = _check_cuda(model)
+        # compiled, the model's forward fuses its elementwise work (norms, residuals, rotary, gates) into fewer
+        # kernels before capture; kernel libraries (fla, flash-attn) run as they are between the compiled parts
+        self.forward = torch.compile(model, dynamic=False) if compile else model
+        self.compiled = compile
         self.state = state
         self.keep_state = keep_state
         self.max_context = max_context
@@ -116,6 +126,8 @@ class GraphedDecoder(_StaticGraph):
         batch_size: sequences decoded together.
         max_context: for layouts with full-attention (``A``) layers, the most tokens a sequence may hold.
         warmup: eager runs before capture (kernel compilation and autotuning happen there).
+        compile: run the model's forward through ``torch.compile`` (before the warm-up, so the graph captures the
+            compiled kernels); the token choice stays outside the compiled part.
         next_token: end the graph with the choice of the next token
             (:func:`~hybridvl.models.sampling.sample_next_token` with the options below): :meth:`step` returns
             token ids instead of logits, and no logits leave the graph.
@@ -139,6 +151,7 @@ class GraphedDecoder(_StaticGraph):
         max_context: int | None = None,
         warmup: int = 3,
         *,
+        compile: bool = False,
         next_token: bool = False,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -155,7 +168,7 @@ class GraphedDecoder(_StaticGraph):
             raise ValueError("a generator goes with next_token=True and do_sample=True, and must be a CUDA generator")
         self.generator = generator
         state = model.init_state(batch_size, device)
-        super().__init__(model, state, max_context, warmup, keep_state=False)
+        super().__init__(model, state, max_context, warmup, keep_state=False, compile=compile)
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.output = self._capture(self._body, generator)
 
@@ -167,7 +180,7 @@ class GraphedDecoder(_StaticGraph):
     def _body(self) -> torch.Tensor:
         batch = self.input_ids.shape[0]
         positions = self.state.next_position.view(1, batch, 1).expand(3, batch, 1)
-        out = self.model(self.input_ids, position_ids=positions, state=self.state, logits_to_keep=1)
+        out = self.forward(self.input_ids, position_ids=positions, state=self.state, logits_to_keep=1)
         self.state.copy_(out.state)
         if self.sampling is None:
             return out.logits[:, -1]
@@ -196,6 +209,7 @@ class GraphedFramePrefill(_StaticGraph):
             several frame sizes); a fresh, empty one when ``None``.
         max_context: as :class:`GraphedDecoder`.
         warmup: eager runs before capture.
+        compile: run the vision tower's and the decoder's forward through ``torch.compile`` before capture.
     """
 
     def __init__(
@@ -205,6 +219,7 @@ class GraphedFramePrefill(_StaticGraph):
         state: ModelState | None = None,
         max_context: int | None = None,
         warmup: int = 3,
+        compile: bool = False,
     ) -> None:
         if model.visual is None:
             raise ValueError("frame prefill needs a model with a vision tower (vision_config)")
@@ -213,7 +228,8 @@ class GraphedFramePrefill(_StaticGraph):
         state = model.init_state(1, device) if state is None else state
         if state.batch_size != 1:
             raise ValueError(f"a frame stream holds one sequence; the state holds {state.batch_size}")
-        super().__init__(model, state, max_context, warmup, keep_state)
+        super().__init__(model, state, max_context, warmup, keep_state, compile)
+        self.visual = torch.compile(model.visual, dynamic=False) if compile else model.visual
         config, vision = model.config, model.visual.config
         self.grid_thw = tuple(int(n) for n in grid_thw)
         t, h, w = self.grid_thw
@@ -235,11 +251,11 @@ class GraphedFramePrefill(_StaticGraph):
         self.logits = self._capture(self._body)
 
     def _body(self) -> torch.Tensor:
-        features = self.model.visual(self.pixel_values, grid_thw=self.grid, **self.vision_inputs)
+        features = self.visual(self.pixel_values, grid_thw=self.grid, **self.vision_inputs)
         embeds = self.model.language_model.embed_tokens(self.input_ids)
         embeds = torch.cat([embeds[:, :1], features.pooler_output[None].to(embeds.dtype), embeds[:, -1:]], 1)
         positions = self.position_offsets + self.state.next_position.view(1, 1, 1)
-        out = self.model(inputs_embeds=embeds, position_ids=positions, state=self.state, logits_to_keep=1)
+        out = self.forward(inputs_embeds=embeds, position_ids=positions, state=self.state, logits_to_keep=1)
         self.state.copy_(out.state)
         return out.logits[:, -1]
 

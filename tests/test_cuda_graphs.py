@@ -230,3 +230,30 @@ def test_graph_frame_prefill_checks_its_inputs():
         graph.feed(torch.randn(4, 1176, device="cuda"))
     with pytest.raises(ValueError, match="vision tower"):
         GraphedFramePrefill(tiny_model("S,D"), (1, 4, 4))
+
+
+@torch.no_grad()
+def test_compiled_graphs_decode_and_prefill_frames_as_eager():
+    """``compile=True``: the graphs capture the compiled forward (vision tower included) and follow eager decoding
+    over 300 steps (the rings wrap) and eager frame prefill over 20 frames, to float32 rounding."""
+    model = tiny_model("S,D,A,L,M")
+    prompt = torch.randint(0, 500, (2, 11), device="cuda")
+    out = model(prompt, logits_to_keep=1)
+    decoder = GraphedDecoder(model, batch_size=2, max_context=prompt.shape[1] + 300, compile=True)
+    assert decoder.compiled
+    decoder.load(out.state)
+    state = out.state
+    for token in torch.randint(0, 500, (300, 2), device="cuda"):
+        graph_logits = decoder.step(token).clone()
+        eager = model(token[:, None], state=state, logits_to_keep=1)
+        state = eager.state
+        assert rel_err(graph_logits, eager.logits[:, -1]) < 1e-4
+    model = tiny_model("S,D,D,D", vision=True)
+    grid = (1, 4, 4)
+    graph = GraphedFramePrefill(model, grid, compile=True)
+    ids, state = frame_tokens(model, graph.num_features), model.init_state(1, "cuda")
+    for frame in torch.randn(20, 16, 3 * 2 * 14 * 14, device="cuda"):
+        logits = graph.feed(frame).clone()
+        eager = model(ids, pixel_values=frame, image_grid_thw=torch.tensor([grid], device="cuda"), state=state)
+        state = eager.state
+        assert rel_err(logits, eager.logits[:, -1]) < 1e-4

@@ -145,6 +145,7 @@ def _merge_splits_kernel(
         tl.store(length + i_n, tl.load(length + i_n) + 1)
 
 
+@torch.compiler.disable  # under torch.compile the Triton kernels run as they are
 def decode_attention_step(
     q: torch.Tensor,
     k: torch.Tensor,
