@@ -12,7 +12,8 @@ Models: the hybrid ``S,D,D,D x9`` and the Transformer ``A x36``, each training t
 hybrid's defaults: Stage I its ``D`` layers, Stage II every mixer; long SFT the LoRA adapters alone).
 Qwen2.5-VL-3B dimensions, random bf16 weights under autocast, one packed sample of ``--tokens`` tokens (default
 8K) with a 448x448 image, activation checkpointing as ``--checkpointing`` selects (whole layers by default; give
-the option several times to compare selections, such as ``mlp`` or ``mlp,S``, each a row with its peak memory).
+the option several times to compare selections, such as ``mlp`` or ``mlp,S``, each a row with its peak memory),
+and with ``--compile`` also through blocks compiled by ``torch.compile`` (a row each; the warm-up steps compile).
 The ``tiny`` flavor runs the same code at toy size on the CPU (``S,D,D,D x2`` against ``A x8``), to check it.
 
 Reported per stage and model: tokens/s, model TFLOP/s and MFU (the FLOPs training logs,
@@ -25,6 +26,7 @@ Reported per stage and model: tokens/s, model TFLOP/s and MFU (the FLOPs trainin
     python -m benchmarks.train_step --stages sft         # some stages (the others measured earlier stay)
     python -m benchmarks.train_step --flavor tiny        # a CPU-sized run of the same code, to check it
     python -m benchmarks.train_step --stages sft --checkpointing true --checkpointing mlp   # memory for speed
+    python -m benchmarks.train_step --stages sft --compile                                  # eager and compiled
 """
 
 from __future__ import annotations
@@ -164,9 +166,16 @@ def transformer_selection(recompute: bool | str) -> bool | str:
 
 
 def build_stage(
-    stage: str, student: Path, teacher: Path, trainable: list[str] | None, checkpointing: bool | str = True
+    stage: str,
+    student: Path,
+    teacher: Path,
+    trainable: list[str] | None,
+    checkpointing: bool | str = True,
+    compiled: bool = False,
 ) -> HybridStage:
-    options = dict(trainable=trainable, gradient_checkpointing=checkpointing, generation_max_new_tokens=0)
+    options = dict(
+        trainable=trainable, gradient_checkpointing=checkpointing, compile=compiled, generation_max_new_tokens=0
+    )
     if stage == "distill":
         return DistillLayerwise(str(student), str(teacher), **options)
     if stage == "long_sft":
@@ -246,13 +255,15 @@ def run(args: argparse.Namespace, out: Path) -> dict:
             HybridVLM(model_config(flavor, model)).to(dtype).save_pretrained(args.workdir / model, overwrite=True)
     teacher = args.workdir / "transformer"  # Stage I's teacher, for both students
     baseline = transformer_trainable(flavor)
-    for key, model, checkpointing in itertools.product(stages, MODELS, args.checkpointing or ["true"]):
+    compile_options = [False, True] if args.compile else [False]
+    grid = itertools.product(stages, MODELS, args.checkpointing or ["true"], compile_options)
+    for key, model, checkpointing, compiled in grid:
         tokens = flavor.long_tokens if key == "long_sft" else flavor.tokens
         trainable = baseline[key] if model == "transformer" else None  # None: the stage's defaults
         recompute = checkpointing_option(checkpointing)
         if model == "transformer":
             recompute = transformer_selection(recompute)
-        stage = build_stage(key, args.workdir / model, teacher, trainable, recompute)
+        stage = build_stage(key, args.workdir / model, teacher, trainable, recompute, compiled)
         stage.configure_model()
         stage.to(device)
         batch = make_batch(flavor, stage.student.config, tokens, device)
@@ -265,6 +276,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
             "device": str(results["environment"]["device"]),
             "tokens": tokens,
             "recompute": "layers" if recompute is True else (recompute or "nothing"),
+            "compiled": compiled,
             "seconds_per_step": seconds,
             "tokens_per_second": tokens / seconds,
             "tflops": total / seconds / 1e12,
@@ -282,9 +294,10 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     return results
 
 
-def _key(row: dict) -> tuple[str, str, str]:
-    """A row's identity: stage, model and what it recomputes (rows from before the option recomputed layers)."""
-    return row["stage"], row["model"], row.get("recompute", "layers")
+def _key(row: dict) -> tuple[str, str, str, bool]:
+    """A row's identity: stage, model, what it recomputes (rows from before the option recomputed layers) and
+    whether its blocks were compiled."""
+    return row["stage"], row["model"], row.get("recompute", "layers"), row.get("compiled", False)
 
 
 def markdown(results: dict) -> str:
@@ -297,6 +310,7 @@ def markdown(results: dict) -> str:
                 r["stage"],
                 f"`{r['layout']}`",
                 f"`{r.get('recompute', 'layers')}`",
+                "yes" if r.get("compiled") else "no",
                 f"{r['tokens']:,}",
                 f"{r['tokens_per_second']:,.0f}",
                 f"{r['tflops']:.1f}",
@@ -331,6 +345,7 @@ def markdown(results: dict) -> str:
                     "stage",
                     "layout",
                     "recompute",
+                    "compiled",
                     "tokens",
                     "tokens/s",
                     "TFLOP/s",
@@ -361,6 +376,9 @@ def main() -> None:
         default=None,
         help="what activation checkpointing recomputes: true (whole layers, the default), false, or parts such as "
         "'mlp' or 'mlp,S'; give it several times to compare (a row each)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also measure each row with its blocks compiled by torch.compile"
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: Lightning's table)")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_step", help="results path without suffix")

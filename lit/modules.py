@@ -124,6 +124,18 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def compile_blocks(model: HybridVLM) -> None:
+    """Compile ``model``'s decoder layers and vision blocks in place (``nn.Module.compile``; names unchanged), one
+    block at a time as torchtitan does: blocks of one kind share their compiled code, and activation checkpointing
+    and FSDP wrap them as before."""
+    blocks = list(model.language_model.layers)
+    if model.visual is not None:
+        blocks += list(model.visual.blocks)
+    for block in blocks:
+        block.compile()
+    logger.info("compiled %d blocks with torch.compile", len(blocks))
+
+
 class HybridStage(L.LightningModule):
     """Behaviour every stage shares: the student, which parameters train, AdamW with warm-up and cosine decay,
     validation (loss, token accuracy and generation-based accuracy per task), export.
@@ -151,6 +163,10 @@ class HybridStage(L.LightningModule):
             (:func:`~hybridvl.models.hybrid.checkpoint_selection`): ``false`` nothing, ``true`` (or ``"layers"``)
             every whole decoder layer, or parts, comma-separated: ``"mlp"`` and mixer letters (``"mlp,S"``:
             the MLPs and the sliding-window layers' mixers; the other activations stay stored).
+        compile: compile each decoder layer and each vision block with ``torch.compile`` (in place, as
+            ``nn.Module.compile``: parameter names and checkpoints stay as they are), which fuses their elementwise
+            work (norms, residuals, rotary, activations); fla's and flash-attn's kernels run as they are between
+            the compiled parts. The first steps of each new batch shape take longer while they compile.
         loss_chunk_size: tokens per chunk of the LM-head losses (their ``torch`` backend).
         loss_backend: how the LM-head losses run (:mod:`hybridvl.lit.losses`): ``"auto"`` (fla's fused kernels
             on CUDA, chunks of PyTorch elsewhere), ``"fla"`` or ``"torch"``.
@@ -183,6 +199,7 @@ class HybridStage(L.LightningModule):
         warmup_ratio: float = 0.01,
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool | str = False,
+        compile: bool = False,
         loss_chunk_size: int = 4096,
         loss_backend: Literal["auto", "fla", "torch"] = "auto",
         tokenizer_dir: str | None = None,
@@ -221,6 +238,8 @@ class HybridStage(L.LightningModule):
             parameter._weight_decay = decays(parameter)
         self._select_trainable()
         self.student_shape = flops.model_shape(self.student)
+        if self.hparams.compile:
+            compile_blocks(self.student)
 
     def _select_trainable(self) -> None:
         patterns = self.hparams.trainable or list(self.default_trainable)
