@@ -49,6 +49,8 @@ class StreamingSession:
         system_prompt: the system turn that opens the stream.
         cuda_graphs: feed frames by replaying a CUDA graph per frame size (vision tower and decoder) and
             decode answers with one (:mod:`hybridvl.models.cuda_graphs`); needs a CUDA model with a fixed-size state.
+        compile: the graphs capture the forward compiled by ``torch.compile`` (fewer, fused kernels per frame and
+            per token; the first frame of each size and the first answer take longer); needs ``cuda_graphs``.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class StreamingSession:
         processor: Any,
         system_prompt: str = "You are a helpful assistant.",
         cuda_graphs: bool = False,
+        compile: bool = False,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -67,6 +70,9 @@ class StreamingSession:
         self.tokens = 0
         self._opening = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n"
         self.cuda_graphs = cuda_graphs
+        if compile and not cuda_graphs:
+            raise ValueError("compile=True compiles the forward the CUDA graphs capture: it needs cuda_graphs=True")
+        self.compile = compile
         if cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self.device}")
@@ -105,7 +111,7 @@ class StreamingSession:
             return None
         grid = tuple(int(n) for n in inputs["image_grid_thw"][0])
         if grid not in self._frame_graphs:
-            self._frame_graphs[grid] = GraphedFramePrefill(self.model, grid, state=self._static)
+            self._frame_graphs[grid] = GraphedFramePrefill(self.model, grid, state=self._static, compile=self.compile)
         return self._frame_graphs[grid]
 
     def feed_frame(self, frame: torch.Tensor | Image.Image) -> None:
@@ -136,7 +142,7 @@ class StreamingSession:
         prompt = (self._opening if fork is None else "") + f"{question}<|im_end|>\n<|im_start|>assistant\n"
         ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
         if self.cuda_graphs and self._decoder is None:
-            self._decoder = GraphedDecoder(self.model, batch_size=1)
+            self._decoder = GraphedDecoder(self.model, batch_size=1, compile=self.compile)
         tokens = generate(self.model, ids, state=fork, max_new_tokens=max_new_tokens, decoder=self._decoder)
         text = self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
         return Answer(text, tokens.shape[1], time.perf_counter() - start)

@@ -511,6 +511,8 @@ def only_line(lines: list[str], command: str) -> str:
         (["generate", "--model", "m", "--prompt", "hi", "--image", "gone.png"], "gone.png: no such file"),
         (["stream", "--model", "m", "--video", "v.mp4", "--ask", "0:hi"], "--ask takes FRAME:QUESTION with FRAME >= 1"),
         (["stream", "--model", "m", "--video", "gone.mp4"], "gone.mp4: no such file"),
+        (["stream", "--model", "m", "--video", "v.mp4", "--device", "cpu", "--compile"], "--compile needs a CUDA"),
+        (["stream", "--model", "m", "--video", "v.mp4", "--device", "cpu", "--cuda-graphs"], "--cuda-graphs needs a"),
         (["demo", "--decode", "0"], "--decode must lie in [1, --seq-len - 1]"),
         (["ablate", "--config", "gone.yaml"], "study config gone.yaml does not exist"),
     ],

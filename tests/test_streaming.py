@@ -108,3 +108,9 @@ def test_stream_command_answers_with_timings(student_dir, tmp_path):
     assert "frames/s fed" in result.stderr and "state" in result.stderr
     bad = subprocess.run([*command[:-4], "--ask", "two:What?"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "FRAME:QUESTION" in bad.stderr
+
+
+def test_compile_goes_with_cuda_graphs(student_dir):
+    model = HybridVLM.from_pretrained(student_dir)
+    with pytest.raises(ValueError, match="compile=True compiles the forward the CUDA graphs capture"):
+        StreamingSession(model, load_processor(student_dir), compile=True)
