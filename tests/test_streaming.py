@@ -111,6 +111,6 @@ def test_stream_command_answers_with_timings(student_dir, tmp_path):
 
 
 def test_compile_goes_with_cuda_graphs(student_dir):
-    model = HybridVLM.from_pretrained(student_dir)
+    directory = student_dir / "student"
     with pytest.raises(ValueError, match="compile=True compiles the forward the CUDA graphs capture"):
-        StreamingSession(model, load_processor(student_dir), compile=True)
+        StreamingSession(HybridVLM.from_pretrained(directory), load_processor(directory), compile=True)
