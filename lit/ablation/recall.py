@@ -99,7 +99,7 @@ def _compiled_query_loss() -> Callable[..., torch.Tensor]:
     """:func:`query_loss` through ``torch.compile``, in Inductor's deterministic mode: no kernel configuration is
     chosen by timing on the device, so every process compiles the same kernels and a cell reruns to the same
     numbers. Kernel libraries (fla, flash-attn) run as they are between the compiled parts. One compiled function
-    per process, shared by its cells (models of one shape reuse its code)."""
+    per process, shared by its cells (models of one shape reuse its code; each other shape compiles anew)."""
     import torch._inductor.config as inductor
 
     if not hasattr(inductor, "deterministic"):
@@ -108,6 +108,10 @@ def _compiled_query_loss() -> Callable[..., torch.Tensor]:
             "set compile: false"
         )
     inductor.deterministic = True
+    # a worker process trains cells of many shapes through this one function: compile each, and fail a cell rather
+    # than let it run uncompiled once the limit is reached
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     return torch.compile(query_loss)
 
 
