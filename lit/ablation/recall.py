@@ -100,6 +100,7 @@ def _compiled_query_loss() -> Callable[..., torch.Tensor]:
     chosen by timing on the device, so every process compiles the same kernels and a cell reruns to the same
     numbers. Kernel libraries (fla, flash-attn) run as they are between the compiled parts. One compiled function
     per process, shared by its cells (models of one shape reuse its code; each other shape compiles anew)."""
+    import torch._dynamo
     import torch._inductor.config as inductor
 
     if not hasattr(inductor, "deterministic"):
