@@ -502,16 +502,17 @@ def _ready(workers: list[_Worker]) -> list[_Worker]:
 
 def _worker_process(connection: Connection, log_level: int, threads: int) -> None:
     """The body of a worker process: set up as :func:`_start_worker`, then train each cell it is sent and send back
-    its error (or ``None``), until told to stop or a cell fails."""
+    its error (or ``None``), until told to stop, a cell fails or the study's process is gone."""
     _start_worker(log_level, threads)
-    while (arguments := connection.recv()) is not None:
-        error = _attempt(*arguments)
-        connection.send(error)
-        if error:
-            break
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the next cell starts from the memory this one held, given back
+    with contextlib.suppress(EOFError, BrokenPipeError):  # the study's process ended (a signal): end too
+        while (arguments := connection.recv()) is not None:
+            error = _attempt(*arguments)
+            connection.send(error)
+            if error:
+                break
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next cell starts from the memory this one held, given back
     connection.close()
 
 
@@ -553,6 +554,8 @@ def _logged_invocation(out: Path, workers: int) -> Iterator[dict[str, Any]]:
 
     def on_terminate(signum: int, frame: Any) -> None:
         record("SIGTERM")
+        for child in multiprocessing.active_children():  # the workers: no cell trains on after the study ends
+            child.terminate()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)  # end as SIGTERM ends a process, now that the run is recorded
 
