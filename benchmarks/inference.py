@@ -140,11 +140,11 @@ def fill_context(decoder: GraphedDecoder, context: int) -> None:
     decoder.load(decoder.state)  # recount the tokens held (the copy itself is a no-op)
 
 
-def decode_ms(model: HybridVLM, context: int, steps: int) -> dict:
+def decode_ms(model: HybridVLM, context: int, steps: int, compile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        decoder = GraphedDecoder(model, batch_size=1, max_context=context + steps + 8)
+        decoder = GraphedDecoder(model, batch_size=1, max_context=context + steps + 8, compile=compile)
         fill_context(decoder, context)
         token = torch.randint(0, 150_000, (1,), device="cuda")
         for _ in range(3):
@@ -170,11 +170,11 @@ def decode_ms(model: HybridVLM, context: int, steps: int) -> dict:
     return result
 
 
-def graph_decode_profile(model: HybridVLM, context: int, replays: int = 20) -> dict:
+def graph_decode_profile(model: HybridVLM, context: int, replays: int = 20, compile: bool = False) -> dict:
     """The kernels of one decode step as the CUDA graph replays it at ``context`` (:func:`kernel_profile` over
     ``replays`` replays): what the per-token time is made of, counted the same way for both models."""
     torch.cuda.empty_cache()
-    decoder = GraphedDecoder(model, batch_size=1, max_context=context + replays + 8)
+    decoder = GraphedDecoder(model, batch_size=1, max_context=context + replays + 8, compile=compile)
     fill_context(decoder, context)
     token = torch.randint(0, 150_000, (1,), device="cuda")
     profile = kernel_profile(lambda: decoder.step(token), repeats=replays)
@@ -205,10 +205,10 @@ def decode_profile(model: HybridVLM, context: int) -> dict:
     return kernel_profile(lambda: model(token, state=state.clone(), logits_to_keep=1))
 
 
-def streaming(model: HybridVLM, frames: int, eager_frames: int) -> dict:
+def streaming(model: HybridVLM, frames: int, eager_frames: int, compile: bool = False) -> dict:
     """Frames per second through the frame graph, with the allocated memory after each frame."""
     torch.cuda.empty_cache()
-    graph = GraphedFramePrefill(model, FRAME_GRID)
+    graph = GraphedFramePrefill(model, FRAME_GRID, compile=compile)
     pool = torch.randn(16, *graph.pixel_values.shape, device="cuda", dtype=graph.pixel_values.dtype)  # rotated
     for n in range(10):
         graph.feed(pool[n % 16])
@@ -267,7 +267,12 @@ def _peak_gib() -> float:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict:
-    results = {"environment": environment(), "copy_bandwidth_gbps": copy_bandwidth() / 1e9, "models": {}}
+    results = {
+        "environment": environment(),
+        "copy_bandwidth_gbps": copy_bandwidth() / 1e9,
+        "compiled_graphs": args.compile,
+        "models": {},
+    }
     for name, layout in MODELS.items():
         model = build(layout)
         entry = results["models"][name] = {
@@ -290,10 +295,10 @@ def run(args: argparse.Namespace, out: Path) -> dict:
             name, "decode kernels", {k: v for k, v in entry["decode_profile_at_4k"].items() if k != "top"}, flush=True
         )
         for context in args.contexts:
-            entry["decode"].append(decode_ms(model, context, args.decode_steps))
+            entry["decode"].append(decode_ms(model, context, args.decode_steps, args.compile))
             print(name, entry["decode"][-1], flush=True)
             write_json(out, results)
-        entry["decode_graph_profile_at_4k"] = graph_decode_profile(model, 4096)
+        entry["decode_graph_profile_at_4k"] = graph_decode_profile(model, 4096, compile=args.compile)
         print(
             name,
             "graph decode kernels",
@@ -301,7 +306,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
             flush=True,
         )
         if name == "hybrid":
-            entry["streaming"] = streaming(model, args.frames, args.eager_frames)
+            entry["streaming"] = streaming(model, args.frames, args.eager_frames, args.compile)
             print(name, {k: v for k, v in entry["streaming"].items() if k != "memory_bytes"}, flush=True)
         write_json(out, results)
         del model
@@ -350,8 +355,13 @@ def markdown(results: dict) -> str:
         environment_lines(results["environment"]),
         "",
         "Qwen2.5-VL-3B dimensions and vision tower, random bf16 weights; hybrid `S,D,D,D x9` (SWA window 8192) "
-        "against the all-`A` Transformer (PyTorch SDPA flash attention), in the same run. Regenerate with "
-        "`python -m benchmarks.inference` on a CUDA machine.",
+        "against the all-`A` Transformer (PyTorch SDPA flash attention), in the same run. CUDA graphs of both "
+        + (
+            "capture the forward compiled by `torch.compile` (`--compile`)"
+            if results.get("compiled_graphs")
+            else "capture the eager forward (`--compile`: compiled first)"
+        )
+        + ". Regenerate with `python -m benchmarks.inference` on a CUDA machine.",
         "",
         "## Targets",
         "",
@@ -537,6 +547,9 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--eager-frames", type=int, default=30)
+    parser.add_argument(
+        "--compile", action="store_true", help="the CUDA graphs (decode, frames) capture the compiled forward"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "inference")
     parser.add_argument("--plot-only", action="store_true", help="redraw the markdown and PNG from the JSON")
     args = parser.parse_args()
