@@ -363,10 +363,10 @@ def test_state_is_constant_size_without_full_attention(teacher_dir):
     student = convert(teacher_dir, "S,D,M,L", sliding_window=64)
     sizes = {}
     with torch.no_grad():
-        for length in (1024, 65536):
+        for length in (1024, 8192):  # both far past the window of 64
             state = student(torch.randint(0, 400, (1, length))).state
             sizes[length] = state.nbytes
-    assert sizes[1024] == sizes[65536]
+    assert sizes[1024] == sizes[8192]
     with_attention = convert(teacher_dir, "S,D,M,A", sliding_window=64)
     with torch.no_grad():
         small = with_attention(torch.randint(0, 400, (1, 100))).state.nbytes
