@@ -20,6 +20,7 @@ from hybridvl.mixers.backends import (
 )
 from hybridvl.mixers.gated_deltanet import init_dt_bias
 from hybridvl.mixers.ops import (
+    add_rms_norm,
     causal_attention,
     gated_delta_rule,
     gated_linear_attention,
@@ -27,6 +28,7 @@ from hybridvl.mixers.ops import (
     linear_attention,
     short_conv,
     simple_gated_linear_attention,
+    swiglu,
 )
 from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
 
@@ -216,6 +218,60 @@ def test_gated_rms_norm_fla_float32_matches_torch():
     for options in (dict(norm_before_gate=True), dict(norm_before_gate=False, group_size=64)):
         ref = gated_rms_norm(x, gate, weight, **options, backend="torch")
         assert rel_err(gated_rms_norm(x, gate, weight, **options, backend="fla"), ref) < 1e-5, options
+
+
+@pytest.mark.parametrize("D", [2048, 256])  # the 3B hidden size (fla's one-row kernel, D > 512); rows in blocks
+@pytest.mark.parametrize("precision", ["bf16", "autocast"])
+def test_add_rms_norm_fla_matches_torch(D, precision):
+    """fla's fused residual add + RMSNorm against the PyTorch form in fp32 on the same values: the norm, and the
+    gradients of the block output, the stream and the weight through both outputs. ``bf16``: everything bf16
+    (inference); ``autocast``: a bf16 block output onto a float32 stream with a float32 weight (bf16-mixed
+    training). Dtypes are the unfused form's, and the new stream equals its add bit for bit."""
+    x, residual = torch.randn(4, 1000, D, device=CUDA), torch.randn(4, 1000, D, device=CUDA) * 4
+    weight = torch.rand(D, device=CUDA) + 0.5
+    stream = BF16 if precision == "bf16" else torch.float32
+    low = [x.to(BF16).requires_grad_(), residual.to(stream).requires_grad_(), weight.to(stream).requires_grad_()]
+    high = [t.detach().float().requires_grad_() for t in low]
+    y_k, h_k = add_rms_norm(*low, backend="fla")
+    with torch.no_grad():
+        y_t, h_t = add_rms_norm(*low, backend="torch")
+    assert (y_k.dtype, h_k.dtype) == (y_t.dtype, h_t.dtype) == (stream, stream)
+    assert torch.equal(h_k, h_t)
+    y_r, h_r = add_rms_norm(*high, backend="torch")
+    assert rel_err(y_k, y_r) < OUT_TOL
+    cotangents = torch.randn_like(y_r), torch.randn_like(h_r)
+    torch.autograd.backward([y_k.float(), h_k.float()], cotangents)
+    torch.autograd.backward([y_r, h_r], cotangents)
+    for name, t_k, t_r in zip(["x", "residual", "weight"], low, high):
+        assert t_k.grad.dtype == t_k.dtype, name
+        assert rel_err(t_k.grad, t_r.grad) < GRAD_TOL, (name, rel_err(t_k.grad, t_r.grad))
+
+
+@pytest.mark.parametrize("width", [11008, 1376])  # the 3B MLP width; a small one
+def test_swiglu_fla_matches_torch(width):
+    """fla's fused SwiGLU on the two bf16 halves of one gate/up projection (read in place) against the PyTorch form
+    in fp32 on the same values, forward and the projection's gradient."""
+    gate_up = torch.randn(2, 2000, 2 * width, device=CUDA) * 3
+    low, high = gate_up.to(BF16).requires_grad_(), gate_up.to(BF16).float().requires_grad_()
+    z_k = swiglu(*low.chunk(2, dim=-1), backend="fla")
+    z_r = swiglu(*high.chunk(2, dim=-1), backend="torch")
+    assert z_k.dtype == BF16 and rel_err(z_k, z_r) < OUT_TOL
+    cotangent = torch.randn_like(z_r)
+    z_k.float().backward(cotangent)
+    z_r.backward(cotangent)
+    assert low.grad.dtype == BF16 and rel_err(low.grad, high.grad) < GRAD_TOL
+
+
+def test_layer_glue_fla_float32_matches_torch():
+    """float32 in: fla's add + RMSNorm and SwiGLU compute in float32 throughout (no dot products), so they meet
+    the float32 bound and ``auto`` runs them."""
+    x, residual = torch.randn(2, 500, 2048, device=CUDA), torch.randn(2, 500, 2048, device=CUDA)
+    weight = torch.rand(2048, device=CUDA) + 0.5
+    fused = add_rms_norm(x, residual, weight, backend="fla")
+    for a, b in zip(fused, add_rms_norm(x, residual, weight, backend="torch")):
+        assert rel_err(a, b) < 1e-5
+    gate, up = torch.randn(2, 500, 2 * 11008, device=CUDA).chunk(2, dim=-1)
+    assert rel_err(swiglu(gate, up, backend="fla"), swiglu(gate, up, backend="torch")) < 1e-5
 
 
 def test_gated_deltanet_decodes_through_the_fused_step(monkeypatch):
