@@ -1,5 +1,5 @@
 """The glue on fla's fused kernels, checked without a GPU: the mixers' gated RMSNorm and Gated DeltaNet's gates
-(decay and write strength) handed to fla raw, the decoder layer's residual add + RMSNorm and SwiGLU;
+(decay and write strength) handed to fla raw, the decoder layer's residual adds inside its RMSNorms and its SwiGLU;
 which backend each call chooses and that every fallback is logged, the PyTorch forms against the formulas (float64),
 and fla's kernels themselves run by Triton's interpreter at tiny shapes. Their accuracy on a GPU, forward and
 backward, is tested in ``test_gpu_kernels.py``."""
@@ -21,6 +21,8 @@ from hybridvl.mixers.modules import GatedRMSNorm, RMSNorm
 from hybridvl.mixers.ops import activations as activations_module
 from hybridvl.mixers.ops import add_rms_norm, gated_delta_rule, gated_rms_norm, swiglu
 from hybridvl.mixers.ops import norm as norm_module
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.hybrid import HybridVLM
 
 # the module, which the package's function of the same name hides
 gdr_module = importlib.import_module("hybridvl.mixers.ops.gated_delta_rule")
@@ -344,3 +346,72 @@ def test_add_rms_norm_hands_fla_pytorch_dtypes(
     x, residual = torch.randn(2, 3, 8, dtype=x_dtype), torch.randn(2, 3, 8, dtype=residual_dtype)
     add_rms_norm(x, residual, torch.ones(8, dtype=weight_dtype), eps=1e-5)
     assert calls == [(*given, None, 1e-5, True)]
+
+
+def decoder_model(layout: str = "S,D,A", intermediate_size: int = 48) -> HybridVLM:
+    torch.manual_seed(0)
+    config = HybridConfig(
+        layout=layout,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=len(layout.split(",")),
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        mrope_section=None,
+        sliding_window=8,
+        mixer_options={
+            "S": {"backend": "torch"},
+            "A": {"backend": "torch"},
+            "D": {"num_heads": 2, "head_dim": 16, "backend": "torch"},
+        },
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return HybridVLM(config)  # float32: the glue runs fla under auto (float64 would not)
+
+
+def train_step(model: HybridVLM, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Logits, hidden states and parameter gradients of one step."""
+    model.zero_grad(set_to_none=True)
+    out = model(ids, output_hidden_states=True)
+    out.logits.square().sum().backward()
+    return [out.logits, *out.hidden_states, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("intermediate_size", [48, 0])
+def test_every_residual_add_of_the_decoder_runs_in_a_fused_norm(monkeypatch, intermediate_size):
+    """With the glue on fla, each of a layer's adds goes into the norm after it (the last one into the next layer's
+    first norm, or the final norm) and each MLP through the fused SwiGLU: logits, hidden states and gradients as
+    the unfused decoder's, under every kind of activation checkpointing."""
+    model = decoder_model(intermediate_size=intermediate_size).train()
+    ids = torch.randint(1, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+    selections = (False, True, "mlp,S,D") if intermediate_size else (False, True, "S")
+    unfused = {}
+    for selection in selections:  # on the CPU the glue runs its PyTorch forms
+        model.language_model.gradient_checkpointing = selection
+        unfused[selection] = train_step(model, ids)
+
+    adds, products = [], []
+
+    def fused_add_norm(x, residual, weight, eps):
+        adds.append(x.shape)
+        h = residual + x
+        return weight * F.rms_norm(h, (h.shape[-1],), eps=eps), h
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(norm_module, "_fla_add_rms_norm", fused_add_norm)
+    monkeypatch.setattr(activations_module, "_fla", lambda gate, up: products.append(gate.shape) or F.silu(gate) * up)
+    for selection in selections:
+        model.language_model.gradient_checkpointing = selection
+        assert all(torch.equal(a, b) for a, b in zip(train_step(model, ids), unfused[selection])), selection
+    assert adds and (products or not intermediate_size)  # the steps above ran the fused forms
+    adds.clear()
+    products.clear()
+    with torch.no_grad():
+        model(ids)
+    layers = len(model.language_model.layers)
+    # every add but none into layer 0's first norm (the embeddings come alone)
+    assert len(adds) == (2 * layers if intermediate_size else layers)
+    assert len(products) == (layers if intermediate_size else 0)

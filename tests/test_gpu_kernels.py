@@ -6,6 +6,9 @@ inputs for every case; NaN never passes.
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,7 @@ from hybridvl.mixers.backends import (
     triton_version,
 )
 from hybridvl.mixers.gated_deltanet import init_dt_bias
+from hybridvl.mixers.ops import activations as activations_module
 from hybridvl.mixers.ops import (
     add_rms_norm,
     causal_attention,
@@ -30,7 +34,10 @@ from hybridvl.mixers.ops import (
     simple_gated_linear_attention,
     swiglu,
 )
+from hybridvl.mixers.ops import norm as norm_module
 from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.hybrid import HybridVLM
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -272,6 +279,62 @@ def test_layer_glue_fla_float32_matches_torch():
         assert rel_err(a, b) < 1e-5
     gate, up = torch.randn(2, 500, 2 * 11008, device=CUDA).chunk(2, dim=-1)
     assert rel_err(swiglu(gate, up, backend="fla"), swiglu(gate, up, backend="torch")) < 1e-5
+
+
+def glue_train_step(model: HybridVLM, ids: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and all parameter gradients (flattened, float32) of a next-token cross-entropy step."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(CUDA, dtype=BF16, enabled=autocast):
+        logits = model(ids).logits
+    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+    return logits.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+
+def test_decoder_glue_on_fla_trains_as_in_pytorch(monkeypatch):
+    """A decoder whose residual adds, norms and SwiGLUs run fla's kernels (``auto``) against the same decoder with
+    that glue in PyTorch, over a training step with selective checkpointing. float32: the two agree to float32
+    rounding. bf16 weights, and float32 weights under bf16 autocast (bf16-mixed training): the whole model's bf16
+    error against the float32 run is the same with either glue (the fused glue rounds less), so the fused run is
+    held to the unfused run's distance."""
+    torch.manual_seed(0)
+    config = HybridConfig(
+        layout="S,D,S,D",
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        mrope_section=None,
+        sliding_window=256,
+        mixer_options={"D": dict(num_heads=4, head_dim=64)},
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = HybridVLM(config).to(CUDA).train()
+    model.language_model.gradient_checkpointing = "mlp,S"
+    models = {"float32": model, "autocast": model, "bf16": copy.deepcopy(model).to(BF16)}
+    ids = torch.randint(1, 1000, (2, 700), device=CUDA)
+    fla_calls = []
+    fla_add_rms_norm = norm_module._fla_add_rms_norm
+    monkeypatch.setattr(norm_module, "_fla_add_rms_norm", lambda *args: fla_calls.append(1) or fla_add_rms_norm(*args))
+    skip = {"fla": "the PyTorch form, for reference"}
+    runs = {}
+    for precision, glue in itertools.product(models, ["fla", "torch"]):
+        with monkeypatch.context() as patch:
+            if glue == "torch":
+                patch.setattr(norm_module, "elementwise_auto_skips", lambda dtype: skip)
+                patch.setattr(activations_module, "elementwise_auto_skips", lambda dtype: skip)
+            fla_calls.clear()
+            runs[precision, glue] = glue_train_step(models[precision], ids, autocast=precision == "autocast")
+            assert bool(fla_calls) == (glue == "fla"), (precision, glue)
+    reference = runs["float32", "torch"]
+    for fused, plain in zip(runs["float32", "fla"], reference):
+        assert rel_err(fused, plain) < 1e-4
+    for precision in ("bf16", "autocast"):
+        for fused, plain, exact in zip(runs[precision, "fla"], runs[precision, "torch"], reference):
+            assert rel_err(fused, exact) < 1.1 * rel_err(plain, exact), (precision, rel_err(fused, exact))
 
 
 def test_gated_deltanet_decodes_through_the_fused_step(monkeypatch):
