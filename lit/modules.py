@@ -638,9 +638,10 @@ class DistillLayerwise(_Distillation):
                 continue
             args = (inputs[index], None, taught.rope_position_ids, taught.cu_seqlens)
             if "layers" in recompute:
-                output, _ = checkpoint(layer, *args, use_reentrant=False)
+                stream, update, _ = checkpoint(layer, *args, use_reentrant=False)
             else:
-                output, _ = layer(*args, recompute)
+                stream, update, _ = layer(*args, recompute)
+            output = stream + update  # the layer's output: its last add is left to the next norm
             losses[f"mse/layer{index}"] = F.mse_loss(output.float(), inputs[index + 1].float())
         if not losses:
             raise ValueError("no decoder layer has trainable parameters: nothing to distill")

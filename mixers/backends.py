@@ -227,6 +227,21 @@ def precision_auto_skips(device: torch.device, dtype: torch.dtype, preference: S
     return skips or None
 
 
+def elementwise_auto_skips(dtype: torch.dtype) -> dict[str, str] | None:
+    """What ``backend="auto"`` passes fla's element-wise glue kernels over for (a residual add with its RMSNorm,
+    SwiGLU), with the reason; ``None`` when nothing.
+
+    A forward traced by torch.compile runs the PyTorch form, which Inductor fuses itself, where a kernel library call
+    would break the graph; float64 inputs run it too, fla computing them in float32. float32 inputs run fla: these
+    kernels have no dot products and compute in float32 throughout.
+    """
+    if torch.compiler.is_compiling():
+        return {"fla": "under torch.compile Inductor fuses the PyTorch form, and a kernel call would break the graph"}
+    if dtype == torch.float64:
+        return {"fla": "its kernel computes float64 inputs in float32; pass backend='fla' to accept that"}
+    return None
+
+
 def gated_backward_limitations(
     device: torch.device, *tensors: torch.Tensor | None, kernel: str = "gated_delta_rule"
 ) -> dict[str, str] | None:

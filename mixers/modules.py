@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridvl.mixers.ops.norm import gated_rms_norm
+from hybridvl.mixers.ops.norm import add_rms_norm, gated_rms_norm
 from hybridvl.mixers.ops.short_conv import short_conv
 
 
@@ -46,14 +46,21 @@ class ShortConv(nn.Conv1d):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dimension, computed in float32 (float64 for float64 input)."""
+    """RMSNorm over the last dimension, computed in float32 (float64 for float64 input): Qwen2's
+    ``weight * rmsnorm(x)``. Given the residual stream, it adds ``x`` to it first, in one fused kernel on CUDA
+    (:func:`~hybridvl.mixers.ops.norm.add_rms_norm`)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``weight * rmsnorm(x)``; with ``residual``, ``(weight * rmsnorm(residual + x), residual + x)``."""
+        if residual is not None:
+            return add_rms_norm(x, residual, self.weight, eps=self.eps)
         # F.rms_norm computes in float32 for half inputs and returns x's dtype: Qwen2's norm, in one op
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 

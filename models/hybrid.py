@@ -2,11 +2,14 @@
 vision front end.
 
 Each decoder layer is ``x + mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))`` (without the second step when
-``intermediate_size`` is 0, as in Zoology's recall models). Checkpoint (state-dict) names follow transformers'
-Qwen2.5-VL (``language_model.layers.N.self_attn.q_proj``, ``visual.blocks...``), so the weights of attention
-layers, MLPs, norms, embeddings and the vision tower carry over by name; in the module, each layer's input
-projections are one fused matrix (``qkv_proj``, ``in_proj``, ``gate_up_proj``: see
-:func:`hybridvl.mixers.modules.keep_part_names`), saved and loaded under those separate names.
+``intermediate_size`` is 0, as in Zoology's recall models). Each residual add runs inside the norm that follows it
+(:func:`hybridvl.mixers.ops.norm.add_rms_norm`, one fused kernel on CUDA), the last one of a layer inside the next
+layer's first norm or the final norm: a layer hands on its output as the stream and its last addition, not yet added.
+
+Checkpoint (state-dict) names follow transformers' Qwen2.5-VL (``language_model.layers.N.self_attn.q_proj``,
+``visual.blocks...``), so the weights of attention layers, MLPs, norms, embeddings and the vision tower carry over by
+name; in the module, each layer's input projections are one fused matrix (``qkv_proj``, ``in_proj``,
+``gate_up_proj``: see :func:`hybridvl.mixers.modules.keep_part_names`), saved and loaded under those separate names.
 
 The model is a transformers ``PreTrainedModel`` with ``GenerationMixin`` (registered with the Auto classes by
 ``import hybridvl``): ``model.generate(**inputs)`` runs transformers' generation loop over the fixed-size state,
@@ -37,6 +40,7 @@ from transformers.utils import ModelOutput
 
 from hybridvl import mixers
 from hybridvl.mixers.modules import FusedLinear, RMSNorm, keep_part_names
+from hybridvl.mixers.ops.activations import swiglu
 from hybridvl.mixers.ops.varlen import packed_positions, seqlens_to_cu_seqlens, sequence_bounds
 from hybridvl.mixers.state import MixerState
 from hybridvl.models.cache import HybridCache, ModelState
@@ -131,7 +135,8 @@ def checkpoint_selection(spec: bool | str, kinds: Sequence[str]) -> frozenset[st
 class SwiGLU(nn.Module):
     """Qwen2's MLP: ``down(silu(gate(x)) * up(x))``, with ``gate_proj`` and ``up_proj`` one
     :class:`~hybridvl.mixers.modules.FusedLinear` ``gate_up_proj`` (one matrix multiplication) that checkpoints
-    keep as ``gate_proj`` and ``up_proj``."""
+    keep as ``gate_proj`` and ``up_proj``; the activation is :func:`~hybridvl.mixers.ops.activations.swiglu` (one fused
+    kernel on CUDA)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -141,7 +146,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class HybridDecoderLayer(nn.Module):
@@ -149,6 +154,12 @@ class HybridDecoderLayer(nn.Module):
 
     With ``config.intermediate_size == 0`` the layer has no MLP and no ``post_attention_layernorm``: it is
     ``x + mixer(input_layernorm(x))`` (``mlp`` is ``None``).
+
+    The residual stream comes in and goes out as a pair ``(x, update)`` whose sum is the stream, so that every add
+    runs inside the norm after it (:meth:`RMSNorm.forward <hybridvl.mixers.modules.RMSNorm.forward>` with
+    ``residual``): the previous layer's last addition inside ``input_layernorm``, the mixer's inside
+    ``post_attention_layernorm``, and this layer's last (the MLP's, or the mixer's without an MLP) inside the next
+    layer's or the decoder's final norm.
     """
 
     def __init__(self, config: HybridConfig, kind: str) -> None:
@@ -169,25 +180,41 @@ class HybridDecoderLayer(nn.Module):
         position_ids: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         recompute: frozenset[str] = frozenset(),
-    ) -> tuple[torch.Tensor, MixerState]:
-        """The layer; ``recompute`` (from :func:`checkpoint_selection`) names parts whose activations the backward
-        pass recomputes: ``"mlp"``, and this layer's mixer letter."""
+        update: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, MixerState]:
+        """The layer over the residual stream ``x + update`` (``update=None``: ``x`` alone); ``recompute`` (from
+        :func:`checkpoint_selection`) names parts whose activations the backward pass recomputes: ``"mlp"``, and
+        this layer's mixer letter.
+
+        Returns ``(x, update, state)``: the layer's output is ``x + update``, the last add left to the next norm.
+        """
         if self.kind in recompute:
-            mixed, state = checkpoint(self._mix, x, state, position_ids, cu_seqlens, use_reentrant=False)
+            x, update, state = checkpoint(self._mix, x, update, state, position_ids, cu_seqlens, use_reentrant=False)
         else:
-            mixed, state = self._mix(x, state, position_ids, cu_seqlens)
-        x = x + mixed
+            x, update, state = self._mix(x, update, state, position_ids, cu_seqlens)
         if self.mlp is None:
-            return x, state
+            return x, update, state
         if "mlp" in recompute:
-            return x + checkpoint(self._feed_forward, x, use_reentrant=False), state
-        return x + self._feed_forward(x), state
+            x, update = checkpoint(self._feed_forward, x, update, use_reentrant=False)
+        else:
+            x, update = self._feed_forward(x, update)
+        return x, update, state
 
-    def _mix(self, x, state, position_ids, cu_seqlens) -> tuple[torch.Tensor, MixerState]:
-        return self.self_attn(self.input_layernorm(x), state, position_ids=position_ids, cu_seqlens=cu_seqlens)
+    def _mix(self, x, update, state, position_ids, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor, MixerState]:
+        normed, x = _add_and_norm(self.input_layernorm, x, update)
+        mixed, state = self.self_attn(normed, state, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        return x, mixed, state
 
-    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.post_attention_layernorm(x))
+    def _feed_forward(self, x: torch.Tensor, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normed, x = self.post_attention_layernorm(mixed, residual=x)
+        return x, self.mlp(normed)
+
+
+def _add_and_norm(norm: RMSNorm, x: torch.Tensor, update: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x + update), x + update)``, the add inside the norm's fused kernel; ``update=None``: ``(norm(x), x)``."""
+    if update is None:
+        return norm(x), x
+    return norm(update, residual=x)
 
 
 class HybridDecoder(nn.Module):
@@ -210,22 +237,25 @@ class HybridDecoder(nn.Module):
         cu_seqlens: torch.Tensor | None,
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, list[MixerState], tuple[torch.Tensor, ...] | None]:
-        hidden, new_states, all_hidden = inputs_embeds, [], []
+        hidden, update, new_states, all_hidden = inputs_embeds, None, [], []
         recompute = frozenset()
         if self.training and torch.is_grad_enabled():
             recompute = checkpoint_selection(self.gradient_checkpointing, [layer.kind for layer in self.layers])
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
-                all_hidden.append(hidden)
+                all_hidden.append(hidden if update is None else hidden + update)
             state = None if states is None else states[i]
             if "layers" in recompute:
-                hidden, state = checkpoint(layer, hidden, state, position_ids, cu_seqlens, use_reentrant=False)
+                hidden, update, state = checkpoint(
+                    layer, hidden, state, position_ids, cu_seqlens, update=update, use_reentrant=False
+                )
             else:
-                hidden, state = layer(hidden, state, position_ids, cu_seqlens, recompute)
+                hidden, update, state = layer(hidden, state, position_ids, cu_seqlens, recompute, update)
             new_states.append(state)
+        normed, hidden = _add_and_norm(self.norm, hidden, update)
         if output_hidden_states:
             all_hidden.append(hidden)
-        return self.norm(hidden), new_states, tuple(all_hidden) if output_hidden_states else None
+        return normed, new_states, tuple(all_hidden) if output_hidden_states else None
 
 
 class HybridVLM(PreTrainedModel, GenerationMixin):

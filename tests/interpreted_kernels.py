@@ -79,6 +79,40 @@ def fla_glue() -> None:
     assert max(errors) < 1e-5, errors
 
 
+def fla_layer_glue() -> None:
+    """fla's residual add + RMSNorm (both of its kernels: rows of up to 512 features in blocks, wider rows one by
+    one; a float16 block output added to a float32 stream, as under mixed precision) and its SwiGLU on the two halves
+    of one projection, forward and backward, against the PyTorch forms in float32."""
+    import triton.runtime.autotuner as autotuner
+
+    from hybridvl.mixers import backends
+    from hybridvl.mixers.ops import add_rms_norm, swiglu
+
+    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
+    backends.unavailable_reason = lambda backend, device: None
+    for D, x_dtype in ((64, torch.float32), (640, torch.float32), (64, torch.float16)):
+        x = torch.randn(2, 5, D).to(x_dtype).requires_grad_()
+        residual, weight = torch.randn(2, 5, D).requires_grad_(), (torch.rand(D) + 0.5).requires_grad_()
+        y_fla, h_fla = add_rms_norm(x, residual, weight, backend="fla")
+        y_ref, h_ref = add_rms_norm(x, residual, weight, backend="torch")
+        assert (y_fla.dtype, h_fla.dtype) == (y_ref.dtype, h_ref.dtype) == (torch.float32, torch.float32)
+        cotangents = torch.randn_like(y_ref), torch.randn_like(h_ref)
+        grads_fla = torch.autograd.grad((y_fla, h_fla), (x, residual, weight), cotangents)
+        grads_ref = torch.autograd.grad((y_ref, h_ref), (x, residual, weight), cotangents)
+        assert grads_fla[0].dtype == x_dtype
+        errors = [rel_err(y_fla, y_ref), rel_err(h_fla, h_ref)] + [rel_err(a, b) for a, b in zip(grads_fla, grads_ref)]
+        assert max(errors) < 1e-5, (D, x_dtype, errors)
+
+    gate_up = torch.randn(2, 5, 2 * 48).requires_grad_()
+    gate, up = gate_up.chunk(2, dim=-1)  # strided halves, read in place
+    z_fla, z_ref = swiglu(gate, up, backend="fla"), swiglu(gate, up, backend="torch")
+    cotangent = torch.randn_like(z_ref)
+    (grad_fla,) = torch.autograd.grad(z_fla, gate_up, cotangent)
+    (grad_ref,) = torch.autograd.grad(z_ref, gate_up, cotangent)
+    errors = [rel_err(z_fla, z_ref), rel_err(grad_fla, grad_ref)]
+    assert max(errors) < 1e-6, errors
+
+
 def decode_attention_step_triton() -> None:
     """The decode step's write and split-K attention against the reference, grouped heads over a head width that
     is not a power of two: ring buffers empty, filling, full and wrapped, a growing cache, more splits than
@@ -103,6 +137,7 @@ def decode_attention_step_triton() -> None:
 
 CHECKS = {
     "fla_glue": fla_glue,
+    "fla_layer_glue": fla_layer_glue,
     "decode_attention_step_triton": decode_attention_step_triton,
 }
 

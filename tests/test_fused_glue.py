@@ -1,7 +1,8 @@
-"""The mixers' glue on fla's fused kernels, checked without a GPU: the gated RMSNorm and Gated DeltaNet's gates
-(decay and write strength) handed to fla raw, which backend each call chooses and that every fallback is logged,
-the PyTorch forms against the formulas (float64), and fla's kernels themselves run by Triton's interpreter at tiny
-shapes. Their accuracy on a GPU, forward and backward, is tested in ``test_gpu_kernels.py``."""
+"""The glue on fla's fused kernels, checked without a GPU: the mixers' gated RMSNorm and Gated DeltaNet's gates
+(decay and write strength) handed to fla raw, the decoder layer's residual adds inside its RMSNorms and its SwiGLU;
+which backend each call chooses and that every fallback is logged, the PyTorch forms against the formulas (float64),
+and fla's kernels themselves run by Triton's interpreter at tiny shapes. Their accuracy on a GPU, forward and
+backward, is tested in ``test_gpu_kernels.py``."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from helpers import rel_err
 from hybridvl import mixers
 from hybridvl.mixers import backends
 from hybridvl.mixers.backends import BackendUnavailableError
-from hybridvl.mixers.modules import GatedRMSNorm
-from hybridvl.mixers.ops import gated_delta_rule, gated_rms_norm
+from hybridvl.mixers.modules import GatedRMSNorm, RMSNorm
+from hybridvl.mixers.ops import activations as activations_module
+from hybridvl.mixers.ops import add_rms_norm, gated_delta_rule, gated_rms_norm, swiglu
 from hybridvl.mixers.ops import norm as norm_module
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.hybrid import HybridVLM
 
 # the module, which the package's function of the same name hides
 gdr_module = importlib.import_module("hybridvl.mixers.ops.gated_delta_rule")
@@ -218,3 +222,196 @@ def test_gradients_of_the_gate_parameters_count_for_fla_640(kernels_run_here, mo
         assert f"uses backend 'torch' (fla skipped: {issue})" in backend_lines(caplog, "gated_delta_rule")[-1]
         with pytest.raises(BackendUnavailableError, match="#640"):
             gated_delta_rule(q, k, v, a, b, **parameters, use_beta_sigmoid=True, backend="fla")
+
+
+def add_rms_norm_formula(x, residual, weight, eps):
+    """The residual add and Qwen2's RMSNorm written out: ``h = residual + x``, then
+    ``weight * h / sqrt(mean(h^2) + eps)``."""
+    h = residual + x
+    return weight * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps), h
+
+
+def test_add_rms_norm_matches_the_formula_in_pytorch_dtypes():
+    x, residual, weight = torch.randn(2, 5, 16, dtype=F64), torch.randn(2, 5, 16, dtype=F64), torch.randn(16, dtype=F64)
+    y, h = add_rms_norm(x, residual, weight, eps=1e-6, backend="torch")
+    y_ref, h_ref = add_rms_norm_formula(x, residual, weight, 1e-6)
+    assert rel_err(y, y_ref) < 1e-12 and torch.equal(h, h_ref)
+    module = RMSNorm(16, eps=1e-6).double()
+    module.weight.data.copy_(weight)
+    assert all(torch.equal(a, b) for a, b in zip(module(x, residual=residual), (y, h)))
+    # as the unfused ``residual + x`` then ``weight * rms_norm``: bf16 + float32 adds in float32 (bf16-mixed training,
+    # float32 stream and weights), all-bf16 stays bf16
+    x16, res32, w32 = x.bfloat16(), residual.float(), weight.float()
+    for res, w, dtypes in (
+        (res32, w32, (torch.float32,) * 2),
+        (res32.bfloat16(), w32.bfloat16(), (torch.bfloat16,) * 2),
+    ):
+        y, h = add_rms_norm(x16, res, w, backend="torch")
+        assert (y.dtype, h.dtype) == dtypes
+        assert torch.equal(h, res + x16) and torch.equal(y, w * F.rms_norm(res + x16, (16,), eps=1e-6))
+
+
+def test_swiglu_matches_the_formula():
+    gate, up = torch.randn(2, 5, 24, dtype=F64).chunk(2, dim=-1)
+    assert rel_err(swiglu(gate, up, backend="torch"), gate * torch.sigmoid(gate) * up) < 1e-12
+    assert swiglu(gate.bfloat16(), up.bfloat16()).dtype == torch.bfloat16
+
+
+def test_layer_glue_rejects_bad_inputs():
+    x, weight = torch.randn(2, 3, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        add_rms_norm(x, x[..., :4], weight)
+    with pytest.raises(ValueError, match=r"weight must be \[D\] = \[8\]"):
+        add_rms_norm(x, x, weight[:4])
+    with pytest.raises(ValueError, match="up must have gate's shape"):
+        swiglu(x, x[:1])
+    with pytest.raises(BackendUnavailableError, match=r"needs? a CUDA device|not installed"):
+        add_rms_norm(x, x, weight, backend="fla")
+    with pytest.raises(BackendUnavailableError, match=r"needs? a CUDA device|not installed"):
+        swiglu(x, x, backend="fla")
+
+
+@pytest.mark.parametrize("owner", ["add_rms_norm", "swiglu"])
+def test_layer_glue_logs_its_fallback_on_the_cpu(monkeypatch, caplog, owner):
+    monkeypatch.setattr(backends, "_logged", set())
+    x = torch.randn(2, 3, 8)
+    with caplog.at_level("INFO", logger="hybridvl.mixers"):
+        add_rms_norm(x, x, torch.ones(8)) if owner == "add_rms_norm" else swiglu(x, x)
+    (line,) = backend_lines(caplog, owner)
+    assert line.startswith(f"{owner} on cpu uses backend 'torch' (fla skipped:")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "backend", "compiling", "chosen"),
+    [
+        (torch.bfloat16, "auto", False, "fla"),
+        (torch.float32, "auto", False, "fla"),  # no dot products: float32 in, float32 arithmetic
+        (torch.float64, "auto", False, "torch"),  # the kernels compute in float32
+        (torch.float64, "fla", False, "fla"),  # asked for by name, they run
+        (torch.bfloat16, "torch", False, "torch"),
+        (torch.bfloat16, "auto", True, "torch"),  # traced by torch.compile: Inductor fuses the PyTorch form
+    ],
+)
+@pytest.mark.parametrize("owner", ["add_rms_norm", "swiglu"])
+def test_layer_glue_chooses_fla_where_it_meets_the_dtype(
+    kernels_run_here, monkeypatch, caplog, owner, dtype, backend, compiling, chosen
+):
+    calls = []
+    if owner == "add_rms_norm":
+        monkeypatch.setattr(norm_module, "_fla_add_rms_norm", lambda x, residual, *rest: calls.append(rest) or (x, x))
+    else:
+        monkeypatch.setattr(activations_module, "_fla", lambda gate, up: calls.append(gate) or gate)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    x = torch.randn(2, 3, 8, dtype=dtype)
+    with caplog.at_level("INFO", logger="hybridvl.mixers"):
+        if owner == "add_rms_norm":
+            add_rms_norm(x, x, torch.ones(8), backend=backend)
+        else:
+            swiglu(x, x, backend=backend)
+    assert len(calls) == (chosen == "fla")
+    if backend == "auto":
+        (line,) = backend_lines(caplog, owner)
+        assert line.startswith(f"{owner} on cpu uses backend {chosen!r}")
+        if chosen == "torch":
+            reason = (
+                "under torch.compile Inductor fuses" if compiling else "its kernel computes float64 inputs in float32"
+            )
+            assert f"fla skipped: {reason}" in line
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "residual_dtype", "weight_dtype", "given"),
+    [
+        # bf16-mixed training: bf16 block output, float32 stream and weight: fla adds and writes the norm in float32
+        (torch.bfloat16, torch.float32, torch.float32, (torch.float32, torch.float32)),
+        # all bf16 (inference): nothing cast
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16, (torch.bfloat16, torch.bfloat16)),
+        # bf16 stream, float32 weight: the norm in float32, as ``weight * rms_norm(h)`` promotes
+        (torch.bfloat16, torch.bfloat16, torch.float32, (torch.float32, torch.bfloat16)),
+    ],
+)
+def test_add_rms_norm_hands_fla_pytorch_dtypes(
+    kernels_run_here, monkeypatch, x_dtype, residual_dtype, weight_dtype, given
+):
+    """fla writes the sum in the residual's dtype and the norm in ``x``'s: the op casts them up (exactly) to the
+    dtypes PyTorch's ``weight * rms_norm(residual + x)`` would give."""
+    layernorm = pytest.importorskip("fla.modules.norm.layernorm")
+    calls = []
+
+    def fake(x, weight, bias, residual, eps, prenorm):
+        calls.append((x.dtype, residual.dtype, bias, eps, prenorm))
+        return x, residual
+
+    monkeypatch.setattr(layernorm, "rms_norm", fake)
+    x, residual = torch.randn(2, 3, 8, dtype=x_dtype), torch.randn(2, 3, 8, dtype=residual_dtype)
+    add_rms_norm(x, residual, torch.ones(8, dtype=weight_dtype), eps=1e-5)
+    assert calls == [(*given, None, 1e-5, True)]
+
+
+def decoder_model(layout: str = "S,D,A", intermediate_size: int = 48) -> HybridVLM:
+    torch.manual_seed(0)
+    config = HybridConfig(
+        layout=layout,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=len(layout.split(",")),
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        mrope_section=None,
+        sliding_window=8,
+        mixer_options={
+            "S": {"backend": "torch"},
+            "A": {"backend": "torch"},
+            "D": {"num_heads": 2, "head_dim": 16, "backend": "torch"},
+        },
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return HybridVLM(config)  # float32: the glue runs fla under auto (float64 would not)
+
+
+def train_step(model: HybridVLM, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Logits, hidden states and parameter gradients of one step."""
+    model.zero_grad(set_to_none=True)
+    out = model(ids, output_hidden_states=True)
+    out.logits.square().sum().backward()
+    return [out.logits, *out.hidden_states, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("intermediate_size", [48, 0])
+def test_every_residual_add_of_the_decoder_runs_in_a_fused_norm(monkeypatch, intermediate_size):
+    """With the glue on fla, each of a layer's adds goes into the norm after it (the last one into the next layer's
+    first norm, or the final norm) and each MLP through the fused SwiGLU: logits, hidden states and gradients as
+    the unfused decoder's, under every kind of activation checkpointing."""
+    model = decoder_model(intermediate_size=intermediate_size).train()
+    ids = torch.randint(1, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+    selections = (False, True, "mlp,S,D") if intermediate_size else (False, True, "S")
+    unfused = {}
+    for selection in selections:  # on the CPU the glue runs its PyTorch forms
+        model.language_model.gradient_checkpointing = selection
+        unfused[selection] = train_step(model, ids)
+
+    adds, products = [], []
+
+    def fused_add_norm(x, residual, weight, eps):
+        adds.append(x.shape)
+        h = residual + x
+        return weight * F.rms_norm(h, (h.shape[-1],), eps=eps), h
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(norm_module, "_fla_add_rms_norm", fused_add_norm)
+    monkeypatch.setattr(activations_module, "_fla", lambda gate, up: products.append(gate.shape) or F.silu(gate) * up)
+    for selection in selections:
+        model.language_model.gradient_checkpointing = selection
+        assert all(torch.equal(a, b) for a, b in zip(train_step(model, ids), unfused[selection])), selection
+    assert adds and (products or not intermediate_size)  # the steps above ran the fused forms
+    adds.clear()
+    products.clear()
+    with torch.no_grad():
+        model(ids)
+    layers = len(model.language_model.layers)
+    # every add but none into layer 0's first norm (the embeddings come alone)
+    assert len(adds) == (2 * layers if intermediate_size else layers)
+    assert len(products) == (layers if intermediate_size else 0)

@@ -6,6 +6,9 @@ inputs for every case; NaN never passes.
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,9 @@ from hybridvl.mixers.backends import (
     triton_version,
 )
 from hybridvl.mixers.gated_deltanet import init_dt_bias
+from hybridvl.mixers.ops import activations as activations_module
 from hybridvl.mixers.ops import (
+    add_rms_norm,
     causal_attention,
     gated_delta_rule,
     gated_linear_attention,
@@ -27,8 +32,12 @@ from hybridvl.mixers.ops import (
     linear_attention,
     short_conv,
     simple_gated_linear_attention,
+    swiglu,
 )
+from hybridvl.mixers.ops import norm as norm_module
 from hybridvl.mixers.ops.varlen import seqlens_to_cu_seqlens
+from hybridvl.models.config import HybridConfig
+from hybridvl.models.hybrid import HybridVLM
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -216,6 +225,116 @@ def test_gated_rms_norm_fla_float32_matches_torch():
     for options in (dict(norm_before_gate=True), dict(norm_before_gate=False, group_size=64)):
         ref = gated_rms_norm(x, gate, weight, **options, backend="torch")
         assert rel_err(gated_rms_norm(x, gate, weight, **options, backend="fla"), ref) < 1e-5, options
+
+
+@pytest.mark.parametrize("D", [2048, 256])  # the 3B hidden size (fla's one-row kernel, D > 512); rows in blocks
+@pytest.mark.parametrize("precision", ["bf16", "autocast"])
+def test_add_rms_norm_fla_matches_torch(D, precision):
+    """fla's fused residual add + RMSNorm against the PyTorch form in fp32 on the same values: the norm, and the
+    gradients of the block output, the stream and the weight through both outputs. ``bf16``: everything bf16
+    (inference); ``autocast``: a bf16 block output onto a float32 stream with a float32 weight (bf16-mixed
+    training). Dtypes are the unfused form's, and the new stream equals its add bit for bit."""
+    x, residual = torch.randn(4, 1000, D, device=CUDA), torch.randn(4, 1000, D, device=CUDA) * 4
+    weight = torch.rand(D, device=CUDA) + 0.5
+    stream = BF16 if precision == "bf16" else torch.float32
+    low = [x.to(BF16).requires_grad_(), residual.to(stream).requires_grad_(), weight.to(stream).requires_grad_()]
+    high = [t.detach().float().requires_grad_() for t in low]
+    y_k, h_k = add_rms_norm(*low, backend="fla")
+    with torch.no_grad():
+        y_t, h_t = add_rms_norm(*low, backend="torch")
+    assert (y_k.dtype, h_k.dtype) == (y_t.dtype, h_t.dtype) == (stream, stream)
+    assert torch.equal(h_k, h_t)
+    y_r, h_r = add_rms_norm(*high, backend="torch")
+    assert rel_err(y_k, y_r) < OUT_TOL
+    cotangents = torch.randn_like(y_r), torch.randn_like(h_r)
+    torch.autograd.backward([y_k.float(), h_k.float()], cotangents)
+    torch.autograd.backward([y_r, h_r], cotangents)
+    for name, t_k, t_r in zip(["x", "residual", "weight"], low, high):
+        assert t_k.grad.dtype == t_k.dtype, name
+        assert rel_err(t_k.grad, t_r.grad) < GRAD_TOL, (name, rel_err(t_k.grad, t_r.grad))
+
+
+@pytest.mark.parametrize("width", [11008, 1376])  # the 3B MLP width; a small one
+def test_swiglu_fla_matches_torch(width):
+    """fla's fused SwiGLU on the two bf16 halves of one gate/up projection (read in place) against the PyTorch form
+    in fp32 on the same values, forward and the projection's gradient."""
+    gate_up = torch.randn(2, 2000, 2 * width, device=CUDA) * 3
+    low, high = gate_up.to(BF16).requires_grad_(), gate_up.to(BF16).float().requires_grad_()
+    z_k = swiglu(*low.chunk(2, dim=-1), backend="fla")
+    z_r = swiglu(*high.chunk(2, dim=-1), backend="torch")
+    assert z_k.dtype == BF16 and rel_err(z_k, z_r) < OUT_TOL
+    cotangent = torch.randn_like(z_r)
+    z_k.float().backward(cotangent)
+    z_r.backward(cotangent)
+    assert low.grad.dtype == BF16 and rel_err(low.grad, high.grad) < GRAD_TOL
+
+
+def test_layer_glue_fla_float32_matches_torch():
+    """float32 in: fla's add + RMSNorm and SwiGLU compute in float32 throughout (no dot products), so they meet
+    the float32 bound and ``auto`` runs them."""
+    x, residual = torch.randn(2, 500, 2048, device=CUDA), torch.randn(2, 500, 2048, device=CUDA)
+    weight = torch.rand(2048, device=CUDA) + 0.5
+    fused = add_rms_norm(x, residual, weight, backend="fla")
+    for a, b in zip(fused, add_rms_norm(x, residual, weight, backend="torch")):
+        assert rel_err(a, b) < 1e-5
+    gate, up = torch.randn(2, 500, 2 * 11008, device=CUDA).chunk(2, dim=-1)
+    assert rel_err(swiglu(gate, up, backend="fla"), swiglu(gate, up, backend="torch")) < 1e-5
+
+
+def glue_train_step(model: HybridVLM, ids: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and all parameter gradients (flattened, float32) of a next-token cross-entropy step."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(CUDA, dtype=BF16, enabled=autocast):
+        logits = model(ids).logits
+    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+    return logits.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+
+def test_decoder_glue_on_fla_trains_as_in_pytorch(monkeypatch):
+    """A decoder whose residual adds, norms and SwiGLUs run fla's kernels (``auto``) against the same decoder with
+    that glue in PyTorch, over a training step with selective checkpointing. float32: the two agree to float32
+    rounding. bf16 weights, and float32 weights under bf16 autocast (bf16-mixed training): the whole model's bf16
+    error against the float32 run is the same with either glue (the fused glue rounds less), so the fused run is
+    held to the unfused run's distance."""
+    torch.manual_seed(0)
+    config = HybridConfig(
+        layout="S,D,S,D",
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        mrope_section=None,
+        sliding_window=256,
+        mixer_options={"D": dict(num_heads=4, head_dim=64)},
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = HybridVLM(config).to(CUDA).train()
+    model.language_model.gradient_checkpointing = "mlp,S"
+    models = {"float32": model, "autocast": model, "bf16": copy.deepcopy(model).to(BF16)}
+    ids = torch.randint(1, 1000, (2, 700), device=CUDA)
+    fla_calls = []
+    fla_add_rms_norm = norm_module._fla_add_rms_norm
+    monkeypatch.setattr(norm_module, "_fla_add_rms_norm", lambda *args: fla_calls.append(1) or fla_add_rms_norm(*args))
+    skip = {"fla": "the PyTorch form, for reference"}
+    runs = {}
+    for precision, glue in itertools.product(models, ["fla", "torch"]):
+        with monkeypatch.context() as patch:
+            if glue == "torch":
+                patch.setattr(norm_module, "elementwise_auto_skips", lambda dtype: skip)
+                patch.setattr(activations_module, "elementwise_auto_skips", lambda dtype: skip)
+            fla_calls.clear()
+            runs[precision, glue] = glue_train_step(models[precision], ids, autocast=precision == "autocast")
+            assert bool(fla_calls) == (glue == "fla"), (precision, glue)
+    reference = runs["float32", "torch"]
+    for fused, plain in zip(runs["float32", "fla"], reference):
+        assert rel_err(fused, plain) < 1e-4
+    for precision in ("bf16", "autocast"):
+        for fused, plain, exact in zip(runs[precision, "fla"], runs[precision, "torch"], reference):
+            assert rel_err(fused, exact) < 1.1 * rel_err(plain, exact), (precision, rel_err(fused, exact))
 
 
 def test_gated_deltanet_decodes_through_the_fused_step(monkeypatch):

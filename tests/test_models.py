@@ -404,7 +404,8 @@ def test_layers_without_mlp_are_the_mixer_alone():
     assert layer.mlp is None and layer.post_attention_layernorm is None
     x = torch.randn(2, 7, 64)
     with torch.no_grad():
-        assert torch.equal(layer(x, None, None, None)[0], x + layer.self_attn(layer.input_layernorm(x))[0])
+        stream, update, _ = layer(x, None, None, None)
+        assert torch.equal(stream, x) and torch.equal(update, layer.self_attn(layer.input_layernorm(x))[0])
     with pytest.raises(
         ValueError, match=r"intermediate_size must be positive \(the MLP width\) or 0 \(no MLP\), got -1"
     ):

@@ -309,10 +309,10 @@ def stage1_measures(student_dir: Path, teacher_dir: Path, sources: list[dict[str
         batch = batch.to(device)
         taught = teacher.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, output_hidden_states=True, **batch.vision)
         inputs, positions = taught.layer_inputs, taught.rope_position_ids
-        errors = [
-            F.mse_loss(layer(inputs[i], None, positions, taught.cu_seqlens)[0].float(), inputs[i + 1].float())
-            for i, layer in enumerate(student.language_model.layers)
-        ]
+        errors = []
+        for i, layer in enumerate(student.language_model.layers):
+            stream, update, _ = layer(inputs[i], None, positions, taught.cu_seqlens)
+            errors.append(F.mse_loss((stream + update).float(), inputs[i + 1].float()))
         run = student.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, **batch.vision)
         count = batch.num_tokens
         mse += float(torch.stack(errors).mean()) * count

@@ -1,8 +1,8 @@
-"""RMSNorm with a SiLU output gate: the output norm of Gated DeltaNet and GLA (norm, then gate) and of Mamba2
-(gate, then norm, in groups).
+"""RMSNorms fused with what comes before them: a SiLU output gate (the output norm of Gated DeltaNet and GLA: norm,
+then gate; of Mamba2: gate, then norm, in groups) and the residual add of a pre-norm block (Qwen2's decoder layer).
 
-The PyTorch form computes in float32 (float64 for float64 input); fla's fused kernels (one kernel forward, one
-backward) load both inputs into float32 registers and compute the same expression.
+The PyTorch forms compute the norm in float32 (float64 for float64 input); fla's fused kernels (one kernel forward,
+one backward) load their inputs into float32 registers and compute the same expression.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridvl.mixers.backends import select_backend
+from hybridvl.mixers.backends import elementwise_auto_skips, select_backend
 from hybridvl.mixers.ops.utils import compute_dtype
 
 _PREFERENCE = ("fla", "torch")
@@ -76,3 +76,53 @@ def _fla(x, gate, weight, eps, norm_before_gate, group_size):
     from fla.modules.norm.layernorm_gated import rmsnorm_fn
 
     return rmsnorm_fn(x, weight, None, z=gate, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add a block's output to the residual stream and normalise the sum, as a pre-norm decoder does between blocks:
+    ``h = residual + x``, then Qwen2's RMSNorm ``weight * rmsnorm(h)``.
+
+    The PyTorch form is those two expressions (the norm computed in float32, rounded to ``h``'s dtype, then scaled);
+    fla's kernel (``rms_norm`` with ``residual``, ``prenorm=True``: one kernel forward, one backward) adds in float32,
+    stores ``h``, and normalises and scales the float32 sum before rounding once. Both return PyTorch's dtypes.
+
+    Args:
+        x: the block's output, ``[..., D]``.
+        residual: the residual stream, shaped as ``x``.
+        weight: ``[D]`` scale.
+        eps: added to the mean square.
+        backend: ``"auto"``, ``"fla"`` or ``"torch"``; ``"auto"`` runs float64 inputs, and a forward traced by
+            torch.compile, in PyTorch (:func:`~hybridvl.mixers.backends.elementwise_auto_skips`).
+
+    Returns:
+        ``(y, h)``: the normalised sum, in the dtype of ``weight * h``, and the new stream ``h = residual + x`` in
+        the dtype of that sum (bf16 + float32 gives float32).
+    """
+    D = x.shape[-1]
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if weight.shape != (D,):
+        raise ValueError(f"weight must be [D] = [{D}], got {tuple(weight.shape)}")
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    auto_skips = elementwise_auto_skips(dtype)
+    if select_backend(backend, x.device, _PREFERENCE, "add_rms_norm", auto_skips=auto_skips) == "fla":
+        return _fla_add_rms_norm(x, residual, weight, eps)
+    h = residual + x
+    return weight * F.rms_norm(h, (D,), eps=eps), h
+
+
+@torch.compiler.disable  # under torch.compile the kernel library runs as it is (no tracing of its autotuners)
+def _fla_add_rms_norm(x, residual, weight, eps):
+    from fla.modules.norm.layernorm import rms_norm
+
+    # fla writes the sum in the residual's dtype and the output in x's: give them PyTorch's (casting up is exact)
+    stream = torch.promote_types(x.dtype, residual.dtype)
+    out = torch.promote_types(stream, weight.dtype)
+    return rms_norm(x.to(out), weight, None, residual=residual.to(stream), eps=eps, prenorm=True)
