@@ -375,12 +375,11 @@ class _Schedule:
                 busy = [worker for worker in pool if worker.cell is not None]
                 pending = self._pending(defined, {worker.cell.id(self.study) for worker in busy}, failed)
                 while pending and len(busy) < self.workers and time.monotonic() < self.deadline:
-                    idle = [worker for worker in pool if worker.cell is None]
-                    worker = idle[0] if idle else _Worker.start(logger.getEffectiveLevel(), threads)
-                    if not idle:
+                    worker = next((worker for worker in pool if worker.cell is None), None)
+                    if worker is None:
+                        worker = _Worker.start(logger.getEffectiveLevel(), threads)
                         pool.append(worker)
-                    running = [w.cell for w in busy]
-                    cell = pending.pop(_next_cell(pending, running, self.tuned, worker.group))
+                    cell = pending.pop(_next_cell(pending, [w.cell for w in busy], self.tuned, worker.group))
                     worker.send(
                         cell, (self.study, cell, self.out, self.processor_dir, self.workers, self._kernel_record(cell))
                     )
@@ -391,14 +390,14 @@ class _Schedule:
                     cell, error = worker.cell, worker.receive()
                     if error:
                         failed[cell.id(self.study)] = error
-                        pool.remove(worker)  # a failed cell may leave its CUDA context unusable: the worker ends
-                        worker.stop()
                     else:
                         self._count(cell.id(self.study))
                         self.tuned.add(cell.group)
-                        if self.reference:  # a repeated cell shows what a fresh process computes: one per cell
-                            pool.remove(worker)
-                            worker.stop()
+                    # a failed cell may leave its CUDA context unusable; a repeated cell shows what a fresh process
+                    # computes: either way the worker ends
+                    if error or self.reference:
+                        pool.remove(worker)
+                        worker.stop()
                     logger.info("%s%s", cell.id(self.study), f" FAILED: {error.splitlines()[0]}" if error else " done")
         finally:
             for worker in pool:
