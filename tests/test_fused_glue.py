@@ -19,13 +19,14 @@ from hybridvl.mixers import backends
 from hybridvl.mixers.backends import BackendUnavailableError
 from hybridvl.mixers.modules import GatedRMSNorm, RMSNorm
 from hybridvl.mixers.ops import activations as activations_module
-from hybridvl.mixers.ops import add_rms_norm, gated_delta_rule, gated_rms_norm, swiglu
+from hybridvl.mixers.ops import add_rms_norm, gated_delta_rule, gated_rms_norm, short_conv, swiglu
 from hybridvl.mixers.ops import norm as norm_module
 from hybridvl.models.config import HybridConfig
 from hybridvl.models.hybrid import HybridVLM
 
-# the module, which the package's function of the same name hides
+# the modules, which the package's functions of the same names hide
 gdr_module = importlib.import_module("hybridvl.mixers.ops.gated_delta_rule")
+short_conv_module = importlib.import_module("hybridvl.mixers.ops.short_conv")
 F64 = torch.float64
 ROOT = Path(__file__).parent.parent
 
@@ -234,12 +235,13 @@ def test_layer_glue_rejects_bad_inputs():
         swiglu(x, x, backend="fla")
 
 
-GLUE = ["gated_rms_norm", "add_rms_norm", "swiglu"]
+GLUE = ["gated_rms_norm", "add_rms_norm", "swiglu", "short_conv"]
 # each glue op's fla kernel: the module and the name it is called by
 GLUE_KERNELS = {
     "gated_rms_norm": (norm_module, "_fla"),
     "add_rms_norm": (norm_module, "_fla_add_rms_norm"),
     "swiglu": (activations_module, "_fla"),
+    "short_conv": (short_conv_module, "_fla"),
 }
 
 
@@ -250,8 +252,10 @@ def run_glue(owner: str, x: torch.Tensor, backend: str = "auto") -> None:
         gated_rms_norm(x, x, weight, norm_before_gate=False, group_size=4, backend=backend)
     elif owner == "add_rms_norm":
         add_rms_norm(x, x, weight, backend=backend)
-    else:
+    elif owner == "swiglu":
         swiglu(x, x, backend=backend)
+    else:
+        short_conv(x, torch.ones(8, 4), backend=backend)
 
 
 @pytest.mark.parametrize("owner", GLUE)
