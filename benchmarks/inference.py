@@ -70,6 +70,7 @@ PARTS = ("prefill", "decode", "accounting", "streaming", "serving")
 FRAME_GRID = (1, 32, 32)  # a 448x448 frame
 ACCOUNTING_CONTEXT = 4096
 SERVING_HEADROOM = 4 * 2**30
+SERVING_TIMINGS = 3  # a serving run's ms per step: the median of this many timings
 """Bytes serving keeps free beside the batch's memory: the graph's workspace, the allocator's slack."""
 SERVING_TARGET = 5.0
 """The serving claim: the hybrid's tokens/s at 128K at least this many times the Transformer's at its largest
@@ -163,34 +164,90 @@ def fill_context(decoder: GraphedDecoder, context: int) -> None:
     decoder.load(decoder.state)  # recount the tokens held (the copy itself is a no-op)
 
 
-def decode_ms(model: HybridVLM, context: int, steps: int, compile: bool = False) -> dict:
+def decode_reserve(steps: int, timings: int) -> int:
+    """Tokens past the context that :func:`graphed_decode` reserves for its three warm-up steps and ``timings``
+    timings of ``steps`` replays (with room to spare)."""
+    return (timings + 1) * steps + 16
+
+
+def graphed_decode(
+    model: HybridVLM,
+    batch: int,
+    context: int,
+    steps: int,
+    *,
+    timings: int = 1,
+    next_token: bool = False,
+    compile: bool = False,
+) -> dict:
+    """Decoding ``batch`` sequences at ``context`` tokens by CUDA-graph replay (:class:`GraphedDecoder`, the state
+    built by :func:`fill_context`): ms per step, the median of ``timings`` timings of ``steps`` replays after three
+    warm-up steps. ``next_token``: the graph chooses the next tokens (greedy) and they are fed back; else it returns
+    logits and the same tokens are fed at every step. Returns the batch, the context, ``ms_per_step``,
+    ``tokens_per_second``, the state's bytes and the peak allocated bytes, or ``{"error": "out of memory"}`` in
+    their place when it does not fit. Memory is freed before and after."""
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    decoder = None
     try:
-        decoder = GraphedDecoder(model, batch_size=1, max_context=context + steps + 8, compile=compile)
+        decoder = GraphedDecoder(
+            model,
+            batch_size=batch,
+            max_context=context + decode_reserve(steps, timings),
+            next_token=next_token,
+            compile=compile,
+        )
         fill_context(decoder, context)
-        token = torch.randint(0, 150_000, (1,), device="cuda")
+        tokens = torch.randint(0, model.config.vocab_size, (batch,), device="cuda")
+
+        def step() -> None:
+            nonlocal tokens
+            out = decoder.step(tokens)
+            if next_token:
+                tokens = out
+
         for _ in range(3):
-            decoder.step(token)
+            step()
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            decoder.step(token)
-        end.record()
-        torch.cuda.synchronize()
+        times = []
+        for _ in range(timings):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / steps)
+        ms = statistics.median(times)
         result = {
+            "batch": batch,
             "context": context,
-            "ms_per_token": start.elapsed_time(end) / steps,
-            "state_gib": decoder.state.nbytes / 2**30,
-            "peak_gib": _peak_gib(),
+            "ms_per_step": ms,
+            "tokens_per_second": batch / ms * 1e3,
+            "state_bytes": decoder.state.nbytes,
+            "peak_bytes": torch.cuda.max_memory_allocated(),
         }
     except torch.OutOfMemoryError:
-        result = {"context": context, "ms_per_token": None, "error": "out of memory"}
-    finally:
-        decoder = None
-        torch.cuda.empty_cache()
+        result = {"batch": batch, "context": context, "error": "out of memory"}
+    decoder = None
+    gc.collect()  # a failed graph's tensors, held by the traceback's frames until now
+    torch.cuda.empty_cache()
     return result
+
+
+def decode_ms(model: HybridVLM, context: int, steps: int, compile: bool = False) -> dict:
+    """ms per token of one sequence at ``context`` tokens: :func:`graphed_decode` of batch 1, one timing, logits
+    out; the state and the peak memory in GiB."""
+    run = graphed_decode(model, 1, context, steps, compile=compile)
+    if "error" in run:
+        return {"context": context, "ms_per_token": None, "error": run["error"]}
+    return {
+        "context": context,
+        "ms_per_token": run["ms_per_step"],
+        "state_gib": run["state_bytes"] / 2**30,
+        "peak_gib": run["peak_bytes"] / 2**30,
+    }
 
 
 def step_bytes_moved(model: HybridVLM, context: int) -> dict[str, int]:
@@ -365,54 +422,10 @@ def try_batches(measure: Callable[[int], dict], largest: int) -> list[dict]:
     return runs
 
 
-def _batched_decode(model: HybridVLM, batch: int, context: int, steps: int, compile: bool) -> dict:
-    decoder = GraphedDecoder(
-        model, batch_size=batch, max_context=context + 4 * steps + 16, next_token=True, compile=compile
-    )
-    fill_context(decoder, context)
-    tokens = torch.randint(0, model.config.vocab_size, (batch,), device="cuda")
-    for _ in range(3):  # warm-up; every step feeds the tokens the previous one chose
-        tokens = decoder.step(tokens)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            tokens = decoder.step(tokens)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / steps)
-    ms = statistics.median(times)
-    return {
-        "batch": batch,
-        "context": context,
-        "ms_per_step": ms,
-        "tokens_per_second": batch / ms * 1e3,
-        "peak_bytes": torch.cuda.max_memory_allocated(),
-    }
-
-
-def batched_decode(model: HybridVLM, batch: int, context: int, steps: int, compile: bool = False) -> dict:
-    """Decoding ``batch`` sequences at ``context`` tokens through one CUDA graph, the next tokens chosen inside it
-    (greedy) and fed back: ms per step (median of three timings of ``steps`` replays after three warm-up steps),
-    tokens/s and the peak allocated memory; ``{"error": "out of memory"}`` instead when it does not fit. Memory is
-    freed before and after."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        result = _batched_decode(model, batch, context, steps, compile)
-    except torch.OutOfMemoryError:
-        result = {"batch": batch, "context": context, "error": "out of memory"}
-    gc.collect()  # the failed graph's tensors, held by the traceback's frames until now
-    torch.cuda.empty_cache()
-    return result
-
-
 def serving(model: HybridVLM, contexts: list[int], steps: int, compile: bool = False) -> dict:
     """Batched decoding at each of ``contexts``: the memory each sequence needs, the largest batch predicted to fit
-    the memory free beside the weights, and :func:`batched_decode` over :func:`try_batches` up to it."""
+    the memory free beside the weights, and :func:`graphed_decode` (the next tokens chosen inside the graph, the median
+    of ``SERVING_TIMINGS`` timings) over :func:`try_batches` up to it."""
     gc.collect()
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
@@ -425,11 +438,13 @@ def serving(model: HybridVLM, contexts: list[int], steps: int, compile: bool = F
         "contexts": [],
     }
     for context in contexts:
-        state = state_bytes_per_sequence(model, context, 4 * steps + 16)
+        state = state_bytes_per_sequence(model, context, decode_reserve(steps, SERVING_TIMINGS))
         predicted = largest_batch(free, state + result["step_bytes_per_sequence"])
 
         def measure(batch: int, context: int = context) -> dict:
-            run = batched_decode(model, batch, context, steps, compile)
+            run = graphed_decode(
+                model, batch, context, steps, timings=SERVING_TIMINGS, next_token=True, compile=compile
+            )
             print("serving", run, flush=True)
             return run
 

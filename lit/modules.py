@@ -60,7 +60,7 @@ from hybridvl.models.checkpoint import check_weights, save_weights
 from hybridvl.models.convert import copy_processor_files
 from hybridvl.models.files import EXPORT_RECORD, check_output, write_json
 from hybridvl.models.generation import generate
-from hybridvl.models.hybrid import HybridVLM, checkpoint_selection
+from hybridvl.models.hybrid import HybridVLM, checkpoint_selection, residual_stream
 from hybridvl.models.loading import STAGE_CONFIG_KEY
 
 logger = logging.getLogger("hybridvl.train")
@@ -641,7 +641,7 @@ class DistillLayerwise(_Distillation):
                 stream, update, _ = checkpoint(layer, *args, use_reentrant=False)
             else:
                 stream, update, _ = layer(*args, recompute)
-            output = stream + update  # the layer's output: its last add is left to the next norm
+            output = residual_stream(stream, update)  # the layer's last add is left to the next norm
             losses[f"mse/layer{index}"] = F.mse_loss(output.float(), inputs[index + 1].float())
         if not losses:
             raise ValueError("no decoder layer has trainable parameters: nothing to distill")

@@ -17,6 +17,15 @@ device and logs the choice once per mixer kind. An explicitly requested backend 
 :class:`BackendUnavailableError` naming what is missing; nothing falls back silently. ``auto`` also passes
 over kernels that would miss the reference bound for the input's dtype (:func:`precision_auto_skips`: float32
 and float64 inputs run the PyTorch reference), while an explicit request still runs them.
+
+The glue around the recurrences (the gated RMSNorm, the residual add with its RMSNorm, SwiGLU, the short
+convolution) follows one rule of its own, :func:`elementwise_auto_skips`: ``auto`` runs fla's fused kernel for
+16-bit and float32 inputs (these kernels have no dot products and compute in float32, so they meet the float32
+bound) and the PyTorch form for float64; and inside a forward traced by ``torch.compile`` it runs the PyTorch form
+at any dtype. Compiling is asked for to have Inductor fuse this elementwise work with what surrounds it, which it
+does with the PyTorch form, while a kernel library call splits the graph at every norm and activation (the kernels
+are wrapped in ``torch.compiler.disable``, so ``backend="fla"`` still runs them, as they are, in a compiled
+forward). The recurrences keep their kernels under ``torch.compile``: Inductor has nothing to fuse them into.
 """
 
 from __future__ import annotations
@@ -228,12 +237,13 @@ def precision_auto_skips(device: torch.device, dtype: torch.dtype, preference: S
 
 
 def elementwise_auto_skips(dtype: torch.dtype) -> dict[str, str] | None:
-    """What ``backend="auto"`` passes fla's element-wise glue kernels over for (a residual add with its RMSNorm,
-    SwiGLU), with the reason; ``None`` when nothing.
+    """What ``backend="auto"`` passes fla's glue kernels over for (the gated RMSNorm, a residual add with its
+    RMSNorm, SwiGLU, the short convolution), for inputs of ``dtype``, with the reason; ``None`` when nothing.
 
-    A forward traced by torch.compile runs the PyTorch form, which Inductor fuses itself, where a kernel library call
-    would break the graph; float64 inputs run it too, fla computing them in float32. float32 inputs run fla: these
-    kernels have no dot products and compute in float32 throughout.
+    The glue's rule (see the module docstring): a forward traced by torch.compile runs the PyTorch form, which
+    Inductor fuses itself, where a kernel library call would break the graph; float64 inputs run it too, fla
+    computing them in float32. float32 inputs run fla: these kernels have no dot products and compute in float32
+    throughout.
     """
     if torch.compiler.is_compiling():
         return {"fla": "under torch.compile Inductor fuses the PyTorch form, and a kernel call would break the graph"}

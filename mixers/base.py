@@ -200,7 +200,8 @@ class Mixer(nn.Module):
     def _glue_backend(self) -> str:
         """The backend of the short convolutions and the gated output norm: PyTorch when the mixer is asked for
         PyTorch, else ``"auto"``, so they keep fla's kernels where the recurrence alone falls back to PyTorch (a
-        broken backward, or a study that runs one mixer's recurrence in PyTorch)."""
+        broken backward, a float32 input, or a study that runs one mixer's recurrence in PyTorch); ``"auto"`` then
+        follows the glue's rule (:func:`~hybridvl.mixers.backends.elementwise_auto_skips`)."""
         return "torch" if self.backend == "torch" else "auto"
 
     def _dtype(self, dtype: torch.dtype | None) -> torch.dtype:

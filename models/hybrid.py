@@ -186,7 +186,8 @@ class HybridDecoderLayer(nn.Module):
         :func:`checkpoint_selection`) names parts whose activations the backward pass recomputes: ``"mlp"``, and
         this layer's mixer letter.
 
-        Returns ``(x, update, state)``: the layer's output is ``x + update``, the last add left to the next norm.
+        Returns ``(x, update, state)``: the layer's output is ``x + update`` (:func:`residual_stream`), the last add
+        left to the next norm.
         """
         if self.kind in recompute:
             x, update, state = checkpoint(self._mix, x, update, state, position_ids, cu_seqlens, use_reentrant=False)
@@ -208,6 +209,12 @@ class HybridDecoderLayer(nn.Module):
     def _feed_forward(self, x: torch.Tensor, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normed, x = self.post_attention_layernorm(mixed, residual=x)
         return x, self.mlp(normed)
+
+
+def residual_stream(x: torch.Tensor, update: torch.Tensor | None) -> torch.Tensor:
+    """The hidden state a decoder layer's ``(x, update)`` pair carries (:class:`HybridDecoderLayer`): ``x + update``,
+    or ``x`` when ``update`` is ``None``. A layer's output, for whoever reads it outside the decoder's next norm."""
+    return x if update is None else x + update
 
 
 def _add_and_norm(norm: RMSNorm, x: torch.Tensor, update: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +250,7 @@ class HybridDecoder(nn.Module):
             recompute = checkpoint_selection(self.gradient_checkpointing, [layer.kind for layer in self.layers])
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
-                all_hidden.append(hidden if update is None else hidden + update)
+                all_hidden.append(residual_stream(hidden, update))
             state = None if states is None else states[i]
             if "layers" in recompute:
                 hidden, update, state = checkpoint(

@@ -19,15 +19,16 @@ from hybridvl.mixers.ops.decode_attention import decode_attention_step, decode_a
 
 def fla_glue() -> None:
     """fla's fused gated RMSNorm (both forms, forward and backward), its token-loop gated delta rule with the decay
-    and ``beta`` computed in the kernel (packed sequences continuing from states), and the gate kernels of its
-    chunked form (the decay summed in chunks; gradients for ``g``, ``A_log`` and ``dt_bias``) against the PyTorch
-    forms in float32. On the CPU fla's softplus is the plain ``log(1 + exp(x))`` below 20; on NVIDIA GPUs it is
-    inline PTX, which the gpu tests cover."""
+    and ``beta`` computed in the kernel (packed sequences continuing from states), the gate kernels of its chunked
+    form (the decay summed in chunks; gradients for ``g``, ``A_log`` and ``dt_bias``) and its short convolution
+    (packed sequences continuing from states, forward and backward) against the PyTorch forms in float32. On
+    the CPU fla's softplus is the plain ``log(1 + exp(x))`` below 20; on NVIDIA GPUs it is inline PTX, which the gpu
+    tests cover."""
     import triton.runtime.autotuner as autotuner
     from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum
 
     from hybridvl.mixers import backends
-    from hybridvl.mixers.ops import gated_rms_norm
+    from hybridvl.mixers.ops import gated_rms_norm, short_conv
     from hybridvl.mixers.ops.gated_delta_rule import gdn_decay
 
     # no GPU to time an autotuned kernel's configurations on: each runs its first
@@ -76,6 +77,21 @@ def fla_glue() -> None:
     grads_ref = torch.autograd.grad(decay, (g, A_log, dt_bias), cotangent)
     grads_fla = gdn_gate_bwd(g.detach(), A_log.detach(), dt_bias.detach(), cotangent)
     errors = [rel_err(a, b) for a, b in zip(grads_fla, grads_ref)]
+    assert max(errors) < 1e-5, errors
+
+    # the short convolution in float32 (auto runs fla's kernel there: no dot products), packed sequences continuing
+    # from states: outputs, final states, and the gradients of the input, the weight, the bias and the states
+    conv_inputs = [torch.randn(1, 16, 24), torch.randn(24, 4), torch.randn(24), torch.randn(3, 24, 4)]
+    x, weight, bias, state = (t.requires_grad_() for t in conv_inputs)
+    conv = dict(initial_state=state, cu_seqlens=torch.tensor([0, 5, 7, 16]))
+    y_fla, final_fla = short_conv(x, weight, bias, **conv, backend="fla")
+    y_ref, final_ref = short_conv(x, weight, bias, **conv, backend="torch")
+    cotangent = torch.randn_like(y_ref)
+    grads_fla = torch.autograd.grad(y_fla, conv_inputs, cotangent)
+    grads_ref = torch.autograd.grad(y_ref, conv_inputs, cotangent)
+    errors = [rel_err(y_fla, y_ref), rel_err(final_fla, final_ref)] + [
+        rel_err(a, b) for a, b in zip(grads_fla, grads_ref)
+    ]
     assert max(errors) < 1e-5, errors
 
 

@@ -19,13 +19,14 @@ from hybridvl.mixers import backends
 from hybridvl.mixers.backends import BackendUnavailableError
 from hybridvl.mixers.modules import GatedRMSNorm, RMSNorm
 from hybridvl.mixers.ops import activations as activations_module
-from hybridvl.mixers.ops import add_rms_norm, gated_delta_rule, gated_rms_norm, swiglu
+from hybridvl.mixers.ops import add_rms_norm, gated_delta_rule, gated_rms_norm, short_conv, swiglu
 from hybridvl.mixers.ops import norm as norm_module
 from hybridvl.models.config import HybridConfig
 from hybridvl.models.hybrid import HybridVLM
 
-# the module, which the package's function of the same name hides
+# the modules, which the package's functions of the same names hide
 gdr_module = importlib.import_module("hybridvl.mixers.ops.gated_delta_rule")
+short_conv_module = importlib.import_module("hybridvl.mixers.ops.short_conv")
 F64 = torch.float64
 ROOT = Path(__file__).parent.parent
 
@@ -76,43 +77,6 @@ def test_gated_rms_norm_rejects_bad_inputs():
         gated_rms_norm(x, x, weight, group_size=3)
     with pytest.raises(BackendUnavailableError, match=r"needs? a CUDA device|not installed"):
         gated_rms_norm(x, x, weight, backend="fla")
-
-
-def test_gated_rms_norm_logs_its_fallback_on_the_cpu(monkeypatch, caplog):
-    monkeypatch.setattr(backends, "_logged", set())
-    x = torch.randn(2, 3, 8)
-    with caplog.at_level("INFO", logger="hybridvl.mixers"):
-        gated_rms_norm(x, x, torch.ones(8))
-    (line,) = backend_lines(caplog, "gated_rms_norm")
-    assert line.startswith("gated_rms_norm on cpu uses backend 'torch' (fla skipped:")
-
-
-@pytest.mark.parametrize(
-    ("dtype", "backend", "chosen"),
-    [
-        (torch.bfloat16, "auto", "fla"),
-        (torch.float32, "auto", "fla"),  # no dot products: float32 in, float32 arithmetic
-        (torch.float64, "auto", "torch"),  # the kernel computes in float32
-        (torch.float64, "fla", "fla"),  # asked for by name, it runs
-        (torch.bfloat16, "torch", "torch"),
-    ],
-)
-def test_gated_rms_norm_chooses_fla_where_it_meets_the_dtype(
-    kernels_run_here, monkeypatch, caplog, dtype, backend, chosen
-):
-    calls = []
-    monkeypatch.setattr(norm_module, "_fla", lambda x, *rest: calls.append(rest) or x)
-    x = torch.randn(2, 3, 8, dtype=dtype)
-    with caplog.at_level("INFO", logger="hybridvl.mixers"):
-        gated_rms_norm(x, x, torch.ones(8), norm_before_gate=False, group_size=4, backend=backend)
-    assert len(calls) == (chosen == "fla")
-    if chosen == "fla":
-        assert calls[0][-2:] == (False, 4)  # norm_before_gate, group_size
-    if backend == "auto":
-        (line,) = backend_lines(caplog, "gated_rms_norm")
-        assert line.startswith(f"gated_rms_norm on cpu uses backend {chosen!r}")
-        if chosen == "torch":
-            assert "fla skipped: its fused norm computes float64 inputs in float32" in line
 
 
 def gdn_raw_inputs(B=2, T=21, H=3, K=8, V=16, dtype=F64):
@@ -271,12 +235,34 @@ def test_layer_glue_rejects_bad_inputs():
         swiglu(x, x, backend="fla")
 
 
-@pytest.mark.parametrize("owner", ["add_rms_norm", "swiglu"])
-def test_layer_glue_logs_its_fallback_on_the_cpu(monkeypatch, caplog, owner):
+GLUE = ["gated_rms_norm", "add_rms_norm", "swiglu", "short_conv"]
+# each glue op's fla kernel: the module and the name it is called by
+GLUE_KERNELS = {
+    "gated_rms_norm": (norm_module, "_fla"),
+    "add_rms_norm": (norm_module, "_fla_add_rms_norm"),
+    "swiglu": (activations_module, "_fla"),
+    "short_conv": (short_conv_module, "_fla"),
+}
+
+
+def run_glue(owner: str, x: torch.Tensor, backend: str = "auto") -> None:
+    """The glue op ``owner`` on ``x`` ``[2, 3, 8]`` (its other inputs made from ``x``)."""
+    weight = torch.ones(8)
+    if owner == "gated_rms_norm":
+        gated_rms_norm(x, x, weight, norm_before_gate=False, group_size=4, backend=backend)
+    elif owner == "add_rms_norm":
+        add_rms_norm(x, x, weight, backend=backend)
+    elif owner == "swiglu":
+        swiglu(x, x, backend=backend)
+    else:
+        short_conv(x, torch.ones(8, 4), backend=backend)
+
+
+@pytest.mark.parametrize("owner", GLUE)
+def test_glue_logs_its_fallback_on_the_cpu(monkeypatch, caplog, owner):
     monkeypatch.setattr(backends, "_logged", set())
-    x = torch.randn(2, 3, 8)
     with caplog.at_level("INFO", logger="hybridvl.mixers"):
-        add_rms_norm(x, x, torch.ones(8)) if owner == "add_rms_norm" else swiglu(x, x)
+        run_glue(owner, torch.randn(2, 3, 8))
     (line,) = backend_lines(caplog, owner)
     assert line.startswith(f"{owner} on cpu uses backend 'torch' (fla skipped:")
 
@@ -290,25 +276,22 @@ def test_layer_glue_logs_its_fallback_on_the_cpu(monkeypatch, caplog, owner):
         (torch.float64, "fla", False, "fla"),  # asked for by name, they run
         (torch.bfloat16, "torch", False, "torch"),
         (torch.bfloat16, "auto", True, "torch"),  # traced by torch.compile: Inductor fuses the PyTorch form
+        (torch.bfloat16, "fla", True, "fla"),  # asked for by name, the kernel runs as it is in a compiled forward
     ],
 )
-@pytest.mark.parametrize("owner", ["add_rms_norm", "swiglu"])
-def test_layer_glue_chooses_fla_where_it_meets_the_dtype(
-    kernels_run_here, monkeypatch, caplog, owner, dtype, backend, compiling, chosen
-):
+@pytest.mark.parametrize("owner", GLUE)
+def test_glue_chooses_fla_by_one_rule(kernels_run_here, monkeypatch, caplog, owner, dtype, backend, compiling, chosen):
+    """Every glue op follows :func:`~hybridvl.mixers.backends.elementwise_auto_skips`: fla for 16-bit and float32
+    inputs, PyTorch for float64 and inside a torch.compile trace; by name each runs what it is asked for."""
     calls = []
-    if owner == "add_rms_norm":
-        monkeypatch.setattr(norm_module, "_fla_add_rms_norm", lambda x, residual, *rest: calls.append(rest) or (x, x))
-    else:
-        monkeypatch.setattr(activations_module, "_fla", lambda gate, up: calls.append(gate) or gate)
+    module, kernel = GLUE_KERNELS[owner]
+    monkeypatch.setattr(module, kernel, lambda *args: calls.append(args))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
-    x = torch.randn(2, 3, 8, dtype=dtype)
     with caplog.at_level("INFO", logger="hybridvl.mixers"):
-        if owner == "add_rms_norm":
-            add_rms_norm(x, x, torch.ones(8), backend=backend)
-        else:
-            swiglu(x, x, backend=backend)
+        run_glue(owner, torch.randn(2, 3, 8, dtype=dtype), backend)
     assert len(calls) == (chosen == "fla")
+    if owner == "gated_rms_norm" and chosen == "fla":
+        assert calls[0][-2:] == (False, 4)  # norm_before_gate, group_size
     if backend == "auto":
         (line,) = backend_lines(caplog, owner)
         assert line.startswith(f"{owner} on cpu uses backend {chosen!r}")

@@ -19,7 +19,7 @@ from hybridvl.models.checkpoint import CheckpointMismatchError, load_weights_str
 from hybridvl.models.config import HybridConfig
 from hybridvl.models.convert import convert_checkpoint, convert_directory
 from hybridvl.models.generation import generate
-from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.hybrid import HybridVLM, residual_stream
 from hybridvl.models.qwen import ConversionError
 from hybridvl.models.tiny_qwen import make_tiny_qwen2_5_vl
 
@@ -374,14 +374,15 @@ def test_state_is_constant_size_without_full_attention(teacher_dir):
     assert large > small
 
 
-def _no_mlp_model(layout: str = "S,L") -> HybridVLM:
-    """Zoology's recall-model shape: two layers, the sequence mixer alone (``intermediate_size=0``)."""
+def _no_mlp_model(layout: str = "S,L", intermediate_size: int = 0) -> HybridVLM:
+    """Zoology's recall-model shape: two layers, the sequence mixer alone (``intermediate_size=0``; given a width,
+    the same layers with MLPs)."""
     torch.manual_seed(0)
     config = HybridConfig(
         layout=layout,
         vocab_size=512,
         hidden_size=64,
-        intermediate_size=0,
+        intermediate_size=intermediate_size,
         num_hidden_layers=len(layout.split(",")),
         num_attention_heads=2,
         num_key_value_heads=1,
@@ -393,6 +394,19 @@ def _no_mlp_model(layout: str = "S,L") -> HybridVLM:
         eos_token_id=None,
     )
     return HybridVLM(config).eval()
+
+
+@pytest.mark.parametrize("intermediate_size", [0, 96])
+def test_a_layer_alone_gives_the_next_hidden_state(intermediate_size):
+    """Given the hidden state before it, a layer's ``(x, update)`` summed by :func:`residual_stream` is the decoder's
+    hidden state after it (what Stage I holds each layer to), with and without an MLP."""
+    model = _no_mlp_model("S,L,S", intermediate_size)
+    ids = torch.randint(1, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+        for i, layer in enumerate(model.language_model.layers):
+            stream, update, _ = layer(hidden[i], None, None, None)
+            assert torch.allclose(residual_stream(stream, update), hidden[i + 1], atol=1e-6)
 
 
 def test_layers_without_mlp_are_the_mixer_alone():

@@ -27,7 +27,7 @@ from hybridvl.lit.data.synthetic import SyntheticSuite
 from hybridvl.lit.datamodule import HybridDataModule
 from hybridvl.lit.modules import SFT
 from hybridvl.models.files import write_json
-from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.hybrid import HybridVLM, residual_stream
 
 logger = logging.getLogger("hybridvl.ablation")
 
@@ -312,7 +312,7 @@ def stage1_measures(student_dir: Path, teacher_dir: Path, sources: list[dict[str
         errors = []
         for i, layer in enumerate(student.language_model.layers):
             stream, update, _ = layer(inputs[i], None, positions, taught.cu_seqlens)
-            errors.append(F.mse_loss((stream + update).float(), inputs[i + 1].float()))
+            errors.append(F.mse_loss(residual_stream(stream, update).float(), inputs[i + 1].float()))
         run = student.decode(batch.input_ids, cu_seqlens=batch.cu_seqlens, **batch.vision)
         count = batch.num_tokens
         mse += float(torch.stack(errors).mean()) * count

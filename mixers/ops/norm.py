@@ -38,8 +38,8 @@ def gated_rms_norm(
         eps: added to the mean square.
         norm_before_gate: normalise first (``True``) or gate first.
         group_size: features per normalised group (dividing ``D``); default ``D``, one group.
-        backend: ``"auto"``, ``"fla"`` or ``"torch"``; ``"auto"`` runs float64 inputs in PyTorch (fla's kernels
-            compute in float32).
+        backend: ``"auto"``, ``"fla"`` or ``"torch"``; ``"auto"`` runs float64 inputs, and a forward traced by
+            torch.compile, in PyTorch (:func:`~hybridvl.mixers.backends.elementwise_auto_skips`).
 
     Returns:
         The output in ``x``'s dtype.
@@ -52,9 +52,7 @@ def gated_rms_norm(
         raise ValueError(f"weight must be [D] = [{D}], got {tuple(weight.shape)}")
     if group_size < 1 or D % group_size:
         raise ValueError(f"group_size must divide D = {D}, got {group_size}")
-    auto_skips = None
-    if x.dtype == torch.float64:
-        auto_skips = {"fla": "its fused norm computes float64 inputs in float32; pass backend='fla' to accept that"}
+    auto_skips = elementwise_auto_skips(torch.promote_types(x.dtype, gate.dtype))
     if select_backend(backend, x.device, _PREFERENCE, "gated_rms_norm", auto_skips=auto_skips) == "fla":
         return _fla(x, gate, weight, eps, norm_before_gate, group_size)
     dtype = compute_dtype(x)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridvl.mixers.backends import precision_auto_skips, select_backend
+from hybridvl.mixers.backends import elementwise_auto_skips, select_backend
 from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
@@ -27,6 +27,10 @@ def short_conv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the convolution to ``x`` ``[B, T, C]`` with ``weight`` ``[C, kernel_size]``.
 
+    ``backend``: ``"auto"``, ``"fla"`` or ``"torch"``; ``"auto"`` runs float64 inputs, and a forward traced by
+    torch.compile, in PyTorch (:func:`~hybridvl.mixers.backends.elementwise_auto_skips`: fla's kernel sums each
+    channel's taps in float32, with no dot products).
+
     Returns ``(y [B, T, C], final_state [N, C, kernel_size])`` (state in ``x``'s dtype).
     """
     B, T, C = x.shape
@@ -41,7 +45,7 @@ def short_conv(
         raise ValueError(
             f"conv state must be [N, C, kernel_size] = [{n}, {C}, {weight.shape[1]}], got {tuple(initial_state.shape)}"
         )
-    auto_skips = precision_auto_skips(x.device, x.dtype, _PREFERENCE)
+    auto_skips = elementwise_auto_skips(x.dtype)
     if select_backend(backend, x.device, _PREFERENCE, "short_conv", auto_skips=auto_skips) == "fla":
         return _fla(x, weight, bias, activation, initial_state, cu_seqlens)
 
