@@ -41,7 +41,7 @@ from transformers.utils import ModelOutput
 from hybridvl import mixers
 from hybridvl.mixers.modules import FusedLinear, RMSNorm, keep_part_names
 from hybridvl.mixers.ops.activations import swiglu
-from hybridvl.mixers.ops.varlen import packed_positions, seqlens_to_cu_seqlens, sequence_bounds
+from hybridvl.mixers.ops.varlen import check_cu_seqlens, packed_positions, seqlens_to_cu_seqlens, sequence_bounds
 from hybridvl.mixers.state import MixerState
 from hybridvl.models.cache import HybridCache, ModelState
 from hybridvl.models.checkpoint import DEFAULT_MAX_SHARD_SIZE, load_weights_strict, save_weights
@@ -426,6 +426,8 @@ class HybridVLM(PreTrainedModel, GenerationMixin):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if attention_mask is not None and cu_seqlens is not None:
             raise ValueError("give attention_mask (padded batch) or cu_seqlens (packed batch), not both")
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, *(input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         batch, seq_len = inputs_embeds.shape[:2]

@@ -307,6 +307,17 @@ def hybrid(teacher_dir):
     return convert(teacher_dir, "S,D,M,A", sliding_window=8)
 
 
+@pytest.mark.parametrize(
+    "bounds, problem",
+    [([0, 4, 4, 6], "rise strictly"), ([0, 5], "sequence length 6"), ([[0, 6]], "1-D tensor"), ([0.0, 6.0], "int32")],
+)
+def test_the_model_checks_a_packing_where_it_enters(hybrid, bounds, problem):
+    """The values of cu_seqlens are checked once by the model, eagerly (compiled blocks check only shape and
+    dtype), with the same message a mixer gives."""
+    with pytest.raises(ValueError, match=problem):
+        hybrid(input_ids=torch.randint(0, 100, (1, 6)), cu_seqlens=torch.tensor(bounds))
+
+
 def test_chunked_prefill_equals_one_prefill(hybrid, processor):
     inputs = image_inputs(processor)
     kwargs = dict(max_new_tokens=8, eos_token_id=[])

@@ -258,6 +258,46 @@ def test_short_conv_matches_naive_and_continues():
     assert torch.allclose(torch.cat([y1, y2], 1), y) and torch.equal(s2, state)
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_packed_short_conv_equals_its_sequences_run_apart(with_state):
+    """Lengths shorter than, equal to and longer than the kernel, in a packing order that is not by length."""
+    lengths, C, W = [5, 1, 3, 9, 4], 6, 4
+    x = torch.randn(1, sum(lengths), C, dtype=F64, requires_grad=True)
+    w, b = torch.randn(C, W, dtype=F64, requires_grad=True), torch.randn(C, dtype=F64)
+    h0 = torch.randn(len(lengths), C, W, dtype=F64, requires_grad=True) if with_state else None
+    y, state = short_conv(x, w, b, initial_state=h0, cu_seqlens=seqlens_to_cu_seqlens(lengths), backend="torch")
+    apart = [
+        short_conv(piece, w, b, initial_state=None if h0 is None else h0[n : n + 1], backend="torch")
+        for n, piece in enumerate(x.split(lengths, dim=1))
+    ]
+    assert rel_err(y, torch.cat([out for out, _ in apart], 1)) < 1e-12
+    assert torch.equal(state, torch.cat([final for _, final in apart]))
+    leaves = [x, w] + ([h0] if with_state else [])
+    packed_grads = torch.autograd.grad((y.sin().sum() + state.cos().sum()), leaves)
+    apart_loss = sum(out.sin().sum() + final.cos().sum() for out, final in apart)
+    for packed, expected in zip(packed_grads, torch.autograd.grad(apart_loss, leaves), strict=True):
+        assert rel_err(packed, expected) < 1e-12
+
+
+def test_packed_short_conv_compiles_to_one_graph_for_every_packing():
+    """Under torch.compile the PyTorch form reads nothing back to the host: one graph, and a new packing of the
+    same number of sequences runs it again without recompiling."""
+    C, W = 4, 4
+    w = torch.randn(C, W)
+    conv = torch.compile(
+        lambda x, cu: short_conv(x, w, cu_seqlens=cu, backend="torch"), backend="aot_eager", fullgraph=True
+    )
+    x = torch.randn(1, 12, C)
+    torch._dynamo.reset()
+    for lengths in ([5, 4, 3], [1, 10, 1], [4, 4, 4]):
+        cu = seqlens_to_cu_seqlens(lengths)
+        expected, _ = short_conv(x, w, cu_seqlens=cu, backend="torch")
+        with torch._dynamo.config.patch(error_on_recompile=lengths != [5, 4, 3]):
+            y, _ = conv(x, cu)
+        assert torch.allclose(y, expected, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_ops_reject_bad_shapes_and_backends():
     q, k, v, g, beta, h0 = gdn_inputs(T=5)
     with pytest.raises(ValueError, match="beta must be"):

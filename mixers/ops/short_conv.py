@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridvl.mixers.backends import elementwise_auto_skips, select_backend
-from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequences
+from hybridvl.mixers.ops.varlen import check_cu_seqlens
 
 _PREFERENCE = ("fla", "torch")
 
@@ -49,12 +49,7 @@ def short_conv(
     if select_backend(backend, x.device, _PREFERENCE, "short_conv", auto_skips=auto_skips) == "fla":
         return _fla(x, weight, bias, activation, initial_state, cu_seqlens)
 
-    def run(x, initial_state):
-        return _conv_torch(x, weight, bias, activation, initial_state)
-
-    if cu_seqlens is not None:
-        return map_sequences(run, cu_seqlens, (x,), initial_state)
-    return run(x, initial_state)
+    return _conv_torch(x, weight, bias, activation, initial_state, cu_seqlens)
 
 
 @torch.compiler.disable  # under torch.compile the kernel library runs as it is (no tracing of its autotuners)
@@ -72,12 +67,30 @@ def _fla(x, weight, bias, activation, initial_state, cu_seqlens):
     )
 
 
-def _conv_torch(x, weight, bias, activation, initial_state):
-    B, _, C = x.shape
+def _conv_torch(x, weight, bias, activation, initial_state, cu_seqlens):
+    """The convolution in one pass over a row in which each sequence follows its state (``[state | tokens]`` per
+    sequence, zeros for no state): each output reads back at most ``kernel_size - 1`` inputs, so never past its own
+    state. Packed or not, it is index arithmetic only: nothing is read back to the host, and a compiled forward
+    meets no data-dependent branch."""
+    B, T, C = x.shape
     W = weight.shape[1]
-    past = x.new_zeros(B, C, W) if initial_state is None else initial_state.to(x.dtype)
-    xx = torch.cat([past, x.transpose(1, 2)], dim=-1)  # [B, C, W + T]
-    y = F.conv1d(xx[..., 1:], weight[:, None].to(x.dtype), None if bias is None else bias.to(x.dtype), groups=C)
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, B * T + 1, T, device=x.device)
+        x = x.reshape(1, B * T, C)
+    n = cu_seqlens.numel() - 1
+    tokens = x.shape[1]
+    positions = torch.arange(tokens, device=x.device, dtype=cu_seqlens.dtype)
+    sequence = torch.searchsorted(cu_seqlens[1:], positions, right=True)
+    token_at = positions + (sequence + 1) * W  # where each token lies in the row
+    slots = torch.arange(W, device=x.device)
+    state_at = (cu_seqlens[:-1] + torch.arange(n, device=x.device) * W)[:, None] + slots  # [n, W]
+    row = x.new_zeros(tokens + n * W, C).index_copy(0, token_at, x[0])
+    if initial_state is not None:
+        row = row.index_copy(0, state_at.flatten(), initial_state.to(x.dtype).transpose(1, 2).reshape(n * W, C))
+    y = F.conv1d(row.T[None], weight[:, None].to(x.dtype), None if bias is None else bias.to(x.dtype), groups=C)[0].T
+    y = y.index_select(0, token_at - (W - 1))
     if activation == "silu":
         y = F.silu(y)
-    return y.transpose(1, 2), xx[..., -W:].contiguous()
+    final_at = (cu_seqlens[1:] + torch.arange(1, n + 1, device=x.device) * W)[:, None] - W + slots  # [n, W]
+    final_state = row.index_select(0, final_at.flatten()).reshape(n, W, C).transpose(1, 2).contiguous()
+    return y.reshape(B, T, C), final_state

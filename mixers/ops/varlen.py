@@ -14,7 +14,13 @@ import torch
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> None:
-    """Raise ``ValueError`` unless ``cu_seqlens`` describes a packed batch of ``seq_len`` tokens."""
+    """Raise ``ValueError`` unless ``cu_seqlens`` describes a packed batch of ``seq_len`` tokens.
+
+    Its values are checked when run eagerly. Inside a forward traced by torch.compile only its shape and dtype
+    are: reading the values back would break the graph and specialise it to one packing, recompiling for the
+    next. The model checks the values where they enter (:meth:`~hybridvl.models.hybrid.HybridVLM.decode`),
+    outside its compiled blocks.
+    """
     if batch_size != 1:
         raise ValueError(
             f"packed input (cu_seqlens given) must have batch size 1, got {batch_size}; "
@@ -26,6 +32,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) ->
         )
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if torch.compiler.is_compiling():
+        return
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != seq_len or any(end <= start for start, end in pairwise(bounds)):
         raise ValueError(
