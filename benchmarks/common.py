@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
 import statistics
+import sys
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def fail(name: str, message: str) -> NoReturn:
+    """End benchmark ``name`` on a bad input or machine: one line, ``benchmarks.<name>: error: <message>``, on
+    stderr and exit status 2, as for a bad option."""
+    print(f"benchmarks.{name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
@@ -76,10 +101,13 @@ def report(
     reload that JSON; then write ``out.md`` and ``out.png`` (when there is a ``plot``) and print the markdown.
     ``needs_cuda``: measuring refuses to start without a CUDA device (false for benchmarks of CPU work)."""
     if plot_only:
-        results = json.loads(out.with_suffix(".json").read_text())
+        measured = out.with_suffix(".json")
+        if not measured.is_file():
+            fail(name, f"--plot-only redraws {measured}, which does not exist; measure first or give an earlier --out")
+        results = json.loads(measured.read_text())
     else:
         if needs_cuda and not torch.cuda.is_available():
-            raise SystemExit(f"benchmarks.{name} needs a CUDA device")
+            fail(name, "measuring needs a CUDA device and this machine has none; run it on a GPU (or --plot-only)")
         results = run(out.with_suffix(".json"))
     text = markdown(results)
     out.with_suffix(".md").write_text(text)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import statistics
 import time
@@ -49,6 +50,7 @@ import torch
 
 from benchmarks.common import (
     RESULTS,
+    at_least,
     cuda_time_ms,
     environment,
     environment_lines,
@@ -952,24 +954,45 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive = at_least(1)
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="measure these parts only")
-    parser.add_argument("--prefill", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
-    parser.add_argument("--hybrid-prefill", type=int, nargs="*", default=[524288], help="hybrid-only lengths")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 65536, 262144, 1048576])
-    parser.add_argument("--prefill-chunk", type=int, default=16384, help="chunk size for the longest prefills")
-    parser.add_argument("--prefill-chunk-above", type=int, default=131072, help="chunk prefills longer than this")
-    parser.add_argument("--decode-steps", type=int, default=50)
-    parser.add_argument("--frames", type=int, default=2000)
-    parser.add_argument("--eager-frames", type=int, default=30)
-    parser.add_argument("--serving-contexts", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--serving-steps", type=int, default=20, help="graph replays per serving timing")
+    parser.add_argument("--prefill", type=positive, nargs="+", default=[4096, 16384, 32768, 131072])
+    parser.add_argument("--hybrid-prefill", type=positive, nargs="*", default=[524288], help="hybrid-only lengths")
+    parser.add_argument("--contexts", type=positive, nargs="+", default=[4096, 65536, 262144, 1048576])
+    parser.add_argument("--prefill-chunk", type=positive, default=16384, help="chunk size for the longest prefills")
+    parser.add_argument(
+        "--prefill-chunk-above", type=at_least(0), default=131072, help="chunk prefills longer than this"
+    )
+    parser.add_argument("--decode-steps", type=positive, default=50)
+    parser.add_argument("--frames", type=positive, default=2000)
+    parser.add_argument("--eager-frames", type=positive, default=30)
+    parser.add_argument("--serving-contexts", type=positive, nargs="+", default=[32768, 131072])
+    parser.add_argument("--serving-steps", type=positive, default=20, help="graph replays per serving timing")
     parser.add_argument(
         "--compile", action="store_true", help="the CUDA graphs (decode, frames) capture the compiled forward"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "inference")
     parser.add_argument("--plot-only", action="store_true", help="redraw the markdown and PNG from the JSON")
     args = parser.parse_args()
+    if not args.plot_only:
+        check_kept_parts(parser, args.out.with_suffix(".json"), args.only)
     report("inference", args.out, args.plot_only, lambda path: run(args, path), markdown, plot)
+
+
+def check_kept_parts(parser: argparse.ArgumentParser, earlier: Path, only: list[str]) -> None:
+    """Refuse to replace ``earlier`` (the JSON a run rewrites) when it holds parts of an earlier run that ``only``
+    leaves out: they would be lost."""
+    if not earlier.is_file():
+        return
+    try:
+        measured = json.loads(earlier.read_text()).get("parts", PARTS)
+    except (json.JSONDecodeError, AttributeError):
+        parser.error(f"{earlier} is not the JSON of an earlier run; move it away or give another --out")
+    if lost := [part for part in measured if part not in only]:
+        parser.error(
+            f"{earlier} holds the {', '.join(lost)} measurements of an earlier run, which measuring only "
+            f"{', '.join(only)} would replace; give another --out (e.g. --out /tmp/{'_'.join(only)})"
+        )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import (
     RESULTS,
+    at_least,
     cuda_time_ms,
     environment,
     environment_lines,
@@ -235,8 +236,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
-    parser.add_argument("--tokens", type=int, default=65536, help="batch x sequence length")
+    parser.add_argument("--seq-lens", type=at_least(1), nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--tokens", type=at_least(1), default=65536, help="batch x sequence length")
     parser.add_argument("--out", type=Path, default=RESULTS / "mixers")
     parser.add_argument("--plot-only", action="store_true", help="redraw the markdown and PNG from the JSON")
     args = parser.parse_args()

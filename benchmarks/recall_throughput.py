@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, environment, markdown_table, report, write_json
+from benchmarks.common import RESULTS, at_least, environment, markdown_table, report, write_json
 
 STUDY = Path(__file__).resolve().parents[1] / "experiments" / "ablations" / "recall.yaml"
 
@@ -197,12 +197,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", default="D,M,G,L,L-textbook,A")
     parser.add_argument("--baseline", default="D,A", help="arms also timed through the Lightning loop")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--concurrent", type=int, default=8, help="processes at once for the last column")
+    parser.add_argument("--steps", type=at_least(5), default=100, help="timed steps (five timings of a fifth each)")
+    parser.add_argument("--concurrent", type=at_least(1), default=8, help="processes at once for the last column")
     parser.add_argument("--out", type=Path, default=RESULTS / "recall_throughput")
     parser.add_argument("--plot-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args()
     arms, baseline = args.arms.split(","), args.baseline.split(",")
+    from hybridvl.lit.ablation import load_study
+
+    known = [arm.name for arm in load_study(STUDY).arms]
+    for flag, names in (("--arms", arms), ("--baseline", baseline)):
+        if unknown := [name for name in names if name not in known]:
+            parser.error(f"{flag}: no arm {', '.join(map(repr, unknown))} in {STUDY.name}; arms: {', '.join(known)}")
     report(
         "recall_throughput",
         args.out,

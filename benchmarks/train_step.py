@@ -35,18 +35,20 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, environment, environment_lines, markdown_table, report, write_json
+from benchmarks.common import RESULTS, at_least, environment, environment_lines, markdown_table, report, write_json
 from hybridvl.lit.data.types import PackedBatch, Sample
 from hybridvl.lit.losses import loss_backend
 from hybridvl.lit.modules import SFT, DistillLayerwise, HybridStage, LongSFT
+from hybridvl.mixers import parse_layout
 from hybridvl.mixers.backends import fla_gated_backward_issue, tilelang_enabled
 from hybridvl.models.config import HybridConfig
-from hybridvl.models.hybrid import HybridVLM
+from hybridvl.models.hybrid import HybridVLM, checkpoint_selection
 
 STAGES = {"distill": "Stage I layer-wise distillation", "sft": "Stage II SFT", "long_sft": "long SFT (LoRA)"}
 MODELS = ("hybrid", "transformer")
@@ -365,10 +367,12 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flavor", choices=sorted(FLAVORS), default="3b", help="model and batch size")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per batch (default: the flavor's, 8K)")
-    parser.add_argument("--long-tokens", type=int, default=None, help="long SFT's tokens (default: the flavor's, 32K)")
+    parser.add_argument("--steps", type=at_least(1), default=5, help="timed steps")
+    parser.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps before them")
+    parser.add_argument("--tokens", type=at_least(1), default=None, help="tokens per batch (default: the flavor's, 8K)")
+    parser.add_argument(
+        "--long-tokens", type=at_least(1), default=None, help="long SFT's tokens (default: the flavor's, 32K)"
+    )
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, of: " + ", ".join(STAGES))
     parser.add_argument(
         "--checkpointing",
@@ -386,7 +390,17 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args()
     if unknown := set(args.stages.split(",")) - set(STAGES):
-        raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {list(STAGES)}")
+        parser.error(f"--stages: unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    kinds = parse_layout(layout(FLAVORS[args.flavor], "hybrid"))
+    for selection in args.checkpointing or []:
+        try:
+            checkpoint_selection(checkpointing_option(selection), kinds)
+        except ValueError as error:
+            parser.error(f"--checkpointing: {error}")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        parser.error(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+    if args.workdir.is_file():
+        parser.error(f"--workdir {args.workdir} is a file; give a folder for the benchmark's model folders")
     report(
         "train_step",
         args.out,

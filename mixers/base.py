@@ -218,6 +218,14 @@ class Mixer(nn.Module):
             raise ValueError(f"{self._owner}: x must be [B, T, {self.hidden_size}], got {tuple(x.shape)}")
         if x.shape[1] == 0:
             raise ValueError(f"{self._owner}: x has no tokens (T = 0)")
+        if not x.is_floating_point():
+            raise TypeError(f"{self._owner}: x must be floating point (hidden states), got {x.dtype}")
+        weights = next((parameter.dtype for parameter in self.parameters()), x.dtype)
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{self._owner}: x is {x.dtype} but the mixer's weights are {weights}; pass x in {weights}, "
+                f"convert the mixer (mixer.to({x.dtype})) or run under torch.autocast"
+            )
         n = x.shape[0]
         if cu_seqlens is not None:
             if not isinstance(cu_seqlens, torch.Tensor):

@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from media import make_test_video, render_text_image
@@ -407,6 +408,7 @@ def test_empty_and_broken_json_files(tmp_path: Path, text: bytes, message: str):
 # --- data configs -------------------------------------------------------------------------------------------------
 
 HERE = Path(__file__)
+ROOT = HERE.resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -529,7 +531,7 @@ def test_the_cli_names_a_missing_gpu(capsys):
     assert status == 2 and "'cuda': no CUDA GPU is available here; use --device cpu" in only_line(lines, "generate")
 
 
-def _save_tiny_model(directory: Path) -> None:
+def _tiny_model():
     from hybridvl.models.config import HybridConfig
     from hybridvl.models.hybrid import HybridVLM
 
@@ -551,7 +553,11 @@ def _save_tiny_model(directory: Path) -> None:
         eos_token_id=None,
         pad_token_id=0,
     )
-    HybridVLM(config).save_pretrained(directory)
+    return HybridVLM(config)
+
+
+def _save_tiny_model(directory: Path) -> None:
+    _tiny_model().save_pretrained(directory)
 
 
 def test_the_cli_names_a_truncated_safetensors_file(capsys, tmp_path: Path):
@@ -649,3 +655,180 @@ def test_import_loads_a_module_before_the_command_and_names_one_that_is_missing(
     assert status == 2 and "--import no_such_lab_module: cannot import it" in only_line(lines, "layout")
     status, lines = run(capsys, "layout", "S,D", "--import")
     assert status == 2 and "--import needs a module name" in only_line(lines, "layout")
+
+
+# --- the newest surfaces: commands, benchmarks, streaming and ops --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["convert", "--teacher", "t", "--layout", "S,D", "--out", "o", "--mixer-options", "[1]"], "JSON object of"),
+        (["convert", "--teacher", "t", "--layout", "S,D", "--out", "o", "--mixer-options", '{"D": 5}'], "JSON object"),
+        (["convert", "--teacher", "t", "--layout", "A,A", "--out", "o", "--sliding-window", "64"], "has none: drop it"),
+        (["tiny-qwen", "--out", "o", "--layers", "0"], "--layers must be at least 1, got 0"),
+        (["tiny-qwen", "--out", "o", "--hidden-size", "-8"], "--hidden-size must be at least 1, got -8"),
+        (["quickstart", "--scale", "0"], "--scale must be a positive number"),
+        (["quickstart", "--scale", "nan"], "--scale must be a positive number"),
+        (["quickstart", "--window", "0"], "--window must be at least 1, got 0"),
+        (["quickstart", "--val-size", "0"], "--val-size must be at least 1, got 0"),
+        (["quickstart", "--layout", "S,D"], "the layout gives 2 layers but the model declares 4"),
+        (["generate", "--model", "m", "--prompt", " "], "--prompt is empty"),
+        (["generate", "--model", "m", "--prompt", "hi", "--repetition-penalty", "inf"], "positive finite number"),
+        (["generate", "--model", "m", "--prompt", "hi", "--fps", "-1"], "--fps must be a positive finite number"),
+        (["generate", "--model", "m", "--prompt", "hi", "--max-frames", "2"], "--max-frames limits the frames of"),
+        (["demo", "--seq-len", "1"], "--seq-len must be at least 2"),
+        (["demo", "--hidden-size", "100"], "head_dim must be even for rotary embeddings, got 25"),
+        (["ablate", "--config", "s.yaml", "--time-budget", "nan"], "--time-budget must be a finite number"),
+        (["ablate", "--config", str(HERE.parent)], "is a folder; give a study YAML"),
+        (["ablate", "--config", "s.yaml", "--out", str(HERE)], "is a file; give the folder for the study's results"),
+    ],
+)
+def test_newer_commands_name_bad_options_in_one_line(capsys, argv: list[str], message: str):
+    status, lines = run(capsys, *argv)
+    assert status == 2
+    assert message in only_line(lines, argv[0])
+
+
+def _cells_folder(results: Path, name: str, text: str) -> None:
+    (results / "s" / "cells").mkdir(parents=True)
+    (results / "s" / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("cells/c.json", "{cut off", "cells/c.json is not valid JSON"),
+        ("cells/c.json", "[1, 2]", "cells/c.json holds a JSON list, not the object"),
+        ("cells/c.json", '{"layout": "S"}', "cells/c.json is not a cell result (it lacks task, d_model"),
+        ("summary.json", "{cut off", "summary.json is not valid JSON"),
+    ],
+)
+def test_ablate_report_names_a_damaged_result_file(capsys, tmp_path: Path, name: str, text: str, message: str):
+    _cells_folder(tmp_path / "results", name, text)
+    status, lines = run(
+        capsys, "ablate-report", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "R.md")
+    )
+    assert status == 2 and message in only_line(lines, "ablate-report") and "delete it" in lines[0]
+    assert not (tmp_path / "R.md").exists()
+
+
+def test_ablate_report_refuses_a_results_file_and_an_out_folder_before_writing(capsys, tmp_path: Path):
+    status, lines = run(capsys, "ablate-report", "--results", str(HERE), "--out", str(tmp_path / "R.md"))
+    assert status == 2 and "is a file; give the folder" in only_line(lines, "ablate-report")
+    status, lines = run(capsys, "ablate-report", "--out", str(tmp_path))
+    assert status == 2 and f"--out {tmp_path} is a folder" in only_line(lines, "ablate-report")
+    assert not (tmp_path.parent / "figures").exists()
+
+
+def test_train_compile_on_a_machine_without_a_gpu_is_logged(tmp_path: Path, caplog, monkeypatch):
+    from hybridvl.lit.ablation.runner import run_study
+
+    raw = yaml.safe_load((ROOT / "experiments" / "ablations" / "recall.yaml").read_text())
+    raw["train"]["compile"] = True
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no cell of study recall matches 'none'"):
+        run_study(config, smoke=True, out=tmp_path / "out", only="none")
+    assert "train.compile: true compiles MQAR steps on a GPU only" in caplog.text
+
+
+def run_benchmark(capsys, monkeypatch, module: str, *argv: str) -> str:
+    """``python -m benchmarks.<module> argv`` in this process, which must end with status 2; its last stderr line."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", [f"{module}.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"benchmarks.{module}").main()
+    assert stop.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        ("inference", ["--contexts", "4096", "0"], "argument --contexts: must be at least 1, got 0"),
+        ("inference", ["--decode-steps", "x"], "argument --decode-steps: expected an integer >= 1, got 'x'"),
+        ("inference", ["--plot-only", "--out", "/nonexistent/run"], "--plot-only redraws /nonexistent/run.json, which"),
+        ("train_step", ["--flavor", "tiny", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        ("train_step", ["--flavor", "tiny", "--checkpointing", "bogus"], "--checkpointing: gradient_checkpointing"),
+        ("train_step", ["--stages", ""], "--stages: unknown stages ['']"),
+        ("train_step", ["--peak-tflops", "0"], "--peak-tflops must be a positive number"),
+        ("train_step", ["--workdir", str(HERE)], "is a file; give a folder for the benchmark's model folders"),
+        ("recall_throughput", ["--arms", "D,Q"], "--arms: no arm 'Q' in recall.yaml"),
+        ("recall_throughput", ["--steps", "3"], "argument --steps: must be at least 5, got 3"),
+        ("mixers", ["--seq-lens", "0"], "argument --seq-lens: must be at least 1, got 0"),
+    ],
+)
+def test_benchmarks_name_bad_options(capsys, monkeypatch, module: str, argv: list[str], message: str):
+    assert message in run_benchmark(capsys, monkeypatch, module, *argv)
+
+
+def test_inference_benchmark_keeps_parts_that_only_leaves_out(capsys, monkeypatch, tmp_path: Path):
+    earlier = tmp_path / "inference.json"
+    earlier.write_text(json.dumps({"parts": ["prefill", "serving"]}))
+    line = run_benchmark(capsys, monkeypatch, "inference", "--only", "serving", "--out", str(tmp_path / "inference"))
+    assert f"{earlier} holds the prefill measurements of an earlier run" in line and "give another --out" in line
+    assert json.loads(earlier.read_text()) == {"parts": ["prefill", "serving"]}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("module", ["inference", "mixers", "recall_throughput"])
+def test_benchmarks_that_need_a_gpu_say_so_in_one_line(capsys, monkeypatch, tmp_path: Path, module: str):
+    line = run_benchmark(capsys, monkeypatch, module, "--out", str(tmp_path / module))
+    assert line.startswith(f"benchmarks.{module}: error: measuring needs a CUDA device and this machine has none")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: tiny("L")(torch.ones(1, 4, HIDDEN, dtype=torch.long)), TypeError, "x must be floating point"),
+        (lambda: tiny("D")(torch.randn(1, 4, HIDDEN, dtype=torch.float64)), TypeError, "x is torch.float64 but the"),
+        (lambda: mixers.ops.linear_attention(*[torch.randn(8, 2, 16)] * 3), ValueError, "q must be [B, T, H, D] (4"),
+        (lambda: mixers.ops.linear_attention(*[torch.ones(1, 8, 2, 16, dtype=torch.long)] * 3), TypeError, "floating"),
+        (
+            lambda: mixers.ops.linear_attention(
+                torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16).double(), torch.randn(1, 8, 2, 16)
+            ),
+            TypeError,
+            "k is torch.float64 on cpu but q is torch.float32 on cpu",
+        ),
+        (lambda: mixers.ops.linear_attention(*[torch.randn(1, 8, 2, 16)] * 3, chunk_size=0), ValueError, "chunk_size"),
+        (
+            lambda: mixers.ops.gated_delta_rule(
+                *[torch.randn(1, 8, 2, 16).half()] * 2,
+                torch.randn(1, 8, 2, 16),
+                torch.zeros(1, 8, 2),
+                torch.zeros(1, 8, 2),
+            ),
+            TypeError,
+            "v is torch.float32 on cpu but q is torch.float16",
+        ),
+    ],
+)
+def test_mixers_and_ops_name_inputs_of_the_wrong_kind(call, error: type, message: str):
+    with pytest.raises(error, match=re.escape(message)):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"compile": True}, "compile=True compiles the forward the CUDA graphs capture: it needs cuda_graphs=True"),
+        ({"cuda_graphs": True}, "cuda_graphs=True needs the model on a CUDA device; it is on cpu"),
+        ({"graphed_decoder": True}, "CUDA graphs need the model on a CUDA device; it is on cpu"),
+    ],
+)
+def test_cuda_graph_and_streaming_requests_on_cpu_are_named(options: dict, message: str):
+    from types import SimpleNamespace
+
+    from hybridvl.models.cuda_graphs import GraphedDecoder
+    from hybridvl.models.streaming import StreamingSession
+
+    model = _tiny_model()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if options.pop("graphed_decoder", False):
+            GraphedDecoder(model, compile=True)
+        else:
+            StreamingSession(model, SimpleNamespace(tokenizer=None), **options)

@@ -7,7 +7,6 @@ cells the runner wrote (``<results>/<study>/cells/*.json``).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -16,10 +15,41 @@ from typing import Any
 from hybridvl.lit.ablation.multimodal_report import multimodal_claims, multimodal_section
 from hybridvl.lit.ablation.recall_report import recall_claims, recall_section
 from hybridvl.lit.ablation.runner import INVOCATIONS, OTHER_RUNS, rows_table, summarize
+from hybridvl.lit.ablation.schema import StudyError
+
+CELL_KEYS = ("layout", "task", "d_model", "seed", "learning_rate", "accuracy")
+"""Keys the runner writes into every cell's JSON, which the report reads."""
+
+
+def read_json(path: Path, what: type[dict] | type[list]) -> Any:
+    """``path``'s JSON, which must be a ``what`` (object or list); a file that is not, say one cut off by a crash,
+    is named with the fix."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise StudyError(
+            f"{path} is not valid JSON ({error}); delete it (hybridvl ablate writes it again) or restore it"
+        ) from None
+    if not isinstance(data, what):
+        raise StudyError(
+            f"{path} holds a JSON {type(data).__name__}, not the {'object' if what is dict else 'list'} hybridvl "
+            "ablate writes; delete it (hybridvl ablate writes it again) or restore it"
+        )
+    return data
 
 
 def load_cells(study_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(path.read_text()) for path in sorted((study_dir / "cells").glob("*.json"))]
+    """The results under ``study_dir/cells``, each checked to be a cell the runner wrote."""
+    cells = []
+    for path in sorted((study_dir / "cells").glob("*.json")):
+        cell = read_json(path, dict)
+        if missing := [key for key in CELL_KEYS if key not in cell]:
+            raise StudyError(
+                f"{path} is not a cell result (it lacks {', '.join(missing)}); delete it (hybridvl ablate trains "
+                "the cell again) or move it out of the results folder"
+            )
+        cells.append(cell)
+    return cells
 
 
 def progress(study_dir: Path) -> str:
@@ -27,7 +57,7 @@ def progress(study_dir: Path) -> str:
     summary_path = study_dir / "summary.json"
     if not summary_path.is_file():
         return ""
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path, dict)
     return "" if summary.get("complete", True) else f" ({summary['cells']} of {summary['total_cells']} cells)"
 
 
@@ -72,7 +102,7 @@ def device_time(results: Path, names: Iterable[str]) -> list[str]:
         if path.is_file():
             spans[name] = [
                 (start := datetime.fromisoformat(run["started"]).timestamp(), start + run["seconds"], run["device"])
-                for run in json.loads(path.read_text())
+                for run in read_json(path, list)
             ]
     if not spans:
         return []
@@ -102,7 +132,7 @@ def throughput(results: Path, names: Iterable[str]) -> list[str]:
     lines = []
     for name in names:
         path = results / name / INVOCATIONS
-        runs = [run for run in json.loads(path.read_text()) if run.get("cell_steps")] if path.is_file() else []
+        runs = [run for run in read_json(path, list) if run.get("cell_steps")] if path.is_file() else []
         if runs:
             steps, seconds = sum(run["cell_steps"] for run in runs), sum(run["seconds"] for run in runs)
             workers = sorted({run["workers"] for run in runs})
@@ -120,8 +150,12 @@ def is_recall_study(cells: list[dict[str, Any]]) -> bool:
 
 def write_report(results: Path, out: Path) -> Path:
     """Tables, plots and claim verdicts for every study under ``results`` into ``out`` (plots beside it)."""
+    if results.is_file():
+        raise NotADirectoryError(f"--results {results} is a file; give the folder of the studies' results")
     if not results.is_dir():
         raise FileNotFoundError(f"results folder {results} does not exist (run hybridvl ablate first)")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give the report's file, e.g. {out / 'RESULTS.md'}")
     studies = {d.name: load_cells(d) for d in sorted(results.iterdir()) if (d / "cells").is_dir()}
     if not studies:
         raise FileNotFoundError(f"no study results under {results} (run hybridvl ablate first)")
@@ -196,9 +230,5 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("experiments/ablations/RESULTS.md"), help="report to write")
     args = parser.parse_args(argv)
-    try:
-        print(write_report(args.results, args.out))
-    except FileNotFoundError as error:
-        print(f"hybridvl ablate-report: {error}", file=sys.stderr)
-        return 2
+    print(write_report(args.results, args.out))
     return 0

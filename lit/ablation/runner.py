@@ -257,6 +257,13 @@ def run_study(
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     study = load_study(config, smoke)
+    compiled = [task.name for task in study.tasks if task.type == "mqar" and study.train_for(task).compile]
+    if compiled and not torch.cuda.is_available():
+        logger.warning(
+            "train.compile: true compiles MQAR steps on a GPU only; this machine has none, so the cells of %s train "
+            "eagerly (their results record compiled: false)",
+            ", ".join(compiled),
+        )
     default_out = Path(config).parent / "results" / (study.name + ("_smoke" if smoke else ""))
     reference: dict[str, dict[str, Any]] = {}
     if repeat is not None:

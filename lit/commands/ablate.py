@@ -11,6 +11,7 @@ match (e.g. ``'*-z3__*__s0__*'``: the first seed of every arm at its largest siz
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from hybridvl.lit.ablation.runner import run_study, summary_markdown
@@ -41,8 +42,12 @@ def _ablate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    if args.time_budget is not None and args.time_budget < 0:
-        parser.error(f"--time-budget must be at least 0 seconds, got {args.time_budget:g}")
+    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget >= 0):
+        parser.error(f"--time-budget must be a finite number of seconds >= 0, got {args.time_budget:g}")
+    if args.config.is_dir():
+        parser.error(f"--config {args.config} is a folder; give a study YAML, e.g. experiments/ablations/recall.yaml")
+    if args.out is not None and args.out.is_file():
+        parser.error(f"--out {args.out} is a file; give the folder for the study's results")
     summary = run_study(
         args.config,
         smoke=args.smoke,

@@ -12,9 +12,9 @@ model files are replaced and stale weight shards removed).
 
 from __future__ import annotations
 
-import json
-
+from hybridvl import mixers
 from hybridvl.lit.cli import ArgumentParser
+from hybridvl.lit.commands.layout import mixer_options_argument
 from hybridvl.models.convert import INITS, convert_directory
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sliding-window", type=int, default=None, help="window of S layers (unset: 8192)")
     parser.add_argument(
         "--mixer-options",
-        type=json.loads,
+        type=mixer_options_argument,
         default=None,
         help='JSON options per kind, e.g. \'{"D": {"num_heads": 16}}\'',
     )
@@ -37,6 +37,8 @@ def main(argv: list[str]) -> int:
         "--overwrite", action="store_true", help="write into a folder that holds files (its model files are replaced)"
     )
     args = parser.parse_args(argv)
+    if args.sliding_window is not None and "S" not in mixers.parse_layout(args.layout):
+        parser.error(f"--sliding-window sets the window of S layers; the layout {args.layout!r} has none: drop it")
     report = convert_directory(
         args.teacher,
         args.out,

@@ -37,8 +37,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--layout", default="S,D,D,D x2", help="a layout whose kinds are demonstrated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     args = parser.parse_args(argv)
+    if args.seq_len < 2:
+        parser.error(f"--seq-len must be at least 2 (a prefill and a decoded token), got {args.seq_len}")
     if not 1 <= args.decode < args.seq_len:
         parser.error(f"--decode must lie in [1, --seq-len - 1] = [1, {args.seq_len - 1}], got {args.decode}")
+    with torch.device("meta"):  # every mixer takes the width before any is timed
+        for spec in mixers.registered():
+            mixers.build_mixer(spec.letter, args.hidden_size, **DEMO_OPTIONS.get(spec.letter, {}))
     return args
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -69,10 +70,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     temperature = 1.0 if args.temperature is None else args.temperature
     try:
         check_generation_options(args.max_new_tokens, temperature, args.top_k, args.top_p)
-        if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be positive, got {args.repetition_penalty!r}")
+        penalty = args.repetition_penalty
+        if penalty is not None and not (math.isfinite(penalty) and penalty > 0):
+            raise ValueError(f"repetition_penalty must be a positive finite number, got {penalty!r}")
     except ValueError as error:
         parser.error(str(error))
+    if not args.prompt.strip():
+        parser.error("--prompt is empty; give the question or instruction")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        parser.error(f"--fps must be a positive finite number, got {args.fps}")
+    if args.max_frames is not None and args.video is None:
+        parser.error("--max-frames limits the frames of --video; give a --video or drop it")
     if args.do_sample is False and (args.temperature is not None or args.top_k is not None or args.top_p is not None):
         logger.warning("--temperature, --top-k and --top-p only apply when sampling; decoding greedily (--greedy)")
     return args

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
+from hybridvl import mixers
 from hybridvl.lit.cli import ArgumentParser
 from hybridvl.lit.datamodule import build_source
 from hybridvl.lit.evaluate import evaluate, plot_losses
-from hybridvl.lit.pipeline import STAGES, distill_student, train_teacher
+from hybridvl.lit.pipeline import STAGES, TEACHER_DIMS, distill_student, train_teacher
 from hybridvl.models.hybrid import HybridVLM
 
 VAL = [{"type": "synthetic", "size_per_task": 100, "split": "val", "image_size": 112}]
@@ -38,12 +40,19 @@ LEARNED = 3.0
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="hybridvl quickstart", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where everything is written")
-    parser.add_argument("--layout", default="S,D,D,D", help="the student's layout (4 layers)")
+    parser.add_argument("--layout", default="S,D,D,D", help="the student's layout (one mixer per teacher layer: 4)")
     parser.add_argument("--window", type=int, default=64, help="the student's sliding window (tokens)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05 for a smoke run)")
     parser.add_argument("--val-size", type=int, default=VAL[0]["size_per_task"], help="validation samples per task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the teacher's random weights")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        parser.error(f"--scale must be a positive number (0.05 for a smoke run), got {args.scale}")
+    for flag, value in (("--window", args.window), ("--val-size", args.val_size)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    mixers.parse_layout(args.layout, num_layers=TEACHER_DIMS["num_hidden_layers"])
+    return args
 
 
 def cache_bytes(model: HybridVLM, tokens: int) -> int:

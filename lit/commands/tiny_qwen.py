@@ -17,6 +17,9 @@ def main(argv: list[str]) -> int:
         "--overwrite", action="store_true", help="write into a folder that holds files (its model files are replaced)"
     )
     args = parser.parse_args(argv)
+    for flag, value in (("--layers", args.layers), ("--hidden-size", args.hidden_size)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     path = make_tiny_qwen2_5_vl(
         args.out,
         seed=args.seed,

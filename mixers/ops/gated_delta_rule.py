@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridvl.mixers.backends import gated_backward_limitations, precision_auto_skips, select_backend
-from hybridvl.mixers.ops.utils import compute_dtype, l2norm, segment_sums
+from hybridvl.mixers.ops.utils import check_qkv, compute_dtype, l2norm, segment_sums
 from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
@@ -99,6 +99,7 @@ def gated_delta_rule(
 
 
 def _check_shapes(q, k, v, g, beta, initial_state, cu_seqlens) -> None:
+    check_qkv("gated_delta_rule", q=q, k=k, v=v)
     B, T, H, K = q.shape
     if k.shape != q.shape:
         raise ValueError(f"q and k must have the same shape [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridvl.mixers.backends import gated_backward_limitations, precision_auto_skips, select_backend
-from hybridvl.mixers.ops.utils import compute_dtype, segment_sums
+from hybridvl.mixers.ops.utils import check_qkv, compute_dtype, segment_sums
 from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
@@ -97,6 +97,7 @@ def linear_attention(
 
 
 def _check_shapes(q, k, v, g, initial_state, cu_seqlens, decay_shape) -> None:
+    check_qkv("linear attention", q=q, k=k, v=v)
     B, T, H, K = q.shape
     if k.shape != q.shape:
         raise ValueError(f"q and k must have the same shape [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -116,6 +117,8 @@ def _check_shapes(q, k, v, g, initial_state, cu_seqlens, decay_shape) -> None:
 def _dispatch(variant, q, k, v, g, scale, initial_state, cu_seqlens, form, chunk_size, backend):
     if form not in ("chunk", "recurrent"):
         raise ValueError(f"form must be 'chunk' or 'recurrent', got {form!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     owner = {"gla": "gated_linear_attention", "simple_gla": "simple_gated_linear_attention"}.get(
         variant, "linear_attention"
