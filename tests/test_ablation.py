@@ -378,8 +378,11 @@ def test_a_worker_trains_cells_one_after_another_and_a_failed_cell_ends_it(tmp_p
         "        super().__init__(*args, **kwargs)\n"
         "        with open(os.environ['PID_LOG'], 'a') as log:\n"
         "            log.write(f'{os.getpid()}\\n')\n"
-        "        if multiprocessing.parent_process() and not os.path.exists(os.environ['PID_LOG'] + '.failed'):\n"
-        "            open(os.environ['PID_LOG'] + '.failed', 'w').close()\n"
+        "        if multiprocessing.parent_process():\n"
+        "            try:  # created atomically: of two workers starting together, one cell breaks\n"
+        "                os.close(os.open(os.environ['PID_LOG'] + '.failed', os.O_CREAT | os.O_EXCL))\n"
+        "            except FileExistsError:\n"
+        "                return\n"
         "            raise RuntimeError('the first cell breaks')\n",
     )
     monkeypatch.setenv("PID_LOG", str(log))
