@@ -52,6 +52,7 @@ from hybridvl.models.hybrid import HybridVLM, checkpoint_selection
 
 STAGES = {"distill": "Stage I layer-wise distillation", "sft": "Stage II SFT", "long_sft": "long SFT (LoRA)"}
 MODELS = ("hybrid", "transformer")
+WORKDIR_MARK = ".train_step_workdir"  # in a --workdir whose model folders this benchmark wrote (and may replace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +253,8 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         "rows": earlier,
     }
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    (args.workdir / WORKDIR_MARK).touch()
     for model in MODELS:
         with device:  # random initialisation of 4B parameters is quick on the GPU
             HybridVLM(model_config(flavor, model)).to(dtype).save_pretrained(args.workdir / model, overwrite=True)
@@ -401,6 +404,12 @@ def main() -> None:
         parser.error(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
     if args.workdir.is_file():
         parser.error(f"--workdir {args.workdir} is a file; give a folder for the benchmark's model folders")
+    found = [model for model in MODELS if (args.workdir / model).exists()]
+    if found and not args.plot_only and not (args.workdir / WORKDIR_MARK).exists():
+        parser.error(
+            f"--workdir {args.workdir} holds {' and '.join(found)}, which this benchmark did not write and would "
+            "replace with random-weight models; give a new or empty folder"
+        )
     report(
         "train_step",
         args.out,

@@ -773,6 +773,14 @@ def test_inference_benchmark_keeps_parts_that_only_leaves_out(capsys, monkeypatc
     assert json.loads(earlier.read_text()) == {"parts": ["prefill", "serving"]}
 
 
+def test_train_step_benchmark_keeps_model_folders_it_did_not_write(capsys, monkeypatch, tmp_path: Path):
+    (tmp_path / "hybrid").mkdir()
+    (tmp_path / "hybrid" / "config.json").write_text("{}")
+    line = run_benchmark(capsys, monkeypatch, "train_step", "--workdir", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert f"--workdir {tmp_path} holds hybrid, which this benchmark did not write" in line
+    assert (tmp_path / "hybrid" / "config.json").read_text() == "{}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("module", ["inference", "mixers", "recall_throughput"])
 def test_benchmarks_that_need_a_gpu_say_so_in_one_line(capsys, monkeypatch, tmp_path: Path, module: str):
