@@ -803,6 +803,18 @@ def test_benchmarks_that_need_a_gpu_say_so_in_one_line(capsys, monkeypatch, tmp_
             "k is torch.float64 on cpu but q is torch.float32 on cpu",
         ),
         (lambda: mixers.ops.linear_attention(*[torch.randn(1, 8, 2, 16)] * 3, chunk_size=0), ValueError, "chunk_size"),
+        (lambda: mixers.ops.swiglu(*[torch.ones(2, 8, dtype=torch.long)] * 2), TypeError, "swiglu: gate must be float"),
+        (lambda: mixers.ops.l2norm(torch.ones(2, 8, dtype=torch.long)), TypeError, "l2norm: x must be floating point"),
+        (
+            lambda: mixers.ops.gated_rms_norm(torch.randn(2, 8), torch.ones(2, 8, dtype=torch.long), torch.ones(8)),
+            TypeError,
+            "gated_rms_norm: gate must be floating point",
+        ),
+        (
+            lambda: mixers.ops.causal_attention(*[torch.ones(1, 4, 2, 8, dtype=torch.long)] * 3),
+            TypeError,
+            "causal_attention: q must be floating point",
+        ),
         (
             lambda: mixers.ops.gated_delta_rule(
                 *[torch.randn(1, 8, 2, 16).half()] * 2,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridvl.mixers.backends import elementwise_auto_skips, select_backend
+from hybridvl.mixers.ops.utils import check_floating
 
 _PREFERENCE = ("fla", "torch")
 
@@ -26,6 +27,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
     Returns:
         The product in the inputs' (promoted) dtype.
     """
+    check_floating("swiglu", gate=gate, up=up)
     if up.shape != gate.shape:
         raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
     dtype = torch.promote_types(gate.dtype, up.dtype)

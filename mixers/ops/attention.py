@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridvl.mixers.backends import float32_attention_limitations, precision_auto_skips, select_backend
-from hybridvl.mixers.ops.utils import compute_dtype
+from hybridvl.mixers.ops.utils import check_qkv, compute_dtype
 from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequence_outputs
 
 # Measured on H100 (benchmarks/results/mixers.md): for full causal attention PyTorch SDPA (flash kernel)
@@ -43,6 +43,7 @@ def causal_attention(
     Returns:
         ``[B, T, Hq, D]`` in ``q``'s dtype.
     """
+    check_qkv("causal_attention", q=q, k=k, v=v)
     B, T, Hq, D = q.shape
     if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[-1] != D or Hq % k.shape[2]:
         raise ValueError(

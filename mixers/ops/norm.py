@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridvl.mixers.backends import elementwise_auto_skips, select_backend
-from hybridvl.mixers.ops.utils import compute_dtype
+from hybridvl.mixers.ops.utils import check_floating, compute_dtype
 
 _PREFERENCE = ("fla", "torch")
 
@@ -44,6 +44,7 @@ def gated_rms_norm(
     Returns:
         The output in ``x``'s dtype.
     """
+    check_floating("gated_rms_norm", x=x, gate=gate, weight=weight)
     D = x.shape[-1]
     group_size = D if group_size is None else group_size
     if gate.shape != x.shape:
@@ -104,6 +105,7 @@ def add_rms_norm(
         the dtype of that sum (bf16 + float32 gives float32).
     """
     D = x.shape[-1]
+    check_floating("add_rms_norm", x=x, residual=residual, weight=weight)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     if weight.shape != (D,):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridvl.mixers.backends import elementwise_auto_skips, select_backend
+from hybridvl.mixers.ops.utils import check_floating
 from hybridvl.mixers.ops.varlen import check_cu_seqlens
 
 _PREFERENCE = ("fla", "torch")
@@ -33,6 +34,7 @@ def short_conv(
 
     Returns ``(y [B, T, C], final_state [N, C, kernel_size])`` (state in ``x``'s dtype).
     """
+    check_floating("short_conv", x=x, weight=weight)
     B, T, C = x.shape
     if weight.dim() != 2 or weight.shape[0] != C:
         raise ValueError(f"weight must be [C, kernel_size] with C = {C}, got {tuple(weight.shape)}")

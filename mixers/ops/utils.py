@@ -5,17 +5,23 @@ from __future__ import annotations
 import torch
 
 
+def check_floating(owner: str, **tensors: torch.Tensor) -> None:
+    """Raise unless every tensor is a floating-point tensor, naming the one that is not."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{owner}: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{owner}: {name} must be floating point, got {t.dtype}")
+
+
 def check_qkv(owner: str, **tensors: torch.Tensor) -> None:
     """Raise unless every tensor is a 4-D ``[B, T, H, D]`` floating-point tensor of the first one's dtype and
     device, naming the one that is not."""
+    check_floating(owner, **tensors)
     (first, reference), *_ = tensors.items()
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{owner}: {name} must be a tensor [B, T, H, D], got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{owner}: {name} must be [B, T, H, D] (4 dimensions), got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{owner}: {name} must be floating point, got {t.dtype}")
         if (t.dtype, t.device) != (reference.dtype, reference.device):
             raise TypeError(
                 f"{owner}: {name} is {t.dtype} on {t.device} but {first} is {reference.dtype} on {reference.device}; "
@@ -25,6 +31,7 @@ def check_qkv(owner: str, **tensors: torch.Tensor) -> None:
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """L2-normalise the last dimension in float32 or float64 (as fla does), returning ``x``'s dtype."""
+    check_floating("l2norm", x=x)
     x32 = x.to(compute_dtype(x))
     return (x32 * torch.rsqrt((x32 * x32).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
