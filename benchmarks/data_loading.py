@@ -110,7 +110,9 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.data_loading", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--encode-workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers to collate")
     parser.add_argument("--size-per-task", type=int, default=500)

@@ -179,7 +179,9 @@ RESUME_DATA_VERDICT = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.distributed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per sample (one sample per GPU per step)")
     parser.add_argument("--steps", type=int, default=8)

@@ -953,7 +953,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.inference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     positive = at_least(1)
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="measure these parts only")
     parser.add_argument("--prefill", type=positive, nargs="+", default=[4096, 16384, 32768, 131072])

@@ -235,7 +235,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.mixers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seq-lens", type=at_least(1), nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
     parser.add_argument("--tokens", type=at_least(1), default=65536, help="batch x sequence length")
     parser.add_argument("--out", type=Path, default=RESULTS / "mixers")

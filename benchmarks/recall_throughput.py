@@ -194,7 +194,9 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.recall_throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arms", default="D,M,G,L,L-textbook,A")
     parser.add_argument("--baseline", default="D,A", help="arms also timed through the Lightning loop")
     parser.add_argument("--steps", type=at_least(5), default=100, help="timed steps (five timings of a fifth each)")

@@ -368,7 +368,9 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.train_step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--flavor", choices=sorted(FLAVORS), default="3b", help="model and batch size")
     parser.add_argument("--steps", type=at_least(1), default=5, help="timed steps")
     parser.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps before them")

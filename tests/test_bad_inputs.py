@@ -762,7 +762,8 @@ def run_benchmark(capsys, monkeypatch, module: str, *argv: str) -> str:
     ],
 )
 def test_benchmarks_name_bad_options(capsys, monkeypatch, module: str, argv: list[str], message: str):
-    assert message in run_benchmark(capsys, monkeypatch, module, *argv)
+    line = run_benchmark(capsys, monkeypatch, module, *argv)
+    assert line.startswith(f"benchmarks.{module}: error: ") and message in line
 
 
 def test_inference_benchmark_keeps_parts_that_only_leaves_out(capsys, monkeypatch, tmp_path: Path):
