@@ -17,6 +17,17 @@ from hybridvl.mixers.ops import gated_delta_rule
 from hybridvl.mixers.ops.decode_attention import decode_attention_step, decode_attention_step_reference
 
 
+def _run_fla_here() -> None:
+    """Let fla's Triton kernels run here, interpreted, through the ops' ``backend="fla"`` paths: the backend selector
+    takes them on the CPU, and an autotuned kernel runs its first configuration (no GPU to time them on)."""
+    import triton.runtime.autotuner as autotuner
+
+    from hybridvl.mixers import backends
+
+    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
+    backends.unavailable_reason = lambda backend, device: None
+
+
 def fla_glue() -> None:
     """fla's fused gated RMSNorm (both forms, forward and backward), its token-loop gated delta rule with the decay
     and ``beta`` computed in the kernel (packed sequences continuing from states), the gate kernels of its chunked
@@ -24,17 +35,12 @@ def fla_glue() -> None:
     (packed sequences continuing from states, forward and backward) against the PyTorch forms in float32. On
     the CPU fla's softplus is the plain ``log(1 + exp(x))`` below 20; on NVIDIA GPUs it is inline PTX, which the gpu
     tests cover."""
-    import triton.runtime.autotuner as autotuner
     from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum
 
-    from hybridvl.mixers import backends
     from hybridvl.mixers.ops import gated_rms_norm, short_conv
     from hybridvl.mixers.ops.gated_delta_rule import gdn_decay
 
-    # no GPU to time an autotuned kernel's configurations on: each runs its first
-    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
-    backends.unavailable_reason = lambda backend, device: None  # fla's Triton kernels run here, interpreted
-    torch.manual_seed(0)
+    _run_fla_here()
     for norm_before_gate, group_size in [(True, None), (False, 8)]:
         inputs = [torch.randn(2, 7, 3, 16).requires_grad_() for _ in range(2)] + [torch.randn(16).requires_grad_()]
         options = dict(eps=1e-6, norm_before_gate=norm_before_gate, group_size=group_size)
@@ -99,13 +105,9 @@ def fla_layer_glue() -> None:
     """fla's residual add + RMSNorm (both of its kernels: rows of up to 512 features in blocks, wider rows one by
     one; a float16 block output added to a float32 stream, as under mixed precision) and its SwiGLU on the two halves
     of one projection, forward and backward, against the PyTorch forms in float32."""
-    import triton.runtime.autotuner as autotuner
-
-    from hybridvl.mixers import backends
     from hybridvl.mixers.ops import add_rms_norm, swiglu
 
-    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
-    backends.unavailable_reason = lambda backend, device: None
+    _run_fla_here()
     for D, x_dtype in ((64, torch.float32), (640, torch.float32), (64, torch.float16)):
         x = torch.randn(2, 5, D).to(x_dtype).requires_grad_()
         residual, weight = torch.randn(2, 5, D).requires_grad_(), (torch.rand(D) + 0.5).requires_grad_()
