@@ -7,10 +7,12 @@ each check runs in a process of its own: ``python interpreted_kernels.py CHECK``
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 
 import torch
+import triton.runtime.interpreter as interpreter
 from helpers import rel_err
 
 from hybridvl.mixers.ops import gated_delta_rule
@@ -19,13 +21,46 @@ from hybridvl.mixers.ops.decode_attention import decode_attention_step, decode_a
 
 def _run_fla_here() -> None:
     """Let fla's Triton kernels run here, interpreted, through the ops' ``backend="fla"`` paths: the backend selector
-    takes them on the CPU, and an autotuned kernel runs its first configuration (no GPU to time them on)."""
+    takes them on the CPU, an autotuned kernel runs its first configuration (no GPU to time them on), and loop
+    counters are tensors (:class:`_LoopCountersAsTensors`)."""
     import triton.runtime.autotuner as autotuner
 
     from hybridvl.mixers import backends
 
     autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
     backends.unavailable_reason = lambda backend, device: None
+    interpreter.FunctionRewriter.ast_transformer = _LoopCountersAsTensors()
+
+
+class _LoopCountersAsTensors(interpreter.ASTTransformer):
+    """The interpreter's rewrite of a kernel, in which the counter of a ``for ... in range(...)`` loop is a tensor,
+    as in a compiled kernel (fla's chunked kernels call ``i_t.to(tl.int64)`` on theirs); the interpreter alone runs
+    the loop over Python ints. ``tl.static_range`` counters stay ints, as when compiled."""
+
+    def visit_For(self, node: ast.For) -> ast.For:  # noqa: N802  (ast.NodeTransformer's name)
+        self.generic_visit(node)
+        loops_over_range = isinstance(node.iter, ast.Call) and ast.unparse(node.iter.func) in ("range", "tl.range")
+        if loops_over_range and isinstance(node.target, ast.Name):
+            # `i = i` at the top of the body, which the interpreter's rewrite of assignments makes a tensor
+            name = node.target.id
+            counter = ast.Assign(targets=[ast.Name(name, ast.Store())], value=ast.Name(name, ast.Load()))
+            node.body.insert(0, self.visit_Assign(counter))
+        return node
+
+
+def _fla_against_torch(run, inputs: list[torch.Tensor]) -> list[float]:
+    """Relative errors of ``run("fla")`` against ``run("torch")``, each a tensor or a tuple of tensors computed from
+    ``inputs``: the outputs, then the gradients of every input for the same random cotangents."""
+    for t in inputs:
+        t.requires_grad_()
+    results, cotangents = [], None
+    for backend in ("fla", "torch"):
+        outputs = run(backend)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        if cotangents is None:
+            cotangents = [torch.randn_like(output) for output in outputs]
+        results.append(outputs + torch.autograd.grad(outputs, inputs, cotangents))
+    return [rel_err(a, b) for a, b in zip(*results)]
 
 
 def fla_glue() -> None:
@@ -131,6 +166,40 @@ def fla_layer_glue() -> None:
     assert max(errors) < 1e-6, errors
 
 
+def fla_chunk_gated_delta_rule() -> None:
+    """fla's chunked gated delta rule as Gated DeltaNet calls it (the decay and ``beta`` computed in the kernels from
+    the gate projections, q and k L2-normalised there) against the chunked PyTorch form in float32, forward and
+    backward: packed sequences of 1, 69 and 5 tokens (one crossing fla's 64-token chunks) continuing from states, and
+    a batch of two without states; the outputs, the final states and the gradients of q, k, v, both gate
+    projections, the states, ``A_log`` and ``dt_bias``.
+
+    fla takes the decay between two tokens of a chunk as ``exp(G_i - G_j)`` of the decay's sums from the chunk's
+    start, which loses float32 precision as ``|G|`` grows (the PyTorch form sums the segments directly): the decays
+    here are about -0.5 a token. ``A_log``'s and ``dt_bias``'s gradients sum that error over every token with
+    cancellation (up to 2e-5 over draws of these inputs, 2.4e-4 with decays of several units a token; the float32
+    PyTorch form stays within 3e-7 of float64), hence their bound of 1e-4."""
+    _run_fla_here()
+    H, K, V = 2, 16, 16
+
+    def errors(B: int, T: int, cu_seqlens: torch.Tensor | None, with_states: bool) -> list[float]:
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+        a, b, A_log, dt_bias = torch.randn(B, T, H), torch.randn(B, T, H) * 2, torch.rand(H) - 1, torch.randn(H)
+        states = [torch.randn(N, H, K, V) * 0.1] if with_states else []
+        gates = dict(A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=True, use_qk_l2norm=True)
+
+        def run(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+            initial_state = states[0] if states else None
+            return gated_delta_rule(
+                q, k, v, a, b, initial_state=initial_state, cu_seqlens=cu_seqlens, **gates, backend=backend
+            )
+
+        return _fla_against_torch(run, [q, k, v, a, b, *states, A_log, dt_bias])
+
+    for measured in (errors(1, 75, torch.tensor([0, 1, 70, 75]), with_states=True), errors(2, 70, None, False)):
+        assert max(measured[:-2]) < 1e-5 and max(measured[-2:]) < 1e-4, measured
+
+
 def decode_attention_step_triton() -> None:
     """The decode step's write and split-K attention against the reference, grouped heads over a head width that
     is not a power of two: ring buffers empty, filling, full and wrapped, a growing cache, more splits than
@@ -156,6 +225,7 @@ def decode_attention_step_triton() -> None:
 CHECKS = {
     "fla_glue": fla_glue,
     "fla_layer_glue": fla_layer_glue,
+    "fla_chunk_gated_delta_rule": fla_chunk_gated_delta_rule,
     "decode_attention_step_triton": decode_attention_step_triton,
 }
 
