@@ -166,6 +166,39 @@ def fla_layer_glue() -> None:
     assert max(errors) < 1e-6, errors
 
 
+def fla_losses() -> None:
+    """The LM-head losses on fla's fused kernels against their PyTorch chunks in float32, as the stages call them:
+    the summed next-token cross-entropy (a prompt without loss, ten tokens in three of the kernel's chunks) with the
+    head trained and frozen, and the distillation KL at temperature 2 (the kernel takes the hidden states divided by
+    it), the student's head trained and the teacher's frozen; the losses and the gradients of the hidden states and
+    of the heads that train, for a cotangent other than 1 (the kernels scale the gradients they formed forward)."""
+    from torch import nn
+
+    from hybridvl.lit.losses import distillation_kl, next_token_cross_entropy
+
+    _run_fla_here()
+    H, V = 16, 50
+    hidden, labels = torch.randn(2, 6, H), torch.randint(0, V, (2, 6))
+    labels[:, :2] = -100
+    for head_trains in (True, False):
+        head = nn.Linear(H, V, bias=False).requires_grad_(head_trains)
+        assert next_token_cross_entropy(hidden, head, labels, 4, backend="fla")[1] == 8
+        errors = _fla_against_torch(
+            lambda backend, head=head: next_token_cross_entropy(hidden, head, labels, 4, backend=backend)[0],
+            [hidden, head.weight] if head_trains else [hidden],
+        )
+        assert max(errors) < 1e-5, (head_trains, errors)
+
+    student_head, teacher_head = nn.Linear(H, V, bias=False), nn.Linear(H, V, bias=False).requires_grad_(False)
+    student = torch.randn(2, 5, H)
+    teacher = student + 0.3 * torch.randn_like(student)
+    errors = _fla_against_torch(
+        lambda backend: distillation_kl(student, teacher, student_head, teacher_head, 2.0, 4, backend=backend),
+        [student, student_head.weight],
+    )
+    assert max(errors) < 1e-5, errors
+
+
 def fla_chunk_gated_delta_rule() -> None:
     """fla's chunked gated delta rule as Gated DeltaNet calls it (the decay and ``beta`` computed in the kernels from
     the gate projections, q and k L2-normalised there) against the chunked PyTorch form in float32, forward and
@@ -225,6 +258,7 @@ def decode_attention_step_triton() -> None:
 CHECKS = {
     "fla_glue": fla_glue,
     "fla_layer_glue": fla_layer_glue,
+    "fla_losses": fla_losses,
     "fla_chunk_gated_delta_rule": fla_chunk_gated_delta_rule,
     "decode_attention_step_triton": decode_attention_step_triton,
 }
