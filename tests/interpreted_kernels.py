@@ -12,10 +12,16 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 import triton.runtime.interpreter as interpreter
 from helpers import rel_err
 
-from hybridvl.mixers.ops import gated_delta_rule
+from hybridvl.mixers.ops import (
+    gated_delta_rule,
+    gated_linear_attention,
+    linear_attention,
+    simple_gated_linear_attention,
+)
 from hybridvl.mixers.ops.decode_attention import decode_attention_step, decode_attention_step_reference
 
 
@@ -233,6 +239,40 @@ def fla_chunk_gated_delta_rule() -> None:
         assert max(measured[:-2]) < 1e-5 and max(measured[-2:]) < 1e-4, measured
 
 
+def fla_linear_attention() -> None:
+    """fla's GLA (a decay per key, an odd key width: padded by one), its simple gated form (Mamba2's SSD: one decay
+    per head, scale 1) and plain linear attention (L's, its normaliser column making the value width odd: padded)
+    against the PyTorch forms in float32, forward and backward, chunked (packed sequences of 1, 69 and 5 tokens, one
+    crossing fla's 64-token chunks) and recurrent (1, 6 and 5 tokens), continuing from states: the outputs, the
+    final states and the gradients of q, k, v, the decay and the states."""
+    _run_fla_here()
+    H = 2
+
+    def errors(op, K: int, V: int, form: str, T: int) -> list[float]:
+        q, k, v, h0 = torch.randn(1, T, H, K), torch.randn(1, T, H, K), torch.randn(1, T, H, V), torch.randn(3, H, K, V)
+        decay = {
+            gated_linear_attention: [F.logsigmoid(torch.randn(1, T, H, K))],
+            simple_gated_linear_attention: [-torch.rand(1, T, H)],
+            linear_attention: [],
+        }[op]
+        options = dict(scale=1.0) if op is simple_gated_linear_attention else {}
+        cu_seqlens = torch.tensor([0, 1, T - 5, T])
+
+        def run(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return op(q, k, v, *decay, initial_state=h0, cu_seqlens=cu_seqlens, form=form, **options, backend=backend)
+
+        return _fla_against_torch(run, [q, k, v, *decay, h0])
+
+    for op, K, V in (
+        (gated_linear_attention, 15, 16),
+        (simple_gated_linear_attention, 16, 16),
+        (linear_attention, 16, 17),
+    ):
+        for form, T in (("chunk", 75), ("recurrent", 12)):
+            measured = errors(op, K, V, form, T)
+            assert max(measured) < 1e-5, (op.__name__, form, measured)
+
+
 def decode_attention_step_triton() -> None:
     """The decode step's write and split-K attention against the reference, grouped heads over a head width that
     is not a power of two: ring buffers empty, filling, full and wrapped, a growing cache, more splits than
@@ -260,6 +300,7 @@ CHECKS = {
     "fla_layer_glue": fla_layer_glue,
     "fla_losses": fla_losses,
     "fla_chunk_gated_delta_rule": fla_chunk_gated_delta_rule,
+    "fla_linear_attention": fla_linear_attention,
     "decode_attention_step_triton": decode_attention_step_triton,
 }
 
