@@ -17,6 +17,7 @@ import triton.runtime.interpreter as interpreter
 from helpers import rel_err
 
 from hybridvl.mixers.ops import (
+    causal_attention,
     gated_delta_rule,
     gated_linear_attention,
     linear_attention,
@@ -273,6 +274,25 @@ def fla_linear_attention() -> None:
             assert max(measured) < 1e-5, (op.__name__, form, measured)
 
 
+def fla_parallel_attention() -> None:
+    """fla's ``parallel_attn`` against SDPA in float32, forward and backward: grouped heads, packed sequences of 1,
+    69 and 5 tokens (the 69 over several of fla's key blocks), full causal and a window of 8 keys; the outputs and
+    the gradients of q, k and v. (On a GPU fla computes float32 dots in TF32; the interpreter computes them in
+    float32.)"""
+    _run_fla_here()
+    cu_seqlens = torch.tensor([0, 1, 70, 75])
+
+    def errors(window: int | None) -> list[float]:
+        q, k, v = torch.randn(1, 75, 4, 16), torch.randn(1, 75, 2, 16), torch.randn(1, 75, 2, 16)
+        return _fla_against_torch(
+            lambda backend: causal_attention(q, k, v, window=window, cu_seqlens=cu_seqlens, backend=backend), [q, k, v]
+        )
+
+    for window in (None, 8):
+        measured = errors(window)
+        assert max(measured) < 1e-5, (window, measured)
+
+
 def decode_attention_step_triton() -> None:
     """The decode step's write and split-K attention against the reference, grouped heads over a head width that
     is not a power of two: ring buffers empty, filling, full and wrapped, a growing cache, more splits than
@@ -301,6 +321,7 @@ CHECKS = {
     "fla_losses": fla_losses,
     "fla_chunk_gated_delta_rule": fla_chunk_gated_delta_rule,
     "fla_linear_attention": fla_linear_attention,
+    "fla_parallel_attention": fla_parallel_attention,
     "decode_attention_step_triton": decode_attention_step_triton,
 }
 

@@ -1,7 +1,7 @@
 """Triton kernels (fla's fused glue of the mixers and of the decoder layer, its LM-head losses, chunked gated delta
-rule and linear attention, the decode step's attention) run on the CPU by Triton's interpreter at tiny shapes against
-their PyTorch references (each in a process of its own: see tests/interpreted_kernels.py). The same kernels at real
-shapes on a GPU: tests/test_gpu_kernels.py and tests/test_losses.py."""
+rule, linear attention and softmax attention, the decode step's attention) run on the CPU by Triton's interpreter at
+tiny shapes against their PyTorch references (each in a process of its own: see tests/interpreted_kernels.py). The
+same kernels at real shapes on a GPU: tests/test_gpu_kernels.py and tests/test_losses.py."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ SCRIPT = Path(__file__).with_name("interpreted_kernels.py")
         "fla_losses",
         "fla_chunk_gated_delta_rule",
         "fla_linear_attention",
+        "fla_parallel_attention",
         "decode_attention_step_triton",
     ],
 )
