@@ -2,14 +2,17 @@
 tests/test_interpreted_kernels.py.
 
 ``TRITON_INTERPRET=1`` must be set before a kernel is defined (Triton reads it when it decorates the function), so
-each check runs in a process of its own: ``python interpreted_kernels.py CHECK``.
+the checks run in a process of their own, one after another: ``python interpreted_kernels.py CHECK [CHECK ...]``
+prints, as its last line, a JSON object of the checks that failed with their tracebacks.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import sys
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -328,5 +331,11 @@ CHECKS = {
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1")
-    torch.manual_seed(0)
-    CHECKS[sys.argv[1]]()
+    failed = {}
+    for name in sys.argv[1:]:
+        torch.manual_seed(0)
+        try:
+            CHECKS[name]()
+        except Exception:
+            failed[name] = traceback.format_exc()
+    print(json.dumps(failed))
