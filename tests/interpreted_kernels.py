@@ -2,19 +2,75 @@
 tests/test_interpreted_kernels.py.
 
 ``TRITON_INTERPRET=1`` must be set before a kernel is defined (Triton reads it when it decorates the function), so
-each check runs in a process of its own: ``python interpreted_kernels.py CHECK``.
+the checks run in a process of their own, one after another: ``python interpreted_kernels.py CHECK [CHECK ...]``
+prints, as its last line, a JSON object of the checks that failed with their tracebacks.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import sys
+import traceback
 
 import torch
+import torch.nn.functional as F
+import triton.runtime.interpreter as interpreter
 from helpers import rel_err
 
-from hybridvl.mixers.ops import gated_delta_rule
+from hybridvl.mixers.ops import (
+    causal_attention,
+    gated_delta_rule,
+    gated_linear_attention,
+    linear_attention,
+    simple_gated_linear_attention,
+)
 from hybridvl.mixers.ops.decode_attention import decode_attention_step, decode_attention_step_reference
+
+
+def _run_fla_here() -> None:
+    """Let fla's Triton kernels run here, interpreted, through the ops' ``backend="fla"`` paths: the backend selector
+    takes them on the CPU, an autotuned kernel runs its first configuration (no GPU to time them on), and loop
+    counters are tensors (:class:`_LoopCountersAsTensors`)."""
+    import triton.runtime.autotuner as autotuner
+
+    from hybridvl.mixers import backends
+
+    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
+    backends.unavailable_reason = lambda backend, device: None
+    interpreter.FunctionRewriter.ast_transformer = _LoopCountersAsTensors()
+
+
+class _LoopCountersAsTensors(interpreter.ASTTransformer):
+    """The interpreter's rewrite of a kernel, in which the counter of a ``for ... in range(...)`` loop is a tensor,
+    as in a compiled kernel (fla's chunked kernels call ``i_t.to(tl.int64)`` on theirs); the interpreter alone runs
+    the loop over Python ints. ``tl.static_range`` counters stay ints, as when compiled."""
+
+    def visit_For(self, node: ast.For) -> ast.For:  # noqa: N802  (ast.NodeTransformer's name)
+        self.generic_visit(node)
+        loops_over_range = isinstance(node.iter, ast.Call) and ast.unparse(node.iter.func) in ("range", "tl.range")
+        if loops_over_range and isinstance(node.target, ast.Name):
+            # `i = i` at the top of the body, which the interpreter's rewrite of assignments makes a tensor
+            name = node.target.id
+            counter = ast.Assign(targets=[ast.Name(name, ast.Store())], value=ast.Name(name, ast.Load()))
+            node.body.insert(0, self.visit_Assign(counter))
+        return node
+
+
+def _fla_against_torch(run, inputs: list[torch.Tensor]) -> list[float]:
+    """Relative errors of ``run("fla")`` against ``run("torch")``, each a tensor or a tuple of tensors computed from
+    ``inputs``: the outputs, then the gradients of every input for the same random cotangents."""
+    for t in inputs:
+        t.requires_grad_()
+    results, cotangents = [], None
+    for backend in ("fla", "torch"):
+        outputs = run(backend)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        if cotangents is None:
+            cotangents = [torch.randn_like(output) for output in outputs]
+        results.append(outputs + torch.autograd.grad(outputs, inputs, cotangents))
+    return [rel_err(a, b) for a, b in zip(*results)]
 
 
 def fla_glue() -> None:
@@ -24,17 +80,12 @@ def fla_glue() -> None:
     (packed sequences continuing from states, forward and backward) against the PyTorch forms in float32. On
     the CPU fla's softplus is the plain ``log(1 + exp(x))`` below 20; on NVIDIA GPUs it is inline PTX, which the gpu
     tests cover."""
-    import triton.runtime.autotuner as autotuner
     from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum
 
-    from hybridvl.mixers import backends
     from hybridvl.mixers.ops import gated_rms_norm, short_conv
     from hybridvl.mixers.ops.gated_delta_rule import gdn_decay
 
-    # no GPU to time an autotuned kernel's configurations on: each runs its first
-    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
-    backends.unavailable_reason = lambda backend, device: None  # fla's Triton kernels run here, interpreted
-    torch.manual_seed(0)
+    _run_fla_here()
     for norm_before_gate, group_size in [(True, None), (False, 8)]:
         inputs = [torch.randn(2, 7, 3, 16).requires_grad_() for _ in range(2)] + [torch.randn(16).requires_grad_()]
         options = dict(eps=1e-6, norm_before_gate=norm_before_gate, group_size=group_size)
@@ -99,13 +150,9 @@ def fla_layer_glue() -> None:
     """fla's residual add + RMSNorm (both of its kernels: rows of up to 512 features in blocks, wider rows one by
     one; a float16 block output added to a float32 stream, as under mixed precision) and its SwiGLU on the two halves
     of one projection, forward and backward, against the PyTorch forms in float32."""
-    import triton.runtime.autotuner as autotuner
-
-    from hybridvl.mixers import backends
     from hybridvl.mixers.ops import add_rms_norm, swiglu
 
-    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
-    backends.unavailable_reason = lambda backend, device: None
+    _run_fla_here()
     for D, x_dtype in ((64, torch.float32), (640, torch.float32), (64, torch.float16)):
         x = torch.randn(2, 5, D).to(x_dtype).requires_grad_()
         residual, weight = torch.randn(2, 5, D).requires_grad_(), (torch.rand(D) + 0.5).requires_grad_()
@@ -127,6 +174,126 @@ def fla_layer_glue() -> None:
     (grad_ref,) = torch.autograd.grad(z_ref, gate_up, cotangent)
     errors = [rel_err(z_fla, z_ref), rel_err(grad_fla, grad_ref)]
     assert max(errors) < 1e-6, errors
+
+
+def fla_losses() -> None:
+    """The LM-head losses on fla's fused kernels against their PyTorch chunks in float32, as the stages call them:
+    the summed next-token cross-entropy (a prompt without loss, ten tokens in three of the kernel's chunks) with the
+    head trained and frozen, and the distillation KL at temperature 2 (the kernel takes the hidden states divided by
+    it), the student's head trained and the teacher's frozen; the losses and the gradients of the hidden states and
+    of the heads that train, for a cotangent other than 1 (the kernels scale the gradients they formed forward)."""
+    from torch import nn
+
+    from hybridvl.lit.losses import distillation_kl, next_token_cross_entropy
+
+    _run_fla_here()
+    H, V = 16, 50
+    hidden, labels = torch.randn(2, 6, H), torch.randint(0, V, (2, 6))
+    labels[:, :2] = -100
+    for head_trains in (True, False):
+        head = nn.Linear(H, V, bias=False).requires_grad_(head_trains)
+        assert next_token_cross_entropy(hidden, head, labels, 4, backend="fla")[1] == 8
+        errors = _fla_against_torch(
+            lambda backend, head=head: next_token_cross_entropy(hidden, head, labels, 4, backend=backend)[0],
+            [hidden, head.weight] if head_trains else [hidden],
+        )
+        assert max(errors) < 1e-5, (head_trains, errors)
+
+    student_head, teacher_head = nn.Linear(H, V, bias=False), nn.Linear(H, V, bias=False).requires_grad_(False)
+    student = torch.randn(2, 5, H)
+    teacher = student + 0.3 * torch.randn_like(student)
+    errors = _fla_against_torch(
+        lambda backend: distillation_kl(student, teacher, student_head, teacher_head, 2.0, 4, backend=backend),
+        [student, student_head.weight],
+    )
+    assert max(errors) < 1e-5, errors
+
+
+def fla_chunk_gated_delta_rule() -> None:
+    """fla's chunked gated delta rule as Gated DeltaNet calls it (the decay and ``beta`` computed in the kernels from
+    the gate projections, q and k L2-normalised there) against the chunked PyTorch form in float32, forward and
+    backward: packed sequences of 1, 69 and 5 tokens (one crossing fla's 64-token chunks) continuing from states, and
+    a batch of two without states; the outputs, the final states and the gradients of q, k, v, both gate
+    projections, the states, ``A_log`` and ``dt_bias``.
+
+    fla takes the decay between two tokens of a chunk as ``exp(G_i - G_j)`` of the decay's sums from the chunk's
+    start, which loses float32 precision as ``|G|`` grows (the PyTorch form sums the segments directly): the decays
+    here are about -0.5 a token. ``A_log``'s and ``dt_bias``'s gradients sum that error over every token with
+    cancellation (up to 2e-5 over draws of these inputs, 2.4e-4 with decays of several units a token; the float32
+    PyTorch form stays within 3e-7 of float64), hence their bound of 1e-4."""
+    _run_fla_here()
+    H, K, V = 2, 16, 16
+
+    def errors(B: int, T: int, cu_seqlens: torch.Tensor | None, with_states: bool) -> list[float]:
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+        a, b, A_log, dt_bias = torch.randn(B, T, H), torch.randn(B, T, H) * 2, torch.rand(H) - 1, torch.randn(H)
+        states = [torch.randn(N, H, K, V) * 0.1] if with_states else []
+        gates = dict(A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=True, use_qk_l2norm=True)
+
+        def run(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+            initial_state = states[0] if states else None
+            return gated_delta_rule(
+                q, k, v, a, b, initial_state=initial_state, cu_seqlens=cu_seqlens, **gates, backend=backend
+            )
+
+        return _fla_against_torch(run, [q, k, v, a, b, *states, A_log, dt_bias])
+
+    for measured in (errors(1, 75, torch.tensor([0, 1, 70, 75]), with_states=True), errors(2, 70, None, False)):
+        assert max(measured[:-2]) < 1e-5 and max(measured[-2:]) < 1e-4, measured
+
+
+def fla_linear_attention() -> None:
+    """fla's GLA (a decay per key, an odd key width: padded by one), its simple gated form (Mamba2's SSD: one decay
+    per head, scale 1) and plain linear attention (L's, its normaliser column making the value width odd: padded)
+    against the PyTorch forms in float32, forward and backward, chunked (packed sequences of 1, 69 and 5 tokens, one
+    crossing fla's 64-token chunks) and recurrent (1, 6 and 5 tokens), continuing from states: the outputs, the
+    final states and the gradients of q, k, v, the decay and the states."""
+    _run_fla_here()
+    H = 2
+
+    def errors(op, K: int, V: int, form: str, T: int) -> list[float]:
+        q, k, v, h0 = torch.randn(1, T, H, K), torch.randn(1, T, H, K), torch.randn(1, T, H, V), torch.randn(3, H, K, V)
+        decay = {
+            gated_linear_attention: [F.logsigmoid(torch.randn(1, T, H, K))],
+            simple_gated_linear_attention: [-torch.rand(1, T, H)],
+            linear_attention: [],
+        }[op]
+        options = dict(scale=1.0) if op is simple_gated_linear_attention else {}
+        cu_seqlens = torch.tensor([0, 1, T - 5, T])
+
+        def run(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return op(q, k, v, *decay, initial_state=h0, cu_seqlens=cu_seqlens, form=form, **options, backend=backend)
+
+        return _fla_against_torch(run, [q, k, v, *decay, h0])
+
+    for op, K, V in (
+        (gated_linear_attention, 15, 16),
+        (simple_gated_linear_attention, 16, 16),
+        (linear_attention, 16, 17),
+    ):
+        for form, T in (("chunk", 75), ("recurrent", 12)):
+            measured = errors(op, K, V, form, T)
+            assert max(measured) < 1e-5, (op.__name__, form, measured)
+
+
+def fla_parallel_attention() -> None:
+    """fla's ``parallel_attn`` against SDPA in float32, forward and backward: grouped heads, packed sequences of 1,
+    69 and 5 tokens (the 69 over several of fla's key blocks), full causal and a window of 8 keys; the outputs and
+    the gradients of q, k and v. (On a GPU fla computes float32 dots in TF32; the interpreter computes them in
+    float32.)"""
+    _run_fla_here()
+    cu_seqlens = torch.tensor([0, 1, 70, 75])
+
+    def errors(window: int | None) -> list[float]:
+        q, k, v = torch.randn(1, 75, 4, 16), torch.randn(1, 75, 2, 16), torch.randn(1, 75, 2, 16)
+        return _fla_against_torch(
+            lambda backend: causal_attention(q, k, v, window=window, cu_seqlens=cu_seqlens, backend=backend), [q, k, v]
+        )
+
+    for window in (None, 8):
+        measured = errors(window)
+        assert max(measured) < 1e-5, (window, measured)
 
 
 def decode_attention_step_triton() -> None:
@@ -154,11 +321,21 @@ def decode_attention_step_triton() -> None:
 CHECKS = {
     "fla_glue": fla_glue,
     "fla_layer_glue": fla_layer_glue,
+    "fla_losses": fla_losses,
+    "fla_chunk_gated_delta_rule": fla_chunk_gated_delta_rule,
+    "fla_linear_attention": fla_linear_attention,
+    "fla_parallel_attention": fla_parallel_attention,
     "decode_attention_step_triton": decode_attention_step_triton,
 }
 
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1")
-    torch.manual_seed(0)
-    CHECKS[sys.argv[1]]()
+    failed = {}
+    for name in sys.argv[1:]:
+        torch.manual_seed(0)
+        try:
+            CHECKS[name]()
+        except Exception:
+            failed[name] = traceback.format_exc()
+    print(json.dumps(failed))
