@@ -52,8 +52,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "fit": ("hybridvl.lit.commands.train", "train a stage: hybridvl fit --config stage.yaml (LightningCLI)"),
     "validate": ("hybridvl.lit.commands.train", "validate a stage's model (LightningCLI)"),
-    "test": ("hybridvl.lit.commands.train", "test a stage's model (LightningCLI)"),
-    "predict": ("hybridvl.lit.commands.train", "predict with a stage's model (LightningCLI)"),
+    "test": ("hybridvl.lit.commands.train", "not defined by the stages: use validate with the sources under data.val"),
+    "predict": ("hybridvl.lit.commands.train", "not defined by the stages: use generate"),
 }
 # commands whose module takes the command name as its first argument
 PASS_COMMAND = {"fit", "validate", "test", "predict"}

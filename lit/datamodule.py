@@ -39,6 +39,7 @@ from typing import Any
 import lightning as L
 import torch
 from filelock import FileLock
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -397,7 +398,12 @@ class HybridDataModule(L.LightningDataModule):
         return self._loader("train", shuffle=self.hparams.shuffle)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if self.hparams.val else []
+        """The validation batches; none in a fit without ``val`` sources, which ``hybridvl validate`` needs."""
+        if self.hparams.val:
+            return self._loader("val", shuffle=False)
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.VALIDATING:
+            raise ValueError("data: validating needs sources under data.val (the data config lists none); add them")
+        return []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

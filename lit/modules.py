@@ -61,7 +61,7 @@ from hybridvl.models.convert import copy_processor_files
 from hybridvl.models.files import EXPORT_RECORD, check_output, write_json
 from hybridvl.models.generation import generate
 from hybridvl.models.hybrid import HybridVLM, checkpoint_selection, residual_stream
-from hybridvl.models.loading import STAGE_CONFIG_KEY
+from hybridvl.models.loading import LORA_KEY, STAGE_CONFIG_KEY
 
 logger = logging.getLogger("hybridvl.train")
 
@@ -70,6 +70,46 @@ RUN_KEY = "hybridvl_run"  # the checkpoint entry naming the run that wrote it (s
 
 class ForeignCheckpointError(ValueError):
     """A resume from a checkpoint that another run wrote."""
+
+
+class StageOptionError(ValueError):
+    """A stage option (``model.init_args`` in a stage YAML) of the wrong type or out of its range."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    """Raise :class:`StageOptionError` unless ``value`` is a positive finite number."""
+    if not (_is_number(value) and value > 0):
+        raise StageOptionError(f"model: {name} must be a positive finite number, got {value!r}")
+
+
+def _check_range(name: str, value: Any, low: float, high: float, high_open: bool = False) -> None:
+    """Raise :class:`StageOptionError` unless ``value`` is a number in ``[low, high]`` (``[low, high)`` with
+    ``high_open``)."""
+    if not (_is_number(value) and low <= value and (value < high if high_open else value <= high)):
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}{')' if high_open else ']'}"
+        raise StageOptionError(f"model: {name} must be a finite number {bounds}, got {value!r}")
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    """Raise :class:`StageOptionError` unless ``value`` is an integer ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise StageOptionError(f"model: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_model_path(name: str, path: Any) -> None:
+    """Raise :class:`StageOptionError` if ``path`` names a file that is no stage checkpoint (``.ckpt``): a model is a
+    directory, a stage's ``.ckpt`` or a hub id in the local cache (a missing one is named when it loads)."""
+    if not isinstance(path, str | Path) or not str(path):
+        raise StageOptionError(f"model: {name} must be the path of a model directory or a stage's .ckpt, got {path!r}")
+    if Path(path).is_file() and Path(path).suffix != ".ckpt":
+        raise StageOptionError(
+            f"model: {name} {str(path)!r} is a file, not a model directory or a stage's .ckpt checkpoint; give the "
+            "folder that holds config.json and the weights"
+        )
 
 
 GENERATION_METRICS = {"exact_match": ExactMatch, "vqa_accuracy": VQAAccuracy, "anls": ANLS, "relaxed": RelaxedAccuracy}
@@ -180,6 +220,10 @@ class HybridStage(L.LightningModule):
             replaced without it.
         resume_other_run: resume (``--ckpt_path``) from a checkpoint that another run wrote (another stage, model,
             export folder or root folder); without it such a resume is refused, naming both.
+
+    Raises:
+        StageOptionError: an option of the wrong type or out of its range, a ``model`` that is a file but no
+            ``.ckpt``; a distillation teacher whose sizes do not fit the student's, when the models load.
     """
 
     default_trainable: ClassVar[tuple[str, ...]] = SFT_DEFAULT
@@ -211,6 +255,24 @@ class HybridStage(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
+        _check_model_path("model", model)
+        if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+            raise StageOptionError(f"model: tokenizer_dir {tokenizer_dir!r} is not an existing folder")
+        if trainable is not None and (isinstance(trainable, str) or not trainable):
+            raise StageOptionError(
+                f"model: trainable must be a non-empty list of patterns, e.g. ['mixers:new'], got {trainable!r}; "
+                "leave it out for the stage's default"
+            )
+        _check_positive("learning_rate", learning_rate)
+        if vision_learning_rate is not None:  # 0 keeps the vision tower as it is
+            _check_range("vision_learning_rate", vision_learning_rate, 0, math.inf)
+        _check_range("weight_decay", weight_decay, 0, math.inf)
+        _check_range("warmup_ratio", warmup_ratio, 0, 1)
+        _check_range("min_lr_ratio", min_lr_ratio, 0, 1)
+        if not isinstance(compile, bool):
+            raise StageOptionError(f"model: compile must be true or false, got {compile!r}")
+        _check_count("loss_chunk_size", loss_chunk_size, 1)
+        _check_count("generation_max_new_tokens", generation_max_new_tokens, 0)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # the run's config.yaml records them
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.student: HybridVLM | None = None
@@ -548,7 +610,7 @@ class SFT(HybridStage):
 
 
 def _check_lora_targets(model: nn.Module, targets: list[str]) -> None:
-    """Raise if a LoRA target names no module but a part of fused projections (peft adapts whole modules)."""
+    """Raise if a LoRA target names a part of fused projections (peft adapts whole modules) or no module at all."""
     modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     fused = {}
     for part, parameter in fused_part_names(model).items():
@@ -559,6 +621,14 @@ def _check_lora_targets(model: nn.Module, targets: list[str]) -> None:
         raise ValueError(
             f"the LoRA targets {named} are parts of fused projections, which take one adapter for all their parts: "
             "target the fused modules instead (e.g. qkv_proj, in_proj, gate_up_proj)"
+        )
+    unknown = [target for target in targets if target not in modules]
+    if unknown:
+        linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        projections = sorted(name for name in linear if not name.isdigit())  # not the items of a Sequential
+        raise ValueError(
+            f"the LoRA targets {', '.join(unknown)} name no module of a model with layout {model.config.layout!r}; "
+            f"its projections are {', '.join(projections)}"
         )
 
 
@@ -579,6 +649,7 @@ class _Distillation(HybridStage):
 
     def __init__(self, model: str, teacher: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        _check_model_path("teacher", teacher)
         self.teacher: HybridVLM | None = None
         self.teacher_shape: flops.ModelShape | None = None
         self.register_load_state_dict_post_hook(_teacher_keys_may_be_missing)
@@ -588,6 +659,22 @@ class _Distillation(HybridStage):
         if self.teacher is None:
             self.teacher = HybridVLM.from_pretrained(self.hparams.teacher).requires_grad_(False)
             self.teacher_shape = flops.model_shape(self.teacher)
+            self.check_teacher()
+
+    def check_teacher(self) -> None:
+        """Raise :class:`StageOptionError` if the teacher's sizes do not fit the student's: the token distributions
+        the stages compare need one vocabulary."""
+        self._check_teacher_sizes("vocab_size")
+
+    def _check_teacher_sizes(self, *names: str) -> None:
+        student, teacher = self.student.config, self.teacher.config
+        for name in names:
+            if getattr(student, name) != getattr(teacher, name):
+                raise StageOptionError(
+                    f"model: the teacher {self.hparams.teacher} has {name} {getattr(teacher, name)} but the student "
+                    f"{self.hparams.model} has {getattr(student, name)}; {type(self).__name__} needs the teacher the "
+                    "student was converted from"
+                )
 
     def train(self, mode: bool = True) -> _Distillation:
         super().train(mode)
@@ -623,6 +710,11 @@ class DistillLayerwise(_Distillation):
 
     def __init__(self, model: str, teacher: str, mse_factor: float = 1000.0, **kwargs: Any) -> None:
         super().__init__(model, teacher, **kwargs)
+        _check_positive("mse_factor", mse_factor)
+
+    def check_teacher(self) -> None:
+        """Each student layer matches a teacher layer's output: the teacher needs the student's width and depth."""
+        self._check_teacher_sizes("vocab_size", "hidden_size", "num_hidden_layers")
 
     def batch_flops(self, batch: PackedBatch) -> float:
         return flops.layerwise_distillation_flops(self.student_shape, self.teacher_shape, batch)
@@ -673,6 +765,13 @@ class DistillEndToEnd(_Distillation):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, teacher, **kwargs)
+        _check_positive("temperature", temperature)
+        _check_range("ce_weight", ce_weight, 0, math.inf)
+        _check_range("hidden_weight", hidden_weight, 0, math.inf)
+
+    def check_teacher(self) -> None:
+        """One vocabulary, and with ``hidden_weight`` one width of the final hidden states."""
+        self._check_teacher_sizes("vocab_size", *(["hidden_size"] if self.hparams.hidden_weight else []))
 
     def batch_flops(self, batch: PackedBatch) -> float:
         return flops.end_to_end_distillation_flops(self.student_shape, self.teacher_shape, batch)
@@ -731,6 +830,14 @@ class LongSFT(SFT):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, gradient_checkpointing=gradient_checkpointing, **kwargs)
+        _check_count("lora_rank", lora_rank, 1)
+        _check_positive("lora_alpha", lora_alpha)
+        _check_range("lora_dropout", lora_dropout, 0, 1, high_open=True)
+        if lora_targets is not None and (isinstance(lora_targets, str) or not lora_targets):
+            raise StageOptionError(
+                f"model: lora_targets must be a non-empty list of module names, e.g. [qkv_proj, in_proj], got "
+                f"{lora_targets!r}; leave it out for the default"
+            )
         self.lora = None
 
     def configure_model(self) -> None:
@@ -768,7 +875,7 @@ class LongSFT(SFT):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["lora"] = True
+        checkpoint[LORA_KEY] = True
 
     def exportable_student(self) -> HybridVLM:
         return self.lora.merge_and_unload()

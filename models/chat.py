@@ -25,6 +25,17 @@ def load_processor(directory: str | Path) -> Any:
         hf_logging.set_verbosity(verbosity)
 
 
+def check_no_placeholders(processor: Any, text: str, what: str) -> None:
+    """Raise ``ValueError`` if ``text`` holds the processor's image or video placeholder token: the processor puts
+    one in for each image or video given, so one typed into the text stands for media that was never given."""
+    for token in (processor.image_token, processor.video_token):
+        if token in text:
+            raise ValueError(
+                f"{what} holds the placeholder {token}, which stands for an image or video the processor places "
+                f"itself for each one given; remove it from {what}"
+            )
+
+
 def chat_inputs(
     processor: Any,
     prompt: str,
@@ -44,6 +55,7 @@ def chat_inputs(
     """
     from transformers.video_utils import VideoMetadata
 
+    check_no_placeholders(processor, prompt, "the prompt")
     content = [{"type": "image", "image": image} for image in images]
     content += [{"type": "video", "video": frames} for frames, _ in videos]
     content.append({"type": "text", "text": prompt})

@@ -34,6 +34,8 @@ from hybridvl.models.qwen import ConversionError, canonical_name, hybrid_config_
 # weights under this prefix of the state dict
 STAGE_CONFIG_KEY = "hybrid_config"
 STAGE_PREFIX = "student."
+LORA_KEY = "lora"
+"""The entry that marks a LongSFT checkpoint, whose weights are LoRA adapters over a model."""
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -142,6 +144,11 @@ def _stage_checkpoint(path: Path) -> Checkpoint:
     data = load_torch_checkpoint(path, map_location="cpu", weights_only=False)
     if not isinstance(data, dict) or STAGE_CONFIG_KEY not in data:
         raise ValueError(f"{path} is not a hybridvl stage checkpoint (no {STAGE_CONFIG_KEY} in it)")
+    if data.get(LORA_KEY):
+        raise ValueError(
+            f"{path} is a checkpoint of LoRA adapters (LongSFT), whose weights are not a model's: load the stage's "
+            "export instead (its export_dir), where the adapters are merged; resume that stage with --ckpt_path"
+        )
     config = HybridConfig.from_dict(data[STAGE_CONFIG_KEY], f"the {STAGE_CONFIG_KEY} of {path}")
     prefix = len(STAGE_PREFIX)
     tensors = {k[prefix:]: v for k, v in data["state_dict"].items() if k.startswith(STAGE_PREFIX)}

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from hybridvl.models.cache import ModelState
+from hybridvl.models.chat import check_no_placeholders
 from hybridvl.models.cuda_graphs import GraphedDecoder, GraphedFramePrefill
 from hybridvl.models.generation import check_generation_options, generate
 from hybridvl.models.hybrid import HybridVLM
@@ -129,6 +130,7 @@ class StreamingSession:
         """Add text (a subtitle, a remark) to the stream."""
         if not isinstance(text, str) or not text:
             raise ValueError(f"feed_text needs a non-empty string, got {text!r}")
+        check_no_placeholders(self.processor, text, "the text")
         self._advance(text)
 
     @torch.no_grad()
@@ -136,6 +138,7 @@ class StreamingSession:
         """Answer ``question`` about everything streamed so far; the stream itself is left as it was."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"ask needs a non-empty question, got {question!r}")
+        check_no_placeholders(self.processor, question, "the question")
         check_generation_options(max_new_tokens)
         start = time.perf_counter()
         fork = None if self.state is None else self.state.clone()

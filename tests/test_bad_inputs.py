@@ -853,3 +853,201 @@ def test_cuda_graph_and_streaming_requests_on_cpu_are_named(options: dict, messa
             GraphedDecoder(model, compile=True)
         else:
             StreamingSession(model, SimpleNamespace(tokenizer=None), **options)
+
+
+# --- stage configs, streaming and generation with real tiny models -------------------------------------------------
+
+
+def _stage(kind: str, **options):
+    from hybridvl.lit import modules
+
+    distilled = {"teacher": "teacher"} if kind.startswith("Distill") else {}
+    return getattr(modules, kind)(**{"model": "model", **distilled, **options})
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "message"),
+    [
+        ("SFT", {"learning_rate": 0.0}, "learning_rate must be a positive finite number, got 0.0"),
+        ("SFT", {"learning_rate": -1e-3}, "learning_rate must be a positive finite number, got -0.001"),
+        ("SFT", {"learning_rate": float("nan")}, "learning_rate must be a positive finite number, got nan"),
+        ("SFT", {"vision_learning_rate": -1e-4}, "vision_learning_rate must be a finite number >= 0, got -0.0001"),
+        ("SFT", {"warmup_ratio": 1.5}, "warmup_ratio must be a finite number in [0, 1], got 1.5"),
+        ("SFT", {"warmup_ratio": -0.1}, "warmup_ratio must be a finite number in [0, 1], got -0.1"),
+        ("SFT", {"min_lr_ratio": -0.5}, "min_lr_ratio must be a finite number in [0, 1], got -0.5"),
+        ("SFT", {"weight_decay": -1.0}, "weight_decay must be a finite number >= 0, got -1.0"),
+        ("SFT", {"compile": "yes"}, "compile must be true or false, got 'yes'"),
+        ("SFT", {"trainable": "mixers:new"}, "trainable must be a non-empty list of patterns"),
+        ("SFT", {"trainable": []}, "trainable must be a non-empty list of patterns"),
+        ("SFT", {"loss_chunk_size": 0}, "loss_chunk_size must be an integer >= 1, got 0"),
+        ("SFT", {"generation_max_new_tokens": -1}, "generation_max_new_tokens must be an integer >= 0, got -1"),
+        ("SFT", {"model": str(HERE)}, "is a file, not a model directory or a stage's .ckpt checkpoint"),
+        ("SFT", {"tokenizer_dir": "nowhere"}, "tokenizer_dir 'nowhere' is not an existing folder"),
+        ("DistillEndToEnd", {"temperature": 0.0}, "temperature must be a positive finite number, got 0.0"),
+        ("DistillEndToEnd", {"temperature": -2.0}, "temperature must be a positive finite number, got -2.0"),
+        ("DistillEndToEnd", {"ce_weight": -1.0}, "ce_weight must be a finite number >= 0, got -1.0"),
+        ("DistillEndToEnd", {"teacher": str(HERE)}, "teacher '"),
+        ("DistillLayerwise", {"mse_factor": 0.0}, "mse_factor must be a positive finite number, got 0.0"),
+        ("LongSFT", {"lora_rank": 0}, "lora_rank must be an integer >= 1, got 0"),
+        ("LongSFT", {"lora_alpha": 0.0}, "lora_alpha must be a positive finite number, got 0.0"),
+        ("LongSFT", {"lora_dropout": 1.0}, "lora_dropout must be a finite number in [0, 1), got 1.0"),
+        ("LongSFT", {"lora_targets": []}, "lora_targets must be a non-empty list of module names"),
+    ],
+)
+def test_bad_stage_options(kind: str, options: dict, message: str):
+    from hybridvl.lit.modules import StageOptionError
+
+    with pytest.raises(StageOptionError, match=re.escape(message)):
+        _stage(kind, **options)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    """The tiny hybrid model of ``_tiny_model`` and one with a larger vocabulary, saved."""
+    folder = tmp_path_factory.mktemp("tiny_models")
+    _tiny_model().save_pretrained(folder / "student")
+    other = _tiny_model().config.to_dict()
+    other["vocab_size"] = 80
+    from hybridvl.models.config import HybridConfig
+    from hybridvl.models.hybrid import HybridVLM
+
+    HybridVLM(HybridConfig.from_dict(other)).save_pretrained(folder / "wide_vocab")
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["DistillEndToEnd", "DistillLayerwise"])
+def test_a_teacher_of_another_vocabulary_is_named(tiny_models: Path, kind: str):
+    from hybridvl.lit.modules import StageOptionError
+
+    stage = _stage(kind, model=str(tiny_models / "student"), teacher=str(tiny_models / "wide_vocab"))
+    with pytest.raises(StageOptionError, match=r"has vocab_size 80 but the student .* has 64"):
+        stage.configure_model()
+
+
+def test_lora_targets_that_name_no_module_are_named(tiny_models: Path):
+    stage = _stage("LongSFT", model=str(tiny_models / "student"), lora_targets=["qkv_proj", "nonexistent_proj"])
+    with pytest.raises(ValueError, match=r"the LoRA targets nonexistent_proj name no module .* qkv_proj"):
+        stage.configure_model()
+
+
+def test_a_lora_checkpoint_is_not_a_model(tmp_path: Path):
+    from hybridvl.models.hybrid import HybridVLM
+    from hybridvl.models.loading import LORA_KEY, STAGE_CONFIG_KEY
+
+    torch.save(
+        {STAGE_CONFIG_KEY: _tiny_model().config.to_diff_dict(), LORA_KEY: True, "state_dict": {}}, tmp_path / "a.ckpt"
+    )
+    with pytest.raises(ValueError, match=r"is a checkpoint of LoRA adapters .* load the stage.s export instead"):
+        HybridVLM.from_pretrained(tmp_path / "a.ckpt")
+
+
+def _stage_yaml(tmp_path: Path, model: dict, data: dict | None = None, trainer: dict | None = None) -> str:
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 1,
+            "default_root_dir": str(tmp_path),
+            **(trainer or {}),
+        },
+        "model": {"class_path": "hybridvl.lit.modules.SFT", "init_args": {"model": str(tmp_path), **model}},
+        "data": {"processor": str(tmp_path), "train": [{"type": "synthetic"}], **(data or {})},
+    }
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "message"),
+    [
+        ({"learning_rate": 0.0}, {}, "model: learning_rate must be a positive finite number, got 0.0"),
+        ({"warmup_ratio": 2.0}, {}, "model: warmup_ratio must be a finite number in [0, 1], got 2.0"),
+        ({"lernig_rate": 1e-3}, {}, "Option 'lernig_rate' is not accepted"),
+        ({"optimizer": {"class_path": "torch.optim.NoSuch"}}, {}, "module 'torch.optim' has no attribute 'NoSuch'"),
+        ({}, {"batch_size": 4}, "does not accept option 'data.batch_size'"),
+        ({}, {"max_tokens": "lots"}, "Parser key \"data.max_tokens\": Expected a <class 'int'>. Got value: lots"),
+        ({}, {"num_workers": 1.5}, "Parser key \"data.num_workers\": Expected a <class 'int'>"),
+    ],
+)
+def test_a_bad_stage_yaml_is_one_line(capsys, tmp_path: Path, model: dict, data: dict, message: str):
+    status, lines = run(capsys, "fit", "--config", _stage_yaml(tmp_path, model, data))
+    assert status == 2 and message in only_line(lines, "fit")
+
+
+@pytest.mark.parametrize(("command", "message"), [("test", "data.val"), ("predict", "hybridvl generate")])
+def test_commands_no_stage_defines_say_what_to_run(capsys, tmp_path: Path, command: str, message: str):
+    status, lines = run(capsys, command, "--config", _stage_yaml(tmp_path, {}))
+    assert status == 2 and f"the stages define no {command} step" in only_line(lines, command) and message in lines[0]
+
+
+def test_validate_without_val_sources_is_named(capsys, tiny_models: Path, tmp_path: Path):
+    config = _stage_yaml(tmp_path, {"model": str(tiny_models / "student")}, trainer={"logger": False})
+    status, lines = run(capsys, "validate", "--config", config)
+    assert status == 2
+    assert "validating needs sources under data.val" in only_line(
+        [line for line in lines if "error" in line], "validate"
+    )
+
+
+def test_a_stage_without_a_logger_trains_without_the_learning_rate_monitor(capsys, monkeypatch, tmp_path: Path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from hybridvl.lit.commands import train
+
+    callbacks = []
+    monkeypatch.setattr(train.HybridCLI, "fit", lambda self, model, **kwargs: callbacks.extend(self.trainer.callbacks))
+    status, lines = run(capsys, "fit", "--config", _stage_yaml(tmp_path, {}, trainer={"logger": False}))
+    assert status == 0 and callbacks and not any(isinstance(c, LearningRateMonitor) for c in callbacks)
+    assert any("trainer.logger is false: learning rates and throughput are not logged" in line for line in lines)
+
+
+def test_sampling_a_video_above_its_frame_rate_is_logged(media: Path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hybridvl.vision"):
+        frames, _ = read_video(media / "good.mp4", fps=20.0)
+    assert frames.shape[0] == 40 and "above the video's own 10 fps, repeats each frame about 2.0 times" in caplog.text
+
+
+def test_placeholders_typed_into_a_prompt_are_named():
+    from types import SimpleNamespace
+
+    from hybridvl.models.chat import chat_inputs
+    from hybridvl.models.streaming import StreamingSession
+
+    processor = SimpleNamespace(tokenizer=None, image_token="<|image_pad|>", video_token="<|video_pad|>")
+    with pytest.raises(ValueError, match=re.escape("the prompt holds the placeholder <|image_pad|>")):
+        chat_inputs(processor, "<|image_pad|> What is this?")
+    session = StreamingSession(_tiny_model(), processor)
+    with pytest.raises(ValueError, match=re.escape("the question holds the placeholder <|video_pad|>")):
+        session.ask("<|video_pad|>?")
+    with pytest.raises(ValueError, match=re.escape("the text holds the placeholder <|image_pad|>")):
+        session.feed_text("<|image_pad|>")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-VL teacher converted into a hybrid student with its processor files."""
+    folder = tmp_path_factory.mktemp("converted")
+    assert main(["tiny-qwen", "--out", str(folder / "teacher"), "--layers", "2", "--hidden-size", "32"]) == 0
+    assert (
+        main(["convert", "--teacher", str(folder / "teacher"), "--layout", "S,D", "--out", str(folder / "student")])
+        == 0
+    )
+    return folder / "student"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--prompt", "<|image_pad|> What?"], "the prompt holds the placeholder <|image_pad|>"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", str(10**10)], "exceeds the model's context of 32768"),
+        (["stream", "--video", "good.mp4", "--max-new-tokens", str(10**10)], "exceeds the model's context of 32768"),
+    ],
+)
+def test_generate_and_stream_name_bad_inputs_with_a_real_model(capsys, converted: Path, media: Path, argv, message):
+    argv = [str(media / arg) if arg.endswith(".mp4") else arg for arg in argv]
+    capsys.readouterr()
+    status, lines = run(capsys, argv[0], "--model", str(converted), "--device", "cpu", *argv[1:])
+    assert status == 2 and message in only_line([line for line in lines if "error" in line], argv[0])

@@ -4,7 +4,8 @@ Videos are sampled at a chosen rate by the nearest-frame rule: with ``t0`` the t
 the sample times are ``t0 + k / fps`` for ``k = 0, 1, ...`` before the end of the video (the last frame's time
 plus one frame interval of the video's own rate), and each sample time takes the decoded frame whose
 presentation time is nearest to it, the earlier frame on a tie. Sampling faster than the video's own frame rate
-therefore repeats frames, so the samples stay ``1 / fps`` apart as Qwen2.5-VL's temporal positions assume.
+therefore repeats frames, so the samples stay ``1 / fps`` apart as Qwen2.5-VL's temporal positions assume (a log
+line says so, once per file).
 Frames are decoded in order and converted to tensors only when sampled; ``iter_video_frames`` holds one decoded
 frame at a time. Rotation metadata is not applied: frames come out as stored.
 
@@ -17,6 +18,7 @@ its duration, less one frame interval.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Generator, Iterable, Iterator
@@ -38,6 +40,9 @@ if TYPE_CHECKING:  # PyAV is imported where videos are read, so image-only users
 __all__ = ["VideoInfo", "VisionInputError", "iter_video_frames", "load_image", "probe_video", "read_video"]
 
 PathLike = str | os.PathLike[str]
+logger = logging.getLogger("hybridvl.vision")
+_OVERSAMPLED: set[Path] = set()
+"""Videos sampled above their own frame rate, already logged."""
 
 
 class VisionInputError(ValueError):
@@ -250,7 +255,18 @@ def iter_video_frames(path: PathLike, fps: float = 2.0) -> Generator[tuple[float
     step = _sample_step(fps)
     path = _existing_file(path)
     with _open_video(path) as (_, stream):
-        _frame_rate(stream, path)
+        rate = _frame_rate(stream, path)
+    if fps > rate and path not in _OVERSAMPLED:  # once per file: a data set reads each video every epoch
+        _OVERSAMPLED.add(path)
+        logger.info(
+            "%s: sampling at %g fps, above the video's own %g fps, repeats each frame about %.1f times; "
+            "give at most fps=%g for distinct frames",
+            path,
+            fps,
+            float(rate),
+            fps / float(rate),
+            float(rate),
+        )
     return _sampled_frames(path, step)
 
 

@@ -86,6 +86,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def check_answer_length(tokenizer: Any, max_new_tokens: int, prompt_tokens: int = 0) -> None:
+    """Raise ``ValueError`` if ``prompt_tokens + max_new_tokens`` exceeds the tokenizer's ``model_max_length``, the
+    context the model was made for: beyond it, a model that never emits its stop token would decode for hours."""
+    limit = tokenizer.model_max_length
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} after a prompt of {prompt_tokens} tokens exceeds the model's context "
+            f"of {limit} tokens (model_max_length of its tokenizer); give at most {max(1, limit - prompt_tokens)}"
+        )
+
+
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding options given on the command line (those not given keep ``generation_config.json``'s)."""
     names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
@@ -102,6 +113,7 @@ def main(argv: list[str]) -> int:
     )
     processor = load_processor(args.model)
     inputs = chat_inputs(processor, args.prompt, images, videos)
+    check_answer_length(processor.tokenizer, args.max_new_tokens, inputs["input_ids"].shape[1])
     inputs = {key: value.to(args.device) for key, value in inputs.items()}
     torch.manual_seed(args.seed)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)

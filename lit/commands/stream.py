@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from hybridvl.lit.cli import ArgumentParser, device_argument
+from hybridvl.lit.commands.generate import check_answer_length
 from hybridvl.lit.commands.layout import format_bytes
 from hybridvl.models.chat import load_processor
 from hybridvl.models.generation import check_generation_options
@@ -70,7 +71,9 @@ def main(argv: list[str]) -> int:
         graphs = args.device.type == "cuda" and "A" not in model.kinds
     if args.compile and not graphs:
         parser.error("--compile needs CUDA graphs, which stream only layouts without full-attention (A) layers")
-    session = StreamingSession(model, load_processor(args.model), cuda_graphs=graphs, compile=args.compile)
+    processor = load_processor(args.model)
+    check_answer_length(processor.tokenizer, args.max_new_tokens)
+    session = StreamingSession(model, processor, cuda_graphs=graphs, compile=args.compile)
     asks = sorted(args.ask)
     start, feeding = time.perf_counter(), 0.0
     for timestamp, frame in frames:

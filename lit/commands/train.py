@@ -1,4 +1,4 @@
-"""``hybridvl fit | validate | test | predict --config stage.yaml``: the training stages through LightningCLI.
+"""``hybridvl fit | validate --config stage.yaml``: the training stages through LightningCLI.
 
     hybridvl fit --config experiments/tiny/sft.yaml
     hybridvl fit --config experiments/infinitevl/distill_layerwise.yaml --print_config
@@ -18,6 +18,7 @@ checkpoint of the last step. A ``--ckpt_path`` that another run wrote is refused
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -26,11 +27,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hybridvl.lit.cli import is_user_error
 from hybridvl.lit.data.types import PackedBatch
 from hybridvl.lit.datamodule import HybridDataModule
 from hybridvl.lit.modules import HybridStage
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+logger = logging.getLogger("hybridvl.train")
+UNDEFINED = {
+    "test": "to score a stage's model, list the sources under data.val and run hybridvl validate --config stage.yaml",
+    "predict": "to answer prompts with a stage's export, run hybridvl generate --model <its export_dir>",
+}
+"""LightningCLI subcommands that no stage implements, and what to run instead."""
 
 
 class StageIncompleteError(RuntimeError):
@@ -55,6 +63,28 @@ class HybridCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        """Lightning's, without the learning-rate monitor when ``trainer.logger`` is false (it refuses to run without
+        a logger); a log line says so."""
+        if config.get("logger") is False:
+            logger.info("trainer.logger is false: learning rates and throughput are not logged")
+            defaults = [c for c in self.trainer_defaults["callbacks"] if not isinstance(c, LearningRateMonitor)]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
+        return super()._instantiate_trainer(config, callbacks)
+
+    def instantiate_classes(self) -> None:
+        """Lightning's, re-raising the error a stage raised on a bad option (:func:`hybridvl.lit.cli.is_user_error`):
+        jsonargparse wraps it in a ``ValueError`` of its own, which would read as a bug."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            cause = error.__cause__
+            while cause is not None and not is_user_error(cause):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
 
     def _parse_ckpt_path(self) -> None:
         """Keep the model the config names. LightningCLI would replace its arguments by the hyperparameters stored
@@ -110,9 +140,11 @@ def main(argv: list[str]) -> int:
     """Run LightningCLI on ``argv`` (subcommand first).
 
     Raises:
-        StageConfigError: the arguments or the YAML do not parse (raised, not printed with the whole usage, so
-            that the command reports it in one line).
+        StageConfigError: ``test`` or ``predict``, which no stage defines a step for; or the arguments or the YAML
+            do not parse (raised, not printed with the whole usage, so that the command reports it in one line).
     """
+    if argv and argv[0] in UNDEFINED:
+        raise StageConfigError(f"the stages define no {argv[0]} step; {UNDEFINED[argv[0]]}")
     # hybridvl hands LightningCLI the command line it was given: its warning against doing so is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     parsing = {"prog": "hybridvl", "default_env": False, "exit_on_error": False}
