@@ -609,8 +609,13 @@ class SFT(HybridStage):
         return loss_sum / count.clamp_min(1), {}
 
 
+DEFAULT_LORA_TARGETS = ("qkv_proj", "in_proj", "o_proj", "gate_up_proj", "down_proj")  # LongSFT's, every layout
+
+
 def _check_lora_targets(model: nn.Module, targets: list[str]) -> None:
-    """Raise if a LoRA target names a part of fused projections (peft adapts whole modules) or no module at all."""
+    """Raise if a LoRA target names a part of fused projections (peft adapts whole modules), if one names no
+    module and is none of the default targets (a typo), or if none names a module. A default target that this
+    layout lacks (``in_proj`` without ``D``/``M`` layers) is logged, so one target list serves every layout."""
     modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     fused = {}
     for part, parameter in fused_part_names(model).items():
@@ -622,13 +627,21 @@ def _check_lora_targets(model: nn.Module, targets: list[str]) -> None:
             f"the LoRA targets {named} are parts of fused projections, which take one adapter for all their parts: "
             "target the fused modules instead (e.g. qkv_proj, in_proj, gate_up_proj)"
         )
-    unknown = [target for target in targets if target not in modules]
-    if unknown:
+    absent = [target for target in targets if target not in modules]
+    unknown = [target for target in absent if target not in DEFAULT_LORA_TARGETS]
+    if unknown or len(absent) == len(targets):
         linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         projections = sorted(name for name in linear if not name.isdigit())  # not the items of a Sequential
         raise ValueError(
-            f"the LoRA targets {', '.join(unknown)} name no module of a model with layout {model.config.layout!r}; "
-            f"its projections are {', '.join(projections)}"
+            f"the LoRA targets {', '.join(unknown or absent)} name no module of a model with layout "
+            f"{model.config.layout!r}; its projections are {', '.join(projections)}"
+        )
+    if absent:  # projections of mixer kinds this layout does not use (in_proj in an all-attention model)
+        logger.info(
+            "LoRA targets %s name no module of layout %r; adapters go on %s",
+            ", ".join(absent),
+            model.config.layout,
+            ", ".join(target for target in targets if target not in absent),
         )
 
 
@@ -811,7 +824,8 @@ class LongSFT(SFT):
         lora_rank, lora_alpha, lora_dropout: LoRA's shape (InfiniteVL published no rank).
         lora_targets: module names that get adapters (projections of mixers and MLPs). Fused input projections
             (``qkv_proj``, ``in_proj``, ``gate_up_proj``) take one adapter for all their parts; naming a part
-            (``q_proj``, ``gate_proj``, ...) of one raises.
+            (``q_proj``, ``gate_proj``, ...) of one raises, and so does a name of no module. Default
+            ``DEFAULT_LORA_TARGETS``, of which those the layout lacks are logged and left out.
         **kwargs: as :class:`HybridStage` (``trainable`` selects extra fully-trained parameters; default none).
 
     The export merges the adapters into the weights.
@@ -852,7 +866,7 @@ class LongSFT(SFT):
                 "(experiments/infinitevl/long_sft.yaml), not FSDP"
             )
         super().configure_model()
-        targets = self.hparams.lora_targets or ["qkv_proj", "in_proj", "o_proj", "gate_up_proj", "down_proj"]
+        targets = self.hparams.lora_targets or list(DEFAULT_LORA_TARGETS)
         _check_lora_targets(self.student, targets)
         config = LoraConfig(
             r=self.hparams.lora_rank,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -912,6 +913,9 @@ def tiny_models(tmp_path_factory) -> Path:
     from hybridvl.models.hybrid import HybridVLM
 
     HybridVLM(HybridConfig.from_dict(other)).save_pretrained(folder / "wide_vocab")
+    HybridVLM(HybridConfig.from_dict({**_tiny_model().config.to_dict(), "layout": "A,A"})).save_pretrained(
+        folder / "attention_only"
+    )
     return folder
 
 
@@ -928,6 +932,18 @@ def test_lora_targets_that_name_no_module_are_named(tiny_models: Path):
     stage = _stage("LongSFT", model=str(tiny_models / "student"), lora_targets=["qkv_proj", "nonexistent_proj"])
     with pytest.raises(ValueError, match=r"the LoRA targets nonexistent_proj name no module .* qkv_proj"):
         stage.configure_model()
+    stage = _stage("LongSFT", model=str(tiny_models / "attention_only"), lora_targets=["in_proj"])
+    with pytest.raises(ValueError, match=r"the LoRA targets in_proj name no module of a model with layout 'A,A'"):
+        stage.configure_model()
+
+
+def test_default_lora_targets_a_layout_lacks_are_logged_and_left_out(tiny_models: Path, caplog):
+    """One target list serves every layout: in_proj (of D and M layers) is left out of an all-attention model."""
+    stage = _stage("LongSFT", model=str(tiny_models / "attention_only"), lora_targets=["in_proj", "qkv_proj"])
+    with caplog.at_level(logging.INFO, logger="hybridvl.train"):
+        stage.configure_model()
+    assert "LoRA targets in_proj name no module of layout 'A,A'; adapters go on qkv_proj" in caplog.text
+    assert any("lora_A" in name for name, _ in stage.student.named_parameters())
 
 
 def test_a_lora_checkpoint_is_not_a_model(tmp_path: Path):
