@@ -318,6 +318,71 @@ def decode_attention_step_triton() -> None:
             assert torch.equal(length, length_ref) and torch.equal(length, torch.tensor(lengths) + 1)
 
 
+def fla_layers_as_oracles() -> None:
+    """fla's own layers as oracles for the mixers that follow them: fla's ``GatedDeltaNet`` and
+    ``GatedLinearAttention`` (their own code: projections, short convolutions, gates, kernels, gated norm; the kernels
+    interpreted) given our ``D`` and ``G`` mixers' weights (``load_state_dict(strict=True)``, under fla's names:
+    :func:`_fla_names`),
+    against our mixers on the PyTorch backend in float32: outputs, and gradients of the input and of every weight
+    for the same random cotangent, on 70 tokens (more than one of fla's 64-token chunks)."""
+    _run_fla_here()
+    from fla.layers import GatedDeltaNet, GatedLinearAttention
+
+    from hybridvl import mixers
+
+    hidden = 64
+    pairs = [
+        (
+            mixers.build_mixer("D", hidden, num_heads=2, head_dim=16, expand_v=2.0, norm_eps=1e-5, backend="torch"),
+            GatedDeltaNet(hidden_size=hidden, expand_v=2, head_dim=16, num_heads=2, mode="chunk", norm_eps=1e-5),
+        ),
+        (
+            mixers.build_mixer("G", hidden, num_heads=2, norm_eps=1e-5, backend="torch"),
+            GatedLinearAttention(hidden_size=hidden, num_heads=2, mode="chunk", norm_eps=1e-5),
+        ),
+        (
+            mixers.build_mixer("G", hidden, num_heads=2, norm_eps=1e-5, conv_size=4, backend="torch"),
+            GatedLinearAttention(hidden_size=hidden, num_heads=2, mode="chunk", norm_eps=1e-5, use_short_conv=True),
+        ),
+    ]
+    for ours, theirs in pairs:
+        theirs.load_state_dict(_fla_names(ours.state_dict(), theirs), strict=True)
+        x = torch.randn(2, 70, hidden)
+        cotangent = torch.randn(2, 70, hidden)
+        results = []
+        for module in (ours, theirs):
+            x_ = x.clone().requires_grad_()
+            module.zero_grad()
+            module(x_)[0].backward(cotangent)
+            results.append((module(x)[0].detach(), x_.grad, _fla_names(_gradients_by_saved_name(module), theirs)))
+        (out, x_grad, grads), (out_fla, x_grad_fla, grads_fla) = results
+        errors = {"output": rel_err(out_fla, out), "x": rel_err(x_grad_fla, x_grad)}
+        errors |= {name: rel_err(grads_fla[name], grad) for name, grad in grads.items()}
+        print(type(ours).__name__, {name: f"{error:.1e}" for name, error in errors.items()})
+        assert grads.keys() == grads_fla.keys() and max(errors.values()) < 1e-5, errors
+
+
+def _fla_names(state: dict[str, torch.Tensor], layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A mixer's state dict under the names of fla's ``layer``: fla's GLA calls its gated output norm
+    ``g_norm_swish_gate`` where every mixer here says ``o_norm``; all other names are fla's already."""
+    if not hasattr(layer, "g_norm_swish_gate"):
+        return state
+    return {("g_norm_swish_gate.weight" if name == "o_norm.weight" else name): t for name, t in state.items()}
+
+
+def _gradients_by_saved_name(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights' gradients under the names ``state_dict`` saves them by (a fused projection's parts apart): the
+    state dict of the module with each weight's values swapped for its gradient."""
+    parameters = list(module.parameters())
+    with torch.no_grad():
+        for p in parameters:
+            p.data, p.grad = p.grad, p.data
+        grads = {name: t.clone() for name, t in module.state_dict().items()}
+        for p in parameters:
+            p.data, p.grad = p.grad, p.data
+    return grads
+
+
 CHECKS = {
     "fla_glue": fla_glue,
     "fla_layer_glue": fla_layer_glue,
@@ -326,6 +391,7 @@ CHECKS = {
     "fla_linear_attention": fla_linear_attention,
     "fla_parallel_attention": fla_parallel_attention,
     "decode_attention_step_triton": decode_attention_step_triton,
+    "fla_layers_as_oracles": fla_layers_as_oracles,
 }
 
 if __name__ == "__main__":
