@@ -319,14 +319,14 @@ def decode_attention_step_triton() -> None:
 
 
 def fla_layers_as_oracles() -> None:
-    """fla's own layers as oracles for the mixers that follow them: fla's ``GatedDeltaNet`` and
-    ``GatedLinearAttention`` (their own code: projections, short convolutions, gates, kernels, gated norm; the kernels
-    interpreted) given our ``D`` and ``G`` mixers' weights (``load_state_dict(strict=True)``, under fla's names:
+    """fla's own layers as oracles for the mixers that follow them: fla's ``GatedDeltaNet``, ``GatedLinearAttention``
+    and ``Mamba2`` (their own code: projections, short convolutions, gates, scans, gated norm; the kernels
+    interpreted) given our ``D``, ``G`` and ``M`` mixers' weights (``load_state_dict(strict=True)``, under fla's names:
     :func:`_fla_names`),
     against our mixers on the PyTorch backend in float32: outputs, and gradients of the input and of every weight
     for the same random cotangent, on 70 tokens (more than one of fla's 64-token chunks)."""
     _run_fla_here()
-    from fla.layers import GatedDeltaNet, GatedLinearAttention
+    from fla.layers import GatedDeltaNet, GatedLinearAttention, Mamba2
 
     from hybridvl import mixers
 
@@ -343,6 +343,10 @@ def fla_layers_as_oracles() -> None:
         (
             mixers.build_mixer("G", hidden, num_heads=2, norm_eps=1e-5, conv_size=4, backend="torch"),
             GatedLinearAttention(hidden_size=hidden, num_heads=2, mode="chunk", norm_eps=1e-5, use_short_conv=True),
+        ),
+        (  # without mamba-ssm fla's Mamba2 runs its PyTorch chunked scan, in chunks of 16 tokens here
+            mixers.build_mixer("M", hidden, backend="torch"),
+            Mamba2(num_heads=2, head_dim=64, hidden_size=hidden, state_size=128, norm_eps=1e-6, chunk_size=16),
         ),
     ]
     for ours, theirs in pairs:

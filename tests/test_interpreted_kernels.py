@@ -1,8 +1,8 @@
 """Triton kernels (fla's fused glue of the mixers and of the decoder layer, its LM-head losses, chunked gated delta
-rule, linear attention and softmax attention, the decode step's attention; fla's own Gated DeltaNet and GLA layers
-as oracles for the D and G mixers) run on the CPU by Triton's interpreter at tiny shapes against their PyTorch
-references (in a process of their own: see tests/interpreted_kernels.py). The same kernels at real shapes on a GPU:
-tests/test_gpu_kernels.py and tests/test_losses.py."""
+rule, linear attention and softmax attention, the decode step's attention; fla's own Gated DeltaNet, GLA and
+Mamba2 layers as oracles for the D, G and M mixers) run on the CPU by Triton's interpreter at tiny shapes against
+their PyTorch references (in a process of their own: see tests/interpreted_kernels.py). The same kernels at real
+shapes on a GPU: tests/test_gpu_kernels.py and tests/test_losses.py."""
 
 from __future__ import annotations
 
