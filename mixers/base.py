@@ -30,8 +30,6 @@ contract above on any registered kind.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -40,31 +38,9 @@ from torch import nn
 
 from hybridvl.mixers.backends import precision_auto_skips, select_backend
 from hybridvl.mixers.modules import FusedLinear, ShortConv, keep_part_names
-from hybridvl.mixers.ops.utils import compute_dtype
+from hybridvl.mixers.ops.utils import check_int, check_positive, compute_dtype
 from hybridvl.mixers.ops.varlen import check_cu_seqlens
 from hybridvl.mixers.state import MixerState, RecurrentState
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an ``int`` if it is an integer (not a bool) of at least ``minimum``.
-
-    Raises:
-        ValueError: naming ``owner`` and the option ``name`` otherwise.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {name}={value!r}")
-    return int(value)
-
-
-def check_positive(owner: str, name: str, value: Any) -> float:
-    """``value`` if it is a positive finite real number (not a bool).
-
-    Raises:
-        ValueError: naming ``owner`` and the option ``name`` otherwise.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        raise ValueError(f"{owner}: {name} must be a positive finite number, got {name}={value!r}")
-    return value
 
 
 def kernel_dtype(x: torch.Tensor) -> torch.dtype:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridvl.mixers.backends import gated_backward_limitations, precision_auto_skips, select_backend
-from hybridvl.mixers.ops.utils import check_qkv, compute_dtype, segment_sums
+from hybridvl.mixers.ops.utils import check_int, check_qkv, compute_dtype, segment_sums
 from hybridvl.mixers.ops.varlen import check_cu_seqlens, map_sequences
 
 _PREFERENCE = ("fla", "torch")
@@ -117,12 +117,11 @@ def _check_shapes(q, k, v, g, initial_state, cu_seqlens, decay_shape) -> None:
 def _dispatch(variant, q, k, v, g, scale, initial_state, cu_seqlens, form, chunk_size, backend):
     if form not in ("chunk", "recurrent"):
         raise ValueError(f"form must be 'chunk' or 'recurrent', got {form!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     owner = {"gla": "gated_linear_attention", "simple_gla": "simple_gated_linear_attention"}.get(
         variant, "linear_attention"
     )
+    check_int(owner, "chunk_size", chunk_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     limitations = (
         gated_backward_limitations(q.device, q, k, v, g, initial_state, kernel="simple_gla")
         if variant == "simple_gla"

@@ -1,8 +1,34 @@
-"""Small numeric helpers shared by the ops."""
+"""Small helpers shared by the ops and the mixers: numeric ones and the checks of their arguments."""
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any
+
 import torch
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integer (not a bool) of at least ``minimum``.
+
+    Raises:
+        ValueError: naming ``owner`` and the option ``name`` otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {name}={value!r}")
+    return int(value)
+
+
+def check_positive(owner: str, name: str, value: Any) -> float:
+    """``value`` if it is a positive finite real number (not a bool).
+
+    Raises:
+        ValueError: naming ``owner`` and the option ``name`` otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{owner}: {name} must be a positive finite number, got {name}={value!r}")
+    return value
 
 
 def check_floating(owner: str, **tensors: torch.Tensor) -> None:
